@@ -1,0 +1,59 @@
+# Lumina — `make run` trains the default job, `make test` runs the whole test suite.
+# Both first bring .venv up to date (`make venv`).
+#
+# Torch is installed exactly once and never by a build step: `TORCH_SPEC` (torch==2.13.0 resolves to
+# the local CPU wheel on the CPU machines) unless the base interpreter already has a torch — e.g. a
+# CUDA torch on a GPU machine — in which case the venv is created with --system-site-packages and
+# reuses it. Every later pip call is constrained to that exact torch, and the package (with its
+# CMake-built native ops) is installed with --no-build-isolation, so nothing can pull a second torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lumina-installed
+CONSTRAINTS := $(abspath $(VENV))/constraints.txt
+# CI (CI=true) skips tests marked `slow`; a local `make test` runs everything.
+PYTEST_ARGS ?= $(if $(CI),-m "not slow",)
+ARGS ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv run test lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml CMakeLists.txt Makefile setup.py $(wildcard kernels/csrc/*)
+	@set -e; \
+	if [ ! -x "$(BIN)/python" ]; then \
+	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	    echo "[setup] $(PYTHON) already has torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'): reusing it (--system-site-packages)"; \
+	    $(PYTHON) -m venv --system-site-packages "$(VENV)"; \
+	  else \
+	    echo "[setup] creating $(VENV)"; \
+	    $(PYTHON) -m venv "$(VENV)"; \
+	  fi; \
+	fi; \
+	if ! "$(BIN)/python" -c "import torch" >/dev/null 2>&1; then \
+	  echo "[setup] installing $(TORCH_SPEC)"; \
+	  "$(BIN)/pip" install -q "$(TORCH_SPEC)"; \
+	fi; \
+	"$(BIN)/python" -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > "$(CONSTRAINTS)"; \
+	echo "[setup] pinned $$(cat $(CONSTRAINTS)); installing build tools and lumina[dev] (editable, no build isolation)"; \
+	PIP_CONSTRAINT="$(CONSTRAINTS)" "$(BIN)/pip" install -q "setuptools>=69" "cmake>=3.26" ninja; \
+	PIP_CONSTRAINT="$(CONSTRAINTS)" "$(BIN)/pip" install -q --no-build-isolation -e ".[dev]"; \
+	"$(BIN)/python" -c "import torch, lumina, lumina_kernels; print('[setup] ok: torch', torch.__version__, '| native ops:', lumina_kernels.native_status())"
+	@touch $@
+
+run: venv
+	$(BIN)/python -m lumina.run $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check lumina kernels tests benchmarks
+	$(BIN)/ruff format --check lumina kernels tests benchmarks
+
+clean:
+	rm -rf build "$(VENV)"

@@ -1,0 +1,549 @@
+"""Configuration: frozen, keyword-only dataclasses, resolved as preset -> TOML file -> CLI overrides.
+
+    cfg = load_config(preset="debug", config_file="my.toml", overrides=["--model.d_model=256"])
+
+Fields left as ``None`` are *derived* in ``__post_init__`` (``head_dim = d_model // n_heads`` ...).
+``to_dict(cfg)`` writes a derived field back as ``None`` when it still equals its derivation, so an
+override of ``d_model`` re-derives ``head_dim`` instead of keeping the preset's stale value.
+
+Every problem with user input raises ``ConfigError`` whose message is one line naming the source
+(file and line, or the CLI flag) and the field; ``lumina.run`` prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "MoDConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "OrchestratorConfig",
+    "RunConfig",
+    "TrainConfig",
+    "from_dict",
+    "load_config",
+    "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """Bad user configuration. The message is one line naming where the problem is."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # frozen dataclasses resolve derived fields in __post_init__
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(v > 0, f"{n} must be > 0, got {v}")
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Mixture-of-Experts FFN. ``num_experts=0`` means a dense SwiGLU FFN in every layer."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    d_expert: int | None = None  # hidden size of one expert; None -> the model's ffn_dim
+    num_shared_experts: int = 0  # always-on experts added to the routed ones (DeepSeek-style)
+    capacity_factor: float | None = None  # None -> dropless; else capacity = ceil(cf * T * k / E)
+    pattern: Literal["all", "every_n", "sandwich"] = "all"
+    every_n: int = 2  # with pattern="every_n": layers n-1, 2n-1, ... are MoE, the rest dense
+    renormalize: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral)
+    balance: Literal["aux_loss", "bias"] = "aux_loss"  # "bias": aux-loss-free (DeepSeek-V3)
+    bias_update_rate: float = 1e-3
+    # Initial values of the live knobs (0-dim tensors at run time; the orchestrator may change them).
+    router_temperature: float = 1.0
+    router_jitter: float = 0.0
+    expert_dropout: float = 0.0
+    aux_loss_weight: float = 1e-2
+    z_loss_weight: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 0, f"num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts:
+            _check(
+                1 <= self.top_k <= self.num_experts,
+                f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}",
+            )
+        _check(self.d_expert is None or self.d_expert > 0, f"d_expert must be > 0, got {self.d_expert}")
+        _check(self.num_shared_experts >= 0, "num_shared_experts must be >= 0")
+        cf = self.capacity_factor
+        _check(cf is None or cf > 0, f"capacity_factor must be > 0 or none (dropless), got {cf}")
+        _check(self.every_n >= 1, f"every_n must be >= 1, got {self.every_n}")
+        _check(self.router_temperature > 0, "router_temperature must be > 0")
+        _check(self.router_jitter >= 0, "router_jitter must be >= 0")
+        _check(0 <= self.expert_dropout < 1, "expert_dropout must be in [0, 1)")
+        _check(self.aux_loss_weight >= 0 and self.z_loss_weight >= 0, "loss weights must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoDConfig:
+    """Mixture-of-Depths (arXiv 2404.02258): on routed layers only the top ``capacity`` fraction of
+    each sequence's tokens go through the block; the rest skip it on the residual stream."""
+
+    enabled: bool = False
+    capacity: float = 0.125
+    every_n: int = 2  # layers n-1, 2n-1, ... are routed (the paper routes every other block)
+    predictor_loss_weight: float = 1e-2  # causal predictor used for autoregressive sampling
+
+    def __post_init__(self) -> None:
+        _check(0 < self.capacity <= 1, f"capacity must be in (0, 1], got {self.capacity}")
+        _check(self.every_n >= 1, f"every_n must be >= 1, got {self.every_n}")
+        _check(self.predictor_loss_weight >= 0, "predictor_loss_weight must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A decoder-only transformer: RMSNorm, RoPE, grouped-query attention, SwiGLU or MoE FFN."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None  # None -> n_heads (plain multi-head attention)
+    head_dim: int | None = None  # None -> d_model // n_heads
+    ffn_dim: int | None = None  # None -> 8/3 * d_model rounded up to ffn_multiple_of (SwiGLU)
+    ffn_multiple_of: int = 256
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attn_backend: Literal["sdpa", "flash", "reference"] = "sdpa"
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mod: MoDConfig = field(default_factory=MoDConfig)
+
+    def _derived(self) -> dict[str, Any]:
+        m = self.ffn_multiple_of
+        return {
+            "n_kv_heads": self.n_heads,
+            "head_dim": self.d_model // self.n_heads if self.n_heads > 0 else None,
+            "ffn_dim": m * math.ceil(8 * self.d_model / 3 / m) if m > 0 else None,
+        }
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "ffn_multiple_of", "max_seq_len")
+        _check(self.rope_theta > 0, "rope_theta must be > 0")
+        _check(self.norm_eps > 0, "norm_eps must be > 0")
+        _check(self.init_std > 0, "init_std must be > 0")
+        if self.head_dim is None:
+            _check(
+                self.d_model % self.n_heads == 0,
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} (or set head_dim)",
+            )
+        for name, value in self._derived().items():
+            if getattr(self, name) is None:
+                _set(self, name, value)
+        _positive(self, "n_kv_heads", "head_dim", "ffn_dim")
+        _check(
+            self.n_heads % self.n_kv_heads == 0,
+            f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}",
+        )
+        _check(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+
+    @property
+    def expert_dim(self) -> int:
+        return self.moe.d_expert or self.ffn_dim
+
+    def moe_layers(self) -> list[bool]:
+        """Which layers have an MoE FFN (the others a dense SwiGLU FFN)."""
+        L, moe = self.n_layers, self.moe
+        if not moe.enabled:
+            return [False] * L
+        if moe.pattern == "all":
+            return [True] * L
+        if moe.pattern == "every_n":
+            return [i % moe.every_n == moe.every_n - 1 for i in range(L)]
+        return [0 < i < L - 1 for i in range(L)]  # sandwich: dense first and last layers
+
+    def mod_layers(self) -> list[bool]:
+        """Which layers are Mixture-of-Depths routed."""
+        n = self.mod.every_n
+        return [self.mod.enabled and i % n == n - 1 for i in range(self.n_layers)]
+
+
+# ----------------------------------------------------------------------------- train/data/orch
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # sequences per optimizer step
+    micro_batch_size: int | None = None  # None -> batch_size (no gradient accumulation)
+    seq_len: int = 256
+    lr: float = 3e-4
+    min_lr: float | None = None  # None -> lr / 10
+    schedule: Literal["constant", "linear", "cosine", "onecycle"] = "cosine"
+    warmup_ratio: float = 0.05
+    warmup_steps: int | None = None  # None -> round(warmup_ratio * steps)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = "fp32"
+    grad_checkpointing: Literal["none", "full", "attention"] = "none"
+    compile: bool = True
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 0  # 0 -> only at the end
+    keep_last: int = 3
+
+    def _derived(self) -> dict[str, Any]:
+        return {
+            "micro_batch_size": self.batch_size,
+            "min_lr": self.lr / 10,
+            "warmup_steps": round(self.warmup_ratio * self.steps),
+        }
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "seq_len", "lr", "eps", "log_every", "eval_every")
+        _check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name, value in self._derived().items():
+            if getattr(self, name) is None:
+                _set(self, name, value)
+        _positive(self, "micro_batch_size")
+        _check(
+            self.batch_size % self.micro_batch_size == 0,
+            f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}",
+        )
+        _check(0 <= self.min_lr <= self.lr, f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        _check(0 <= self.warmup_steps <= self.steps, f"warmup_steps must be in [0, steps={self.steps}]")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        _check(self.clip_norm >= 0, "clip_norm must be >= 0 (0 disables clipping)")
+        _check(self.eval_batches >= 0 and self.ckpt_every >= 0, "eval_batches, ckpt_every must be >= 0")
+        _check(self.keep_last >= 1, "keep_last must be >= 1")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where tokens come from. Empty file lists mean the packaged default corpora."""
+
+    mode: Literal["base_only", "finetuning_only", "hybrid", "interleaved"] = "base_only"
+    tokenizer: str = "gpt2"  # a tiktoken encoding name or a path to a local .tiktoken file
+    train_files: tuple[str, ...] = ()  # .txt / .jsonl paths or globs (base text)
+    eval_files: tuple[str, ...] = ()
+    chat_files: tuple[str, ...] = ()  # JSONL conversations
+    chat_eval_files: tuple[str, ...] = ()
+    interleave_ratio: float = 0.5  # "interleaved": fraction of base (vs chat) batches
+    hybrid_base_fraction: float = 0.7  # "hybrid": fraction of steps spent in the base phase
+    eval_fraction: float = 0.05  # held-out share when no eval files are given
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.interleave_ratio <= 1, "interleave_ratio must be in [0, 1]")
+        _check(0 < self.hybrid_base_fraction < 1, "hybrid_base_fraction must be in (0, 1)")
+        _check(0 < self.eval_fraction < 1, "eval_fraction must be in (0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrchestratorConfig:
+    """The adaptive orchestrator's switches; its detector thresholds join this class with it."""
+
+    enabled: bool = True
+    observe_every: int = 1  # steps between observations
+    window: int = 100  # history window (observations) for running statistics
+    cooldown: int = 50  # steps before the same action may fire again
+    max_changes_per_window: int = 3
+    snapshot_every: int = 100  # steps between in-memory snapshots for rollback
+    snapshot_ring: int = 3
+
+    def __post_init__(self) -> None:
+        _positive(self, "observe_every", "window", "snapshot_every", "snapshot_ring")
+        _check(self.cooldown >= 0, "cooldown must be >= 0")
+        _check(self.max_changes_per_window >= 1, "max_changes_per_window must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    preset: str = "custom"
+    name: str | None = None  # None -> the preset name
+    run_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # "auto" -> cuda when available, else cpu
+
+    def _derived(self) -> dict[str, Any]:
+        return {"name": self.preset}
+
+    def __post_init__(self) -> None:
+        for name, value in self._derived().items():
+            if getattr(self, name) is None:
+                _set(self, name, value)
+        _check(bool(re.fullmatch(r"[\w.-]+", self.name)), f"name={self.name!r}: use letters, digits, . _ -")
+        _check(
+            self.train.seq_len <= self.model.max_seq_len,
+            f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
+        _check(
+            self.device == "auto" or re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", self.device) is not None,
+            f"device={self.device!r}: expected auto, cpu, cuda or cuda:N",
+        )
+
+
+# ------------------------------------------------------------------------- dict <-> dataclass
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict of a config; derived fields that still equal their derivation become None."""
+    derived = cfg._derived() if hasattr(cfg, "_derived") else {}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif f.name in derived and v == derived[f.name]:
+            v = None
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_describe(a) for a in inner) + " or none"
+    if origin is tuple:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _coerce(value: Any, tp: Any, *, from_cli: bool) -> Any:
+    """Convert ``value`` (a TOML value, or a CLI string when ``from_cli``) to type ``tp``.
+    Raises TypeError with a short reason on mismatch."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if isinstance(value, str) and value.lower() in ("none", "null"):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], from_cli=from_cli)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise TypeError(f"expected {_describe(tp)}, got {value!r}")
+    if origin is tuple:
+        if from_cli:
+            return tuple(s for s in (p.strip() for p in value.split(",")) if s)
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise TypeError(f"expected {_describe(tp)}, got {value!r}")
+    if from_cli:
+        try:
+            if tp is bool:
+                if value.lower() in _TRUE | _FALSE:
+                    return value.lower() in _TRUE
+                raise ValueError
+            return tp(value)
+        except ValueError:
+            raise TypeError(f"expected {_describe(tp)}, got {value!r}") from None
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise TypeError(f"expected {_describe(tp)}, got {value!r}")
+
+
+def _did_you_mean(key: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def from_dict(
+    cls: type,
+    data: Mapping[str, Any],
+    *,
+    where: str = "",
+    origin: Mapping[str, str] | None = None,
+    from_cli: frozenset[str] = frozenset(),
+) -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking keys and types.
+
+    ``origin`` maps a dotted key to where its value came from ("my.toml:12", "--train.lr"), used to
+    prefix error messages; keys in ``from_cli`` hold unparsed CLI strings.
+    """
+    origin = origin or {}
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}{key}"
+        src = origin.get(path, "")
+        prefix = f"{src}: " if src else ""
+        if key not in names:
+            raise ConfigError(f"{prefix}unknown key '{path}'{_did_you_mean(key, names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}'{path}' must be a table of fields, got {value!r}")
+            kwargs[key] = from_dict(tp, value, where=f"{path}.", origin=origin, from_cli=from_cli)
+            continue
+        if value is None:
+            kwargs[key] = None  # to_dict's marker for "derive it" / an explicit none
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp, from_cli=path in from_cli)
+        except TypeError as e:
+            where_ = src if src.startswith("--") else f"{prefix}{path}"  # a CLI flag already names it
+            raise ConfigError(f"{where_}: {e}") from None
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        section = where.rstrip(".") or "run"
+        files = sorted({origin[k].split(":")[0] for k in origin if k.startswith(where) and ":" in origin[k]})
+        src = f"{', '.join(files)}: " if files else ""
+        raise ConfigError(f"{src}{section}: {e}") from None
+    except TypeError as e:  # a required field is missing
+        missing = re.search(r"argument: '(\w+)'", str(e))
+        what = f"'{where}{missing.group(1)}'" if missing else str(e)
+        raise ConfigError(f"{where.rstrip('.') or 'run'}: missing required field {what}") from None
+
+
+# ------------------------------------------------------------------------------ TOML + CLI
+
+
+def _toml_line(text: str, section: str, key: str) -> int | None:
+    """1-based line of ``key = ...`` inside ``[section]`` (or a dotted ``a.b = ...``), best effort."""
+    current = ""
+    key_re = re.compile(rf"^\s*(?:[\"']?{re.escape(key)}[\"']?)\s*=")
+    dotted_re = re.compile(rf"^\s*{re.escape((section + '.' if section else '') + key)}\s*=")
+    for i, line in enumerate(text.splitlines(), 1):
+        header = re.match(r"^\s*\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            current = header.group(1)
+            continue
+        if (current == section and key_re.match(line)) or (current == "" and dotted_re.match(line)):
+            return i
+    return None
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    origin = {}
+    for dotted, _ in _flatten(data):
+        section, _, key = dotted.rpartition(".")
+        line = _toml_line(text, section, key)
+        origin[dotted] = f"{path}:{line}" if line else path
+    lines = text.splitlines()
+    for table in {k.rsplit(".", 1)[0] for k in origin if "." in k}:  # headers, to place unknown tables
+        header = re.compile(rf"^\s*\[\s*{re.escape(table)}\s*\]")
+        line = next((i for i, s in enumerate(lines, 1) if header.match(s)), None)
+        origin.setdefault(table, f"{path}:{line}" if line else path)
+    return data, origin
+
+
+def _merge(base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _parse_override(arg: str) -> tuple[str, str]:
+    body = arg[2:] if arg.startswith("--") else arg
+    key, eq, value = body.partition("=")
+    if not eq or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*", key):
+        raise ConfigError(f"{arg}: overrides look like --section.field=value (e.g. --model.d_model=256)")
+    return key, value
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for i, p in enumerate(parents):
+        if p not in d or d[p] is None:
+            d[p] = {}  # an unknown section: from_dict reports it with a suggestion
+        elif not isinstance(d[p], dict):
+            raise ConfigError(f"--{key}: '{'.'.join(parents[: i + 1])}' is a field, not a section")
+        d = d[p]
+    d[leaf] = value
+
+
+def load_config(
+    preset: str | None = None, config_file: str | None = None, overrides: Sequence[str] = ()
+) -> RunConfig:
+    """Resolve a RunConfig: the preset (``--preset``, else the file's ``preset =``, else ``debug``),
+    then the TOML file's keys, then dotted CLI overrides, each later source winning."""
+    from lumina import presets  # presets build configs, so they import this module
+
+    data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if config_file:
+        data, origin = _read_toml(config_file)
+    name = preset or data.get("preset") or "debug"
+    if not isinstance(name, str):
+        raise ConfigError(f"{origin.get('preset', config_file)}: preset: expected a string, got {name!r}")
+    base = to_dict(presets.get(name))
+    merged = _merge(base, data)
+    merged["preset"] = name
+    cli_keys = set()
+    for arg in overrides:
+        key, value = _parse_override(arg)
+        origin[key] = f"--{key}"
+        cli_keys.add(key)
+        _set_dotted(merged, key, value)
+    return from_dict(RunConfig, merged, origin=origin, from_cli=frozenset(cli_keys))

@@ -1,0 +1,48 @@
+"""Plain tensor functions the blocks are built from. No state, no modules.
+
+Legend: B batch, T positions, D d_model, H query heads, C head dim, F FFN hidden size.
+Weights are stored [in, out] so a projection is ``x @ w`` (experts stack on a leading E axis).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["apply_rope", "linear", "rms_norm", "rope_cos_sin", "swiglu"]
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x @ w
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 and cast back before the gain, as Llama does: bf16 sums of squares lose digits.
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.to(x.dtype) * w
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [..., T, C] (fp32) for absolute ``positions`` [T] or [B, T].
+
+    Computed from the positions themselves (not sliced from a table), so a chunk decoded with a KV
+    cache at offset p gets exactly the rotation it would get inside the full sequence."""
+    inv_freq_c = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq_c  # [..., T, C/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # half-split layout (HF Llama), not interleaved pairs
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x_BHTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate query/key heads. cos/sin are [T, C] or [B, T, C]; the head axis is broadcast."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    xf = x_BHTC.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).to(x_BHTC.dtype)
+
+
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down

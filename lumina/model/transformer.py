@@ -1,0 +1,208 @@
+"""The decoder-only transformer as two pure functions over a TensorDict of parameters.
+
+Legend: B batch, T positions, S cache positions, D d_model, H query heads, G kv heads, C head dim,
+F FFN hidden, E experts, V vocab, L layers.
+
+Parameter tree (weights stored [in, out]; experts stacked on a leading E axis):
+
+    embed.weight [V, D]                    final_norm.weight [D]        head.weight [D, V] (untied)
+    layers.<i>.attn_norm.weight [D]        layers.<i>.ffn_norm.weight [D]
+    layers.<i>.attn.{wq [D, H*C], wk [D, G*C], wv [D, G*C], wo [H*C, D]}
+    layers.<i>.ffn.{w_gate [D, F], w_up [D, F], w_down [F, D]}                    (dense layers)
+    layers.<i>.moe.router [D, E], layers.<i>.moe.{w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D]}
+    layers.<i>.moe.shared.{w_gate, w_up, w_down}  (dense FFN of width num_shared_experts * F, if any)
+    layers.<i>.mod.router [D]                                                     (MoD-routed layers)
+
+Init scheme: every matrix ~ N(0, init_std) except the two projections that write into the
+residual stream (attn.wo, ffn/expert w_down), which get init_std / sqrt(2 * n_layers) so the
+residual's variance stays O(1) with depth (GPT-2 / Megatron); norm gains start at 1. Each tensor is
+drawn from its own generator seeded by (seed, path), so a tensor's values do not depend on which other
+tensors exist (adding an expert leaves the others untouched) and CPU and GPU inits are identical.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+
+from lumina.config import ModelConfig
+from lumina.model.attention import attention
+from lumina.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+
+__all__ = ["apply", "default_knobs", "init", "init_cache", "param_shapes"]
+
+Spec = dict[str, tuple[tuple[int, ...], float]]  # dotted path -> (shape, init std; 0 = ones)
+
+
+def _ffn_spec(prefix: str, D: int, F_: int, std: float, out_std: float, experts: int | None = None) -> Spec:
+    lead = (experts,) if experts else ()
+    return {
+        f"{prefix}.w_gate": ((*lead, D, F_), std),
+        f"{prefix}.w_up": ((*lead, D, F_), std),
+        f"{prefix}.w_down": ((*lead, F_, D), out_std),
+    }
+
+
+def param_shapes(cfg: ModelConfig) -> Spec:
+    """Every parameter's dotted path, shape and init std, in a fixed order."""
+    D, V, L, C = cfg.d_model, cfg.vocab_size, cfg.n_layers, cfg.head_dim
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * L)
+    spec: Spec = {"embed.weight": ((V, D), std)}
+    moe_layers, mod_layers = cfg.moe_layers(), cfg.mod_layers()
+    for i in range(L):
+        p = f"layers.{i}"
+        spec[f"{p}.attn_norm.weight"] = ((D,), 0.0)
+        spec[f"{p}.attn.wq"] = ((D, cfg.n_heads * C), std)
+        spec[f"{p}.attn.wk"] = ((D, cfg.n_kv_heads * C), std)
+        spec[f"{p}.attn.wv"] = ((D, cfg.n_kv_heads * C), std)
+        spec[f"{p}.attn.wo"] = ((cfg.n_heads * C, D), out_std)
+        spec[f"{p}.ffn_norm.weight"] = ((D,), 0.0)
+        if moe_layers[i]:
+            E, Fe = cfg.moe.num_experts, cfg.expert_dim
+            spec[f"{p}.moe.router"] = ((D, E), std)
+            spec.update(_ffn_spec(f"{p}.moe", D, Fe, std, out_std, experts=E))
+            if cfg.moe.num_shared_experts:
+                spec.update(_ffn_spec(f"{p}.moe.shared", D, cfg.moe.num_shared_experts * Fe, std, out_std))
+        else:
+            spec.update(_ffn_spec(f"{p}.ffn", D, cfg.ffn_dim, std, out_std))
+        if mod_layers[i]:
+            spec[f"{p}.mod.router"] = ((D,), std)
+    spec["final_norm.weight"] = ((D,), 0.0)
+    if not cfg.tie_embeddings:
+        spec["head.weight"] = ((D, V), std)
+    return spec
+
+
+def _leaf_seed(seed: int, path: str) -> int:
+    return ((seed & 0xFFFFFFFF) << 32 | zlib.crc32(path.encode())) & ((1 << 63) - 1)
+
+
+def init(
+    cfg: ModelConfig,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> TensorDict:
+    """Fresh parameters. ``device="meta"`` allocates nothing (used to count parameters)."""
+    flat = {}
+    for path, (shape, std) in param_shapes(cfg).items():
+        if torch.device(device).type == "meta":
+            flat[path] = torch.empty(shape, device="meta", dtype=dtype)
+        elif std == 0.0:
+            flat[path] = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            g = torch.Generator().manual_seed(_leaf_seed(seed, path))
+            flat[path] = (torch.randn(shape, generator=g) * std).to(device=device, dtype=dtype)
+    return TensorDict(flat, batch_size=[]).unflatten_keys(".")
+
+
+def default_knobs(cfg: ModelConfig, device: torch.device | str = "cpu") -> TensorDict:
+    """Live knobs as 0-dim fp32 tensors: changing a value never recompiles a compiled step."""
+    moe = cfg.moe
+    values = {
+        "router_temperature": moe.router_temperature,
+        "router_jitter": moe.router_jitter,
+        "expert_dropout": moe.expert_dropout,
+        "aux_loss_weight": moe.aux_loss_weight,
+        "z_loss_weight": moe.z_loss_weight,
+        "mod_predictor_loss_weight": cfg.mod.predictor_loss_weight,
+    }
+    return TensorDict({k: torch.tensor(v, device=device) for k, v in values.items()}, batch_size=[])
+
+
+def init_cache(
+    cfg: ModelConfig,
+    batch_size: int,
+    max_len: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> TensorDict:
+    """A static-shape KV cache: ``layers.<i>.{k,v}`` of shape [B, G, S, C] with S = max_len.
+
+    The cache is the one buffer ``apply`` writes in place (at ``positions``), as gpt-fast does, so a
+    decoding step has fixed shapes and compiles once."""
+    S = max_len or cfg.max_seq_len
+    shape = (batch_size, cfg.n_kv_heads, S, cfg.head_dim)
+    layers = {
+        str(i): {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype)}
+        for i in range(cfg.n_layers)
+    }
+    return TensorDict({"layers": layers}, batch_size=[])
+
+
+def _attn_block(
+    h_BTD: torch.Tensor,
+    p: TensorDict,
+    cfg: ModelConfig,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    cache: TensorDict | None,
+) -> torch.Tensor:
+    B, T, _ = h_BTD.shape
+    H, G, C = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q_BHTC = (h_BTD @ p["wq"]).view(B, T, H, C).transpose(1, 2)
+    k_BGTC = (h_BTD @ p["wk"]).view(B, T, G, C).transpose(1, 2)
+    v_BGTC = (h_BTD @ p["wv"]).view(B, T, G, C).transpose(1, 2)
+    q_BHTC, k_BGTC = apply_rope(q_BHTC, cos, sin), apply_rope(k_BGTC, cos, sin)
+    if cache is None:
+        o_BHTC = attention(q_BHTC, k_BGTC, v_BGTC, backend=cfg.attn_backend)
+    else:
+        k_cache, v_cache = cache["k"], cache["v"]
+        k_cache.index_copy_(2, positions, k_BGTC.to(k_cache.dtype))  # [B, G, S, C] written at positions
+        v_cache.index_copy_(2, positions, v_BGTC.to(v_cache.dtype))
+        o_BHTC = attention(
+            q_BHTC, k_cache.to(q_BHTC.dtype), v_cache.to(q_BHTC.dtype),
+            backend=cfg.attn_backend, q_positions=positions,
+        )
+    return o_BHTC.transpose(1, 2).reshape(B, T, H * C) @ p["wo"]
+
+
+def apply(
+    params: TensorDict,
+    tokens_BT: torch.Tensor,
+    cfg: ModelConfig,
+    knobs: TensorDict | None = None,
+    *,
+    cache: TensorDict | None = None,
+    positions: torch.Tensor | None = None,
+    train: bool = True,
+) -> tuple[torch.Tensor, TensorDict]:
+    """Logits [B, T, V] and ``aux`` (aux losses and routing stats; empty for a dense model).
+
+    ``positions`` are the tokens' absolute positions ([T], default 0..T-1); they drive RoPE and, with
+    a ``cache`` from ``init_cache``, where the new keys/values are written and what each query sees.
+    """
+    B, T = tokens_BT.shape
+    if positions is None:
+        if cache is not None:
+            raise ValueError("apply(..., cache=...) needs positions: the absolute positions of these tokens")
+        positions = torch.arange(T, device=tokens_BT.device)
+    if cache is not None and positions.dim() != 1:
+        raise ValueError("with a KV cache, positions must be 1-D [T] (shared by the batch)")
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    moe_layers, mod_layers = cfg.moe_layers(), cfg.mod_layers()
+
+    x_BTD = F.embedding(tokens_BT, params["embed", "weight"])
+    for i in range(cfg.n_layers):
+        if moe_layers[i] or mod_layers[i]:
+            raise NotImplementedError(
+                f"layer {i} is {'MoE' if moe_layers[i] else 'MoD'}-routed: the sparse layers' forward is "
+                "not implemented yet (the parameter shapes and counts are final)"
+            )
+        p = params["layers", str(i)]
+        h_BTD = rms_norm(x_BTD, p["attn_norm", "weight"], cfg.norm_eps)
+        layer_cache = None if cache is None else cache["layers", str(i)]
+        x_BTD = x_BTD + _attn_block(h_BTD, p["attn"], cfg, cos, sin, positions, layer_cache)
+        h_BTD = rms_norm(x_BTD, p["ffn_norm", "weight"], cfg.norm_eps)
+        f = p["ffn"]
+        x_BTD = x_BTD + swiglu(h_BTD, f["w_gate"], f["w_up"], f["w_down"])
+    x_BTD = rms_norm(x_BTD, params["final_norm", "weight"], cfg.norm_eps)
+    head_DV = params["embed", "weight"].T if cfg.tie_embeddings else params["head", "weight"]
+    logits_BTV = x_BTD @ head_DV
+    aux = TensorDict({}, batch_size=[])
+    return logits_BTV, aux

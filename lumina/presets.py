@@ -1,0 +1,189 @@
+"""Named starting points (``--preset NAME``): functions returning a RunConfig, kept in a registry.
+
+``debug`` is a ~7M-parameter dense model that trains on 2 CPU cores; ``debug_200m`` a small
+MoE + MoD hybrid for quick GPU runs; ``b1`` ... ``b300`` are MoE (and some hybrid) models named by
+their nominal *active* parameter count.
+
+Parameter counts are read off the real parameter shapes (``lumina.model.init`` on the meta device,
+nothing allocated). *Active* = parameters a token's forward pass reads: everything except the
+routed experts, plus ``top_k / num_experts`` of them (shared experts always count; the tied
+embedding counts once). MoD does not change it: every token may still pass through any block; MoD
+saves FLOPs, not parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from lumina.config import (
+    ConfigError,
+    DataConfig,
+    MoDConfig,
+    MoEConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+)
+
+__all__ = ["ParamCount", "count_params", "describe", "get", "names", "nominal_active", "table"]
+
+_REGISTRY: dict[str, Callable[[], RunConfig]] = {}
+_NOMINAL: dict[str, float] = {}
+
+CL100K_VOCAB = 100_352  # cl100k_base (100,277 ids incl. specials) padded to a multiple of 128
+GPT2_VOCAB = 50_304  # gpt2 / r50k_base (50,257 ids) padded to a multiple of 128
+
+
+def register(name: str, nominal_active: float | None = None):
+    def deco(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
+        _REGISTRY[name] = fn
+        if nominal_active:
+            _NOMINAL[name] = nominal_active
+        return fn
+
+    return deco
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get(name: str) -> RunConfig:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]()
+
+
+def nominal_active(name: str) -> float | None:
+    """The active-parameter count a ``b*`` preset is named after (b7 -> 7e9)."""
+    return _NOMINAL.get(name)
+
+
+# ------------------------------------------------------------------------------------ presets
+
+
+@register("debug")
+def debug() -> RunConfig:
+    model = ModelConfig(
+        vocab_size=GPT2_VOCAB, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+        ffn_multiple_of=32, max_seq_len=256, tie_embeddings=True,
+    )
+    train = TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, eval_every=50, log_every=10)
+    return RunConfig(model=model, train=train, data=DataConfig(tokenizer="gpt2"), preset="debug")
+
+
+@register("debug_200m")
+def debug_200m() -> RunConfig:
+    model = ModelConfig(
+        vocab_size=GPT2_VOCAB, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
+        ffn_dim=2048, max_seq_len=1024, tie_embeddings=True,
+        moe=MoEConfig(num_experts=8, top_k=2, d_expert=1024, pattern="every_n", every_n=2),
+        mod=MoDConfig(enabled=True, capacity=0.125, every_n=2),
+    )
+    train = TrainConfig(steps=2000, batch_size=32, seq_len=1024, lr=1e-3, precision="bf16")
+    return RunConfig(model=model, train=train, data=DataConfig(tokenizer="gpt2"), preset="debug_200m")
+
+
+def _big(
+    name: str, *, d: int, layers: int, heads: int, kv: int, experts: int, top_k: int, d_expert: int,
+    shared: int = 0, mod: bool = False, lr: float = 3e-4,
+) -> RunConfig:
+    model = ModelConfig(
+        vocab_size=CL100K_VOCAB, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv,
+        head_dim=128, ffn_dim=d_expert, max_seq_len=4096, rope_theta=500_000.0,
+        moe=MoEConfig(num_experts=experts, top_k=top_k, d_expert=d_expert, num_shared_experts=shared),
+        mod=MoDConfig(enabled=mod),
+    )
+    train = TrainConfig(
+        steps=100_000, batch_size=512, micro_batch_size=8, seq_len=4096, lr=lr, precision="bf16",
+        grad_checkpointing="full", eval_every=1000, log_every=10, ckpt_every=1000,
+    )
+    return RunConfig(model=model, train=train, data=DataConfig(tokenizer="cl100k_base"), preset=name)
+
+
+# Each shape: d_model / layers / heads (head_dim 128, GQA) from the usual width-depth ladder; the
+# expert width d_expert is then solved so the active count lands on the nominal size.
+_BIG = {
+    "b1": (1e9, dict(d=2048, layers=16, heads=16, kv=8, experts=8, top_k=2, d_expert=2048, mod=True)),
+    "b7": (7e9, dict(d=4096, layers=32, heads=32, kv=8, experts=8, top_k=2, d_expert=6144)),
+    "b14": (14e9, dict(d=5120, layers=40, heads=40, kv=8, experts=16, top_k=2, d_expert=8448, mod=True)),
+    "b30": (30e9, dict(d=6144, layers=56, heads=48, kv=8, experts=16, top_k=2, d_expert=7680, shared=1)),
+    "b50": (50e9, dict(d=7168, layers=64, heads=56, kv=8, experts=16, top_k=4, d_expert=5888, shared=1,
+                       mod=True)),
+    "b100": (100e9, dict(d=8192, layers=80, heads=64, kv=8, experts=32, top_k=4, d_expert=8704, shared=1,
+                         lr=2e-4)),
+    "b200": (200e9, dict(d=12288, layers=96, heads=96, kv=16, experts=32, top_k=4, d_expert=9216, shared=1,
+                         lr=1.5e-4)),
+    "b300": (300e9, dict(d=16384, layers=112, heads=128, kv=16, experts=32, top_k=4, d_expert=8192, shared=1,
+                         lr=1.2e-4)),
+}
+for _name, (_nominal, _kw) in _BIG.items():
+    register(_name, _nominal)(lambda _name=_name, _kw=_kw: _big(_name, **_kw))
+
+
+# ----------------------------------------------------------------------------------- counting
+
+
+class ParamCount(NamedTuple):
+    active: int
+    total: int
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    """Active and total parameters, from the real shapes on the meta device (nothing allocated)."""
+    from lumina.model import init
+
+    params = init(cfg, device="meta").flatten_keys(".")
+    total = active = 0
+    E, k = cfg.moe.num_experts, cfg.moe.top_k
+    for path, t in params.items():
+        n = t.numel()
+        total += n
+        routed = ".moe.w_" in path  # routed experts [E, ...]; shared experts live under .moe.shared.
+        active += n // E * k if routed else n
+    return ParamCount(active, total)
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def describe(name: str) -> dict[str, str]:
+    """One table row for a preset."""
+    m = get(name).model
+    count = count_params(m)
+    moe = f"{m.moe.num_experts}/{m.moe.top_k}" if m.moe.enabled else "-"
+    if m.moe.num_shared_experts:
+        moe += f" +{m.moe.num_shared_experts}sh"
+    mod = f"{m.mod.capacity:g}/every {m.mod.every_n}" if m.mod.enabled else "-"
+    nominal = nominal_active(name)
+    return {
+        "preset": name,
+        "layers": str(m.n_layers),
+        "d_model": str(m.d_model),
+        "heads/kv": f"{m.n_heads}/{m.n_kv_heads}",
+        "experts/top-k": moe,
+        "MoD": mod,
+        "vocab": str(m.vocab_size),
+        "active": _human(count.active),
+        "total": _human(count.total),
+        "active vs nominal": f"{count.active / nominal:.3f}" if nominal else "-",
+    }
+
+
+def table(fmt: str = "text") -> str:
+    """The preset table as aligned text or a Markdown table."""
+    rows = [describe(n) for n in names()]
+    cols = list(rows[0])
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    line = lambda r: "  ".join(r[c].rjust(widths[c]) if i else r[c].ljust(widths[c]) for i, c in enumerate(cols))  # noqa: E731
+    return "\n".join([line({c: c for c in cols}), *(line(r) for r in rows)])
+
