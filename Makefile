@@ -52,8 +52,8 @@ test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff check lumina kernels tests benchmarks
-	$(BIN)/ruff format --check lumina kernels tests benchmarks
+	$(BIN)/ruff check lumina kernels tests setup.py
+	$(BIN)/ruff format --check lumina kernels tests setup.py
 
 clean:
 	rm -rf build "$(VENV)"

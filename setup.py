@@ -43,8 +43,16 @@ class CMakeBuild(build_ext):
             raise RuntimeError("cmake not found: `pip install cmake ninja` (the Makefile does) and retry")
         build_dir = ROOT / "build" / "cmake"
         stage_dir = build_dir / "out"
-        configure = [cmake, "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DPython_EXECUTABLE={sys.executable}", f"-DLUMINA_OUTPUT_DIR={stage_dir}"]
+        configure = [
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DLUMINA_OUTPUT_DIR={stage_dir}",
+        ]
         if ninja and not (build_dir / "CMakeCache.txt").exists():
             configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         subprocess.run(configure, check=True)

@@ -391,8 +391,35 @@ def _coerce(value: Any, tp: Any, *, from_cli: bool) -> Any:
     raise TypeError(f"expected {_describe(tp)}, got {value!r}")
 
 
+# Names other libraries use for our fields, so a familiar-but-wrong key gets a useful suggestion.
+_ALIASES = {
+    "learning_rate": "lr",
+    "max_steps": "steps",
+    "hidden_size": "d_model",
+    "dim": "d_model",
+    "num_layers": "n_layers",
+    "num_hidden_layers": "n_layers",
+    "num_heads": "n_heads",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "n_kv": "n_kv_heads",
+    "intermediate_size": "ffn_dim",
+    "vocab": "vocab_size",
+    "rms_norm_eps": "norm_eps",
+    "tie_word_embeddings": "tie_embeddings",
+    "max_position_embeddings": "max_seq_len",
+    "n_experts": "num_experts",
+    "experts": "num_experts",
+    "topk": "top_k",
+    "k": "top_k",
+}
+
+
 def _did_you_mean(key: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
+    options = list(options)
+    if _ALIASES.get(key) in options:
+        return f" (did you mean '{_ALIASES[key]}'?)"
+    close = difflib.get_close_matches(key, options, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -20,8 +20,8 @@ from lumina.config import (
     ConfigError,
     DataConfig,
     MoDConfig,
-    MoEConfig,
     ModelConfig,
+    MoEConfig,
     RunConfig,
     TrainConfig,
 )
@@ -66,8 +66,14 @@ def nominal_active(name: str) -> float | None:
 @register("debug")
 def debug() -> RunConfig:
     model = ModelConfig(
-        vocab_size=GPT2_VOCAB, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
-        ffn_multiple_of=32, max_seq_len=256, tie_embeddings=True,
+        vocab_size=GPT2_VOCAB,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_multiple_of=32,
+        max_seq_len=256,
+        tie_embeddings=True,
     )
     train = TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, eval_every=50, log_every=10)
     return RunConfig(model=model, train=train, data=DataConfig(tokenizer="gpt2"), preset="debug")
@@ -76,8 +82,14 @@ def debug() -> RunConfig:
 @register("debug_200m")
 def debug_200m() -> RunConfig:
     model = ModelConfig(
-        vocab_size=GPT2_VOCAB, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
-        ffn_dim=2048, max_seq_len=1024, tie_embeddings=True,
+        vocab_size=GPT2_VOCAB,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=4,
+        ffn_dim=2048,
+        max_seq_len=1024,
+        tie_embeddings=True,
         moe=MoEConfig(num_experts=8, top_k=2, d_expert=1024, pattern="every_n", every_n=2),
         mod=MoDConfig(enabled=True, capacity=0.125, every_n=2),
     )
@@ -86,18 +98,43 @@ def debug_200m() -> RunConfig:
 
 
 def _big(
-    name: str, *, d: int, layers: int, heads: int, kv: int, experts: int, top_k: int, d_expert: int,
-    shared: int = 0, mod: bool = False, lr: float = 3e-4,
+    name: str,
+    *,
+    d: int,
+    layers: int,
+    heads: int,
+    kv: int,
+    experts: int,
+    top_k: int,
+    d_expert: int,
+    shared: int = 0,
+    mod: bool = False,
+    lr: float = 3e-4,
 ) -> RunConfig:
     model = ModelConfig(
-        vocab_size=CL100K_VOCAB, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv,
-        head_dim=128, ffn_dim=d_expert, max_seq_len=4096, rope_theta=500_000.0,
+        vocab_size=CL100K_VOCAB,
+        d_model=d,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv,
+        head_dim=128,
+        ffn_dim=d_expert,
+        max_seq_len=4096,
+        rope_theta=500_000.0,
         moe=MoEConfig(num_experts=experts, top_k=top_k, d_expert=d_expert, num_shared_experts=shared),
         mod=MoDConfig(enabled=mod),
     )
     train = TrainConfig(
-        steps=100_000, batch_size=512, micro_batch_size=8, seq_len=4096, lr=lr, precision="bf16",
-        grad_checkpointing="full", eval_every=1000, log_every=10, ckpt_every=1000,
+        steps=100_000,
+        batch_size=512,
+        micro_batch_size=8,
+        seq_len=4096,
+        lr=lr,
+        precision="bf16",
+        grad_checkpointing="full",
+        eval_every=1000,
+        log_every=10,
+        ckpt_every=1000,
     )
     return RunConfig(model=model, train=train, data=DataConfig(tokenizer="cl100k_base"), preset=name)
 
@@ -109,14 +146,22 @@ _BIG = {
     "b7": (7e9, dict(d=4096, layers=32, heads=32, kv=8, experts=8, top_k=2, d_expert=6144)),
     "b14": (14e9, dict(d=5120, layers=40, heads=40, kv=8, experts=16, top_k=2, d_expert=8448, mod=True)),
     "b30": (30e9, dict(d=6144, layers=56, heads=48, kv=8, experts=16, top_k=2, d_expert=7680, shared=1)),
-    "b50": (50e9, dict(d=7168, layers=64, heads=56, kv=8, experts=16, top_k=4, d_expert=5888, shared=1,
-                       mod=True)),
-    "b100": (100e9, dict(d=8192, layers=80, heads=64, kv=8, experts=32, top_k=4, d_expert=8704, shared=1,
-                         lr=2e-4)),
-    "b200": (200e9, dict(d=12288, layers=96, heads=96, kv=16, experts=32, top_k=4, d_expert=9216, shared=1,
-                         lr=1.5e-4)),
-    "b300": (300e9, dict(d=16384, layers=112, heads=128, kv=16, experts=32, top_k=4, d_expert=8192, shared=1,
-                         lr=1.2e-4)),
+    "b50": (
+        50e9,
+        dict(d=7168, layers=64, heads=56, kv=8, experts=16, top_k=4, d_expert=5888, shared=1, mod=True),
+    ),
+    "b100": (
+        100e9,
+        dict(d=8192, layers=80, heads=64, kv=8, experts=32, top_k=4, d_expert=8704, shared=1, lr=2e-4),
+    ),
+    "b200": (
+        200e9,
+        dict(d=12288, layers=96, heads=96, kv=16, experts=32, top_k=4, d_expert=9216, shared=1, lr=1.5e-4),
+    ),
+    "b300": (
+        300e9,
+        dict(d=16384, layers=112, heads=128, kv=16, experts=32, top_k=4, d_expert=8192, shared=1, lr=1.2e-4),
+    ),
 }
 for _name, (_nominal, _kw) in _BIG.items():
     register(_name, _nominal)(lambda _name=_name, _kw=_kw: _big(_name, **_kw))
@@ -184,6 +229,8 @@ def table(fmt: str = "text") -> str:
         lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
         return "\n".join(lines)
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-    line = lambda r: "  ".join(r[c].rjust(widths[c]) if i else r[c].ljust(widths[c]) for i, c in enumerate(cols))  # noqa: E731
-    return "\n".join([line({c: c for c in cols}), *(line(r) for r in rows)])
 
+    def line(r: dict[str, str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(r[c].rjust(widths[c]) if i else r[c].ljust(widths[c]) for i, c in enumerate(cols))
+
+    return "\n".join([line({c: c for c in cols}), *(line(r) for r in rows)])

@@ -42,8 +42,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_parser(prog: str, description: str) -> _Parser:
-    p = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Any config field can be set with --section.field=value, e.g. --model.d_model=256.")
+    p = _Parser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any config field can be set with --section.field=value, e.g. --model.d_model=256.",
+    )
     p.add_argument("--preset", help=f"one of: {', '.join(presets.names())} (default: debug)")
     p.add_argument("--config", metavar="FILE.toml", help="TOML file applied on top of the preset")
     p.add_argument("--steps", help="shorthand for --train.steps")
@@ -92,11 +96,15 @@ def _cmd_check(argv: Sequence[str]) -> int:
     m, t = cfg.model, cfg.train
     count = presets.count_params(m)
     print(f"[lumina] preset={cfg.preset} device={device} torch={torch.__version__}")
-    print(f"[lumina] model: {m.n_layers} layers, d_model={m.d_model}, heads={m.n_heads}/{m.n_kv_heads}, "
-          f"vocab={m.vocab_size}, active={count.active:,} total={count.total:,} params")
+    print(
+        f"[lumina] model: {m.n_layers} layers, d_model={m.d_model}, heads={m.n_heads}/{m.n_kv_heads}, "
+        f"vocab={m.vocab_size}, active={count.active:,} total={count.total:,} params"
+    )
     if any(m.moe_layers()) or any(m.mod_layers()):
-        print("[lumina] this preset has MoE/MoD layers, whose forward pass is not implemented yet; "
-              "try the dense `--preset debug`")
+        print(
+            "[lumina] this preset has MoE/MoD layers, whose forward pass is not implemented yet; "
+            "try the dense `--preset debug`"
+        )
         return 1
     t0 = time.perf_counter()
     params = init(m, seed=cfg.seed, device=device)
@@ -113,9 +121,11 @@ def _cmd_check(argv: Sequence[str]) -> int:
     grads, loss = torch.func.grad_and_value(loss_fn)(params)
     t_step = time.perf_counter() - t0
     gnorm = torch.linalg.vector_norm(torch.stack([g_.norm() for g_ in grads.values(True, True)]))
-    print(f"[lumina] init {t_init:.2f}s; forward+backward on [{B}, {t.seq_len}] random tokens: "
-          f"{t_step:.2f}s, loss {loss.item():.4f} (ln vocab = {math.log(m.vocab_size):.4f}), "
-          f"grad norm {gnorm.item():.4f}")
+    print(
+        f"[lumina] init {t_init:.2f}s; forward+backward on [{B}, {t.seq_len}] random tokens: "
+        f"{t_step:.2f}s, loss {loss.item():.4f} (ln vocab = {math.log(m.vocab_size):.4f}), "
+        f"grad norm {gnorm.item():.4f}"
+    )
     print("[lumina] the training loop is not implemented yet; this run only checked the model")
     return 0
 

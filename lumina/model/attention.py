@@ -77,11 +77,11 @@ def attention(
     if backend == "flash":
         flash = _flash_attn_func() if q_BHTC.is_cuda else None
         if flash is not None and mask is None and q_BHTC.dtype in (torch.float16, torch.bfloat16):
-            out_BTHC = flash(q_BHTC.transpose(1, 2), k_BGSC.transpose(1, 2), v_BGSC.transpose(1, 2), causal=True)
+            out_BTHC = flash(
+                q_BHTC.transpose(1, 2), k_BGSC.transpose(1, 2), v_BGSC.transpose(1, 2), causal=True
+            )
             return out_BTHC.transpose(1, 2)
-        _warn_once(
-            "attn_backend='flash' needs flash-attn, CUDA, fp16/bf16 and no KV cache; using sdpa here"
-        )
+        _warn_once("attn_backend='flash' needs flash-attn, CUDA, fp16/bf16 and no KV cache; using sdpa here")
         backend = "sdpa"
     if backend == "sdpa":
         return F.scaled_dot_product_attention(

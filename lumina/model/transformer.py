@@ -22,8 +22,8 @@ tensors exist (adding an expert leaves the others untouched) and CPU and GPU ini
 
 from __future__ import annotations
 
+import hashlib
 import math
-import zlib
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,8 @@ def param_shapes(cfg: ModelConfig) -> Spec:
 
 
 def _leaf_seed(seed: int, path: str) -> int:
-    return ((seed & 0xFFFFFFFF) << 32 | zlib.crc32(path.encode())) & ((1 << 63) - 1)
+    # torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: hash (seed, path) into them.
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{path}".encode(), digest_size=4).digest(), "little")
 
 
 def init(
@@ -128,7 +129,10 @@ def init_cache(
     S = max_len or cfg.max_seq_len
     shape = (batch_size, cfg.n_kv_heads, S, cfg.head_dim)
     layers = {
-        str(i): {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype)}
+        str(i): {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+        }
         for i in range(cfg.n_layers)
     }
     return TensorDict({"layers": layers}, batch_size=[])
@@ -156,8 +160,11 @@ def _attn_block(
         k_cache.index_copy_(2, positions, k_BGTC.to(k_cache.dtype))  # [B, G, S, C] written at positions
         v_cache.index_copy_(2, positions, v_BGTC.to(v_cache.dtype))
         o_BHTC = attention(
-            q_BHTC, k_cache.to(q_BHTC.dtype), v_cache.to(q_BHTC.dtype),
-            backend=cfg.attn_backend, q_positions=positions,
+            q_BHTC,
+            k_cache.to(q_BHTC.dtype),
+            v_cache.to(q_BHTC.dtype),
+            backend=cfg.attn_backend,
+            q_positions=positions,
         )
     return o_BHTC.transpose(1, 2).reshape(B, T, H * C) @ p["wo"]
 

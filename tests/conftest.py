@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+from lumina.config import ModelConfig
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    """A tiny GQA model: odd vocab and sequence sizes catch shape bugs."""
+    return ModelConfig(
+        vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=32, max_seq_len=64
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,23 @@
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _block(marker: str) -> str:
+    m = re.search(rf"<!-- {re.escape(marker)} -->\n```python\n(.*?)```", README.read_text(), re.S)
+    assert m, f"README block {marker!r} not found"
+    return m.group(1)
+
+
+def test_init_apply_example_runs_verbatim(capsys):
+    code = _block("readme-example:init-apply")
+    assert len(code.strip().splitlines()) <= 15
+    exec(compile(code, "README.md", "exec"), {})
+    assert re.fullmatch(r"loss \d+\.\d{3}, grad of wq \(128, 128\)\n", capsys.readouterr().out)
+
+
+def test_preset_table_is_current():
+    from lumina import presets
+
+    assert presets.table("markdown") in README.read_text()
