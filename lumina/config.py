@@ -113,9 +113,11 @@ class MoDConfig:
     capacity: float = 0.125
     every_n: int = 2  # layers n-1, 2n-1, ... are routed (the paper routes every other block)
     predictor_loss_weight: float = 1e-2  # causal predictor used for autoregressive sampling
+    predictor_hidden: int = 64  # hidden width of that predictor MLP
 
     def __post_init__(self) -> None:
         _check(0 < self.capacity <= 1, f"capacity must be in (0, 1], got {self.capacity}")
+        _check(self.predictor_hidden > 0, f"predictor_hidden must be > 0, got {self.predictor_hidden}")
         _check(self.every_n >= 1, f"every_n must be >= 1, got {self.every_n}")
         _check(self.predictor_loss_weight >= 0, "predictor_loss_weight must be >= 0")
 

@@ -45,7 +45,7 @@ def test_logits_shape_and_dtype(tiny_cfg):
     p = init(tiny_cfg, seed=0)
     logits, aux = apply(p, tokens(tiny_cfg), tiny_cfg, default_knobs(tiny_cfg))
     assert logits.shape == (3, 29, tiny_cfg.vocab_size) and logits.dtype == torch.float32
-    assert len(aux.keys()) == 0  # a dense model has no aux losses or routing stats
+    assert list(aux.keys()) == ["loss"] and aux["loss"].item() == 0  # dense: no aux losses or stats
 
 
 def test_tied_head_uses_embedding(tiny_cfg):

@@ -11,7 +11,8 @@ Parameter tree (weights stored [in, out]; experts stacked on a leading E axis):
     layers.<i>.ffn.{w_gate [D, F], w_up [D, F], w_down [F, D]}                    (dense layers)
     layers.<i>.moe.router [D, E], layers.<i>.moe.{w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D]}
     layers.<i>.moe.shared.{w_gate, w_up, w_down}  (dense FFN of width num_shared_experts * F, if any)
-    layers.<i>.mod.router [D]                                                     (MoD-routed layers)
+    layers.<i>.moe.balance_bias [E]           (balance="bias": selection bias, updated from load, no grad)
+    layers.<i>.mod.router [D], layers.<i>.mod.predictor.{w1 [D, P], w2 [P, 1]}     (MoD-routed layers)
 
 Init scheme: every matrix ~ N(0, init_std) except the two projections that write into the
 residual stream (attn.wo, ffn/expert w_down), which get init_std / sqrt(2 * n_layers) so the
@@ -22,6 +23,7 @@ tensors exist (adding an expert leaves the others untouched) and CPU and GPU ini
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -32,10 +34,12 @@ from tensordict import TensorDict
 from lumina.config import ModelConfig
 from lumina.model.attention import attention
 from lumina.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+from lumina.model.mod import mod_block
+from lumina.model.moe import moe_ffn, moe_layer_loss
 
 __all__ = ["apply", "default_knobs", "init", "init_cache", "param_shapes"]
 
-Spec = dict[str, tuple[tuple[int, ...], float]]  # dotted path -> (shape, init std; 0 = ones)
+Spec = dict[str, tuple[tuple[int, ...], float | str]]  # dotted path -> (shape, init std | "ones" | "zeros")
 
 
 def _ffn_spec(prefix: str, D: int, F_: int, std: float, out_std: float, experts: int | None = None) -> Spec:
@@ -55,23 +59,28 @@ def param_shapes(cfg: ModelConfig) -> Spec:
     moe_layers, mod_layers = cfg.moe_layers(), cfg.mod_layers()
     for i in range(L):
         p = f"layers.{i}"
-        spec[f"{p}.attn_norm.weight"] = ((D,), 0.0)
+        spec[f"{p}.attn_norm.weight"] = ((D,), "ones")
         spec[f"{p}.attn.wq"] = ((D, cfg.n_heads * C), std)
         spec[f"{p}.attn.wk"] = ((D, cfg.n_kv_heads * C), std)
         spec[f"{p}.attn.wv"] = ((D, cfg.n_kv_heads * C), std)
         spec[f"{p}.attn.wo"] = ((cfg.n_heads * C, D), out_std)
-        spec[f"{p}.ffn_norm.weight"] = ((D,), 0.0)
+        spec[f"{p}.ffn_norm.weight"] = ((D,), "ones")
         if moe_layers[i]:
             E, Fe = cfg.moe.num_experts, cfg.expert_dim
             spec[f"{p}.moe.router"] = ((D, E), std)
             spec.update(_ffn_spec(f"{p}.moe", D, Fe, std, out_std, experts=E))
             if cfg.moe.num_shared_experts:
                 spec.update(_ffn_spec(f"{p}.moe.shared", D, cfg.moe.num_shared_experts * Fe, std, out_std))
+            if cfg.moe.balance == "bias":
+                spec[f"{p}.moe.balance_bias"] = ((E,), "zeros")  # updated from load, not by gradients
         else:
             spec.update(_ffn_spec(f"{p}.ffn", D, cfg.ffn_dim, std, out_std))
         if mod_layers[i]:
+            P = cfg.mod.predictor_hidden
             spec[f"{p}.mod.router"] = ((D,), std)
-    spec["final_norm.weight"] = ((D,), 0.0)
+            spec[f"{p}.mod.predictor.w1"] = ((D, P), std)
+            spec[f"{p}.mod.predictor.w2"] = ((P, 1), std)
+    spec["final_norm.weight"] = ((D,), "ones")
     if not cfg.tie_embeddings:
         spec["head.weight"] = ((D, V), std)
     return spec
@@ -93,8 +102,8 @@ def init(
     for path, (shape, std) in param_shapes(cfg).items():
         if torch.device(device).type == "meta":
             flat[path] = torch.empty(shape, device="meta", dtype=dtype)
-        elif std == 0.0:
-            flat[path] = torch.ones(shape, device=device, dtype=dtype)
+        elif std in ("ones", "zeros"):
+            flat[path] = (torch.ones if std == "ones" else torch.zeros)(shape, device=device, dtype=dtype)
         else:
             g = torch.Generator().manual_seed(_leaf_seed(seed, path))
             flat[path] = (torch.randn(shape, generator=g) * std).to(device=device, dtype=dtype)
@@ -169,6 +178,31 @@ def _attn_block(
     return o_BHTC.transpose(1, 2).reshape(B, T, H * C) @ p["wo"]
 
 
+def _block(
+    x_BTD: torch.Tensor,
+    p: TensorDict,
+    cfg: ModelConfig,
+    knobs: TensorDict,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+    cache: TensorDict | None,
+    *,
+    moe: bool,
+    train: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]:
+    """One pre-norm block: (attention update, x + attention update, FFN update, MoE stats or None)."""
+    cos, sin = rope
+    attn_BTD = _attn_block(rms_norm(x_BTD, p["attn_norm", "weight"], cfg.norm_eps), p["attn"], cfg, cos, sin,
+                           positions, cache)  # fmt: skip
+    x1_BTD = x_BTD + attn_BTD
+    h_BTD = rms_norm(x1_BTD, p["ffn_norm", "weight"], cfg.norm_eps)
+    if moe:
+        ffn_BTD, stats = moe_ffn(h_BTD, p["moe"], cfg, knobs, train=train)
+        return attn_BTD, x1_BTD, ffn_BTD, stats
+    f = p["ffn"]
+    return attn_BTD, x1_BTD, swiglu(h_BTD, f["w_gate"], f["w_up"], f["w_down"]), None
+
+
 def apply(
     params: TensorDict,
     tokens_BT: torch.Tensor,
@@ -179,10 +213,13 @@ def apply(
     positions: torch.Tensor | None = None,
     train: bool = True,
 ) -> tuple[torch.Tensor, TensorDict]:
-    """Logits [B, T, V] and ``aux`` (aux losses and routing stats; empty for a dense model).
+    """Logits [B, T, V] and ``aux``: ``aux["loss"]`` (the weighted aux losses to add to the training
+    loss: mean over MoE layers of their balance + z losses, plus mean over MoD layers of the predictor
+    loss) and per-layer stats ``aux["moe", i, ...]``, ``aux["mod", i, ...]`` (see moe.py, mod.py).
 
-    ``positions`` are the tokens' absolute positions ([T], default 0..T-1); they drive RoPE and, with
-    a ``cache`` from ``init_cache``, where the new keys/values are written and what each query sees.
+    ``positions`` are the tokens' absolute positions ([T] or [B, T], default 0..T-1); they drive RoPE
+    and, with a ``cache`` from ``init_cache``, where new keys/values are written and what each query
+    sees. ``train`` enables router jitter and expert dropout.
     """
     B, T = tokens_BT.shape
     if positions is None:
@@ -191,25 +228,46 @@ def apply(
         positions = torch.arange(T, device=tokens_BT.device)
     if cache is not None and positions.dim() != 1:
         raise ValueError("with a KV cache, positions must be 1-D [T] (shared by the batch)")
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    if knobs is None:
+        knobs = default_knobs(cfg, tokens_BT.device)
+    rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     moe_layers, mod_layers = cfg.moe_layers(), cfg.mod_layers()
+    if cache is not None and any(mod_layers):
+        raise ValueError("cached decoding of MoD-routed layers is not supported yet")
 
+    moe_stats, mod_stats = {}, {}
     x_BTD = F.embedding(tokens_BT, params["embed", "weight"])
     for i in range(cfg.n_layers):
-        if moe_layers[i] or mod_layers[i]:
-            raise NotImplementedError(
-                f"layer {i} is {'MoE' if moe_layers[i] else 'MoD'}-routed: the sparse layers' forward is "
-                "not implemented yet (the parameter shapes and counts are final)"
-            )
         p = params["layers", str(i)]
-        h_BTD = rms_norm(x_BTD, p["attn_norm", "weight"], cfg.norm_eps)
         layer_cache = None if cache is None else cache["layers", str(i)]
-        x_BTD = x_BTD + _attn_block(h_BTD, p["attn"], cfg, cos, sin, positions, layer_cache)
-        h_BTD = rms_norm(x_BTD, p["ffn_norm", "weight"], cfg.norm_eps)
-        f = p["ffn"]
-        x_BTD = x_BTD + swiglu(h_BTD, f["w_gate"], f["w_up"], f["w_down"])
+        block = functools.partial(_block, p=p, cfg=cfg, knobs=knobs, cache=layer_cache, moe=moe_layers[i],
+                                  train=train)  # fmt: skip
+        if mod_layers[i]:
+
+            def delta(x_sel_BSD, pos_BS, block=block):
+                rope_sel = rope_cos_sin(pos_BS, cfg.head_dim, cfg.rope_theta)
+                attn_BSD, _, ffn_BSD, stats = block(x_sel_BSD, rope=rope_sel, positions=pos_BS)
+                return attn_BSD + ffn_BSD, stats
+
+            x_BTD, mod_stats[str(i)], layer_moe = mod_block(x_BTD, p["mod"], delta, positions, cfg, knobs)
+        else:
+            _, x1_BTD, ffn_BTD, layer_moe = block(x_BTD, rope=rope, positions=positions)
+            x_BTD = x1_BTD + ffn_BTD  # (x + attn) + ffn: Llama's order, for bit-level parity
+        if layer_moe is not None:
+            moe_stats[str(i)] = layer_moe
     x_BTD = rms_norm(x_BTD, params["final_norm", "weight"], cfg.norm_eps)
     head_DV = params["embed", "weight"].T if cfg.tie_embeddings else params["head", "weight"]
     logits_BTV = x_BTD @ head_DV
-    aux = TensorDict({}, batch_size=[])
+
+    loss = torch.zeros((), device=tokens_BT.device)
+    if moe_stats:
+        loss = loss + sum(moe_layer_loss(s, cfg, knobs) for s in moe_stats.values()) / len(moe_stats)
+    if mod_stats:
+        pred = sum(s["predictor_loss"] for s in mod_stats.values()) / len(mod_stats)
+        loss = loss + knobs["mod_predictor_loss_weight"] * pred
+    aux = TensorDict({"loss": loss}, batch_size=[])
+    if moe_stats:
+        aux["moe"] = moe_stats
+    if mod_stats:
+        aux["mod"] = mod_stats
     return logits_BTV, aux

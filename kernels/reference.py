@@ -1,0 +1,136 @@
+"""Pure-torch references of every routing kernel: the semantics the Triton and native kernels must match,
+and the CPU fallback. Plain, obviously-correct torch; never imports ``lumina``.
+
+Legend: N tokens, K experts per token (top-k), A = N*K assignments, E experts, C capacity per expert,
+D model dim, F expert hidden dim, B batch, T sequence length, S selected tokens per sequence (MoD).
+An *assignment* a = n*K + j is token n's j-th choice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "capacity_combine",
+    "capacity_dispatch",
+    "grouped_mm",
+    "grouped_mm_weight_grad",
+    "mod_gather",
+    "mod_scatter",
+    "mod_topk",
+    "moe_combine",
+    "moe_dispatch",
+    "moe_routing",
+]
+
+
+def moe_routing(
+    topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor, num_experts: int, capacity: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing metadata, with no host synchronisation (every output size is static).
+
+    Returns
+      counts_E     assignments per expert, before any capacity drop (the histogram), int64
+      offsets_E1   exclusive prefix sum of counts, [E + 1], int64
+      perm_A       assignment ids in expert-contiguous order, token order within an expert (stable)
+      position_A   each assignment's rank inside its expert by descending router weight (ties: lower
+                   assignment id first); the slot it takes in a capacity buffer
+      keep_A       position < capacity (all True when capacity is None: dropless)
+    """
+    expert_A = topk_ids_NK.reshape(-1)
+    A = expert_A.numel()
+    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_A.device)
+    offsets_E1[1:] = torch.cumsum(counts_E, 0)
+    perm_A = torch.sort(expert_A, stable=True).indices
+    # Rank by weight inside each expert: sort by weight (desc), then stably by expert.
+    by_weight = torch.sort(topk_weights_NK.reshape(-1), descending=True, stable=True).indices
+    ranked = by_weight[torch.sort(expert_A[by_weight], stable=True).indices]
+    position_A = torch.empty(A, dtype=torch.int64, device=expert_A.device)
+    position_A[ranked] = torch.arange(A, device=expert_A.device) - offsets_E1[expert_A[ranked]]
+    keep_A = position_A < capacity if capacity is not None else torch.ones_like(position_A, dtype=torch.bool)
+    return counts_E, offsets_E1, perm_A, position_A, keep_A
+
+
+def moe_dispatch(x_ND: torch.Tensor, perm_A: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Token rows in expert-contiguous order: row i is token perm_A[i] // top_k. [A, D]"""
+    return x_ND[perm_A // top_k]
+
+
+def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Segment e of the expert-sorted rows times w[e]. [A, F]. A loop: reads counts on the host."""
+    out = x_AD.new_empty(x_AD.shape[0], w_EDF.shape[-1])
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        out[start : start + n] = x_AD[start : start + n] @ w_EDF[e]
+        start += n
+    return out
+
+
+def grouped_mm_weight_grad(x_AD: torch.Tensor, g_AF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """d(loss)/d(w) of ``grouped_mm``: per segment x_seg^T @ g_seg. [E, D, F]"""
+    out = x_AD.new_zeros(counts_E.shape[0], x_AD.shape[1], g_AF.shape[1])
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        out[e] = x_AD[start : start + n].T @ g_AF[start : start + n]
+        start += n
+    return out
+
+
+def moe_combine(y_AD: torch.Tensor, perm_A: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """Each token's router-weighted sum of its K expert outputs (y in expert-sorted order). [N, D].
+    A gather and a fixed-order sum: deterministic, no atomics."""
+    N, K = weights_NK.shape
+    inverse_A = torch.empty_like(perm_A)
+    inverse_A[perm_A] = torch.arange(perm_A.numel(), device=perm_A.device)
+    y_NKD = y_AD[inverse_A].view(N, K, -1)
+    return (y_NKD * weights_NK.unsqueeze(-1).to(y_AD.dtype)).sum(dim=1)
+
+
+def capacity_dispatch(
+    x_ND: torch.Tensor,
+    topk_ids_NK: torch.Tensor,
+    position_A: torch.Tensor,
+    keep_A: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+) -> torch.Tensor:
+    """Kept assignments written to their (expert, position) slot of a zero buffer [E, C, D]."""
+    N, K = topk_ids_NK.shape
+    EC = num_experts * capacity
+    slot_A = torch.where(keep_A, topk_ids_NK.reshape(-1) * capacity + position_A, EC)  # EC: a sink row
+    token_A = torch.arange(N * K, device=x_ND.device) // K
+    buf = x_ND.new_zeros(EC + 1, x_ND.shape[1]).index_put((slot_A,), x_ND[token_A])
+    return buf[:-1].view(num_experts, capacity, -1)  # the sink (dropped rows) is discarded
+
+
+def capacity_combine(
+    y_ECD: torch.Tensor, topk_ids_NK: torch.Tensor, position_A: torch.Tensor, keep_A: torch.Tensor,
+    weights_NK: torch.Tensor,
+) -> torch.Tensor:
+    """Router-weighted sum over each token's kept assignments; dropped ones contribute zero. [N, D]"""
+    E, C, D = y_ECD.shape
+    N, K = topk_ids_NK.shape
+    slot_A = torch.where(keep_A, topk_ids_NK.reshape(-1) * C + position_A, 0)
+    y_AD = y_ECD.reshape(E * C, D)[slot_A]
+    w_A = (weights_NK.reshape(-1) * keep_A.to(weights_NK.dtype)).to(y_ECD.dtype)
+    return (y_AD * w_A[:, None]).view(N, K, D).sum(dim=1)
+
+
+def mod_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
+    """Per sequence, the positions of the k highest scores, in ascending (causal) order. [B, k]"""
+    return torch.sort(torch.topk(scores_BT, k, dim=1, sorted=False).indices, dim=1).values
+
+
+def mod_gather(x_BTD: torch.Tensor, idx_BS: torch.Tensor) -> torch.Tensor:
+    """The selected rows of each sequence. [B, S, D]"""
+    return torch.gather(x_BTD, 1, idx_BS.unsqueeze(-1).expand(-1, -1, x_BTD.shape[-1]))
+
+
+def mod_scatter(
+    x_BTD: torch.Tensor, delta_BSD: torch.Tensor, weight_BS: torch.Tensor, idx_BS: torch.Tensor
+) -> torch.Tensor:
+    """x with ``weight * delta`` added at the selected rows; the other rows pass through. [B, T, D]"""
+    update_BSD = delta_BSD * weight_BS.unsqueeze(-1).to(delta_BSD.dtype)
+    index = idx_BS.unsqueeze(-1).expand(-1, -1, x_BTD.shape[-1])
+    return x_BTD + torch.zeros_like(x_BTD).scatter(1, index, update_BSD)

@@ -1,0 +1,61 @@
+"""Mixture-of-Depths routing around a block (arXiv 2404.02258).
+
+Legend: B batch, T positions, S = ceil(capacity * T) selected per sequence, D d_model, P predictor hidden.
+
+Per sequence, a linear router scores every token (r = x . w); the S highest-scoring tokens go through
+the whole block (attention and FFN) in their original order with their original RoPE positions;
+the block's residual update for them is scaled by sigmoid(r), which keeps the router in the
+gradient path, and added to the residual stream; all other tokens skip the block unchanged.
+
+Top-k over a sequence looks ahead, which autoregressive decoding cannot do, so a small predictor
+MLP (on a stop-gradient copy of the input) learns top-k membership with a BCE loss, weighted by
+the ``mod_predictor_loss_weight`` knob; generation routes by its prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+
+from lumina import ops
+from lumina.config import ModelConfig
+
+__all__ = ["mod_block"]
+
+BlockFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def mod_block(
+    x_BTD: torch.Tensor,
+    p: TensorDict,
+    block_delta: BlockFn,
+    positions_T: torch.Tensor,  # [T] or [B, T]
+    cfg: ModelConfig,
+    knobs: TensorDict,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """Run ``block_delta(x_sel_BSD, positions_BS) -> (residual update, block aux)`` on the selected
+    tokens only. Returns the new residual stream, this layer's MoD stats, and the block's aux."""
+    B, T, D = x_BTD.shape
+    S = math.ceil(cfg.mod.capacity * T)
+    scores_BT = (x_BTD @ p["router"]).float()
+    idx_BS = ops.mod_topk(scores_BT.detach(), S)
+    x_sel_BSD = ops.mod_gather(x_BTD, idx_BS)
+    pos_BS = positions_T[idx_BS] if positions_T.dim() == 1 else positions_T.gather(1, idx_BS)
+    delta_BSD, block_aux = block_delta(x_sel_BSD, pos_BS)
+    weight_BS = torch.sigmoid(scores_BT.gather(1, idx_BS))
+    x_out_BTD = ops.mod_scatter(x_BTD, delta_BSD, weight_BS, idx_BS)
+
+    target_BT = torch.zeros_like(scores_BT).scatter(1, idx_BS, 1.0)
+    q = p["predictor"]
+    pred_BT = (F.silu(x_BTD.detach() @ q["w1"]) @ q["w2"]).squeeze(-1).float()
+    stats = {
+        "predictor_loss": F.binary_cross_entropy_with_logits(pred_BT, target_BT),
+        "predictor_acc": ((pred_BT > 0).float() == target_BT).float().mean(),
+        "selected_ratio": torch.tensor(S / T, device=x_BTD.device),
+        "router_weight": weight_BS.mean(),
+    }
+    return x_out_BTD, stats, block_aux

@@ -1,0 +1,114 @@
+"""The routing op surface the model calls. Semantics are fixed by ``lumina_kernels.reference``.
+
+Legend: N tokens, K top-k, A = N*K assignments, E experts, C capacity, D model dim, F expert hidden.
+
+``grouped_mm`` (dropless expert compute over variable-size expert segments) is a
+``torch.library.custom_op`` (``lumina::grouped_mm``) with a fake (meta) implementation and a
+registered autograd formula: its reference reads the segment sizes on the host, which inside an
+opaque op costs no graph break, so a model using it still compiles with ``fullgraph=True``. The
+public function reaches it through an ``autograd.Function`` so ``torch.func.grad`` can differentiate it. Every other op has static output shapes and is
+differentiable plain torch today; the kernels work turns each into a custom op dispatching to Triton
+(CUDA) or the native CPU library, tested against the same references.
+"""
+
+from __future__ import annotations
+
+import torch
+from lumina_kernels import reference
+
+__all__ = [
+    "capacity_combine",
+    "capacity_dispatch",
+    "grouped_mm",
+    "mod_gather",
+    "mod_scatter",
+    "mod_topk",
+    "moe_combine",
+    "moe_dispatch",
+    "moe_routing",
+]
+
+moe_routing = reference.moe_routing
+moe_dispatch = reference.moe_dispatch
+moe_combine = reference.moe_combine
+capacity_dispatch = reference.capacity_dispatch
+capacity_combine = reference.capacity_combine
+mod_topk = reference.mod_topk
+mod_gather = reference.mod_gather
+mod_scatter = reference.mod_scatter
+
+
+@torch.library.custom_op("lumina::grouped_mm", mutates_args=())
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return reference.grouped_mm(x, w, counts)
+
+
+@_grouped_mm.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("lumina::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return reference.grouped_mm_weight_grad(x, g, counts)
+
+
+@_grouped_mm_weight_grad.register_fake
+def _(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(counts.shape[0], x.shape[1], g.shape[1])
+
+
+# torch.func.grad (the train step) cannot differentiate through a custom op's register_autograd
+# formula in torch 2.13 ("must override the setup_context staticmethod"). autograd.Functions with
+# setup_context work under torch.func and torch.compile and call the opaque ops inside; each backward
+# is written with the same Functions, so it is itself differentiable.
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(x_AD, w_EDF, counts_E):
+        return _grouped_mm(x_AD, w_EDF, counts_E)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_AF):
+        x_AD, w_EDF, counts_E = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _GroupedMM.apply(grad_AF, w_EDF.transpose(1, 2).contiguous(), counts_E)
+        if ctx.needs_input_grad[1]:
+            grad_w = _GroupedMMWeightGrad.apply(x_AD, grad_AF, counts_E)
+        return grad_x, grad_w, None
+
+
+class _GroupedMMWeightGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(x_AD, g_AF, counts_E):
+        return _grouped_mm_weight_grad(x_AD, g_AF, counts_E)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_EDF):
+        x_AD, g_AF, counts_E = ctx.saved_tensors
+        grad_x = grad_g = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _GroupedMM.apply(g_AF, grad_EDF.transpose(1, 2).contiguous(), counts_E)
+        if ctx.needs_input_grad[1]:
+            grad_g = _GroupedMM.apply(x_AD, grad_EDF, counts_E)
+        return grad_x, grad_g, None
+
+
+# The same formulas registered on the ops themselves, for callers using the ops directly (and opcheck).
+_grouped_mm.register_autograd(_GroupedMM.backward, setup_context=_GroupedMM.setup_context)
+_grouped_mm_weight_grad.register_autograd(
+    _GroupedMMWeightGrad.backward, setup_context=_GroupedMMWeightGrad.setup_context
+)
+
+
+def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Rows [offsets[e], offsets[e+1]) of the expert-sorted ``x`` times ``w[e]``. [A, F]"""
+    return _GroupedMM.apply(x_AD, w_EDF, counts_E)
