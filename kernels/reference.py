@@ -105,7 +105,10 @@ def capacity_dispatch(
 
 
 def capacity_combine(
-    y_ECD: torch.Tensor, topk_ids_NK: torch.Tensor, position_A: torch.Tensor, keep_A: torch.Tensor,
+    y_ECD: torch.Tensor,
+    topk_ids_NK: torch.Tensor,
+    position_A: torch.Tensor,
+    keep_A: torch.Tensor,
     weights_NK: torch.Tensor,
 ) -> torch.Tensor:
     """Router-weighted sum over each token's kept assignments; dropped ones contribute zero. [N, D]"""

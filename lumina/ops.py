@@ -6,14 +6,16 @@ Legend: N tokens, K top-k, A = N*K assignments, E experts, C capacity, D model d
 ``torch.library.custom_op`` (``lumina::grouped_mm``) with a fake (meta) implementation and a
 registered autograd formula: its reference reads the segment sizes on the host, which inside an
 opaque op costs no graph break, so a model using it still compiles with ``fullgraph=True``. The
-public function reaches it through an ``autograd.Function`` so ``torch.func.grad`` can differentiate it. Every other op has static output shapes and is
-differentiable plain torch today; the kernels work turns each into a custom op dispatching to Triton
-(CUDA) or the native CPU library, tested against the same references.
+public function reaches it through an ``autograd.Function`` so ``torch.func.grad`` can differentiate
+it. Every other op has static output shapes and is differentiable plain torch today; the kernels
+work turns each into a custom op dispatching to Triton (CUDA) or the native CPU library, tested
+against the same references.
 """
 
 from __future__ import annotations
 
 import torch
+
 from lumina_kernels import reference
 
 __all__ = [

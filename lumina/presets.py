@@ -1,6 +1,6 @@
 """Named starting points (``--preset NAME``): functions returning a RunConfig, kept in a registry.
 
-``debug`` is a ~7M-parameter dense model that trains on 2 CPU cores; ``debug_200m`` a small
+``debug`` is a ~8M-parameter MoE + MoD hybrid that trains on 2 CPU cores; ``debug_200m`` a small
 MoE + MoD hybrid for quick GPU runs; ``b1`` ... ``b300`` are MoE (and some hybrid) models named by
 their nominal *active* parameter count.
 
@@ -65,6 +65,8 @@ def nominal_active(name: str) -> float | None:
 
 @register("debug")
 def debug() -> RunConfig:
+    # A hybrid small enough for 2 CPU cores: MoE FFNs in every layer (4 experts, top-2, dropless) and
+    # Mixture-of-Depths routing on every other block, so layers 1 and 3 are MoD blocks with MoE FFNs.
     model = ModelConfig(
         vocab_size=GPT2_VOCAB,
         d_model=128,
@@ -74,6 +76,8 @@ def debug() -> RunConfig:
         ffn_multiple_of=32,
         max_seq_len=256,
         tie_embeddings=True,
+        moe=MoEConfig(num_experts=4, top_k=2, d_expert=192),
+        mod=MoDConfig(enabled=True, capacity=0.25, every_n=2),
     )
     train = TrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3, eval_every=50, log_every=10)
     return RunConfig(model=model, train=train, data=DataConfig(tokenizer="gpt2"), preset="debug")

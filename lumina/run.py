@@ -100,12 +100,6 @@ def _cmd_check(argv: Sequence[str]) -> int:
         f"[lumina] model: {m.n_layers} layers, d_model={m.d_model}, heads={m.n_heads}/{m.n_kv_heads}, "
         f"vocab={m.vocab_size}, active={count.active:,} total={count.total:,} params"
     )
-    if any(m.moe_layers()) or any(m.mod_layers()):
-        print(
-            "[lumina] this preset has MoE/MoD layers, whose forward pass is not implemented yet; "
-            "try the dense `--preset debug`"
-        )
-        return 1
     t0 = time.perf_counter()
     params = init(m, seed=cfg.seed, device=device)
     t_init = time.perf_counter() - t0
@@ -114,18 +108,30 @@ def _cmd_check(argv: Sequence[str]) -> int:
     tokens = torch.randint(0, m.vocab_size, (B, t.seq_len + 1), generator=g).to(device)
 
     def loss_fn(p):
-        logits, _ = apply(p, tokens[:, :-1], m, default_knobs(m, device))
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        logits, aux = apply(p, tokens[:, :-1], m, default_knobs(m, device))
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        return ce + aux["loss"], (ce, aux)
 
     t0 = time.perf_counter()
-    grads, loss = torch.func.grad_and_value(loss_fn)(params)
+    grads, (_, (ce, aux)) = torch.func.grad_and_value(loss_fn, has_aux=True)(params)
     t_step = time.perf_counter() - t0
     gnorm = torch.linalg.vector_norm(torch.stack([g_.norm() for g_ in grads.values(True, True)]))
     print(
-        f"[lumina] init {t_init:.2f}s; forward+backward on [{B}, {t.seq_len}] random tokens: "
-        f"{t_step:.2f}s, loss {loss.item():.4f} (ln vocab = {math.log(m.vocab_size):.4f}), "
-        f"grad norm {gnorm.item():.4f}"
+        f"[lumina] init {t_init:.2f}s; forward+backward on [{B}, {t.seq_len}] random tokens: {t_step:.2f}s, "
+        f"cross-entropy {ce.item():.4f} (ln vocab = {math.log(m.vocab_size):.4f}), "
+        f"aux loss {aux['loss'].item():.4f}, grad norm {gnorm.item():.4f}"
     )
+    for i, st in aux["moe"].items() if "moe" in aux else ():
+        load = " ".join(f"{v:.0f}" for v in st["load"].tolist())
+        print(
+            f"[lumina] layer {i} MoE: tokens per expert [{load}], dropped {st['dropped_frac'].item():.1%}, "
+            f"balance loss {st['aux_loss'].item():.3f} (1.0 = balanced)"
+        )
+    for i, st in aux["mod"].items() if "mod" in aux else ():
+        print(
+            f"[lumina] layer {i} MoD: {st['selected_ratio'].item():.1%} of tokens through the block, "
+            f"predictor accuracy {st['predictor_acc'].item():.1%}"
+        )
     print("[lumina] the training loop is not implemented yet; this run only checked the model")
     return 0
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")  # a dev dependency; `make test` installs it
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM  # noqa: E402
 
-from lumina.config import ConfigError, ModelConfig, MoEConfig  # noqa: E402
+from lumina.config import ConfigError, MoDConfig, ModelConfig, MoEConfig  # noqa: E402
 from lumina.hf import from_hf, to_hf  # noqa: E402
 from lumina.model import apply, init  # noqa: E402
 
@@ -113,6 +113,78 @@ def test_unsupported_inputs_are_clear_errors():
     missing = {k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k}
     with pytest.raises(ConfigError, match="missing 'model.layers.1.mlp.up_proj.weight'"):
         from_hf(missing, conf)
-    moe = ModelConfig(vocab_size=10, d_model=32, n_layers=1, n_heads=2, moe=MoEConfig(num_experts=4))
-    with pytest.raises(ConfigError, match="only dense models"):
-        to_hf(moe, init(moe))
+    base = dict(vocab_size=10, d_model=32, n_layers=3, n_heads=2)
+    for kwargs, why in [
+        (dict(mod=MoDConfig(enabled=True)), "Mixture-of-Depths has no transformers equivalent"),
+        (dict(moe=MoEConfig(num_experts=4, pattern="sandwich")), "Mixtral needs MoE in every layer"),
+        (dict(moe=MoEConfig(num_experts=4, num_shared_experts=1)), "Mixtral has no shared experts"),
+        (dict(moe=MoEConfig(num_experts=4, balance="bias")), "Mixtral has no balance bias"),
+    ]:
+        cfg = ModelConfig(**base, **kwargs)
+        with pytest.raises(ConfigError, match=why):
+            to_hf(cfg, init(cfg))
+    mixtral = MixtralConfig(
+        vocab_size=10,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        sliding_window=16,
+        max_position_embeddings=64,
+    ).to_dict()
+    with pytest.raises(ConfigError, match="sliding_window=16 is not supported"):
+        from_hf({}, mixtral)
+
+
+def hf_mixtral(seed: int = 0) -> MixtralForCausalLM:
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=5,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+    )
+    cfg._attn_implementation = "eager"
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return model
+
+
+def test_mixtral_logits_parity():
+    model = hf_mixtral()
+    cfg, params = from_hf(model)
+    assert cfg.moe.num_experts == 5 and cfg.moe.top_k == 2 and cfg.moe.capacity_factor is None
+    x = batch(vocab=101, T=19)
+    with torch.no_grad():
+        ref = model(x).logits
+    ours, _ = apply(params, x, cfg, train=False)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["fused", "per_expert"])
+def test_mixtral_round_trip_both_expert_layouts(layout):
+    cfg, params = from_hf(hf_mixtral())
+    state_dict, config = to_hf(cfg, params, expert_layout=layout)
+    assert any(".experts.gate_up_proj" in k for k in state_dict) == (layout == "fused")
+    cfg2, params2 = from_hf(state_dict, config)
+    assert cfg2.moe == cfg.moe and (params2 == params).all()
+
+
+def test_mixtral_export_loads_into_transformers():
+    cfg, params = from_hf(hf_mixtral(seed=1))
+    state_dict, config = to_hf(cfg, params)
+    model = MixtralForCausalLM(MixtralConfig(**config)).eval()
+    result = model.load_state_dict(state_dict, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = batch(vocab=101, T=11)
+    with torch.no_grad():
+        ref = model(x).logits
+    torch.testing.assert_close(apply(params, x, cfg, train=False)[0], ref, atol=1e-5, rtol=0)

@@ -51,7 +51,7 @@ def test_logits_shape_and_dtype(tiny_cfg):
 def test_tied_head_uses_embedding(tiny_cfg):
     cfg = ModelConfig(**{**tiny_cfg.__dict__, "tie_embeddings": True})
     p = init(cfg, seed=0)
-    assert "head" not in p.keys()  # noqa: SIM118 (TensorDict has no __contains__)
+    assert "head" not in p
     logits, _ = apply(p, tokens(cfg), cfg)
     p2 = p.clone()
     p2["embed", "weight"][5] += 1.0  # changes the output row of token 5 (and its input embedding)

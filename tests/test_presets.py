@@ -26,14 +26,16 @@ def closed_form(m: ModelConfig) -> tuple[int, int]:
             or (m.moe.pattern == "sandwich" and 0 < i < m.n_layers - 1)
         )
         if is_moe:
-            total += D * E + 3 * D * Fe * (E + S)
-            active += D * E + 3 * D * Fe * (k + S)
+            bias = E if m.moe.balance == "bias" else 0
+            total += D * E + 3 * D * Fe * (E + S) + bias
+            active += D * E + 3 * D * Fe * (k + S) + bias
         else:
             total += 3 * D * m.ffn_dim
             active += 3 * D * m.ffn_dim
         if m.mod.enabled and (i + 1) % m.mod.every_n == 0:
-            total += D
-            active += D
+            router_and_predictor = D + D * m.mod.predictor_hidden + m.mod.predictor_hidden
+            total += router_and_predictor
+            active += router_and_predictor
     return active, total
 
 
@@ -53,7 +55,9 @@ def test_counts_match_formula_for_each_moe_pattern(pattern):
     m = ModelConfig(
         **{
             **m.__dict__,
-            "moe": type(m.moe)(num_experts=6, top_k=3, num_shared_experts=1, pattern=pattern, every_n=3),
+            "moe": type(m.moe)(
+                num_experts=6, top_k=3, num_shared_experts=1, pattern=pattern, every_n=3, balance="bias"
+            ),
         }
     )
     active, total = presets.count_params(m)
@@ -75,9 +79,12 @@ def test_counting_allocates_nothing():
     assert all(t.device.type == "meta" for t in params.values(True, True))
 
 
-def test_debug_is_small_enough_for_cpu():
-    active, total = presets.count_params(presets.get("debug").model)
-    assert 1e6 < total < 1e7 and active == total  # dense, a few million parameters
+def test_debug_is_a_hybrid_small_enough_for_cpu():
+    m = presets.get("debug").model
+    active, total = presets.count_params(m)
+    assert 1e6 < total < 1e7 and active < total  # a few million parameters, sparse
+    hybrid_layers = [moe and mod for moe, mod in zip(m.moe_layers(), m.mod_layers(), strict=True)]
+    assert any(hybrid_layers)  # MoD-routed blocks whose FFN is an MoE
 
 
 def test_presets_command_prints_the_table():

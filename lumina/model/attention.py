@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lumina.model.layers import at_least_fp32
+
 __all__ = ["BACKENDS", "attention", "flash_available"]
 
 BACKENDS = ("sdpa", "flash", "reference")
@@ -43,9 +45,9 @@ def _warn_once(msg: str) -> None:
 
 def _reference(q_BHTC, k_BGSC, v_BGSC, mask_TS) -> torch.Tensor:
     H, G = q_BHTC.shape[1], k_BGSC.shape[1]
-    k = k_BGSC.float().repeat_interleave(H // G, dim=1)
-    v = v_BGSC.float().repeat_interleave(H // G, dim=1)
-    scores_BHTS = (q_BHTC.float() @ k.transpose(-1, -2)) / math.sqrt(q_BHTC.shape[-1])
+    k = at_least_fp32(k_BGSC).repeat_interleave(H // G, dim=1)
+    v = at_least_fp32(v_BGSC).repeat_interleave(H // G, dim=1)
+    scores_BHTS = (at_least_fp32(q_BHTC) @ k.transpose(-1, -2)) / math.sqrt(q_BHTC.shape[-1])
     scores_BHTS = scores_BHTS.masked_fill(~mask_TS, float("-inf"))
     return (scores_BHTS.softmax(dim=-1) @ v).to(q_BHTC.dtype)
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_rope", "linear", "rms_norm", "rope_cos_sin", "swiglu"]
+__all__ = ["apply_rope", "at_least_fp32", "linear", "rms_norm", "rope_cos_sin", "swiglu"]
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast bf16/fp16 to fp32 for routing math; never downcast fp64 (gradchecks run in fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -18,7 +23,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in fp32 and cast back before the gain, as Llama does: bf16 sums of squares lose digits.
-    xf = x.float()
+    xf = at_least_fp32(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return y.to(x.dtype) * w
 
@@ -38,7 +43,7 @@ def apply_rope(x_BHTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     """Rotate query/key heads. cos/sin are [T, C] or [B, T, C]; the head axis is broadcast."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
-    xf = x_BHTC.float()
+    xf = at_least_fp32(x_BHTC)
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (xf * cos + rotated * sin).to(x_BHTC.dtype)

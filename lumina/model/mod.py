@@ -23,6 +23,7 @@ from tensordict import TensorDict
 
 from lumina import ops
 from lumina.config import ModelConfig
+from lumina.model.layers import at_least_fp32 as _at_least_fp32
 
 __all__ = ["mod_block"]
 
@@ -41,7 +42,7 @@ def mod_block(
     tokens only. Returns the new residual stream, this layer's MoD stats, and the block's aux."""
     B, T, D = x_BTD.shape
     S = math.ceil(cfg.mod.capacity * T)
-    scores_BT = (x_BTD @ p["router"]).float()
+    scores_BT = _at_least_fp32(x_BTD @ p["router"])
     idx_BS = ops.mod_topk(scores_BT.detach(), S)
     x_sel_BSD = ops.mod_gather(x_BTD, idx_BS)
     pos_BS = positions_T[idx_BS] if positions_T.dim() == 1 else positions_T.gather(1, idx_BS)
@@ -51,7 +52,7 @@ def mod_block(
 
     target_BT = torch.zeros_like(scores_BT).scatter(1, idx_BS, 1.0)
     q = p["predictor"]
-    pred_BT = (F.silu(x_BTD.detach() @ q["w1"]) @ q["w2"]).squeeze(-1).float()
+    pred_BT = _at_least_fp32((F.silu(x_BTD.detach() @ q["w1"]) @ q["w2"]).squeeze(-1))
     stats = {
         "predictor_loss": F.binary_cross_entropy_with_logits(pred_BT, target_BT),
         "predictor_acc": ((pred_BT > 0).float() == target_BT).float().mean(),

@@ -27,6 +27,7 @@ from tensordict import TensorDict
 
 from lumina import ops
 from lumina.config import ModelConfig
+from lumina.model.layers import at_least_fp32 as _at_least_fp32
 
 __all__ = ["moe_ffn", "moe_layer_loss", "update_balance_bias"]
 
@@ -54,7 +55,7 @@ def moe_ffn(
     if train:
         jitter = knobs["router_jitter"].to(x_ND.dtype)
         router_in_ND = x_ND * (1 + jitter * (2 * torch.rand_like(x_ND) - 1))
-    raw_logits_NE = (router_in_ND @ p["router"]).float()
+    raw_logits_NE = _at_least_fp32(router_in_ND @ p["router"])
     logits_NE = raw_logits_NE / knobs["router_temperature"]
     if train:
         keep_E = _expert_keep_mask(E, K, knobs["expert_dropout"], x_ND.device)
@@ -63,7 +64,7 @@ def moe_ffn(
 
     select_NE = probs_NE
     if moe.balance == "bias":
-        select_NE = probs_NE + p["balance_bias"].detach().float()
+        select_NE = probs_NE + p["balance_bias"].detach().to(probs_NE.dtype)
     topk_ids_NK = select_NE.topk(K, dim=-1).indices
     topk_w_NK = probs_NE.gather(1, topk_ids_NK)
     if moe.renormalize:
@@ -74,8 +75,9 @@ def moe_ffn(
     weights_NK = topk_w_NK.to(x_ND.dtype)
     if capacity is None:
         xs_AD = ops.moe_dispatch(x_ND, perm_A, K)
-        ys_AD = _swiglu_experts(xs_AD, p["w_gate"], p["w_up"], p["w_down"],
-                                lambda a, w: ops.grouped_mm(a, w, counts_E))  # fmt: skip
+        ys_AD = _swiglu_experts(
+            xs_AD, p["w_gate"], p["w_up"], p["w_down"], lambda a, w: ops.grouped_mm(a, w, counts_E)
+        )
         out_ND = ops.moe_combine(ys_AD, perm_A, weights_NK)
         load_E = counts_E
     else:

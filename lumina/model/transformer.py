@@ -192,8 +192,9 @@ def _block(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]:
     """One pre-norm block: (attention update, x + attention update, FFN update, MoE stats or None)."""
     cos, sin = rope
-    attn_BTD = _attn_block(rms_norm(x_BTD, p["attn_norm", "weight"], cfg.norm_eps), p["attn"], cfg, cos, sin,
-                           positions, cache)  # fmt: skip
+    attn_BTD = _attn_block(
+        rms_norm(x_BTD, p["attn_norm", "weight"], cfg.norm_eps), p["attn"], cfg, cos, sin, positions, cache
+    )
     x1_BTD = x_BTD + attn_BTD
     h_BTD = rms_norm(x1_BTD, p["ffn_norm", "weight"], cfg.norm_eps)
     if moe:
@@ -240,8 +241,9 @@ def apply(
     for i in range(cfg.n_layers):
         p = params["layers", str(i)]
         layer_cache = None if cache is None else cache["layers", str(i)]
-        block = functools.partial(_block, p=p, cfg=cfg, knobs=knobs, cache=layer_cache, moe=moe_layers[i],
-                                  train=train)  # fmt: skip
+        block = functools.partial(
+            _block, p=p, cfg=cfg, knobs=knobs, cache=layer_cache, moe=moe_layers[i], train=train
+        )
         if mod_layers[i]:
 
             def delta(x_sel_BSD, pos_BS, block=block):
