@@ -9,6 +9,14 @@ from lumina.hf import from_hf, to_hf  # noqa: E402
 from lumina.model import apply, init  # noqa: E402
 
 
+def randomised(model):
+    """HF inits norms to 1 and tiny weights; randomise everything so a swapped tensor shows."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return model
+
+
 def hf_llama(tie: bool, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -24,11 +32,7 @@ def hf_llama(tie: bool, seed: int = 0) -> LlamaForCausalLM:
         rms_norm_eps=1e-5,
     )
     cfg._attn_implementation = "eager"  # plain math on the HF side
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF inits norms to 1 and tiny weights; randomise so a swapped tensor shows
-        for p in model.parameters():
-            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    return model
+    return randomised(LlamaForCausalLM(cfg).eval())
 
 
 def batch(vocab=211, B=3, T=37):
@@ -151,11 +155,7 @@ def hf_mixtral(seed: int = 0) -> MixtralForCausalLM:
         rope_theta=1e6,
     )
     cfg._attn_implementation = "eager"
-    model = MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    return model
+    return randomised(MixtralForCausalLM(cfg).eval())
 
 
 def test_mixtral_logits_parity():
