@@ -30,7 +30,15 @@ import torch
 
 from lumina.data.tokenizer import Tokenizer, default_cache_dir, package_file
 
-__all__ = ["DataError", "PackedText", "expand_paths", "read_documents", "shakespeare_split", "tokenize_files"]
+__all__ = [
+    "DataError",
+    "PackedText",
+    "expand_paths",
+    "read_documents",
+    "sample_ids",
+    "shakespeare_split",
+    "tokenize_files",
+]
 
 
 class DataError(ValueError):
@@ -122,6 +130,19 @@ def tokenize_files(paths: Iterable[Path], tokenizer: Tokenizer, *, cache: bool =
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
 
+def sample_ids(n: int, seed: int, position: int, batch_size: int) -> list[int]:
+    """The items of batch ``position`` from an endless sequence of epochs over ``n`` items, each epoch
+    a permutation seeded by (seed, epoch): every item once per epoch, a pure function of its inputs."""
+    ids, orders = [], {}
+    for g in range(position * batch_size, (position + 1) * batch_size):
+        epoch = g // n
+        if epoch not in orders:
+            key = int.from_bytes(hashlib.sha256(f"{seed}/{epoch}".encode()).digest()[:4], "little")
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(key))
+        ids.append(int(orders[epoch][g % n]))
+    return ids
+
+
 @dataclass(frozen=True)
 class PackedText:
     """Packed windows over a token stream with batches addressed by position."""
@@ -144,21 +165,9 @@ class PackedText:
         start = i * self.seq_len
         return self.tokens[start : start + self.seq_len + 1]
 
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(
-            int.from_bytes(hashlib.sha256(f"{self.seed}/{epoch}".encode()).digest()[:4], "little")
-        )
-        return torch.randperm(self.num_windows, generator=g)
-
     def window_ids(self, position: int, batch_size: int) -> list[int]:
-        """Which windows batch ``position`` holds (epochs wrap; each epoch visits every window once)."""
-        W, ids, orders = self.num_windows, [], {}
-        for g in range(position * batch_size, (position + 1) * batch_size):
-            epoch = g // W
-            if epoch not in orders:
-                orders[epoch] = self._epoch_order(epoch)
-            ids.append(int(orders[epoch][g % W]))
-        return ids
+        """Which windows batch ``position`` holds."""
+        return sample_ids(self.num_windows, self.seed, position, batch_size)
 
     def batch_at(self, position: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs [B, T], targets [B, T]) int64 for batch number ``position``."""

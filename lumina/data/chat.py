@@ -1,0 +1,161 @@
+"""Chat data: conversations -> ChatML token rows with loss only on the assistant's tokens.
+
+Legend: B batch, T sequence length.
+
+Every message renders as ``<|im_start|>{role}\\n{content}<|im_end|>\\n``. Training targets are the
+next tokens; a target carries loss only when it is part of an assistant message's content or that
+message's ``<|im_end|>`` (the role header and the other speakers' tokens do not). **Targets equal to
+``pad_id`` carry no loss**: one convention for both masking and padding, safe because ``pad_id`` is
+not a token of the vocabulary (so no real token can ever be masked by accident).
+
+Each row holds one conversation, right-padded with ``pad_id`` to T + 1 tokens, so attention never
+crosses from one conversation into another (causal attention never looks right, into the padding).
+Too-long conversations keep their system message and drop the oldest turns (and a leading assistant
+turn, so the context starts with the user) until they fit; a single turn longer than the row is cut.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lumina.data.text import DataError, sample_ids
+from lumina.data.tokenizer import Tokenizer, package_file
+
+__all__ = ["ChatRows", "chitchat_conversations", "read_conversations", "render", "truncate"]
+
+ROLES = ("system", "user", "assistant")
+Message = dict[str, str]
+
+
+def _check_messages(messages, where: str) -> list[Message]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(
+                f"{where}: message {i} has unknown role {m['role']!r} (use system, user, assistant)"
+            )
+        if m["role"] == "system" and i != 0:
+            raise DataError(f"{where}: message {i}: a system message may only come first")
+        if not m["content"].strip():
+            raise DataError(f"{where}: message {i} has empty content")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message (nothing to learn from)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_conversations(path: Path) -> list[list[Message]]:
+    """JSONL, one ``{"messages": [{"role", "content"}, ...], "conversation_id"?: ...}`` per line."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: invalid UTF-8") from None
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected an object with 'messages'")
+        out.append(_check_messages(record.get("messages"), f"{path}:{lineno}"))
+    return out
+
+
+def chitchat_conversations() -> list[list[Message]]:
+    """The 7,168 human chats of the ``chitchat-dataset`` package: the first speaker becomes the user,
+    the second the assistant; consecutive messages of one speaker are merged (newline-joined);
+    chats with a single speaker are dropped. Sorted by conversation id (deterministic)."""
+    path = package_file("chitchat_dataset", "dataset.json")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    out = []
+    for _, chat in sorted(data.items()):
+        turns: list[tuple[str, list[str]]] = []
+        for group in chat.get("messages", []):
+            for msg in group:
+                text, sender = msg.get("text", "").strip(), msg.get("sender")
+                if not text:
+                    continue
+                if turns and turns[-1][0] == sender:
+                    turns[-1][1].append(text)
+                else:
+                    turns.append((sender, [text]))
+        speakers = list(dict.fromkeys(s for s, _ in turns))
+        if len(speakers) != 2:
+            continue
+        role = {speakers[0]: "user", speakers[1]: "assistant"}
+        out.append([{"role": role[s], "content": "\n".join(texts)} for s, texts in turns])
+    return out
+
+
+def render(messages: list[Message], tok: Tokenizer) -> tuple[list[int], list[bool]]:
+    """ChatML token ids and, per token, whether it is trained (assistant content and its <|im_end|>)."""
+    newline = tok.encode("\n")
+    ids: list[int] = []
+    trained: list[bool] = []
+    for m in messages:
+        header = [tok.im_start_id, *tok.encode(f"{m['role']}\n")]
+        body = [*tok.encode(m["content"]), tok.im_end_id]
+        is_assistant = m["role"] == "assistant"
+        ids += header + body + newline
+        trained += [False] * len(header) + [is_assistant] * len(body) + [False] * len(newline)
+    return ids, trained
+
+
+def truncate(messages: list[Message], tok: Tokenizer, max_tokens: int) -> tuple[list[int], list[bool]]:
+    """Render, dropping the oldest non-system turns until the conversation fits ``max_tokens``."""
+    system, turns = (messages[:1], messages[1:]) if messages[0]["role"] == "system" else ([], messages)
+    while True:
+        ids, trained = render(system + turns, tok)
+        if len(ids) <= max_tokens or len(turns) <= 1:
+            return ids[:max_tokens], trained[:max_tokens]
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] == "assistant":  # start the context with the user
+            turns = turns[1:]
+
+
+@dataclass(frozen=True)
+class ChatRows:
+    """One conversation per row; batches addressed by (seed, position) like ``PackedText``."""
+
+    tokens: np.ndarray  # [N, T + 1] int64, right-padded with pad_id
+    trained: np.ndarray  # [N, T + 1] bool
+    pad_id: int
+    seed: int = 0
+
+    @classmethod
+    def build(
+        cls, conversations: list[list[Message]], tok: Tokenizer, seq_len: int, seed: int = 0
+    ) -> ChatRows:
+        if not conversations:
+            raise DataError("no conversations")
+        tokens = np.full((len(conversations), seq_len + 1), tok.pad_id, dtype=np.int64)
+        trained = np.zeros((len(conversations), seq_len + 1), dtype=bool)
+        for i, conv in enumerate(conversations):
+            ids, mask = truncate(conv, tok, seq_len + 1)
+            tokens[i, : len(ids)] = ids
+            trained[i, : len(mask)] = mask
+        return cls(tokens, trained, tok.pad_id, seed)
+
+    def batch_at(self, position: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs [B, T], targets [B, T]); targets are ``pad_id`` wherever no loss is wanted."""
+        rows = sample_ids(len(self.tokens), self.seed, position, batch_size)
+        tokens = torch.from_numpy(self.tokens[rows])
+        trained = torch.from_numpy(self.trained[rows])
+        targets = torch.where(trained[:, 1:], tokens[:, 1:], self.pad_id)
+        return tokens[:, :-1], targets
