@@ -4,8 +4,8 @@
 
 Three ways, timed in the same run (median of --repeats after one warm-up), in MB of source text/s:
   raw     tiktoken encode_ordinary_batch on the file texts: the peer, no Lumina code
-  cold    lumina.data.text.tokenize_files with an empty token cache (read, tokenise, write cache) + pack
-  cached  the same with the cache filled (memory-mapped .npy load) + pack
+  cold    lumina.data.text.tokenize_files with an empty token cache (stream, tokenise, write cache) + pack
+  cached  the same with the cache filled (memory-mapped load) + pack
 Rows are appended to benchmarks/results/data.csv with the machine, versions and ratios to raw.
 """
 
@@ -59,7 +59,7 @@ def main() -> int:
         tok.encoding.encode_ordinary_batch(texts, num_threads=2)
 
     def cold():
-        for p in cache_root.glob("*.npy"):
+        for p in cache_root.glob("*.u32"):
             p.unlink()
         PackedText(tokenize_files(files, tok), args.seq_len)
 

@@ -29,3 +29,10 @@ def test_base_text_example_runs_verbatim():
     exec(compile(code, "README.md", "exec"), scope)
     assert tuple(scope["inputs_BT"].shape) == (16, 128)
     assert (scope["inputs_BT"][:, 1:] == scope["targets_BT"][:, :-1]).all()
+
+
+def test_chat_example_runs_verbatim():
+    code = re.search(r"## Chat data\n.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert tuple(scope["targets_BT"].shape) == (8, 128)

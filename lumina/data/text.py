@@ -10,12 +10,15 @@ Legend: B batch, T sequence length, W number of windows.
 - ``batch_at(position)`` is a pure function of (seed, position): batch p holds the windows
   p*B .. p*B + B - 1 of an endless sequence of epochs, each epoch a fresh permutation seeded by
   (seed, epoch). Resuming therefore only needs the position.
-- Tokenised files are cached as ``.npy`` token arrays keyed by (file content sha256, tokenizer), loaded
-  memory-mapped with ``allow_pickle=False``; a second run skips tokenisation.
+- Files are streamed: read in 8 MB chunks, cut only where no BPE piece can span, encoded as a
+  threaded batch, and appended to a raw uint32 cache file keyed by (file content sha256,
+  tokenizer), which is then memory-mapped. Memory stays O(chunk) whatever the file size, and a
+  second run skips tokenisation.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -60,73 +63,176 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
     return out
 
 
+CHUNK_BYTES = 8 << 20  # streaming read size: memory use is O(chunk), whatever the file size
+_SEGMENTS = 16  # pieces per chunk handed to tiktoken's threaded batch encoder
+
+
+def _safe_cut(text: str, near: int) -> int:
+    r"""An index <= ``near`` just after a single newline between two non-whitespace characters
+    ("x\nY"). Encoding the two sides separately then gives exactly the ids of the whole: no piece of
+    the gpt2 / cl100k / o200k split patterns spans it, and no whitespace run ends there (GPT-2's
+    ``\s+(?!\S)`` encodes "a\n\n" + "B" differently from "a\n\nB"). 0 when there is none."""
+    i = text.rfind("\n", 0, near)
+    while i >= 0 and not (0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace()):
+        i = text.rfind("\n", 0, i)
+    return i + 1 if i >= 0 else 0
+
+
+def _segments(text: str) -> list[str]:
+    """``text`` cut at safe points into about ``_SEGMENTS`` pieces (fewer when it has few newlines)."""
+    out, start, step = [], 0, max(1, len(text) // _SEGMENTS)
+    while len(text) - start > step:
+        cut = _safe_cut(text, start + step)
+        if cut <= start:
+            break
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
+def _stream_txt(path: Path, tokenizer: Tokenizer, sink) -> None:
+    """Encode a .txt as one document, chunk by chunk; ``sink(ids)`` receives uint32 arrays in order."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, offset, first = "", 0, True
+    with path.open("rb") as f:
+        while True:
+            raw = f.read(CHUNK_BYTES)
+            final = not raw
+            try:
+                text = carry + decoder.decode(raw, final=final)
+            except UnicodeDecodeError as e:
+                line = _line_of(path, offset + e.start)
+                raise DataError(f"{path}:{line}: invalid UTF-8") from None
+            offset += len(raw)
+            if first:
+                text, first = text.removeprefix("\ufeff"), False  # a UTF-8 byte-order mark
+            cut = len(text) if final else _safe_cut(text, len(text))
+            ready, carry = text[:cut], text[cut:]
+            if ready:
+                encoded = tokenizer.encode_batch(_segments(ready))
+                sink(np.concatenate([np.asarray(ids, dtype=np.uint32) for ids in encoded]))
+            if final:
+                return
+
+
+def _line_of(path: Path, byte_offset: int) -> int:
+    line = 1
+    with path.open("rb") as f:
+        remaining = byte_offset
+        while remaining > 0:
+            block = f.read(min(CHUNK_BYTES, remaining))
+            if not block:
+                break
+            line += block.count(b"\n")
+            remaining -= len(block)
+    return line
+
+
+def _jsonl_records(path: Path):
+    """(line number, text) of each record, read line by line."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path}:{lineno}: expected an object with a string field 'text'")
+            yield lineno, record["text"]
+
+
 def read_documents(path: Path) -> list[str]:
-    """The documents of one file: the whole text of a .txt, the ``text`` field of each .jsonl line."""
+    """The documents of one file: the whole text of a .txt, the ``text`` field of each .jsonl line.
+    (Loads them all; ``tokenize_files`` streams instead.)"""
+    if path.suffix == ".jsonl":
+        return [text for _, text in _jsonl_records(path)]
     try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8-sig")  # tolerate a UTF-8 byte-order mark
+        text = path.read_bytes().decode("utf-8-sig")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8") from None
+        raise DataError(f"{path}:{_line_of(path, e.start)}: invalid UTF-8") from None
+    return [text] if text.strip() else []
+
+
+def _stream_file(path: Path, tokenizer: Tokenizer, sink) -> None:
+    eot = np.array([tokenizer.eot_id], dtype=np.uint32)
     if path.suffix == ".txt":
-        return [text] if text.strip() else []
-    docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{lineno}: expected an object with a string field 'text'")
-        docs.append(record["text"])
-    return docs
+        n = [0]
+
+        def counting(ids):
+            n[0] += len(ids)
+            sink(ids)
+
+        _stream_txt(path, tokenizer, counting)
+        if n[0]:
+            sink(eot)  # an empty file is no document
+        return
+    batch: list[str] = []
+    size = 0
+
+    def flush():
+        for ids in tokenizer.encode_batch(batch):
+            sink(np.asarray(ids, dtype=np.uint32))
+            sink(eot)
+        batch.clear()
+
+    for _, text in _jsonl_records(path):
+        batch.append(text)
+        size += len(text)
+        if size >= CHUNK_BYTES:
+            flush()
+            size = 0
+    flush()
 
 
-def _cache_path(path: Path, tokenizer: Tokenizer) -> Path:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+def _content_key(path: Path, tokenizer: Tokenizer) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            h.update(block)
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in tokenizer.name)
-    return default_cache_dir().parent / "tokens" / f"{digest}-{safe}.npy"
+    return f"{h.hexdigest()[:32]}-{safe}.u32"
 
 
-def _pack_documents(encoded: list[list[int]], eot_id: int) -> np.ndarray:
-    arr = np.empty(sum(len(ids) + 1 for ids in encoded), dtype=np.uint32)
-    start = 0
-    for ids in encoded:  # slice assignment converts a list in C
-        arr[start : start + len(ids)] = ids
-        arr[start + len(ids)] = eot_id
-        start += len(ids) + 1
-    return arr
+def tokenize_file(path: Path, tokenizer: Tokenizer, *, cache: bool = True) -> np.ndarray:
+    """The uint32 token stream of one file (each document followed by <|endoftext|>), streamed in
+    constant memory into a raw little-endian uint32 cache file keyed by (content sha256, tokenizer)
+    and returned memory-mapped. Without ``cache`` the stream is built in memory."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if not cache:
+        parts: list[np.ndarray] = []
+        _stream_file(path, tokenizer, parts.append)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    target = default_cache_dir().parent / "tokens" / _content_key(path, tokenizer)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("wb") as out:
+                _stream_file(path, tokenizer, lambda ids: out.write(ids.astype("<u4").tobytes()))
+            os.replace(tmp, target)  # atomic: a reader sees no file or the whole one
+        finally:
+            tmp.unlink(missing_ok=True)
+    if target.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint32)
+    return np.memmap(target, dtype="<u4", mode="r")
 
 
 def tokenize_files(paths: Iterable[Path], tokenizer: Tokenizer, *, cache: bool = True) -> np.ndarray:
     """One uint32 token stream: every document of every file, each followed by <|endoftext|>."""
-    paths = list(paths)
-    cached = {p: _cache_path(p, tokenizer) for p in paths} if cache else {}
-    streams: dict[Path, np.ndarray] = {}
-    todo = []
-    for p in paths:
-        if p in cached and cached[p].is_file():
-            streams[p] = np.load(cached[p], mmap_mode="r", allow_pickle=False)
-        elif p not in todo:
-            todo.append(p)
-    # One batch over every document of every file: tiktoken spreads a batch over threads, and a .txt
-    # file is a single document (file-by-file encoding ran at half the speed on 2 cores).
-    docs_per_file = [read_documents(p) for p in todo]
-    encoded = tokenizer.encode_batch([d for docs in docs_per_file for d in docs])
-    start = 0
-    for p, docs in zip(todo, docs_per_file, strict=True):
-        streams[p] = _pack_documents(encoded[start : start + len(docs)], tokenizer.eot_id)
-        start += len(docs)
-        if p in cached:
-            cached[p].parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached[p].with_name(f"{cached[p].stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, streams[p], allow_pickle=False)
-            os.replace(tmp, cached[p])  # atomic
-    parts = [streams[p] for p in paths]
+    parts = [tokenize_file(p, tokenizer, cache=cache) for p in paths]
+    if len(parts) == 1:
+        return parts[0]  # keep a single file memory-mapped
+    # Several files are joined in memory: 4 bytes per token.
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
 

