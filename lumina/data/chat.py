@@ -103,30 +103,37 @@ def chitchat_conversations() -> list[list[Message]]:
     return out
 
 
+def _render_message(m: Message, tok: Tokenizer) -> tuple[list[int], list[bool]]:
+    header = [tok.im_start_id, *tok.encode(f"{m['role']}\n")]
+    body = [*tok.encode(m["content"]), tok.im_end_id]
+    newline = tok.encode("\n")
+    trained = [False] * len(header) + [m["role"] == "assistant"] * len(body) + [False] * len(newline)
+    return header + body + newline, trained
+
+
+def _join(pieces: list[tuple[list[int], list[bool]]]) -> tuple[list[int], list[bool]]:
+    return [i for ids, _ in pieces for i in ids], [t for _, mask in pieces for t in mask]
+
+
 def render(messages: list[Message], tok: Tokenizer) -> tuple[list[int], list[bool]]:
     """ChatML token ids and, per token, whether it is trained (assistant content and its <|im_end|>)."""
-    newline = tok.encode("\n")
-    ids: list[int] = []
-    trained: list[bool] = []
-    for m in messages:
-        header = [tok.im_start_id, *tok.encode(f"{m['role']}\n")]
-        body = [*tok.encode(m["content"]), tok.im_end_id]
-        is_assistant = m["role"] == "assistant"
-        ids += header + body + newline
-        trained += [False] * len(header) + [is_assistant] * len(body) + [False] * len(newline)
-    return ids, trained
+    return _join([_render_message(m, tok) for m in messages])
 
 
 def truncate(messages: list[Message], tok: Tokenizer, max_tokens: int) -> tuple[list[int], list[bool]]:
-    """Render, dropping the oldest non-system turns until the conversation fits ``max_tokens``."""
-    system, turns = (messages[:1], messages[1:]) if messages[0]["role"] == "system" else ([], messages)
-    while True:
-        ids, trained = render(system + turns, tok)
-        if len(ids) <= max_tokens or len(turns) <= 1:
-            return ids[:max_tokens], trained[:max_tokens]
-        turns = turns[1:]
-        while len(turns) > 1 and turns[0]["role"] == "assistant":  # start the context with the user
-            turns = turns[1:]
+    """Render, dropping the oldest non-system turns until the conversation fits ``max_tokens``.
+    Each message is tokenised once; dropping works on their lengths."""
+    pieces = [_render_message(m, tok) for m in messages]
+    n_system = 1 if messages[0]["role"] == "system" else 0
+    start, total = n_system, sum(len(ids) for ids, _ in pieces)
+    while total > max_tokens and len(pieces) - start > 1:
+        total -= len(pieces[start][0])
+        start += 1
+        while len(pieces) - start > 1 and messages[start]["role"] == "assistant":  # start with the user
+            total -= len(pieces[start][0])
+            start += 1
+    ids, trained = _join(pieces[:n_system] + pieces[start:])
+    return ids[:max_tokens], trained[:max_tokens]
 
 
 @dataclass(frozen=True)
