@@ -16,6 +16,7 @@ turn, so the context starts with the user) until they fit; a single turn longer 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,14 @@ import torch
 from lumina.data.text import DataError, sample_ids
 from lumina.data.tokenizer import Tokenizer, package_file
 
-__all__ = ["ChatRows", "chitchat_conversations", "read_conversations", "render", "truncate"]
+__all__ = [
+    "ChatRows",
+    "chitchat_conversations",
+    "chitchat_split",
+    "read_conversations",
+    "render",
+    "truncate",
+]
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
@@ -77,14 +85,11 @@ def read_conversations(path: Path) -> list[list[Message]]:
     return out
 
 
-def chitchat_conversations() -> list[list[Message]]:
-    """The 7,168 human chats of the ``chitchat-dataset`` package: the first speaker becomes the user,
-    the second the assistant; consecutive messages of one speaker are merged (newline-joined);
-    chats with a single speaker are dropped. Sorted by conversation id (deterministic)."""
+def _chitchat_by_id() -> list[tuple[str, list[Message]]]:
     path = package_file("chitchat_dataset", "dataset.json")
     data = json.loads(path.read_text(encoding="utf-8"))
-    out = []
-    for _, chat in sorted(data.items()):
+    out, seen = [], set()
+    for chat_id, chat in sorted(data.items()):
         turns: list[tuple[str, list[str]]] = []
         for group in chat.get("messages", []):
             for msg in group:
@@ -99,8 +104,29 @@ def chitchat_conversations() -> list[list[Message]]:
         if len(speakers) != 2:
             continue
         role = {speakers[0]: "user", speakers[1]: "assistant"}
-        out.append([{"role": role[s], "content": "\n".join(texts)} for s, texts in turns])
+        conv = [{"role": role[s], "content": "\n".join(texts)} for s, texts in turns]
+        key = json.dumps(conv, sort_keys=True)
+        if key not in seen:  # 4 exact duplicates: dropped so the held-out part never repeats training
+            seen.add(key)
+            out.append((chat_id, conv))
     return out
+
+
+def chitchat_conversations() -> list[list[Message]]:
+    """The 7,168 human chats of the ``chitchat-dataset`` package: the first speaker becomes the user,
+    the second the assistant; consecutive messages of one speaker are merged (newline-joined);
+    chats with a single speaker and exact duplicates are dropped (4,013 remain). Sorted by id."""
+    return [conv for _, conv in _chitchat_by_id()]
+
+
+def chitchat_split(eval_fraction: float = 0.05) -> tuple[list[list[Message]], list[list[Message]]]:
+    """(train, held-out) chitchat conversations: the held-out ones are those whose id hashes below
+    ``eval_fraction`` of the hash range (deterministic, independent of the others)."""
+    train, held_out = [], []
+    for chat_id, conv in _chitchat_by_id():
+        u = int.from_bytes(hashlib.sha256(chat_id.encode()).digest()[:8], "little") / 2**64
+        (held_out if u < eval_fraction else train).append(conv)
+    return train, held_out
 
 
 def _render_message(m: Message, tok: Tokenizer) -> tuple[list[int], list[bool]]:

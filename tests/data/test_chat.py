@@ -114,7 +114,7 @@ def test_bad_conversations_name_file_and_line(tmp_path, record, message):
 
 def test_chitchat_default_data():
     convs = chitchat_conversations()
-    assert len(convs) == 4017  # 7,168 chats minus the 3,151 with a single speaker
+    assert len(convs) == 4013  # 7,168 chats minus 3,151 with a single speaker and 4 exact duplicates
     for conv in convs[:500]:
         roles = [m["role"] for m in conv]
         assert roles[0] == "user" and set(roles) == {"user", "assistant"}

@@ -1,0 +1,136 @@
+"""Training modes: which source (base text or chat) each step's batch comes from.
+
+- ``base_only`` / ``finetuning_only``: one source.
+- ``hybrid``: base text for the first ``hybrid_base_fraction`` of the steps, then chat. The step of the
+  switch is known up front (``switch_step``) and ``next_batch`` reports the source, so the driver can
+  log the switch.
+- ``interleaved``: at step s the batch is base text when u(seed, s) < ratio, where u is a uniform
+  draw derived from (seed, s) alone; ``ratio`` is passed in at every call, so it is a live value the
+  orchestrator may change without disturbing anything else.
+
+The whole position is ``MixState`` (plain ints, saved with the train state): the next batch is a pure
+function of (seed, state, ratio), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lumina.config import RunConfig
+from lumina.data.chat import ChatRows, chitchat_split, read_conversations
+from lumina.data.text import DataError, PackedText, expand_paths, shakespeare_split, tokenize_files
+from lumina.data.tokenizer import get_tokenizer
+
+__all__ = ["DataMix", "MixState", "build_mix"]
+
+Source = Literal["base", "chat"]
+
+
+@dataclass(frozen=True)
+class MixState:
+    step: int = 0  # batches drawn so far
+    base: int = 0  # next batch position in the base-text source
+    chat: int = 0  # next batch position in the chat source
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MixState:
+        if set(d) != {"step", "base", "chat"} or not all(isinstance(v, int) and v >= 0 for v in d.values()):
+            raise DataError(f"data position {d!r} is not a MixState (want non-negative step, base, chat)")
+        return cls(**d)
+
+
+def _uniform(seed: int, step: int) -> float:
+    return int.from_bytes(hashlib.sha256(f"{seed}/mix/{step}".encode()).digest()[:8], "little") / 2**64
+
+
+@dataclass(frozen=True)
+class DataMix:
+    mode: Literal["base_only", "finetuning_only", "hybrid", "interleaved"]
+    base: PackedText | None
+    chat: ChatRows | None
+    batch_size: int
+    seed: int = 0
+    total_steps: int = 1
+    hybrid_base_fraction: float = 0.7
+
+    def __post_init__(self) -> None:
+        need_base = self.mode != "finetuning_only"
+        need_chat = self.mode != "base_only"
+        if need_base and self.base is None:
+            raise DataError(f"data.mode={self.mode} needs base-text data")
+        if need_chat and self.chat is None:
+            raise DataError(f"data.mode={self.mode} needs chat data")
+
+    @property
+    def switch_step(self) -> int | None:
+        """hybrid: the first chat step."""
+        return math.ceil(self.hybrid_base_fraction * self.total_steps) if self.mode == "hybrid" else None
+
+    def source(self, step: int, ratio: float) -> Source:
+        if self.mode == "base_only":
+            return "base"
+        if self.mode == "finetuning_only":
+            return "chat"
+        if self.mode == "hybrid":
+            return "base" if step < self.switch_step else "chat"
+        return "base" if _uniform(self.seed, step) < ratio else "chat"
+
+    def next_batch(
+        self, state: MixState, ratio: float = 0.5
+    ) -> tuple[torch.Tensor, torch.Tensor, Source, MixState]:
+        """(inputs [B, T], targets [B, T], source, next state); targets == pad_id carry no loss."""
+        src = self.source(state.step, ratio)
+        data = self.base if src == "base" else self.chat
+        position = state.base if src == "base" else state.chat
+        inputs, targets = data.batch_at(position, self.batch_size)
+        advanced = {src: position + 1, "step": state.step + 1}
+        return inputs, targets, src, dataclasses.replace(state, **advanced)
+
+
+def build_mix(cfg: RunConfig, split: Literal["train", "eval"] = "train") -> DataMix:
+    """The data of a run: the configured files, or the packaged defaults (Shakespeare for base
+    text, chitchat for chat) split deterministically into train and held-out parts."""
+    d, t = cfg.data, cfg.train
+    tok = get_tokenizer(d.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise DataError(
+            f"tokenizer {d.tokenizer} needs {tok.vocab_size} embedding rows but model.vocab_size="
+            f"{cfg.model.vocab_size}"
+        )
+    base = chat = None
+    if d.mode != "finetuning_only":
+        files = d.train_files if split == "train" else d.eval_files
+        if files:
+            paths = expand_paths(files)
+        elif split == "eval" and d.train_files:
+            raise DataError("data.eval_files: set them when data.train_files is set (no default split)")
+        else:
+            paths = shakespeare_split(d.eval_fraction)[0 if split == "train" else 1]
+        base = PackedText(tokenize_files(paths, tok), t.seq_len, seed=cfg.seed)
+    if d.mode != "base_only":
+        files = d.chat_files if split == "train" else d.chat_eval_files
+        if files:
+            convs = [c for p in expand_paths(files) for c in read_conversations(p)]
+        elif split == "eval" and d.chat_files:
+            raise DataError("data.chat_eval_files: set them when data.chat_files is set (no default split)")
+        else:
+            convs = chitchat_split(d.eval_fraction)[0 if split == "train" else 1]
+        chat = ChatRows.build(convs, tok, t.seq_len, seed=cfg.seed)
+    return DataMix(
+        d.mode,
+        base,
+        chat,
+        batch_size=t.micro_batch_size,
+        seed=cfg.seed,
+        total_steps=t.steps,
+        hybrid_base_fraction=d.hybrid_base_fraction,
+    )
