@@ -265,6 +265,7 @@ class DataConfig:
     interleave_ratio: float = 0.5  # "interleaved": fraction of base (vs chat) batches
     hybrid_base_fraction: float = 0.7  # "hybrid": fraction of steps spent in the base phase
     eval_fraction: float = 0.05  # held-out share when no eval files are given
+    on_bad_records: Literal["stop", "skip"] = "stop"  # stop: list the first 10 errors; skip: drop them
 
     def __post_init__(self) -> None:
         _check(0 <= self.interleave_ratio <= 1, "interleave_ratio must be in [0, 1]")

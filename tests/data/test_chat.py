@@ -99,7 +99,7 @@ def test_padding_never_reaches_real_tokens():
             "message 0 has empty content",
         ),
         ('{"messages": [{"role": "user", "content": "only me"}]}', "no assistant message"),
-        ('{"messages": [{"role": "user"}]}', "must be an object with string 'role' and 'content'"),
+        ('{"messages": [{"role": "user"}]}', "message 0 needs a string 'content'"),
         ('{"messages": []}', "'messages' must be a non-empty list"),
         ('{"messages": [{"role": "us', "invalid JSON"),
     ],

@@ -79,7 +79,7 @@ def test_token_cache_skips_tokenisation_and_tracks_content(tmp_path, gpt2, monke
     f = tmp_path / "doc.txt"
     f.write_text("Cache me. " * 50)
     first = tokenize_files([f], gpt2)
-    monkeypatch.setattr(text_mod, "_stream_file", lambda *a: pytest.fail("tokenised again"))
+    monkeypatch.setattr(text_mod, "stream_file", lambda *a: pytest.fail("tokenised again"))
     again = tokenize_files([f], gpt2)
     assert np.array_equal(first, again)
     monkeypatch.undo()
