@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from lumina.data.tokenizer import get_tokenizer
 __all__ = ["DataMix", "MixState", "build_mix"]
 
 Source = Literal["base", "chat"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class DataMix:
     ) -> tuple[torch.Tensor, torch.Tensor, Source, MixState]:
         """(inputs [B, T], targets [B, T], source, next state); targets == pad_id carry no loss."""
         src = self.source(state.step, ratio)
+        if state.step == self.switch_step:
+            log.info("data: hybrid mode switches from base text to chat at step %d", state.step)
         data = self.base if src == "base" else self.chat
         position = state.base if src == "base" else state.chat
         inputs, targets = data.batch_at(position, self.batch_size)

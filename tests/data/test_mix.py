@@ -26,6 +26,16 @@ def run(mix, state, ratios):
     return out, state
 
 
+def test_hybrid_switch_is_logged(caplog):
+    base, chat = sources()
+    mix = DataMix("hybrid", base, chat, batch_size=2, total_steps=10, hybrid_base_fraction=0.5)
+    with caplog.at_level("INFO", logger="lumina.data.mix"):
+        run(mix, MixState(), [0.5] * 10)
+    assert [r.getMessage() for r in caplog.records] == [
+        "data: hybrid mode switches from base text to chat at step 5"
+    ]
+
+
 def test_single_source_modes_and_hybrid_switch():
     base, chat = sources()
     for mode, expected in (
