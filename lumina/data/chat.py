@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lumina.data.text import DataError, sample_ids
+from lumina.data.text import DataError, iter_json_lines, sample_ids
 from lumina.data.tokenizer import Tokenizer, package_file
 
 __all__ = [
@@ -67,39 +67,23 @@ def check_conversation(messages) -> str | None:
     return None
 
 
-def _check_messages(messages, where: str) -> list[Message]:
-    why = check_conversation(messages)
-    if why:
-        raise DataError(f"{where}: {why}")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
 def read_conversations(path: Path, *, skip_bad: bool = False) -> list[list[Message]]:
     """JSONL, one ``{"messages": [{"role", "content"}, ...], "conversation_id"?: ...}`` per line.
     A bad record raises ``DataError`` naming ``file:line``, or is dropped with ``skip_bad``."""
-    try:
-        raw_lines = path.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     out = []
-    for lineno, raw in enumerate(raw_lines, 1):
-        try:
-            line = raw.decode("utf-8")
-            if not line.strip():
+    for lineno, record in iter_json_lines(path):
+        if not isinstance(record, DataError):
+            why = (
+                check_conversation(record.get("messages"))
+                if isinstance(record, dict)
+                else "expected an object"
+            )
+            if why is None:
+                out.append([{"role": m["role"], "content": m["content"]} for m in record["messages"]])
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected an object with 'messages'")
-            out.append(_check_messages(record.get("messages"), f"{path}:{lineno}"))
-        except UnicodeDecodeError:
-            if not skip_bad:
-                raise DataError(f"{path}:{lineno}: invalid UTF-8") from None
-        except DataError:
-            if not skip_bad:
-                raise
+            record = DataError(f"{path}:{lineno}: {why}")
+        if not skip_bad:
+            raise record
     return out
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "PackedText",
     "check_utf8",
     "expand_paths",
+    "iter_json_lines",
     "read_documents",
     "sample_ids",
     "shakespeare_split",
@@ -148,38 +149,44 @@ def _line_of(path: Path, byte_offset: int) -> int:
     return line
 
 
-def _jsonl_records(path: Path, skip_bad: bool = False):
-    """(line number, text) of each record, read line by line; with ``skip_bad`` bad records are
-    dropped instead of raising."""
-    with path.open("rb") as f:
+def iter_json_lines(path: Path):
+    """(line number, parsed value) for each non-blank line of a JSONL file, read line by line. A
+    line that is not UTF-8 or not JSON yields a ``DataError`` (naming file:line) in place of the
+    value, so callers choose to raise, skip or report it. A leading UTF-8 BOM is ignored."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
-                yield lineno, _text_record(path, lineno, raw)
-            except DataError:
-                if not skip_bad:
-                    raise
-            except _Blank:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield lineno, DataError(f"{path}:{lineno}: invalid UTF-8")
                 continue
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, DataError(f"{path}:{lineno}: invalid JSON ({e.msg})")
 
 
-class _Blank(Exception):
-    pass
-
-
-def _text_record(path: Path, lineno: int, raw: bytes) -> str:
-    try:
-        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}:{lineno}: invalid UTF-8") from None
-    if not line.strip():
-        raise _Blank
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise DataError(f"{path}:{lineno}: expected an object with a string field 'text'")
-    return record["text"]
+def _jsonl_records(path: Path, skip_bad: bool = False):
+    """(line number, text) of each ``{"text": ...}`` record; bad records raise, or are dropped with
+    ``skip_bad``."""
+    for lineno, record in iter_json_lines(path):
+        if not isinstance(record, DataError) and not (
+            isinstance(record, dict) and isinstance(record.get("text"), str)
+        ):
+            record = DataError(f"{path}:{lineno}: expected an object with a string field 'text'")
+        if isinstance(record, DataError):
+            if skip_bad:
+                continue
+            raise record
+        yield lineno, record["text"]
 
 
 def read_documents(path: Path) -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lumina.data.chat import check_conversation, render
-from lumina.data.text import DataError, check_utf8, stream_file
+from lumina.data.text import DataError, check_utf8, iter_json_lines, stream_file
 from lumina.data.tokenizer import Tokenizer
 
 __all__ = ["FileReport", "Problem", "print_reports", "validate_file", "validate_packaged"]
@@ -60,19 +60,6 @@ class FileReport:
         return head + (f"; {n_err} errors, {n_warn} warnings" if self.problems else "; ok")
 
 
-def _lines(path: Path, report: FileReport):
-    """(line number, decoded line) of a JSONL file; undecodable lines become problems."""
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                report.problems.append(Problem(str(path), 1, "UTF-8 byte-order mark (ignored)", False))
-                raw = raw[3:]
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError:
-                report.problems.append(Problem(str(path), lineno, "invalid UTF-8", True))
-
-
 def validate_file(path: Path, tok: Tokenizer, *, count_tokens: bool = True) -> FileReport:
     """Check one .txt or .jsonl file (.jsonl: chat when records have 'messages', else text).
     Without ``count_tokens`` only problems are found (no tokenisation; lengths are 0)."""
@@ -84,16 +71,16 @@ def validate_file(path: Path, tok: Tokenizer, *, count_tokens: bool = True) -> F
     if path.suffix != ".jsonl":
         return FileReport(name, "text", problems=[Problem(name, None, "unsupported file type", True)])
     report = FileReport(name, "text")
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    if head.startswith(b"\xef\xbb\xbf"):
+        report.problems.append(Problem(name, 1, "UTF-8 byte-order mark (ignored)", False))
+    if b"\r\n" in head:
+        report.problems.append(Problem(name, None, "CRLF line ends (fine; noted)", False))
     seen: dict[str, int] = {}
-    crlf = False
-    for lineno, line in _lines(path, report):
-        crlf = crlf or line.endswith("\r\n")
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            report.problems.append(Problem(name, lineno, f"invalid JSON ({e.msg})", True))
+    for lineno, record in iter_json_lines(path):
+        if isinstance(record, DataError):
+            report.problems.append(Problem(name, lineno, str(record).split(": ", 1)[1], True))
             continue
         if not isinstance(record, dict):
             report.problems.append(Problem(name, lineno, "expected a JSON object", True))
@@ -114,13 +101,11 @@ def validate_file(path: Path, tok: Tokenizer, *, count_tokens: bool = True) -> F
                 Problem(name, lineno, "expected 'messages' (chat) or a string 'text'", True)
             )
             continue
-        digest = hashlib.sha256(line.strip().encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
         if digest in seen:
             report.problems.append(Problem(name, lineno, f"duplicate of line {seen[digest]}", False))
         seen.setdefault(digest, lineno)
         report.lengths.append(length)
-    if crlf:
-        report.problems.append(Problem(name, None, "CRLF line ends (fine; noted)", False))
     if not report.lengths and not report.errors:
         report.problems.append(Problem(name, None, "empty file: no records", True))
     return report
