@@ -149,10 +149,13 @@ def _cmd_validate(argv: Sequence[str]) -> int:
     p = _Parser(prog="lumina.run validate", description="Check data files (.txt, .jsonl text or chat).")
     p.add_argument("paths", nargs="*", help="files to check (default: the packaged Shakespeare and chitchat)")
     p.add_argument("--tokenizer", default="gpt2", help="tokenizer for the token counts (default: gpt2)")
+    p.add_argument(
+        "--strict", action="store_true", help="warnings (BOM, CRLF, duplicates) also fail (exit 2)"
+    )
     args = p.parse_args(argv)
     tok = get_tokenizer(args.tokenizer)
     reports = [validate_file(Path(x), tok) for x in args.paths] if args.paths else validate_packaged(tok)
-    return print_reports(reports)
+    return print_reports(reports, strict=args.strict)
 
 
 _COMMANDS = {"check": _cmd_check, "presets": _cmd_presets, "validate": _cmd_validate}

@@ -160,8 +160,9 @@ def validate_packaged(tok: Tokenizer) -> list[FileReport]:
     return [*reports, chat]
 
 
-def print_reports(reports: list[FileReport], max_problems: int = 20) -> int:
-    """Print each report and its problems; the exit status: 2 when any report has errors."""
+def print_reports(reports: list[FileReport], max_problems: int = 20, *, strict: bool = False) -> int:
+    """Print each report and its problems; the exit status: 2 when any report has errors (with
+    ``strict``: any problem at all, warnings included)."""
     for r in reports:
         print(r.summary())
         for p in r.problems[:max_problems]:
@@ -169,5 +170,8 @@ def print_reports(reports: list[FileReport], max_problems: int = 20) -> int:
         if len(r.problems) > max_problems:
             print(f"  ... and {len(r.problems) - max_problems} more")
     n_errors = sum(len(r.errors) for r in reports)
-    print(f"{len(reports)} files, {n_errors} errors")
-    return 2 if n_errors else 0
+    n_warnings = sum(len(r.problems) for r in reports) - n_errors
+    print(
+        f"{len(reports)} files, {n_errors} errors" + (f", {n_warnings} warnings (--strict)" if strict else "")
+    )
+    return 2 if n_errors or (strict and n_warnings) else 0

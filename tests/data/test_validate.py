@@ -73,6 +73,13 @@ def test_warnings_do_not_fail(tmp_path, capsys):
     assert f"{bom}:2: warning: duplicate of line 1" in out
     assert "CRLF line ends" in out
     assert "chat, 2 conversations" in out
+    crlf = write(tmp_path, "crlf.txt", b"one\r\ntwo\r\n")
+    assert run.main(["validate", str(crlf)]) == 0
+    assert f"{crlf}: warning: CRLF line ends" in capsys.readouterr().out
+    # --strict: every malformed-corpus file, BOM and CRLF included, exits 2.
+    assert run.main(["validate", "--strict", str(bom)]) == 2
+    assert run.main(["validate", "--strict", str(crlf)]) == 2
+    assert capsys.readouterr().out.splitlines()[-1] == "1 files, 0 errors, 1 warnings (--strict)"
 
 
 def test_packaged_data_reports_counts_and_exits_0():
