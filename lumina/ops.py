@@ -76,11 +76,10 @@ class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_AF):
         x_AD, w_EDF, counts_E = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _GroupedMM.apply(grad_AF, w_EDF.transpose(1, 2).contiguous(), counts_E)
-        if ctx.needs_input_grad[1]:
-            grad_w = _GroupedMMWeightGrad.apply(x_AD, grad_AF, counts_E)
+        # Both gradients, always: under torch.compile of torch.func.grad, ctx.needs_input_grad reads
+        # False for the weight (torch 2.13), and skipping on it silently zeroed expert gradients.
+        grad_x = _GroupedMM.apply(grad_AF, w_EDF.transpose(1, 2).contiguous(), counts_E)
+        grad_w = _GroupedMMWeightGrad.apply(x_AD, grad_AF, counts_E)
         return grad_x, grad_w, None
 
 
@@ -96,11 +95,8 @@ class _GroupedMMWeightGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_EDF):
         x_AD, g_AF, counts_E = ctx.saved_tensors
-        grad_x = grad_g = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _GroupedMM.apply(g_AF, grad_EDF.transpose(1, 2).contiguous(), counts_E)
-        if ctx.needs_input_grad[1]:
-            grad_g = _GroupedMM.apply(x_AD, grad_EDF, counts_E)
+        grad_x = _GroupedMM.apply(g_AF, grad_EDF.transpose(1, 2).contiguous(), counts_E)
+        grad_g = _GroupedMM.apply(x_AD, grad_EDF, counts_E)
         return grad_x, grad_g, None
 
 

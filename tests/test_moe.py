@@ -214,3 +214,27 @@ def test_moe_model_compiles_fullgraph_and_matches_eager(capacity_factor):
     eager, _ = apply(params, tokens, cfg, train=False)
     compiled = torch.compile(lambda p, t: apply(p, t, cfg, train=False)[0], fullgraph=True)
     torch.testing.assert_close(compiled(params, tokens), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_gradients_equal_eager_for_a_hybrid_model():
+    torch._dynamo.reset()
+    cfg = ModelConfig(
+        vocab_size=53,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        ffn_multiple_of=16,
+        moe=MoEConfig(num_experts=3, top_k=2, d_expert=16, pattern="every_n", every_n=2),
+        mod=MoDConfig(enabled=True, capacity=0.5, every_n=2),
+    )
+    params = init(cfg, seed=0)
+    x = torch.randint(0, 53, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def loss(p):
+        logits, aux = apply(p, x[:, :-1], cfg, default_knobs(cfg))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) + aux["loss"]
+
+    eager = torch.func.grad(loss)(params)
+    compiled = torch.compile(torch.func.grad(loss), fullgraph=True)(params)
+    for path, g in eager.flatten_keys(".").items():
+        torch.testing.assert_close(compiled.flatten_keys(".")[path], g, atol=1e-6, rtol=1e-5, msg=path)

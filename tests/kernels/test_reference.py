@@ -119,3 +119,23 @@ def test_mod_topk_gather_scatter(B, T, S):
         assert torch.equal(sel[b], x[b, idx[b]])
         expected[b, idx[b]] += wgt[b, :, None] * delta[b]
     torch.testing.assert_close(out, expected)
+
+
+def test_compiled_func_grad_through_dispatch_grouped_mm_combine():
+    # Regression: under torch.compile(torch.func.grad(...)) ctx.needs_input_grad misreported the weight
+    # as not needing a gradient, and the expert weight gradient came back all zeros.
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    N, K, E = 10, 2, 4
+    x, W = torch.randn(N, 5, generator=g), torch.randn(E, 5, 6, generator=g)
+    ids, w = torch.randint(0, E, (N, K), generator=g), torch.rand(N, K, generator=g)
+
+    def f(x, W):
+        counts, _, perm, _, _ = ops.moe_routing(ids, w, E, None)
+        return ops.moe_combine(ops.grouped_mm(ops.moe_dispatch(x, perm, K), W, counts), perm, w).pow(2).sum()
+
+    eager = torch.func.grad(f, argnums=(0, 1))(x, W)
+    compiled = torch.compile(torch.func.grad(f, argnums=(0, 1)), fullgraph=True)(x, W)
+    for a, b in zip(eager, compiled, strict=True):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b)
