@@ -36,3 +36,9 @@ def test_chat_example_runs_verbatim():
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert tuple(scope["targets_BT"].shape) == (8, 128)
+
+
+def test_train_loop_snippet_runs_verbatim(capsys):
+    exec(compile(_block("readme-example:train-loop"), "README.md", "exec"), {})
+    losses = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines()]
+    assert len(losses) == 4 and losses[-1] < losses[0]
