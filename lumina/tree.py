@@ -68,16 +68,19 @@ def to_bytes(tree: TensorDict) -> bytes:
 def from_bytes(blob: bytes, device: torch.device | str = "cpu") -> TensorDict:
     try:
         doc = msgpack.unpackb(blob, raw=False, strict_map_key=True)
-    except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError, ValueError) as e:
-        raise TreeFormatError(f"not a msgpack tree ({e})") from None
+    except Exception as e:  # parsing executes nothing; any failure means "not our bytes"
+        raise TreeFormatError(f"not a msgpack tree ({type(e).__name__})") from None
     if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
         raise TreeFormatError(f"unknown format {doc.get('format') if isinstance(doc, dict) else type(doc)}")
     if doc.get("byteorder") != sys.byteorder:
         raise TreeFormatError(
             f"written on a {doc.get('byteorder')}-endian machine; this one is {sys.byteorder}"
         )
+    leaves = doc.get("leaves")
+    if not isinstance(leaves, dict):
+        raise TreeFormatError("no table of leaves")
     flat = {}
-    for path, leaf in doc["leaves"].items():
+    for path, leaf in leaves.items():
         try:
             name, shape, data = leaf
             dtype = _DTYPES[name]

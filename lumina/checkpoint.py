@@ -1,0 +1,117 @@
+"""Checkpoints: one directory per save, written atomically, loaded without ever executing code.
+
+    runs/<name>/checkpoints/step_00000300/
+        state.msgpack   the train-state tree (lumina.tree: dtype, shape, raw bytes per leaf)
+        meta.msgpack    {"format", "step", "config", "data", "extra"}: plain data only
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a crash leaves
+either no checkpoint or a whole one. Loading parses msgpack only — no pickle anywhere — and anything
+that is not exactly what ``save_checkpoint`` wrote (a missing file, foreign bytes, a pickle payload,
+a wrong format tag) raises ``CheckpointError`` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from tensordict import TensorDict
+
+from lumina import tree
+
+__all__ = ["CheckpointError", "checkpoints", "latest", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "lumina.checkpoint/1"
+_STEP_DIR = re.compile(r"step_(\d{8})")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line naming the file."""
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name))
+
+
+def latest(run_dir: str | Path) -> Path:
+    found = checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint to resume from")
+    return found[-1]
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    state: TensorDict,
+    *,
+    step: int,
+    config: dict[str, Any],
+    data: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write ``state`` and plain-data metadata atomically; keep the newest ``keep_last`` checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = {"format": FORMAT, "step": step, "config": config, "data": data, "extra": extra or {}}
+        for name, payload in (("state.msgpack", tree.to_bytes(state)), ("meta.msgpack", msgpack.packb(meta))):
+            with open(tmp / name, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a complete lumina checkpoint)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TensorDict, dict[str, Any]]:
+    """(state, meta) of a checkpoint directory written by ``save_checkpoint``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    meta_file = path / "meta.msgpack"
+    try:
+        meta = msgpack.unpackb(_read(meta_file), raw=False, strict_map_key=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # parsing executes nothing; any failure means "not our bytes"
+        raise CheckpointError(f"{meta_file}: not lumina checkpoint metadata ({type(e).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(
+            f"{meta_file}: not lumina checkpoint metadata (format {got!r}, want {FORMAT!r})"
+        )
+    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{meta_file}: metadata lacks an integer 'step' and a 'config' table")
+    try:
+        state = tree.from_bytes(_read(path / "state.msgpack"), device=device)
+    except tree.TreeFormatError as e:
+        raise CheckpointError(f"{path / 'state.msgpack'}: {e}") from None
+    return state, meta

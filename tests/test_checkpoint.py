@@ -1,0 +1,129 @@
+import pickle
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+
+from lumina import checkpoint, tree
+from lumina.checkpoint import CheckpointError, latest, load_checkpoint, save_checkpoint
+from lumina.config import MoDConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig, to_dict
+from lumina.data.mix import DataMix, MixState
+from lumina.data.text import PackedText
+from lumina.optim import default_hp, lr_at
+from lumina.step import init_train_state, train_step
+
+PAD = 10_000
+
+
+def setup():
+    model = ModelConfig(
+        vocab_size=61,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        ffn_multiple_of=16,
+        max_seq_len=32,
+        moe=MoEConfig(num_experts=3, top_k=2, d_expert=16),
+        mod=MoDConfig(enabled=True, capacity=0.5, every_n=2),
+    )
+    cfg = RunConfig(
+        model=model,
+        train=TrainConfig(
+            steps=6, batch_size=4, micro_batch_size=2, seq_len=12, lr=1e-2, warmup_steps=2, compile=False
+        ),
+    )
+    tokens = np.random.default_rng(0).integers(0, 61, 3000).astype(np.uint32)
+    mix = DataMix("base_only", PackedText(tokens, seq_len=12, seed=1), None, batch_size=2, seed=1)
+    return cfg, mix
+
+
+def run(cfg, mix, state, data_state, steps):
+    hp, metrics = default_hp(cfg.train), []
+    for _ in range(steps):
+        xs, ys = [], []
+        for _ in range(cfg.train.grad_accum):
+            x, y, _, data_state = mix.next_batch(data_state)
+            xs.append(x)
+            ys.append(y)
+        hp["lr"] = torch.tensor(lr_at(int(state["step"]), cfg.train))
+        state, m = train_step(
+            state,
+            TensorDict({"inputs": torch.cat(xs), "targets": torch.cat(ys)}, []),
+            hp,
+            cfg=cfg,
+            pad_id=PAD,
+        )
+        metrics.append(m)
+    return state, data_state, metrics
+
+
+def test_exact_resume_is_bit_identical(tmp_path):
+    cfg, mix = setup()
+    straight, _, straight_metrics = run(cfg, mix, init_train_state(cfg), MixState(), 6)
+    half, data_state, _ = run(cfg, mix, init_train_state(cfg), MixState(), 3)
+    path = save_checkpoint(tmp_path, half, step=3, config=to_dict(cfg), data=data_state.to_dict())
+    # A fresh process would rebuild everything from the checkpoint alone:
+    state, meta = load_checkpoint(path)
+    cfg2, mix2 = setup()
+    resumed, _, resumed_metrics = run(cfg2, mix2, state, MixState.from_dict(meta["data"]), 3)
+    assert meta["step"] == 3 and meta["config"] == to_dict(cfg)
+    for key, value in tree.flatten(straight).items():
+        assert torch.equal(tree.flatten(resumed)[key], value), key
+    for a, b in zip(straight_metrics[3:], resumed_metrics, strict=True):
+        assert (a == b).all()
+
+
+def test_atomic_write_leaves_nothing_half_written(tmp_path, monkeypatch):
+    cfg, _ = setup()
+    state = init_train_state(cfg)
+    monkeypatch.setattr(checkpoint.tree, "to_bytes", lambda s: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, state, step=1, config={}, data={})
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_retention_and_latest(tmp_path):
+    state = TensorDict({"w": torch.ones(2)}, [])
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        latest(tmp_path)
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, state, step=step, config={}, data={}, keep_last=2)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_00000030", "step_00000040"]
+    assert latest(tmp_path).name == "step_00000040"
+
+
+class _Payload:
+    marker = None
+
+    def __reduce__(self):  # what an attacker's pickle would run on load
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("target", ["meta.msgpack", "state.msgpack"])
+def test_pickle_payloads_are_refused_and_never_run(tmp_path, target):
+    path = save_checkpoint(tmp_path, TensorDict({"w": torch.ones(2)}, []), step=1, config={}, data={})
+    marker = tmp_path / "pwned"
+    _Payload.marker = marker
+    (path / target).write_bytes(pickle.dumps(_Payload()))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(path / target) in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_foreign_or_broken_checkpoints(tmp_path):
+    path = save_checkpoint(tmp_path, TensorDict({"w": torch.ones(2)}, []), step=1, config={}, data={})
+    (path / "meta.msgpack").write_bytes(msgpack.packb({"format": "someone-else/3"}))
+    with pytest.raises(CheckpointError, match="format 'someone-else/3'"):
+        load_checkpoint(path)
+    path = save_checkpoint(tmp_path, TensorDict({"w": torch.ones(2)}, []), step=2, config={}, data={})
+    (path / "state.msgpack").write_bytes((path / "state.msgpack").read_bytes()[:-5])
+    with pytest.raises(CheckpointError, match="state.msgpack"):
+        load_checkpoint(path)
+    (path / "state.msgpack").unlink()
+    with pytest.raises(CheckpointError, match="state.msgpack: missing"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        load_checkpoint(tmp_path / "nope")
