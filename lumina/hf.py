@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
+from lumina import tree
 from lumina.config import ConfigError, ModelConfig, MoEConfig
 
 __all__ = ["from_hf", "to_hf"]
@@ -208,7 +209,7 @@ def from_hf(model_or_state_dict: Any, hf_config: Any = None) -> tuple[ModelConfi
     unexpected = [k for k in sd if not k.endswith(_IGNORED_SUFFIXES)]
     if unexpected:
         raise ConfigError(f"hf state dict: unexpected keys {unexpected[:3]} (is this a Llama checkpoint?)")
-    return cfg, TensorDict(flat, batch_size=[]).unflatten_keys(".")
+    return cfg, tree.unflatten(flat)
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
@@ -234,7 +235,7 @@ def to_hf(
     """Export ``(state_dict, config_dict)``: a dense model as Llama, an MoE model as Mixtral
     (``LlamaForCausalLM(LlamaConfig(**config_dict))`` / ``MixtralForCausalLM(MixtralConfig(...))``)."""
     _check_exportable(cfg)
-    flat = params.flatten_keys(".")
+    flat = tree.flatten(params)
     state_dict = {}
     for ours, theirs, transpose in _name_map(cfg):
         t = flat[ours]

@@ -16,6 +16,7 @@ import math
 import torch
 from tensordict import TensorDict
 
+from lumina import tree
 from lumina.config import TrainConfig
 
 __all__ = ["adamw_init", "adamw_update", "clip_by_global_norm", "default_hp", "global_norm", "lr_at"]
@@ -66,11 +67,11 @@ def adamw_update(
         return p32.to(p.dtype), m, v
 
     new_p, new_m, new_v = {}, {}, {}
-    flat_g, flat_m, flat_v = (x.flatten_keys(".") for x in (grads, opt["m"], opt["v"]))
-    for key, p in params.flatten_keys(".").items():
+    flat_g, flat_m, flat_v = (tree.flatten(x) for x in (grads, opt["m"], opt["v"]))
+    for key, p in tree.flatten(params).items():
         new_p[key], new_m[key], new_v[key] = update(p, flat_g[key], flat_m[key], flat_v[key])
-    unflat = lambda d: TensorDict(d, batch_size=[]).unflatten_keys(".")  # noqa: E731
-    return unflat(new_p), TensorDict({"m": unflat(new_m), "v": unflat(new_v)}, batch_size=[])
+    opt = TensorDict({"m": tree.unflatten(new_m), "v": tree.unflatten(new_v)}, batch_size=[])
+    return tree.unflatten(new_p), opt
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+from lumina import tree
 from lumina.config import (
     ConfigError,
     DataConfig,
@@ -183,7 +184,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     """Active and total parameters, from the real shapes on the meta device (nothing allocated)."""
     from lumina.model import init
 
-    params = init(cfg, device="meta").flatten_keys(".")
+    params = tree.flatten(init(cfg, device="meta"))
     total = active = 0
     E, k = cfg.moe.num_experts, cfg.moe.top_k
     for path, t in params.items():

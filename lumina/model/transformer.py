@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
+from lumina import tree
 from lumina.config import ModelConfig
 from lumina.model.attention import attention
 from lumina.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
@@ -107,7 +108,7 @@ def init(
         else:
             g = torch.Generator().manual_seed(_leaf_seed(seed, path))
             flat[path] = (torch.randn(shape, generator=g) * std).to(device=device, dtype=dtype)
-    return TensorDict(flat, batch_size=[]).unflatten_keys(".")
+    return tree.unflatten(flat)
 
 
 def default_knobs(cfg: ModelConfig, device: torch.device | str = "cpu") -> TensorDict:
