@@ -16,7 +16,6 @@ turn, so the context starts with the user) until they fit; a single turn longer 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lumina.data.text import DataError, iter_json_lines, sample_ids
+from lumina.data.text import DataError, iter_json_lines, sample_ids, stable_uniform
 from lumina.data.tokenizer import Tokenizer, package_file
 
 __all__ = [
@@ -126,8 +125,7 @@ def chitchat_split(eval_fraction: float = 0.05) -> tuple[list[list[Message]], li
     ``eval_fraction`` of the hash range (deterministic, independent of the others)."""
     train, held_out = [], []
     for chat_id, conv in _chitchat_by_id():
-        u = int.from_bytes(hashlib.sha256(chat_id.encode()).digest()[:8], "little") / 2**64
-        (held_out if u < eval_fraction else train).append(conv)
+        (held_out if stable_uniform(chat_id) < eval_fraction else train).append(conv)
     return train, held_out
 
 

@@ -15,7 +15,6 @@ function of (seed, state, ratio), so a resumed run sees exactly the batches an u
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -26,7 +25,14 @@ import torch
 
 from lumina.config import RunConfig
 from lumina.data.chat import ChatRows, chitchat_split, read_conversations
-from lumina.data.text import DataError, PackedText, expand_paths, shakespeare_split, tokenize_files
+from lumina.data.text import (
+    DataError,
+    PackedText,
+    expand_paths,
+    shakespeare_split,
+    stable_uniform,
+    tokenize_files,
+)
 from lumina.data.tokenizer import get_tokenizer
 
 __all__ = ["DataMix", "MixState", "build_mix"]
@@ -49,10 +55,6 @@ class MixState:
         if set(d) != {"step", "base", "chat"} or not all(isinstance(v, int) and v >= 0 for v in d.values()):
             raise DataError(f"data position {d!r} is not a MixState (want non-negative step, base, chat)")
         return cls(**d)
-
-
-def _uniform(seed: int, step: int) -> float:
-    return int.from_bytes(hashlib.sha256(f"{seed}/mix/{step}".encode()).digest()[:8], "little") / 2**64
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class DataMix:
             return "chat"
         if self.mode == "hybrid":
             return "base" if step < self.switch_step else "chat"
-        return "base" if _uniform(self.seed, step) < ratio else "chat"
+        return "base" if stable_uniform(f"{self.seed}/mix/{step}") < ratio else "chat"
 
     def next_batch(
         self, state: MixState, ratio: float = 0.5

@@ -42,6 +42,7 @@ __all__ = [
     "read_documents",
     "sample_ids",
     "shakespeare_split",
+    "stable_uniform",
     "stream_file",
     "tokenize_files",
 ]
@@ -283,6 +284,12 @@ def tokenize_files(
         return parts[0]  # keep a single file memory-mapped
     # Several files are joined in memory: 4 bytes per token.
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+
+def stable_uniform(key: str) -> float:
+    """A uniform number in [0, 1) derived from ``key`` alone (sha256): the same on every machine and
+    run, independent of any RNG state. Used for deterministic splits and source choices."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2**64
 
 
 def sample_ids(n: int, seed: int, position: int, batch_size: int) -> list[int]:
