@@ -39,7 +39,6 @@ __all__ = [
     "check_utf8",
     "expand_paths",
     "iter_json_lines",
-    "read_documents",
     "sample_ids",
     "shakespeare_split",
     "stable_uniform",
@@ -188,20 +187,6 @@ def _jsonl_records(path: Path, skip_bad: bool = False):
                 continue
             raise record
         yield lineno, record["text"]
-
-
-def read_documents(path: Path) -> list[str]:
-    """The documents of one file: the whole text of a .txt, the ``text`` field of each .jsonl line.
-    (Loads them all; ``tokenize_files`` streams instead.)"""
-    if path.suffix == ".jsonl":
-        return [text for _, text in _jsonl_records(path)]
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{_line_of(path, e.start)}: invalid UTF-8") from None
-    return [text] if text.strip() else []
 
 
 def stream_file(path: Path, tokenizer: Tokenizer, sink, *, skip_bad: bool = False) -> None:

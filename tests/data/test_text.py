@@ -10,7 +10,6 @@ from lumina.data.text import (
     DataError,
     PackedText,
     expand_paths,
-    read_documents,
     shakespeare_split,
     tokenize_files,
 )
@@ -95,15 +94,18 @@ def test_token_cache_skips_tokenisation_and_tracks_content(tmp_path, gpt2, monke
         ("utf.txt", b"fine\nbad \xff byte\n", "utf.txt:2: invalid UTF-8"),
     ],
 )
-def test_bad_files_name_file_and_line(tmp_path, name, content, message):
+def test_bad_files_name_file_and_line(tmp_path, gpt2, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DataError, match=message):
-        read_documents(tmp_path / name)
+        tokenize_files([tmp_path / name], gpt2, cache=False)
 
 
-def test_bom_and_missing_paths(tmp_path):
+def test_bom_and_missing_paths(tmp_path, gpt2):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello")
-    assert read_documents(tmp_path / "bom.txt") == ["Hello"]
+    assert tokenize_files([tmp_path / "bom.txt"], gpt2, cache=False).tolist() == [
+        *gpt2.encode("Hello"),
+        gpt2.eot_id,
+    ]
     with pytest.raises(DataError, match="nothing/\\*.txt: no such file"):
         expand_paths(["nothing/*.txt"])
     (tmp_path / "x.csv").write_text("a,b")
