@@ -94,46 +94,42 @@ def _segments(text: str) -> list[str]:
     return out
 
 
-def _stream_txt(path: Path, tokenizer: Tokenizer, sink) -> None:
-    """Encode a .txt as one document, chunk by chunk; ``sink(ids)`` receives uint32 arrays in order."""
+def _decoded_chunks(path: Path):
+    """(text, is_last) chunk by chunk: incremental UTF-8 decoding in O(chunk) memory, a leading
+    byte-order mark dropped. Invalid UTF-8 raises ``DataError`` naming its line."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    carry, offset, first = "", 0, True
-    with path.open("rb") as f:
-        while True:
-            raw = f.read(CHUNK_BYTES)
-            final = not raw
-            try:
-                text = carry + decoder.decode(raw, final=final)
-            except UnicodeDecodeError as e:
-                line = _line_of(path, offset + e.start)
-                raise DataError(f"{path}:{line}: invalid UTF-8") from None
-            offset += len(raw)
-            if first:
-                text, first = text.removeprefix("\ufeff"), False  # a UTF-8 byte-order mark
-            cut = len(text) if final else _safe_cut(text, len(text))
-            ready, carry = text[:cut], text[cut:]
-            if ready:
-                encoded = tokenizer.encode_batch(_segments(ready))
-                sink(np.concatenate([np.asarray(ids, dtype=np.uint32) for ids in encoded]))
-            if final:
-                return
-
-
-def check_utf8(path: Path) -> int:
-    """Decode the file in chunks (no tokenising); the number of non-whitespace characters. Raises
-    ``DataError`` naming the line of the first invalid UTF-8 byte."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = n = 0
+    offset, first = 0, True
     with path.open("rb") as f:
         while True:
             raw = f.read(CHUNK_BYTES)
             try:
-                n += sum(1 for c in decoder.decode(raw, final=not raw) if not c.isspace())
+                text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{_line_of(path, offset + e.start)}: invalid UTF-8") from None
             offset += len(raw)
+            if first:
+                text, first = text.removeprefix("\ufeff"), False
+            yield text, not raw
             if not raw:
-                return n
+                return
+
+
+def _stream_txt(path: Path, tokenizer: Tokenizer, sink) -> None:
+    """Encode a .txt as one document, chunk by chunk; ``sink(ids)`` receives uint32 arrays in order."""
+    carry = ""
+    for chunk, final in _decoded_chunks(path):
+        text = carry + chunk
+        cut = len(text) if final else _safe_cut(text, len(text))
+        ready, carry = text[:cut], text[cut:]
+        if ready:
+            encoded = tokenizer.encode_batch(_segments(ready))
+            sink(np.concatenate([np.asarray(ids, dtype=np.uint32) for ids in encoded]))
+
+
+def check_utf8(path: Path) -> int:
+    """Decode the file in chunks (no tokenising); the number of non-whitespace characters (a BOM
+    does not count, as the loader drops it). Raises ``DataError`` naming the line of invalid UTF-8."""
+    return sum(1 for chunk, _ in _decoded_chunks(path) for c in chunk if not c.isspace())
 
 
 def _line_of(path: Path, byte_offset: int) -> int:

@@ -116,3 +116,13 @@ def test_cli_reports_data_errors_in_one_line_per_error(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{bad}:1: error: expected 'messages' (chat) or a string 'text'" in r.stdout
     assert f"{tmp_path / 'missing.txt'}: error: no such file" in r.stdout
+
+
+def test_bom_only_file_is_empty_in_both_validation_modes(tmp_path):
+    from lumina.data import get_tokenizer
+    from lumina.data.validate import validate_file
+
+    path = write(tmp_path, "bom_only.txt", b"\xef\xbb\xbf")
+    for count_tokens in (True, False):
+        report = validate_file(path, get_tokenizer("gpt2"), count_tokens=count_tokens)
+        assert [p.message for p in report.errors] == ["empty file: no documents"], count_tokens
