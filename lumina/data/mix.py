@@ -114,29 +114,34 @@ def build_mix(cfg: RunConfig, split: Literal["train", "eval"] = "train") -> Data
             f"tokenizer {d.tokenizer} needs {tok.vocab_size} embedding rows but model.vocab_size="
             f"{cfg.model.vocab_size}"
         )
-    base = chat = None
     skip = d.on_bad_records == "skip"
     skipped = 0
+
+    def user_paths(train_field: str, eval_field: str) -> list[Path] | None:
+        """The configured files of this split, validated (None: use the packaged default)."""
+        nonlocal skipped
+        files = getattr(d, train_field if split == "train" else eval_field)
+        if not files:
+            if split == "eval" and getattr(d, train_field):
+                raise DataError(
+                    f"data.{eval_field}: set them when data.{train_field} is set (no default split)"
+                )
+            return None
+        paths = expand_paths(files)
+        skipped += _check_records(paths, tok, d.on_bad_records)
+        return paths
+
+    part = 0 if split == "train" else 1
+    base = chat = None
     if d.mode != "finetuning_only":
-        files = d.train_files if split == "train" else d.eval_files
-        if files:
-            paths = expand_paths(files)
-            skipped += _check_records(paths, tok, d.on_bad_records)
-        elif split == "eval" and d.train_files:
-            raise DataError("data.eval_files: set them when data.train_files is set (no default split)")
-        else:
-            paths = shakespeare_split(d.eval_fraction)[0 if split == "train" else 1]
+        paths = user_paths("train_files", "eval_files") or shakespeare_split(d.eval_fraction)[part]
         base = PackedText(tokenize_files(paths, tok, skip_bad=skip), t.seq_len, seed=cfg.seed)
     if d.mode != "base_only":
-        files = d.chat_files if split == "train" else d.chat_eval_files
-        if files:
-            paths = expand_paths(files)
-            skipped += _check_records(paths, tok, d.on_bad_records)
-            convs = [c for p in paths for c in read_conversations(p, skip_bad=skip)]
-        elif split == "eval" and d.chat_files:
-            raise DataError("data.chat_eval_files: set them when data.chat_files is set (no default split)")
+        paths = user_paths("chat_files", "chat_eval_files")
+        if paths is None:
+            convs = chitchat_split(d.eval_fraction)[part]
         else:
-            convs = chitchat_split(d.eval_fraction)[0 if split == "train" else 1]
+            convs = [c for p in paths for c in read_conversations(p, skip_bad=skip)]
         chat = ChatRows.build(convs, tok, t.seq_len, seed=cfg.seed)
     return DataMix(
         mode=d.mode,
