@@ -94,11 +94,13 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params: TensorDict, batch: TensorDict, *, cfg: RunConfig, pad_id: int) -> TensorDict:
-    """Loss, perplexity and next-token accuracy over the non-pad targets (no dropout, no jitter)."""
-    logits, _ = apply(
-        params, batch["inputs"], cfg.model, default_knobs(cfg.model, batch["inputs"].device), train=False
-    )
+def eval_step(
+    params: TensorDict, batch: TensorDict, *, cfg: RunConfig, pad_id: int, knobs: TensorDict | None = None
+) -> TensorDict:
+    """Loss, perplexity and next-token accuracy over the non-pad targets (no dropout, no jitter).
+    Pass the run's live ``knobs`` (``state["knobs"]``): a changed router temperature changes the
+    model being evaluated. Default: the config's initial knob values."""
+    logits, _ = apply(params, batch["inputs"], cfg.model, knobs, train=False)
     targets = batch["targets"]
     mask = targets != pad_id
     n = mask.sum().clamp(min=1)

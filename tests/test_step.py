@@ -184,6 +184,20 @@ def test_eval_step_metrics():
     assert m["loss"].item() == pytest.approx(math.log(61), rel=0.05)
 
 
+def test_eval_step_uses_the_live_knobs():
+    cfg = run_cfg(**CONFIGS["moe"])
+    state, b = init_train_state(cfg), batch(cfg)
+    state["params"] = state["params"].apply(
+        lambda t: t * 30
+    )  # routing decisive enough to move with temperature
+    default = eval_step(state["params"], b, cfg=cfg, pad_id=PAD)
+    same = eval_step(state["params"], b, cfg=cfg, pad_id=PAD, knobs=state["knobs"])
+    assert torch.equal(default["loss"], same["loss"])
+    state["knobs", "router_temperature"] = torch.tensor(5.0)
+    hot = eval_step(state["params"], b, cfg=cfg, pad_id=PAD, knobs=state["knobs"])
+    assert not torch.allclose(hot["loss"], default["loss"])
+
+
 def test_training_on_shakespeare_lowers_held_out_loss():
     model = ModelConfig(
         vocab_size=50304,
