@@ -39,7 +39,10 @@ def moe_routing(
     """
     expert_A = topk_ids_NK.reshape(-1)
     A = expert_A.numel()
-    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    # scatter_add, not bincount: bincount's output length depends on the data (max id + 1), which
+    # torch.compile must treat as an unbacked size (and refuses inside autograd.Function segments).
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=expert_A.device)
+    counts_E = counts_E.scatter_add(0, expert_A, torch.ones_like(expert_A))
     offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_A.device)
     offsets_E1[1:] = torch.cumsum(counts_E, 0)
     perm_A = torch.sort(expert_A, stable=True).indices

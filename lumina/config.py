@@ -220,6 +220,11 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 0  # 0 -> only at the end
     keep_last: int = 3
+    patience: int = 0  # early stopping: evals without a new best eval loss before stopping; 0 = never
+    min_delta: float = 0.0  # an eval loss must beat the best by more than this to count as better
+    loss_scale_init: float = 65536.0  # fp16: initial dynamic loss scale
+    loss_scale_window: int = 1000  # fp16: finite steps in a row before the scale doubles
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None -> lumina.metrics table
 
     def _derived(self) -> dict[str, Any]:
         return {
@@ -246,6 +251,9 @@ class TrainConfig:
         _check(self.clip_norm >= 0, "clip_norm must be >= 0 (0 disables clipping)")
         _check(self.eval_batches >= 0 and self.ckpt_every >= 0, "eval_batches, ckpt_every must be >= 0")
         _check(self.keep_last >= 1, "keep_last must be >= 1")
+        _check(self.patience >= 0 and self.min_delta >= 0, "patience and min_delta must be >= 0")
+        _positive(self, "loss_scale_init", "loss_scale_window")
+        _check(self.peak_flops is None or self.peak_flops > 0, "peak_flops must be > 0")
 
     @property
     def grad_accum(self) -> int:

@@ -2,17 +2,38 @@
 
 Legend: A micro-batches per step (gradient accumulation), B sequences per micro-batch, T positions.
 
-    state = init_train_state(cfg, seed)
-    step = make_train_step(cfg)                   # compiled once (torch.compile) unless compile=False
+    state = init_train_state(cfg)
+    step = make_train_step(cfg, pad_id)           # compiled once (torch.compile) unless compile=False
     state, metrics = step(state, batch, hp)       # batch: {"inputs", "targets"} [A * B, T]; hp: lr...
 
-``train_step(state, batch, hp)`` is pure — no I/O, no globals, no ``.item()``: it returns a new state.
+``train_step(state, batch, hp)`` is pure — no I/O, no globals, no ``.item()``, no global RNG: it
+returns a new state. The train state is one TensorDict:
+
+    params       fp32 master weights (the tree of ``lumina.model.init``)
+    opt          AdamW moments {m, v}, fp32
+    step         optimizer steps taken (int64); ``updates``: steps whose update was applied
+    rng          a counter-based RNG key (``lumina.model.random``): jitter and expert dropout of
+                 micro-batch a of this step draw from fold_in(rng, a); the key advances every step
+    loss_scale   fp16's dynamic loss scale (1 otherwise); ``good_steps`` finite steps in a row
+    knobs        the live routing knobs (0-dim tensors the orchestrator may change)
+    data         the data position (``lumina.data.mix.MixState`` as int64 tensors; the driver
+                 advances it, the step carries it) — so a checkpoint of the state resumes exactly
+
 Gradients come from ``torch.func.grad_and_value(loss_fn, has_aux=True)``, summed over the A
 micro-batches so that the cross-entropy part equals the gradient of the whole batch's token-mean
 loss (aux losses are averaged over micro-batches; the MoE balance loss, a product of batch
 statistics, is computed per micro-batch as in Megatron-LM); then global-norm clipping and
-functional AdamW. Targets equal to the tokenizer's ``pad_id`` carry no
-loss (masking and padding, see ``lumina.data.chat``).
+functional AdamW. Targets equal to the tokenizer's ``pad_id`` carry no loss (see
+``lumina.data.chat``).
+
+Precision (``train.precision``): ``fp32``; ``tf32`` (fp32 step; the driver enables TF32 matmuls on
+CUDA, a no-op on CPU); ``bf16`` and ``fp16`` cast the fp32 master weights to the compute dtype
+inside the differentiated function, so gradients arrive in fp32 and AdamW updates fp32 masters.
+``fp16`` multiplies the loss by ``loss_scale``, unscales the gradients, and when any gradient is
+not finite skips the update (params, moments and ``updates`` unchanged), halves the scale and
+resets ``good_steps``; after ``loss_scale_window`` finite steps in a row the scale doubles.
+Gradient checkpointing (``train.grad_checkpointing`` none / full / attention) recomputes blocks
+or attention sub-layers in the backward pass (``lumina.model.remat``).
 """
 
 from __future__ import annotations
@@ -23,25 +44,45 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
+from lumina import tree
 from lumina.config import RunConfig
-from lumina.model import apply, default_knobs, init
+from lumina.model import apply, default_knobs, init, random
+from lumina.model.moe import update_balance_bias
 from lumina.optim import adamw_init, adamw_update, clip_by_global_norm
 
-__all__ = ["eval_step", "init_train_state", "loss_fn", "make_train_step", "train_step"]
+__all__ = ["COMPUTE_DTYPES", "eval_step", "init_train_state", "loss_fn", "make_train_step", "train_step"]
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DATA_FIELDS = ("step", "base", "chat")  # lumina.data.mix.MixState
 
 
 def init_train_state(cfg: RunConfig, device: torch.device | str = "cpu") -> TensorDict:
-    """{params, opt {m, v}, step, knobs}: everything a step reads and writes, as one TensorDict."""
+    """Everything a step reads and writes, as one TensorDict (see the module docstring)."""
     params = init(cfg.model, seed=cfg.seed, device=device)
+
+    def scalar(v, dtype=torch.int64):
+        return torch.tensor(v, dtype=dtype, device=device)
+
+    scale = cfg.train.loss_scale_init if cfg.train.precision == "fp16" else 1.0
     return TensorDict(
         {
             "params": params,
             "opt": adamw_init(params),
-            "step": torch.zeros((), dtype=torch.int64, device=device),
+            "step": scalar(0),
+            "updates": scalar(0),
+            "rng": random.key_from_seed(cfg.seed, device),
+            "loss_scale": scalar(scale, torch.float32),
+            "good_steps": scalar(0),
             "knobs": default_knobs(cfg.model, device),
+            "data": TensorDict({k: scalar(0) for k in _DATA_FIELDS}, batch_size=[]),
         },
         batch_size=[],
     )
+
+
+def _compute_params(params: TensorDict, cfg: RunConfig) -> TensorDict:
+    dtype = COMPUTE_DTYPES[cfg.train.precision]
+    return params if dtype == torch.float32 else tree.cast(params, dtype)
 
 
 def loss_fn(
@@ -49,46 +90,119 @@ def loss_fn(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     knobs: TensorDict,
+    rng: torch.Tensor,
+    loss_scale: torch.Tensor,
     cfg: RunConfig,
     *,
     n_tokens: torch.Tensor,
     pad_id: int,
     aux_scale: float = 1.0,
 ) -> tuple[torch.Tensor, TensorDict]:
-    """Summed token cross-entropy / ``n_tokens`` + ``aux_scale`` * aux losses, and metrics."""
-    logits, aux = apply(params, inputs, cfg.model, knobs, train=True)
+    """``loss_scale`` * (summed token cross-entropy / ``n_tokens`` + ``aux_scale`` * aux losses),
+    and metrics (unscaled). ``params`` are fp32 masters; the forward runs in the compute dtype."""
+    logits, aux = apply(
+        _compute_params(params, cfg),
+        inputs,
+        cfg.model,
+        knobs,
+        train=True,
+        rng=rng,
+        remat_mode=cfg.train.grad_checkpointing,
+    )
     ce_sum = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad_id, reduction="sum"
     )
     loss = ce_sum / n_tokens + aux_scale * aux["loss"]
-    return loss, TensorDict({"ce_sum": ce_sum.detach(), "aux_loss": aux["loss"].detach()}, batch_size=[])
+    correct = ((logits.detach().argmax(-1) == targets) & (targets != pad_id)).sum()
+    metrics = {"ce_sum": ce_sum.detach(), "aux_loss": aux["loss"].detach(), "correct": correct}
+    for group in ("moe", "mod"):
+        if group in aux:
+            metrics[group] = aux[group].detach()
+    return loss * loss_scale, TensorDict(metrics, batch_size=[])
+
+
+def _layer_stats(per_micro: list[TensorDict]) -> TensorDict:
+    """Routing stats over the micro-batches: expert loads summed, everything else averaged."""
+    out = {}
+    for group in ("moe", "mod"):
+        if group not in per_micro[0]:
+            continue
+        flat = [tree.flatten(m[group]) for m in per_micro]
+        out[group] = tree.unflatten(
+            {k: sum(f[k] for f in flat) / (1 if k.endswith(".load") else len(flat)) for k in flat[0]}
+        )
+    return TensorDict(out, batch_size=[])
+
+
+def _where_tree(cond: torch.Tensor, new: TensorDict, old: TensorDict) -> TensorDict:
+    return tree.unflatten(
+        {k: torch.where(cond, v, tree.flatten(old)[k]) for k, v in tree.flatten(new).items()}
+    )
 
 
 def train_step(
     state: TensorDict, batch: TensorDict, hp: TensorDict, *, cfg: RunConfig, pad_id: int
 ) -> tuple[TensorDict, TensorDict]:
-    A = cfg.train.grad_accum
+    A, tc = cfg.train.grad_accum, cfg.train
     inputs = batch["inputs"].unflatten(0, (A, -1))  # [A, B, T]
     targets = batch["targets"].unflatten(0, (A, -1))
     n_tokens = (targets != pad_id).sum().clamp(min=1)
+    scale = state["loss_scale"]
     grad_fn = torch.func.grad_and_value(
         functools.partial(loss_fn, cfg=cfg, n_tokens=n_tokens, pad_id=pad_id, aux_scale=1.0 / A), has_aux=True
     )
-    grads = ce_sum = aux_loss = None
+    grads, per_micro = None, []
     for a in range(A):  # unrolled: A is config, so the compiled graph is fixed
-        g, (_, m) = grad_fn(state["params"], inputs[a], targets[a], state["knobs"])
+        key = random.fold_in(state["rng"], a)
+        g, (_, m) = grad_fn(state["params"], inputs[a], targets[a], state["knobs"], key, scale)
         grads = g if grads is None else grads + g
-        ce_sum = m["ce_sum"] if ce_sum is None else ce_sum + m["ce_sum"]
-        aux_loss = m["aux_loss"] / A if aux_loss is None else aux_loss + m["aux_loss"] / A
+        per_micro.append(m)
+    if tc.precision == "fp16":
+        grads = grads.apply(lambda g_: g_ / scale)
     grads, grad_norm = clip_by_global_norm(grads, hp["clip_norm"])
-    step = state["step"] + 1
-    params, opt = adamw_update(state["params"], grads, state["opt"], step, hp, cfg.train)
+    finite = torch.isfinite(grad_norm)
+
+    step, updates = state["step"] + 1, state["updates"] + 1
+    params, opt = adamw_update(state["params"], grads, state["opt"], updates, hp, tc)
+    stats = _layer_stats(per_micro)
+    if "moe" in stats:
+        params = update_balance_bias(params, stats, cfg.model)
+    new = {"params": params, "opt": opt, "updates": updates}
+    loss_scale, good_steps = state["loss_scale"], state["good_steps"]
+    if tc.precision == "fp16":  # skip a non-finite update; adapt the scale (as torch.amp.GradScaler)
+        new = {
+            "params": _where_tree(finite, params, state["params"]),
+            "opt": _where_tree(finite, opt, state["opt"]),
+            "updates": torch.where(finite, updates, state["updates"]),
+        }
+        grown = (good_steps + 1) >= tc.loss_scale_window
+        loss_scale = torch.where(finite, torch.where(grown, scale * 2, scale), scale / 2)
+        good_steps = torch.where(finite & ~grown, good_steps + 1, torch.zeros_like(good_steps))
     new_state = TensorDict(
-        {"params": params, "opt": opt, "step": step, "knobs": state["knobs"]}, batch_size=[]
+        {
+            **new,
+            "step": step,
+            "rng": random.fold_in(state["rng"], A),
+            "loss_scale": loss_scale,
+            "good_steps": good_steps,
+            "knobs": state["knobs"],
+            "data": state["data"],
+        },
+        batch_size=[],
     )
-    loss = ce_sum / n_tokens
+    ce_sum = sum(m["ce_sum"] for m in per_micro)
     metrics = TensorDict(
-        {"loss": loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "tokens": n_tokens, "lr": hp["lr"]},
+        {
+            "loss": ce_sum / n_tokens,
+            "aux_loss": sum(m["aux_loss"] for m in per_micro) / A,
+            "accuracy": sum(m["correct"] for m in per_micro) / n_tokens,
+            "grad_norm": grad_norm,
+            "tokens": n_tokens,
+            "lr": hp["lr"],
+            "loss_scale": scale,
+            "skipped": (~finite).float() if tc.precision == "fp16" else torch.zeros_like(grad_norm),
+            **stats,
+        },
         batch_size=[],
     )
     return new_state, metrics
@@ -100,7 +214,7 @@ def eval_step(
     """Loss, perplexity and next-token accuracy over the non-pad targets (no dropout, no jitter).
     Pass the run's live ``knobs`` (``state["knobs"]``): a changed router temperature changes the
     model being evaluated. Default: the config's initial knob values."""
-    logits, _ = apply(params, batch["inputs"], cfg.model, knobs, train=False)
+    logits, _ = apply(_compute_params(params, cfg), batch["inputs"], cfg.model, knobs, train=False)
     targets = batch["targets"]
     mask = targets != pad_id
     n = mask.sum().clamp(min=1)

@@ -27,13 +27,25 @@ from tensordict import TensorDict
 
 from lumina import ops
 from lumina.config import ModelConfig
+from lumina.model import random
 from lumina.model.layers import at_least_fp32 as _at_least_fp32
 
-__all__ = ["moe_ffn", "moe_layer_loss", "update_balance_bias"]
+__all__ = ["MOE_STAT_KEYS", "moe_ffn", "moe_layer_loss", "update_balance_bias"]
+
+# The per-layer stats moe_ffn returns, in a fixed order (remat segments return them positionally).
+MOE_STAT_KEYS = ("aux_loss", "z_loss", "load", "dropped_frac", "entropy", "top1_prob")
 
 
-def _expert_keep_mask(E: int, K: int, p: torch.Tensor, device: torch.device) -> torch.Tensor:
-    u_E = torch.rand(E, device=device)
+def _rand(shape, like: torch.Tensor, rng: torch.Tensor | None, salt: int) -> torch.Tensor:
+    """U[0, 1): from the counter-based ``rng`` key when given (the pure train step), else torch's
+    global generator (interactive use)."""
+    if rng is None:
+        return torch.rand(shape, device=like.device, dtype=like.dtype)
+    return random.uniform(random.fold_in(rng, salt), shape, dtype=like.dtype)
+
+
+def _expert_keep_mask(E: int, K: int, p: torch.Tensor, like: torch.Tensor, rng) -> torch.Tensor:
+    u_E = _rand((E,), like, rng, salt=1)
     kth_largest = u_E.topk(K).values[-1]
     return (u_E >= p) | (u_E >= kth_largest)  # p == 0 keeps all; never fewer than K kept
 
@@ -43,9 +55,16 @@ def _swiglu_experts(x, w_gate, w_up, w_down, mm):
 
 
 def moe_ffn(
-    x_BTD: torch.Tensor, p: TensorDict, cfg: ModelConfig, knobs: TensorDict, *, train: bool
+    x_BTD: torch.Tensor,
+    p: TensorDict,
+    cfg: ModelConfig,
+    knobs: TensorDict,
+    *,
+    train: bool,
+    rng: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The MoE FFN output [B, T, D] and this layer's losses and stats."""
+    """The MoE FFN output [B, T, D] and this layer's losses and stats. ``rng``: this layer's key for
+    jitter and expert dropout (see ``lumina.model.random``); None draws from torch's generator."""
     moe = cfg.moe
     B, T, D = x_BTD.shape
     N, E, K = B * T, moe.num_experts, moe.top_k
@@ -54,11 +73,11 @@ def moe_ffn(
     router_in_ND = x_ND
     if train:
         jitter = knobs["router_jitter"].to(x_ND.dtype)
-        router_in_ND = x_ND * (1 + jitter * (2 * torch.rand_like(x_ND) - 1))
+        router_in_ND = x_ND * (1 + jitter * (2 * _rand(x_ND.shape, x_ND, rng, salt=0) - 1))
     raw_logits_NE = _at_least_fp32(router_in_ND @ p["router"])
     logits_NE = raw_logits_NE / knobs["router_temperature"]
     if train:
-        keep_E = _expert_keep_mask(E, K, knobs["expert_dropout"], x_ND.device)
+        keep_E = _expert_keep_mask(E, K, knobs["expert_dropout"], raw_logits_NE, rng)
         logits_NE = logits_NE.masked_fill(~keep_E, float("-inf"))
     probs_NE = logits_NE.softmax(dim=-1)
 

@@ -33,10 +33,11 @@ from tensordict import TensorDict
 
 from lumina import tree
 from lumina.config import ModelConfig
+from lumina.model import random, remat
 from lumina.model.attention import attention
 from lumina.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
 from lumina.model.mod import mod_block
-from lumina.model.moe import moe_ffn, moe_layer_loss
+from lumina.model.moe import MOE_STAT_KEYS, moe_ffn, moe_layer_loss
 
 __all__ = ["apply", "default_knobs", "init", "init_cache", "param_shapes"]
 
@@ -190,19 +191,56 @@ def _block(
     *,
     moe: bool,
     train: bool,
+    rng: torch.Tensor | None = None,
+    remat_mode: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]:
-    """One pre-norm block: (attention update, x + attention update, FFN update, MoE stats or None)."""
+    """One pre-norm block: (attention update, x + attention update, FFN update, MoE stats or None).
+    ``remat_mode``: "full" recomputes the whole block in the backward pass, "attention" only the
+    attention sub-layer (see ``lumina.model.remat``)."""
     cos, sin = rope
-    attn_BTD = _attn_block(
-        rms_norm(x_BTD, p["attn_norm", "weight"], cfg.norm_eps), p["attn"], cfg, cos, sin, positions, cache
-    )
+    if remat_mode == "full":
+        p_flat, k_flat = tree.flatten(p), tree.flatten(knobs)
+        static = (cfg, moe, train, tuple(p_flat), tuple(k_flat), rng is not None)
+        others = (positions,) if rng is None else (positions, rng)
+        outs = remat.remat("block", static, (x_BTD, cos, sin, *p_flat.values(), *k_flat.values()), others)
+        stats = dict(zip(MOE_STAT_KEYS, outs[3:], strict=True)) if moe else None
+        return outs[0], outs[1], outs[2], stats
+    h_BTD = rms_norm(x_BTD, p["attn_norm", "weight"], cfg.norm_eps)
+    if remat_mode == "attention":
+        a = p["attn"]
+        (attn_BTD,) = remat.remat(
+            "attn", cfg, (h_BTD, a["wq"], a["wk"], a["wv"], a["wo"], cos, sin), (positions,)
+        )
+    else:
+        attn_BTD = _attn_block(h_BTD, p["attn"], cfg, cos, sin, positions, cache)
     x1_BTD = x_BTD + attn_BTD
     h_BTD = rms_norm(x1_BTD, p["ffn_norm", "weight"], cfg.norm_eps)
     if moe:
-        ffn_BTD, stats = moe_ffn(h_BTD, p["moe"], cfg, knobs, train=train)
+        ffn_BTD, stats = moe_ffn(h_BTD, p["moe"], cfg, knobs, train=train, rng=rng)
         return attn_BTD, x1_BTD, ffn_BTD, stats
     f = p["ffn"]
     return attn_BTD, x1_BTD, swiglu(h_BTD, f["w_gate"], f["w_up"], f["w_down"]), None
+
+
+def _attn_segment(cfg, h_BTD, wq, wk, wv, wo, cos, sin, positions):
+    return (_attn_block(h_BTD, {"wq": wq, "wk": wk, "wv": wv, "wo": wo}, cfg, cos, sin, positions, None),)
+
+
+def _block_segment(static, x_BTD, cos, sin, *rest):
+    cfg, moe, train, p_keys, k_keys, has_rng = static
+    n_p, n_k = len(p_keys), len(k_keys)
+    p = tree.unflatten(dict(zip(p_keys, rest[:n_p], strict=True)))
+    knobs = tree.unflatten(dict(zip(k_keys, rest[n_p : n_p + n_k], strict=True)))
+    positions = rest[n_p + n_k]
+    rng = rest[n_p + n_k + 1] if has_rng else None
+    attn, x1, ffn, stats = _block(
+        x_BTD, p, cfg, knobs, (cos, sin), positions, None, moe=moe, train=train, rng=rng
+    )
+    return (attn, x1, ffn, *(stats[k] for k in MOE_STAT_KEYS)) if moe else (attn, x1, ffn)
+
+
+remat.register("attn", _attn_segment)
+remat.register("block", _block_segment)
 
 
 def apply(
@@ -214,6 +252,8 @@ def apply(
     cache: TensorDict | None = None,
     positions: torch.Tensor | None = None,
     train: bool = True,
+    rng: torch.Tensor | None = None,
+    remat_mode: str = "none",
 ) -> tuple[torch.Tensor, TensorDict]:
     """Logits [B, T, V] and ``aux``: ``aux["loss"]`` (the weighted aux losses to add to the training
     loss: mean over MoE layers of their balance + z losses, plus mean over MoD layers of the predictor
@@ -221,8 +261,16 @@ def apply(
 
     ``positions`` are the tokens' absolute positions ([T] or [B, T], default 0..T-1); they drive RoPE
     and, with a ``cache`` from ``init_cache``, where new keys/values are written and what each query
-    sees. ``train`` enables router jitter and expert dropout.
+    sees. ``train`` enables router jitter and expert dropout, drawn from the key ``rng``
+    (``lumina.model.random``; per layer ``fold_in(rng, i)``) or, when None, from torch's global
+    generator. ``remat_mode`` = "none" | "full" | "attention": activation recomputation in the
+    backward pass (gradient checkpointing), training only; it needs ``rng`` when jitter or expert
+    dropout are on, so the recomputed forward draws the same numbers.
     """
+    if remat_mode not in ("none", "full", "attention"):
+        raise ValueError(f"remat_mode={remat_mode!r}: expected none, full or attention")
+    if cache is not None:
+        remat_mode = "none"
     B, T = tokens_BT.shape
     if positions is None:
         if cache is not None:
@@ -243,7 +291,15 @@ def apply(
         p = params["layers", str(i)]
         layer_cache = None if cache is None else cache["layers", str(i)]
         block = functools.partial(
-            _block, p=p, cfg=cfg, knobs=knobs, cache=layer_cache, moe=moe_layers[i], train=train
+            _block,
+            p=p,
+            cfg=cfg,
+            knobs=knobs,
+            cache=layer_cache,
+            moe=moe_layers[i],
+            train=train,
+            rng=None if rng is None else random.fold_in(rng, i),
+            remat_mode=remat_mode,
         )
         if mod_layers[i]:
 
