@@ -1,13 +1,15 @@
 """Checkpoints: one directory per save, written atomically, loaded without ever executing code.
 
-    runs/<name>/checkpoints/step_00000300/
-        state.msgpack   the train-state tree (lumina.tree: dtype, shape, raw bytes per leaf)
-        meta.msgpack    {"format", "step", "config", "data", "extra"}: plain data only
+    runs/<name>/checkpoints/step_00000300/     (and checkpoints/best/: the best eval loss so far)
+        state.safetensors   the train-state tree, flattened to dotted keys (safetensors: a JSON
+                            header plus raw tensor bytes)
+        meta.msgpack        {"format", "step", "config", "data", "extra"}: plain data only
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a crash leaves
-either no checkpoint or a whole one. Loading parses msgpack only — no pickle anywhere — and anything
-that is not exactly what ``save_checkpoint`` wrote (a missing file, foreign bytes, a pickle payload,
-a wrong format tag) raises ``CheckpointError`` with one line naming the file.
+either no checkpoint or a whole one. Loading parses a JSON header, raw bytes and msgpack — no pickle
+anywhere — and anything that is not exactly what ``save_checkpoint`` wrote (a missing file, foreign
+bytes, a pickle payload, a wrong format tag, a state whose keys, shapes or dtypes differ from the
+run's) raises ``CheckpointError`` with one line naming the file.
 """
 
 from __future__ import annotations
@@ -19,13 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import safetensors.torch
 from tensordict import TensorDict
 
 from lumina import tree
 
-__all__ = ["CheckpointError", "checkpoints", "latest", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "check_compatible",
+    "checkpoints",
+    "latest",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
-FORMAT = "lumina.checkpoint/1"
+FORMAT = "lumina.checkpoint/2"
+STATE_FILE, META_FILE = "state.safetensors", "meta.msgpack"
 _STEP_DIR = re.compile(r"step_(\d{8})")
 
 
@@ -57,18 +68,24 @@ def save_checkpoint(
     data: dict[str, Any],
     extra: dict[str, Any] | None = None,
     keep_last: int = 3,
+    name: str | None = None,
 ) -> Path:
-    """Write ``state`` and plain-data metadata atomically; keep the newest ``keep_last`` checkpoints."""
+    """Write ``state`` and plain-data metadata atomically; keep the newest ``keep_last`` step
+    checkpoints. ``name`` (e.g. "best") writes ``checkpoints/<name>`` instead, outside retention."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
+    final = root / (name or f"step_{step:08d}")
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         meta = {"format": FORMAT, "step": step, "config": config, "data": data, "extra": extra or {}}
-        for name, payload in (("state.msgpack", tree.to_bytes(state)), ("meta.msgpack", msgpack.packb(meta))):
-            with open(tmp / name, "wb") as f:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tree.flatten(state).items()}
+        for fname, payload in (
+            (STATE_FILE, safetensors.torch.save(tensors)),
+            (META_FILE, msgpack.packb(meta)),
+        ):
+            with open(tmp / fname, "wb") as f:
                 f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
@@ -96,7 +113,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TensorDict, 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    meta_file = path / "meta.msgpack"
+    meta_file = path / META_FILE
     try:
         meta = msgpack.unpackb(_read(meta_file), raw=False, strict_map_key=True)
     except CheckpointError:
@@ -110,8 +127,33 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TensorDict, 
         )
     if not isinstance(meta.get("step"), int) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{meta_file}: metadata lacks an integer 'step' and a 'config' table")
-    try:
-        state = tree.from_bytes(_read(path / "state.msgpack"), device=device)
-    except tree.TreeFormatError as e:
-        raise CheckpointError(f"{path / 'state.msgpack'}: {e}") from None
-    return state, meta
+    state_file = path / STATE_FILE
+    raw = _read(state_file)
+    try:  # safetensors parses a length-prefixed JSON header and raw bytes; it cannot run code
+        flat = safetensors.torch.load(raw)
+    except Exception as e:
+        raise CheckpointError(f"{state_file}: not a safetensors state ({type(e).__name__}: {e})") from None
+    if not flat:
+        raise CheckpointError(f"{state_file}: holds no tensors")
+    return tree.unflatten({k: v.to(device) for k, v in flat.items()}), meta
+
+
+def check_compatible(state: TensorDict, template: TensorDict, where: str | Path) -> None:
+    """Raise ``CheckpointError`` naming ``where`` unless ``state`` has exactly the keys, shapes and
+    dtypes of ``template`` (e.g. a fresh ``init_train_state`` of the run's config)."""
+    got, want = tree.flatten(state), tree.flatten(template)
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or unexpected:
+        parts = [
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+        ]
+        raise CheckpointError(
+            f"{where}: state does not match this run's model ({'; '.join(p for p in parts if p)})"
+        )
+    for k, t in want.items():
+        g = got[k]
+        if g.shape != t.shape or g.dtype != t.dtype:
+            raise CheckpointError(
+                f"{where}: {k} is {g.dtype} {list(g.shape)}, this run needs {t.dtype} {list(t.shape)}"
+            )

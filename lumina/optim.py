@@ -28,9 +28,12 @@ def adamw_init(params: TensorDict) -> TensorDict:
     return TensorDict({"m": zeros, "v": zeros.clone()}, batch_size=[])
 
 
-def global_norm(tree: TensorDict) -> torch.Tensor:
+def global_norm(grads: TensorDict) -> torch.Tensor:
+    """sqrt(sum of squares) over all leaves, summed in sorted-key order: a tree's insertion order
+    (which differs between a fresh state and one loaded from a checkpoint) must not change the bits."""
+    flat = tree.flatten(grads)
     return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.float()) for g in tree.values(True, True)])
+        torch.stack([torch.linalg.vector_norm(flat[k].float()) for k in sorted(flat)])
     )
 
 
