@@ -562,20 +562,25 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
 
 
 def load_config(
-    preset: str | None = None, config_file: str | None = None, overrides: Sequence[str] = ()
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: Sequence[str] = (),
+    base: dict[str, Any] | None = None,
 ) -> RunConfig:
     """Resolve a RunConfig: the preset (``--preset``, else the file's ``preset =``, else ``debug``),
-    then the TOML file's keys, then dotted CLI overrides, each later source winning."""
+    then the TOML file's keys, then dotted CLI overrides, each later source winning. ``base`` (a
+    resumed checkpoint's config, as ``to_dict`` wrote it) replaces the preset as the starting point."""
     from lumina import presets  # presets build configs, so they import this module
 
     data: dict[str, Any] = {}
     origin: dict[str, str] = {}
     if config_file:
         data, origin = _read_toml(config_file)
-    name = preset or data.get("preset") or "debug"
+    name = preset or data.get("preset") or (base or {}).get("preset") or "debug"
     if not isinstance(name, str):
         raise ConfigError(f"{origin.get('preset', config_file)}: preset: expected a string, got {name!r}")
-    base = to_dict(presets.get(name))
+    if base is None or (preset and preset != base.get("preset")):
+        base = to_dict(presets.get(name))
     merged = _merge(base, data)
     merged["preset"] = name
     cli_keys = set()

@@ -1,0 +1,96 @@
+"""Throughput accounting: FLOPs per token, device peak FLOP/s, MFU, and memory.
+
+FLOPs per token follow torchtitan's ``get_num_flop_per_token``: 6 x (active parameters that do
+matmul work per token, i.e. without the embedding lookup table unless it doubles as the output
+head) + 12 x layers x heads x head_dim x seq_len (the attention scores and values, forward and
+backward). MoE counts the top-k experts (active parameters); MoD layers count their block
+parameters and attention term scaled by the routed fraction (capacity; capacity^2 for attention).
+
+Peak FLOP/s: a table of dense bf16 tensor-core peaks for common accelerators (the numbers
+torchtitan uses); on CPU an estimate, cores x clock x FLOPs per cycle (fp32 FMA: 64 with AVX-512,
+32 with AVX2, 8 otherwise), read from /proc/cpuinfo. ``train.peak_flops`` overrides either.
+MFU = achieved model FLOP/s / peak. Memory: CUDA max allocated on GPU, else the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+from pathlib import Path
+
+import torch
+
+from lumina.config import ModelConfig
+
+__all__ = ["PEAK_FLOPS", "flops_per_token", "memory_mb", "peak_flops"]
+
+# Dense bf16 peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM / NVL
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "V100": 125e12,
+}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token."""
+    from lumina.model import param_shapes
+
+    E, K = cfg.moe.num_experts, cfg.moe.top_k
+    mod_layers = cfg.mod_layers()
+    params = 0.0
+    for path, (shape, _std) in param_shapes(cfg).items():
+        n = 1
+        for s in shape:
+            n *= s
+        if path == "embed.weight" and not cfg.tie_embeddings:
+            continue  # a lookup, no matmul (the separate head.weight is counted)
+        if ".moe.w_" in path:
+            n = n / E * K
+        if path.startswith("layers."):
+            layer = int(path.split(".")[1])
+            if mod_layers[layer] and ".mod." not in path:
+                n *= cfg.mod.capacity
+        params += n
+    attn = sum(
+        12 * cfg.n_heads * cfg.head_dim * seq_len * (cfg.mod.capacity**2 if mod else 1.0)
+        for mod in mod_layers
+    )
+    return 6 * params + attn
+
+
+def _cpu_peak_flops() -> float:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    mhz = [float(x) for x in re.findall(r"cpu MHz\s*:\s*([\d.]+)", info)] or [2000.0]
+    flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split()) if "flags" in info else set()
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8
+    return torch.get_num_threads() * max(mhz) * 1e6 * per_cycle
+
+
+def peak_flops(device: torch.device, override: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, where the number came from) for ``device``."""
+    if override:
+        return override, "train.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_FLOPS.items():
+            if key in name:
+                return value, f"{name} bf16 dense peak"
+        return 312e12, f"{name} unknown: assumed A100 bf16 peak (set train.peak_flops)"
+    return _cpu_peak_flops(), f"CPU estimate: {torch.get_num_threads()} threads x clock x FMA width"
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA max allocated, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return rss_kb / 1024 if os.uname().sysname == "Linux" else rss_kb / 2**20
