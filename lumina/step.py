@@ -147,7 +147,9 @@ def train_step(
     inputs = batch["inputs"].unflatten(0, (A, -1))  # [A, B, T]
     targets = batch["targets"].unflatten(0, (A, -1))
     n_tokens = (targets != pad_id).sum().clamp(min=1)
-    scale = state["loss_scale"]
+    # the scale only multiplies fp16 losses (an fp32 step ignores a state's scale, e.g. after resuming
+    # an fp16 run in fp32)
+    scale = state["loss_scale"] if tc.precision == "fp16" else torch.ones_like(state["loss_scale"])
     grad_fn = torch.func.grad_and_value(
         functools.partial(loss_fn, cfg=cfg, n_tokens=n_tokens, pad_id=pad_id, aux_scale=1.0 / A), has_aux=True
     )

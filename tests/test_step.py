@@ -227,3 +227,73 @@ def test_training_on_shakespeare_lowers_held_out_loss():
         state, _ = train_step(state, TensorDict({"inputs": x, "targets": y}, []), hp, cfg=cfg, pad_id=pad)
     after = eval_step(state["params"], eval_batch, cfg=cfg, pad_id=pad)["loss"].item()
     assert before > 10.5 and after < before - 2.0, (before, after)
+
+
+def _flat(td):
+    return dict(td.flatten_keys(".").items())
+
+
+def test_step_is_pure_and_its_randomness_comes_from_the_state_key():
+    cfg = run_cfg(moe=MoEConfig(num_experts=3, top_k=2, d_expert=16, router_jitter=0.3, expert_dropout=0.4))
+    state, hp, b = init_train_state(cfg), default_hp(cfg.train), batch(cfg)
+    torch.manual_seed(0)
+    s1, m1 = train_step(state, b, hp, cfg=cfg, pad_id=PAD)
+    torch.manual_seed(1)  # the global generator plays no part
+    s2, m2 = train_step(state, b, hp, cfg=cfg, pad_id=PAD)
+    assert torch.equal(m1["loss"], m2["loss"]) and torch.equal(m1["grad_norm"], m2["grad_norm"])
+    assert not torch.equal(s1["rng"], state["rng"])  # the key advances
+    other = state.clone()
+    other["rng"] = s1["rng"]
+    _, m3 = train_step(other, b, hp, cfg=cfg, pad_id=PAD)
+    assert not torch.equal(m1["loss"], m3["loss"])  # another key, other jitter / dropped experts
+
+
+@pytest.mark.parametrize("mode", ["full", "attention"])
+def test_gradient_checkpointing_gives_the_same_step(mode, monkeypatch):
+    from lumina.model import remat as remat_mod
+
+    kw = {**CONFIGS["hybrid"], "moe": MoEConfig(num_experts=3, top_k=2, d_expert=16, router_jitter=0.2)}
+    base, remat = run_cfg(**kw), run_cfg(**kw, grad_checkpointing=mode)
+    state, hp, b = init_train_state(base), default_hp(base.train), batch(base)
+    s1, m1 = train_step(state, b, hp, cfg=base, pad_id=PAD)
+    name = {"full": "block", "attention": "attn"}[mode]
+    calls, segment = [], remat_mod._FNS[name]
+    monkeypatch.setitem(remat_mod._FNS, name, lambda *a: calls.append(1) or segment(*a))
+    s2, m2 = train_step(state, b, hp, cfg=remat, pad_id=PAD)
+    assert len(calls) == 2 * base.model.n_layers  # each layer's segment runs again in the backward
+    assert torch.equal(m1["grad_norm"], m2["grad_norm"])
+    for k, v in _flat(s1["params"]).items():
+        assert torch.equal(_flat(s2["params"])[k], v), k
+
+
+def test_bf16_mixed_precision_keeps_fp32_masters():
+    cfg32, cfg16 = run_cfg(**CONFIGS["hybrid"]), run_cfg(**CONFIGS["hybrid"], precision="bf16")
+    state, hp, b = init_train_state(cfg32), default_hp(cfg32.train), batch(cfg32)
+    s32, m32 = train_step(state, b, hp, cfg=cfg32, pad_id=PAD)
+    s16, m16 = train_step(state, b, hp, cfg=cfg16, pad_id=PAD)
+    assert all(v.dtype == torch.float32 for v in _flat(s16["params"]).values())
+    assert all(v.dtype == torch.float32 for v in _flat(s16["opt"]).values())
+    assert abs(m16["loss"].item() - m32["loss"].item()) < 0.02 and m16["loss"].item() != m32["loss"].item()
+    ev = eval_step(s16["params"], b, cfg=cfg16, pad_id=PAD)
+    assert abs(ev["loss"].item() - eval_step(s16["params"], b, cfg=cfg32, pad_id=PAD)["loss"].item()) < 0.02
+
+
+def test_fp16_dynamic_loss_scale_skips_overflowing_updates():
+    cfg = run_cfg(precision="fp16", loss_scale_window=2)
+    state, hp, b = init_train_state(cfg), default_hp(cfg.train), batch(cfg)
+    assert state["loss_scale"].item() == 65536.0
+    state["loss_scale"] = torch.tensor(1e38)  # the scaled loss overflows fp16 -> inf gradients
+    s1, m1 = train_step(state, b, hp, cfg=cfg, pad_id=PAD)
+    assert m1["skipped"].item() == 1.0 and s1["loss_scale"].item() == pytest.approx(5e37)
+    assert s1["step"].item() == 1 and s1["updates"].item() == 0 and s1["good_steps"].item() == 0
+    for k, v in _flat(state["params"]).items():
+        assert torch.equal(_flat(s1["params"])[k], v), k  # nothing applied
+    s1["loss_scale"] = torch.tensor(1024.0)
+    s2, m2 = train_step(s1, b, hp, cfg=cfg, pad_id=PAD)
+    assert m2["skipped"].item() == 0.0 and s2["updates"].item() == 1 and s2["good_steps"].item() == 1
+    assert s2["loss_scale"].item() == 1024.0
+    s3, _ = train_step(s2, b, hp, cfg=cfg, pad_id=PAD)  # second finite step in a row: the scale doubles
+    assert s3["loss_scale"].item() == 2048.0 and s3["good_steps"].item() == 0
+    # the gradients are unscaled: their norm is fp32's up to fp16 rounding, not 1024x it
+    _, ref = train_step(init_train_state(cfg), b, hp, cfg=run_cfg(), pad_id=PAD)
+    assert m2["grad_norm"].item() == pytest.approx(ref["grad_norm"].item(), rel=1e-2)
