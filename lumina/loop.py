@@ -374,8 +374,10 @@ def train(
             logs.write(record)
             if step_hook is not None:
                 step_hook(step, state, record)
-            elapsed = time.perf_counter() - t_run
-            eta = elapsed / (step - start) * (t.steps - step)
+            if step == start + 1:  # the first step includes compilation: estimate from the later ones
+                t_run = time.perf_counter()
+            done = step - start - 1
+            eta = (time.perf_counter() - t_run) / done * (t.steps - step) if done else dt * (t.steps - step)
             console.bar(step, loss, tok_s, eta)
             if step % t.log_every == 0 or step == t.steps:
                 rate = tok_window / (time.perf_counter() - t_window)

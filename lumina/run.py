@@ -69,10 +69,12 @@ def _config_parser(prog: str, description: str) -> _Parser:
 
 
 def parse_config_args(
-    parser: _Parser, argv: Sequence[str], base: Callable[[argparse.Namespace], dict | None] | None = None
+    parser: _Parser,
+    argv: Sequence[str],
+    base: Callable[[argparse.Namespace, list[str]], dict | None] | None = None,
 ) -> tuple[argparse.Namespace, RunConfig]:
-    """Parse flags; everything of the form --a.b=c is a config override. ``base(args)`` may supply
-    the starting config instead of the preset (a resumed checkpoint's)."""
+    """Parse flags; everything of the form --a.b=c is a config override. ``base(args, overrides)``
+    may supply the starting config instead of the preset (a resumed checkpoint's)."""
     overrides = [a for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
     rest = [a for a in argv if a not in overrides]
     args = parser.parse_args(rest)
@@ -88,7 +90,7 @@ def parse_config_args(
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"--data.{chat_key if mode == 'finetuning_only' else base_key}={value}")
-    start = base(args) if base else None
+    start = base(args, overrides) if base else None
     return args, load_config(preset=args.preset, config_file=args.config, overrides=overrides, base=start)
 
 
@@ -117,10 +119,10 @@ def _cmd_train(argv: Sequence[str]) -> int:
         help="continue from the newest checkpoint, a run folder or a checkpoint",
     )
 
-    def resumed_config(args) -> dict | None:
+    def resumed_config(args, overrides) -> dict | None:
         if not args.resume:
             return None
-        probe = load_config(preset=args.preset, config_file=args.config)  # where to look for "latest"
+        probe = load_config(args.preset, args.config, overrides)  # where to look for "latest"
         path = loop.find_resume(args.resume, probe.run_dir, probe.name)
         args.resume = str(path)
         _, meta = checkpoint.load_checkpoint(path)

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MixState:
-    step: int = 0  # batches drawn so far
+    step: int = 0  # micro-batches drawn so far
     base: int = 0  # next batch position in the base-text source
     chat: int = 0  # next batch position in the chat source
 
@@ -64,8 +64,9 @@ class DataMix:
     chat: ChatRows | None
     batch_size: int
     seed: int = 0
-    total_steps: int = 1
+    total_steps: int = 1  # optimizer steps of the run
     hybrid_base_fraction: float = 0.7
+    batches_per_step: int = 1  # micro-batches per optimizer step: all of a step's come from one source
     skipped_records: int = 0  # bad records dropped under data.on_bad_records=skip
 
     def __post_init__(self) -> None:
@@ -81,7 +82,9 @@ class DataMix:
         """hybrid: the first chat step."""
         return math.ceil(self.hybrid_base_fraction * self.total_steps) if self.mode == "hybrid" else None
 
-    def source(self, step: int, ratio: float) -> Source:
+    def source(self, batch: int, ratio: float) -> Source:
+        """The source of micro-batch number ``batch`` (decided per optimizer step)."""
+        step = batch // self.batches_per_step
         if self.mode == "base_only":
             return "base"
         if self.mode == "finetuning_only":
@@ -95,7 +98,7 @@ class DataMix:
     ) -> tuple[torch.Tensor, torch.Tensor, Source, MixState]:
         """(inputs [B, T], targets [B, T], source, next state); targets == pad_id carry no loss."""
         src = self.source(state.step, ratio)
-        if state.step == self.switch_step:
+        if self.switch_step is not None and state.step == self.switch_step * self.batches_per_step:
             log.info("data: hybrid mode switches from base text to chat at step %d", state.step)
         data = self.base if src == "base" else self.chat
         position = state.base if src == "base" else state.chat
@@ -150,6 +153,7 @@ def build_mix(cfg: RunConfig, split: Literal["train", "eval"] = "train") -> Data
         batch_size=t.micro_batch_size,
         seed=cfg.seed,
         total_steps=t.steps,
+        batches_per_step=t.grad_accum,
         hybrid_base_fraction=d.hybrid_base_fraction,
         skipped_records=skipped,
     )

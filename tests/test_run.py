@@ -1,0 +1,180 @@
+"""`python -m lumina.run` end to end on the packaged data, with a tiny model (seconds on 2 cores)."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lumina import checkpoint, loop, tree
+from lumina.config import load_config, to_dict
+from lumina.run import main
+
+TINY = [
+    "--model.d_model=32",
+    "--model.n_heads=2",
+    "--model.n_kv_heads=1",
+    "--model.moe.d_expert=32",
+    "--model.max_seq_len=32",
+    "--train.seq_len=32",
+    "--train.batch_size=4",
+    "--train.micro_batch_size=2",
+    "--train.eval_batches=2",
+    "--train.eval_every=2",
+    "--train.log_every=2",
+    "--train.warmup_steps=1",
+    "--train.compile=false",
+    "--model.moe.router_jitter=0.1",  # randomness that an exact resume must reproduce
+    "--model.moe.expert_dropout=0.2",
+]
+TIMING = {"tokens_per_s", "mfu", "memory_mb", "step_s"}
+
+
+def records(run_dir, kind=None):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in lines]
+    return [r for r in recs if kind is None or r["kind"] == kind]
+
+
+def test_train_leaves_a_complete_run_folder(tmp_path, capsys):
+    assert main(["--steps", "4", "--run-dir", str(tmp_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "debug"
+    assert "[eval] step 4:" in out and "held-out loss" in out and f"run folder: {run}" in out
+    cfg = load_config(overrides=["--train.steps=4", f"--run_dir={tmp_path}", *TINY])
+    assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
+    train = records(run, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [r["step"] for r in records(run, "eval")] == [0, 2, 4]
+    r = train[-1]
+    assert r["mfu"] > 0 and r["memory_mb"] > 0 and r["tokens_per_s"] > 0 and 0 <= r["accuracy"] <= 1
+    assert r["expert_layers"] == [0, 1, 2, 3] and len(r["expert_load"]) == 4
+    assert all(len(load) == 4 and sum(load) == pytest.approx(1.0) for load in r["expert_load"])
+    assert r["mod_layers"] == [1, 3] and r["mod_ratio"] == [0.25, 0.25]
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["step_00000004"]
+    assert (run / "checkpoints" / "best" / checkpoint.META_FILE).exists()
+    assert any(
+        p.name.startswith("events.out.tfevents") and p.stat().st_size > 0 for p in (run / "tb").iterdir()
+    )
+    assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same name again starts a new folder instead of mixing two runs
+    assert main(["--steps", "1", "--run-dir", str(tmp_path), *TINY, "--train.eval_batches=0"]) == 0
+    assert (tmp_path / "debug-2" / "metrics.jsonl").exists()
+
+
+def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path):
+    cfg = load_config(overrides=["--train.steps=6", *TINY])
+    straight = loop.train(load_config(overrides=["--train.steps=6", f"--run_dir={tmp_path / 'a'}", *TINY]))
+
+    def stop_at_3(step, state, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    b_cfg = load_config(overrides=["--train.steps=6", f"--run_dir={tmp_path / 'b'}", *TINY])
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(b_cfg, step_hook=stop_at_3)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "b" / "debug")] == ["step_00000003"]
+    # a fresh process resumes from the checkpoint alone (the CLI reads the config stored in it)
+    assert main(["--resume", "latest", "--run-dir", str(tmp_path / "b")]) == 0
+
+    a, _ = checkpoint.load_checkpoint(checkpoint.latest(straight.run_dir))
+    b, meta = checkpoint.load_checkpoint(checkpoint.latest(tmp_path / "b" / "debug"))
+    assert meta["step"] == 6 and int(b["step"]) == 6 and cfg.train.steps == 6
+    fa, fb = tree.flatten(a), tree.flatten(b)
+    assert fa.keys() == fb.keys()
+    for key, value in fa.items():  # params, moments, step, rng key, data position
+        assert torch.equal(fb[key], value), key
+
+    def comparable(run_dir):
+        return [
+            {k: v for k, v in r.items() if k not in TIMING}
+            for r in records(run_dir)
+            if r["kind"] in ("train", "eval")
+        ]
+
+    assert comparable(tmp_path / "b" / "debug") == comparable(straight.run_dir)
+    assert [r["what"] for r in records(tmp_path / "b" / "debug", "event")][:2] == [
+        "interrupted",
+        "checkpoint",
+    ]
+
+
+class _Payload:
+    def __reduce__(self):  # what an attacker's pickle would run on load
+        return (open, (_Payload.marker, "w"))
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "lumina.run", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_corrupted_foreign_and_pickled_checkpoints_exit_2_with_one_line(tmp_path):
+    assert main(["--steps", "1", "--run-dir", str(tmp_path), *TINY, "--train.eval_batches=0"]) == 0
+    ckpt = checkpoint.latest(tmp_path / "debug")
+    marker = tmp_path / "pwned"
+    _Payload.marker = str(marker)
+    cases = {}
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    (bad / "meta.msgpack").write_bytes(pickle.dumps(_Payload()))
+    (bad / "state.safetensors").write_bytes(pickle.dumps(_Payload()))
+    cases["pickled meta"] = (bad, "meta.msgpack")
+    bad2 = tmp_path / "pickled-state"
+    bad2.mkdir()
+    (bad2 / "meta.msgpack").write_bytes((ckpt / "meta.msgpack").read_bytes())
+    (bad2 / "state.safetensors").write_bytes(pickle.dumps(_Payload()))
+    cases["pickled state"] = (bad2, "state.safetensors")
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "meta.msgpack").write_bytes((ckpt / "meta.msgpack").read_bytes())
+    (torn / "state.safetensors").write_bytes((ckpt / "state.safetensors").read_bytes()[:-100])
+    cases["truncated"] = (torn, "state.safetensors")
+    cases["missing"] = (tmp_path / "nowhere", "nowhere")
+    for name, (path, needle) in cases.items():
+        r = _cli("--resume", str(path), cwd=tmp_path)
+        assert r.returncode == 2, (name, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lumina: error:") and needle in lines[0], (
+            name,
+            r.stderr,
+        )
+        assert "Traceback" not in r.stderr
+    assert not marker.exists()
+    # a checkpoint of another model: refused with the first mismatching tensor named
+    r = _cli("--resume", str(ckpt), "--model.d_model=48", cwd=tmp_path)
+    assert r.returncode == 2 and "this run needs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_early_stopping_on_eval_loss(tmp_path):
+    cfg = load_config(
+        overrides=[
+            *TINY,
+            "--train.steps=20",
+            "--train.eval_every=1",
+            "--train.lr=1e-9",  # nothing improves by min_delta
+            "--train.min_delta=0.1",
+            "--train.patience=2",
+            f"--run_dir={tmp_path}",
+        ]
+    )
+    result = loop.train(cfg)
+    assert result.stopped_early and result.steps == 2 and result.best_step == 0
+    assert [r["what"] for r in records(result.run_dir, "event")][0] == "early_stop"
+
+
+@pytest.mark.parametrize("mode", ["finetuning_only", "interleaved", "hybrid"])
+def test_chat_modes_train_on_chitchat(tmp_path, mode):
+    result = loop.train(
+        load_config(overrides=[*TINY, "--train.steps=4", f"--data.mode={mode}", f"--run_dir={tmp_path}"])
+    )
+    evals = records(result.run_dir, "eval")
+    assert "loss_chat" in evals[-1] and ("loss_base" in evals[-1]) == (mode != "finetuning_only")
+    sources = [r["source"] for r in records(result.run_dir, "train")]
+    assert set(sources) == ({"chat"} if mode == "finetuning_only" else set(sources)) and "chat" in sources
+    if mode == "hybrid":
+        assert sources == ["base"] * 3 + ["chat"]  # the switch at ceil(0.7 * 4) = 3
+        assert any(r["what"] == "phase_switch" for r in records(result.run_dir, "event"))
