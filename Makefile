@@ -57,6 +57,7 @@ test: venv
 
 bench: venv
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/train_step.py
 
 lint: venv
 	$(BIN)/ruff check lumina kernels tests benchmarks setup.py

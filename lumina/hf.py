@@ -161,7 +161,9 @@ def _model_config(c: Mapping[str, Any]) -> ModelConfig:
             d_expert=c["intermediate_size"],
             renormalize=True,
             router_jitter=float(c.get("router_jitter_noise") or 0.0),
-            aux_loss_weight=float(c.get("router_aux_loss_coef", 1e-2)),
+            # transformers' balance loss sums the expert shares over the k slots, so it is top_k x ours
+            # (ours is 1.0 when balanced, theirs top_k): the same gradient needs top_k x the weight.
+            aux_loss_weight=float(c.get("router_aux_loss_coef", 1e-2)) * c["num_experts_per_tok"],
         )
     for flag in ("attention_bias", "mlp_bias"):
         if c.get(flag):
@@ -272,7 +274,7 @@ def to_hf(
             num_local_experts=cfg.moe.num_experts,
             num_experts_per_tok=cfg.moe.top_k,
             router_jitter_noise=cfg.moe.router_jitter,
-            router_aux_loss_coef=cfg.moe.aux_loss_weight,
+            router_aux_loss_coef=cfg.moe.aux_loss_weight / cfg.moe.top_k,  # see from_hf
             sliding_window=None,
         )
         for key in ("attention_bias", "mlp_bias"):

@@ -81,10 +81,10 @@ def debug() -> RunConfig:
         mod=MoDConfig(enabled=True, capacity=0.25, every_n=2),
     )
     # Eager by default: on 2 CPU cores a cold torch.compile of this step takes ~110 s and then saves
-    # ~0.17 s per step (0.33 vs 0.5 s at 8 x 128 tokens), so a 300-step run only pays it back after
+    # ~0.17 s per step (0.33 vs 0.5 s at 8 x 128 tokens), so a 250-step run only pays it back after
     # ~650 steps. `--train.compile=true` (or any longer run) turns it on.
     train = TrainConfig(
-        steps=300, batch_size=8, seq_len=128, lr=3e-3, eval_every=50, log_every=25, compile=False
+        steps=250, batch_size=8, seq_len=128, lr=3e-3, eval_every=50, log_every=25, compile=False
     )
     return RunConfig(model=model, train=train, data=DataConfig(tokenizer="gpt2"), preset="debug")
 

@@ -188,3 +188,18 @@ def test_mixtral_export_loads_into_transformers():
     with torch.no_grad():
         ref = model(x).logits
     torch.testing.assert_close(apply(params, x, cfg, train=False)[0], ref, atol=1e-5, rtol=0)
+
+
+def test_mixtral_balance_loss_weight_means_the_same_training_signal():
+    model = hf_mixtral()
+    model.config.router_aux_loss_coef = 0.02
+    cfg, params = from_hf(model)
+    assert cfg.moe.aux_loss_weight == pytest.approx(0.02 * 2)  # HF's loss is top_k x ours
+    x = batch(vocab=101, T=19)
+    with torch.no_grad():
+        hf_aux = model(x, output_router_logits=True).aux_loss
+    _, aux = apply(params, x, cfg, train=False)
+    ours = sum(aux["moe", i, "aux_loss"] for i in ("0", "1")) / 2  # mean over layers
+    # HF pools all layers' tokens into one statistic; ours averages per-layer ones (equal at balance)
+    torch.testing.assert_close(cfg.moe.aux_loss_weight * ours, 0.02 * hf_aux, rtol=0.05, atol=0)
+    assert to_hf(cfg, params)[1]["router_aux_loss_coef"] == pytest.approx(0.02)

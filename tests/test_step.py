@@ -297,3 +297,15 @@ def test_fp16_dynamic_loss_scale_skips_overflowing_updates():
     # the gradients are unscaled: their norm is fp32's up to fp16 rounding, not 1024x it
     _, ref = train_step(init_train_state(cfg), b, hp, cfg=run_cfg(), pad_id=PAD)
     assert m2["grad_norm"].item() == pytest.approx(ref["grad_norm"].item(), rel=1e-2)
+
+
+@pytest.mark.slow  # compiling a checkpointed step takes minutes on 2 cores
+def test_compiled_gradient_checkpointing_matches_eager():
+    torch._dynamo.reset()
+    cfg = run_cfg(**CONFIGS["hybrid"], grad_checkpointing="full", compile=True)
+    state, hp, b = init_train_state(cfg), default_hp(cfg.train), batch(cfg)
+    eager, m_eager = train_step(state, b, hp, cfg=cfg, pad_id=PAD)
+    compiled, m_compiled = make_train_step(cfg, PAD)(state, b, hp)
+    torch.testing.assert_close(m_compiled["grad_norm"], m_eager["grad_norm"], atol=1e-6, rtol=1e-5)
+    for k, v in _flat(eager["params"]).items():
+        torch.testing.assert_close(_flat(compiled["params"])[k], v, atol=1e-5, rtol=1e-4, msg=k)
