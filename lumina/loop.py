@@ -31,7 +31,7 @@ from typing import Any, TextIO
 import torch
 from tensordict import TensorDict
 
-from lumina import checkpoint, metrics
+from lumina import checkpoint, metrics, tree
 from lumina.checkpoint import CheckpointError
 from lumina.config import RunConfig, to_dict
 from lumina.data.mix import DataMix, MixState, build_mix
@@ -256,7 +256,8 @@ def train(
         ckpt = find_resume(str(resume), cfg.run_dir, cfg.name)
         loaded, meta = checkpoint.load_checkpoint(ckpt, device=str(device))
         checkpoint.check_compatible(loaded, state, ckpt)
-        state, resumed_from = loaded, ckpt
+        flat = tree.flatten(loaded)  # a fresh state's key order, or a compiled step recompiles once
+        state, resumed_from = tree.unflatten({k: flat[k] for k in tree.flatten(state)}), ckpt
         run_dir = ckpt.parent.parent
         best = meta["extra"].get("best_eval")
         best_step = meta["extra"].get("best_step")

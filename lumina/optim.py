@@ -59,20 +59,26 @@ def adamw_update(
     t = step.to(torch.float32)
     bc1, bc2 = 1 - b1**t, 1 - b2**t
 
-    def update(p, g, m, v):
-        g32 = g.float()
-        m = m * b1 + g32 * (1 - b1)
-        v = v * b2 + g32 * g32 * (1 - b2)
-        p32 = p.float()
-        if p.ndim >= 2:
-            p32 = p32 * (1 - lr * wd)
-        p32 = p32 - lr * (m / bc1) / ((v / bc2).sqrt() + eps)
-        return p32.to(p.dtype), m, v
-
-    new_p, new_m, new_v = {}, {}, {}
-    flat_g, flat_m, flat_v = (tree.flatten(x) for x in (grads, opt["m"], opt["v"]))
-    for key, p in tree.flatten(params).items():
-        new_p[key], new_m[key], new_v[key] = update(p, flat_g[key], flat_m[key], flat_v[key])
+    # The same arithmetic as torch.optim.AdamW, on whole lists of tensors (torch._foreach_*: one
+    # dispatch per op for all leaves instead of one per leaf; pure — every op returns new tensors).
+    keys = list(tree.flatten(params))  # the input's order: a compiled step guards on key order
+    flat_p, flat_g, flat_m, flat_v = (tree.flatten(x) for x in (params, grads, opt["m"], opt["v"]))
+    p32 = [flat_p[k].float() for k in keys]
+    g32 = [flat_g[k].float() for k in keys]
+    m = torch._foreach_add(torch._foreach_mul([flat_m[k] for k in keys], b1), torch._foreach_mul(g32, 1 - b1))
+    v = torch._foreach_add(
+        torch._foreach_mul([flat_v[k] for k in keys], b2),
+        torch._foreach_mul(torch._foreach_mul(g32, g32), 1 - b2),
+    )
+    decay = [i for i, k in enumerate(keys) if flat_p[k].ndim >= 2]  # matrices only
+    if decay:
+        for i, d in zip(decay, torch._foreach_mul([p32[i] for i in decay], 1 - lr * wd), strict=True):
+            p32[i] = d
+    denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, bc2)), eps)
+    step_ = torch._foreach_div(torch._foreach_mul(torch._foreach_div(m, bc1), lr), denom)
+    p32 = torch._foreach_sub(p32, step_)
+    new_p = {k: p.to(flat_p[k].dtype) for k, p in zip(keys, p32, strict=True)}
+    new_m, new_v = dict(zip(keys, m, strict=True)), dict(zip(keys, v, strict=True))
     opt = TensorDict({"m": tree.unflatten(new_m), "v": tree.unflatten(new_v)}, batch_size=[])
     return tree.unflatten(new_p), opt
 
