@@ -309,3 +309,24 @@ def test_compiled_gradient_checkpointing_matches_eager():
     torch.testing.assert_close(m_compiled["grad_norm"], m_eager["grad_norm"], atol=1e-6, rtol=1e-5)
     for k, v in _flat(eager["params"]).items():
         torch.testing.assert_close(_flat(compiled["params"])[k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_native_and_reference_providers_train_alike(monkeypatch, compiled):
+    from lumina import ops
+
+    if ops.provider() != "native":
+        pytest.skip("native op library not built")
+    torch._dynamo.reset()
+    cfg = run_cfg(**CONFIGS["moe"], micro_batch_size=2, compile=compiled)
+    state, hp, b = init_train_state(cfg), default_hp(cfg.train), batch(cfg)
+    calls, combine = [], ops.native.moe_combine
+    monkeypatch.setattr(ops.native, "moe_combine", lambda *a: calls.append(1) or combine(*a))
+    s_native, m_native = make_train_step(cfg, PAD)(state, b, hp)
+    assert len(calls) == 2 * cfg.model.n_layers  # the model went through the native op (2 micro-batches)
+    torch._dynamo.reset()
+    monkeypatch.setattr(ops, "_PROVIDER", "reference")
+    s_ref, m_ref = make_train_step(cfg, PAD)(state, b, hp)
+    torch.testing.assert_close(m_native["grad_norm"], m_ref["grad_norm"], atol=1e-6, rtol=1e-6)
+    for k, v in _flat(s_ref["params"]).items():
+        torch.testing.assert_close(_flat(s_native["params"])[k], v, atol=1e-6, rtol=1e-5, msg=k)

@@ -1,0 +1,224 @@
+// Native CPU kernels of the dropless MoE data-movement ops (semantics: kernels/reference.py).
+//
+// Legend: N tokens, K top-k, A = N*K assignments, D model dim. perm_A lists assignment ids
+// (a = n*K + k) in expert-contiguous order; inv_A is its inverse (inv[perm[i]] = i).
+//
+//   moe_dispatch(x_ND, perm_A, top_k) -> x_AD          x_AD[i] = x[perm[i] / K]
+//   moe_dispatch_backward(g_AD, perm_A, top_k) -> dx_ND dx[n] = sum_k g[inv[n*K+k]]
+//   moe_combine(y_AD, perm_A, w_NK) -> out_ND           out[n] = sum_k w[n,k] * y[inv[n*K+k]]
+//   moe_combine_backward(g_ND, y_AD, perm_A, w_NK) -> (dy_AD, dw_NK)
+//                                  dy[inv[n*K+k]] = w[n,k] * g[n];  dw[n,k] = <g[n], y[inv[n*K+k]]>
+//
+// Every output row is written by exactly one thread, and every sum runs over k in a fixed order, so
+// the results are deterministic for any thread count (no atomics, no scatter-add). Sums accumulate
+// in float (at::opmath_type) and round once, for bf16/fp16 as well.
+// Autograd and the fake (meta) kernels are registered from Python (kernels/native.py).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+namespace {
+
+// Rows of D elements per parallel task: ~64 KiB of float work per chunk keeps the fork/join cost
+// small next to the copy (D=512 -> 32 rows).
+int64_t grain_rows(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(D, 1)); }
+
+void check_perm(const at::Tensor& perm_A) {
+  TORCH_CHECK(perm_A.dim() == 1, "lumina_native: perm must be 1-D, got shape ", perm_A.sizes());
+  TORCH_CHECK(perm_A.scalar_type() == at::kLong, "lumina_native: perm must be int64, got ",
+              perm_A.scalar_type());
+  TORCH_CHECK(perm_A.device().is_cpu(), "lumina_native: perm must be on the CPU");
+}
+
+// inv[perm[i]] = i, validating that perm is a permutation of [0, A): an out-of-range or repeated id
+// would otherwise read or write out of bounds. O(A), negligible next to the O(A*D) data movement.
+at::Tensor inverse_permutation(const at::Tensor& perm_A) {
+  const int64_t A = perm_A.numel();
+  at::Tensor inv_A = at::full({A}, -1, perm_A.options());
+  const int64_t* perm = perm_A.data_ptr<int64_t>();
+  int64_t* inv = inv_A.data_ptr<int64_t>();
+  for (int64_t i = 0; i < A; ++i) {
+    const int64_t a = perm[i];
+    TORCH_CHECK(a >= 0 && a < A, "lumina_native: perm[", i, "] = ", a, " is outside [0, ", A, ")");
+    TORCH_CHECK(inv[a] < 0, "lumina_native: perm is not a permutation (", a, " appears twice)");
+    inv[a] = i;
+  }
+  return inv_A;
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "lumina_native: ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "lumina_native: ", name, " must be on the CPU");
+}
+
+at::Tensor moe_dispatch(const at::Tensor& x_ND, const at::Tensor& perm_A, int64_t top_k) {
+  check_rows(x_ND, "x");
+  check_perm(perm_A);
+  TORCH_CHECK(top_k >= 1, "lumina_native: top_k must be >= 1, got ", top_k);
+  const int64_t N = x_ND.size(0), D = x_ND.size(1), A = perm_A.numel();
+  TORCH_CHECK(A == N * top_k, "lumina_native: perm has ", A, " entries, expected N*K = ", N * top_k);
+  const at::Tensor x = x_ND.contiguous();
+  const at::Tensor perm_c = perm_A.contiguous();
+  inverse_permutation(perm_c);  // validation only: the gather below indexes x by perm directly
+  at::Tensor out_AD = at::empty({A, D}, x.options());
+  const int64_t* perm = perm_c.data_ptr<int64_t>();
+  const size_t row_bytes = static_cast<size_t>(D) * x.element_size();
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(out_AD.data_ptr());
+  // A row copy needs no arithmetic: one memcpy per row serves every dtype.
+  at::parallel_for(0, A, grain_rows(D), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      std::memcpy(dst + i * row_bytes, src + (perm[i] / top_k) * row_bytes, row_bytes);
+    }
+  });
+  return out_AD;
+}
+
+at::Tensor moe_dispatch_backward(const at::Tensor& g_AD, const at::Tensor& perm_A, int64_t top_k) {
+  check_rows(g_AD, "grad");
+  check_perm(perm_A);
+  TORCH_CHECK(top_k >= 1, "lumina_native: top_k must be >= 1, got ", top_k);
+  const int64_t A = g_AD.size(0), D = g_AD.size(1);
+  TORCH_CHECK(perm_A.numel() == A, "lumina_native: perm has ", perm_A.numel(), " entries, grad has ", A,
+              " rows");
+  TORCH_CHECK(A % top_k == 0, "lumina_native: grad rows (", A, ") not a multiple of top_k (", top_k, ")");
+  const int64_t N = A / top_k, K = top_k;
+  const at::Tensor g = g_AD.contiguous();
+  const at::Tensor inv_A = inverse_permutation(perm_A.contiguous());
+  at::Tensor dx_ND = at::empty({N, D}, g.options());
+  const int64_t* inv = inv_A.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "moe_dispatch_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* dx = dx_ND.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain_rows(D * K), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(static_cast<size_t>(D));
+      for (int64_t n = begin; n < end; ++n) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* row = gp + inv[n * K + k] * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(row[d]);
+        }
+        scalar_t* out = dx + n * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(acc[d]);
+      }
+    });
+  });
+  return dx_ND;
+}
+
+void check_weights(const at::Tensor& w_NK, int64_t A) {
+  TORCH_CHECK(w_NK.dim() == 2, "lumina_native: weights must be [N, K], got shape ", w_NK.sizes());
+  TORCH_CHECK(w_NK.device().is_cpu(), "lumina_native: weights must be on the CPU");
+  TORCH_CHECK(at::isFloatingType(w_NK.scalar_type()), "lumina_native: weights must be floating point");
+  TORCH_CHECK(w_NK.numel() == A, "lumina_native: weights have ", w_NK.numel(),
+              " entries, perm has ", A);
+}
+
+at::Tensor moe_combine(const at::Tensor& y_AD, const at::Tensor& perm_A, const at::Tensor& w_NK) {
+  check_rows(y_AD, "y");
+  check_perm(perm_A);
+  const int64_t A = y_AD.size(0), D = y_AD.size(1);
+  TORCH_CHECK(perm_A.numel() == A, "lumina_native: perm has ", perm_A.numel(), " entries, y has ", A, " rows");
+  check_weights(w_NK, A);
+  const int64_t N = w_NK.size(0), K = w_NK.size(1);
+  const at::Tensor y = y_AD.contiguous();
+  // The reference multiplies by weights.to(y.dtype): round the weights the same way.
+  const at::Tensor w = w_NK.to(y.scalar_type()).contiguous();
+  const at::Tensor inv_A = inverse_permutation(perm_A.contiguous());
+  at::Tensor out_ND = at::empty({N, D}, y.options());
+  const int64_t* inv = inv_A.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "moe_combine", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* out = out_ND.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain_rows(D * K), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(static_cast<size_t>(D));
+      for (int64_t n = begin; n < end; ++n) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t wk = static_cast<acc_t>(wp[n * K + k]);
+          const scalar_t* row = yp + inv[n * K + k] * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += wk * static_cast<acc_t>(row[d]);
+        }
+        scalar_t* o = out + n * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+      }
+    });
+  });
+  return out_ND;
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_combine_backward(const at::Tensor& g_ND, const at::Tensor& y_AD,
+                                                        const at::Tensor& perm_A, const at::Tensor& w_NK) {
+  check_rows(g_ND, "grad");
+  check_rows(y_AD, "y");
+  check_perm(perm_A);
+  const int64_t A = y_AD.size(0), D = y_AD.size(1);
+  TORCH_CHECK(perm_A.numel() == A, "lumina_native: perm has ", perm_A.numel(), " entries, y has ", A, " rows");
+  check_weights(w_NK, A);
+  const int64_t N = w_NK.size(0), K = w_NK.size(1);
+  TORCH_CHECK(g_ND.size(0) == N && g_ND.size(1) == D, "lumina_native: grad must be [", N, ", ", D, "], got ",
+              g_ND.sizes());
+  TORCH_CHECK(g_ND.scalar_type() == y_AD.scalar_type(), "lumina_native: grad dtype ", g_ND.scalar_type(),
+              " differs from y dtype ", y_AD.scalar_type());
+  const at::Tensor g = g_ND.contiguous();
+  const at::Tensor y = y_AD.contiguous();
+  const at::Tensor w = w_NK.to(y.scalar_type()).contiguous();
+  const at::Tensor inv_A = inverse_permutation(perm_A.contiguous());
+  at::Tensor dy_AD = at::empty({A, D}, y.options());
+  // dw is computed in the accumulation type (float; double for double) and cast to the weights' dtype
+  // (the reference's grad flows through weights.to(y.dtype), whose backward casts back).
+  at::Tensor dw_NK = at::empty({N, K}, y.options().dtype(at::toOpMathType(y.scalar_type())));
+  const int64_t* inv = inv_A.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "moe_combine_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* dy = dy_AD.data_ptr<scalar_t>();
+    acc_t* dw = dw_NK.data_ptr<acc_t>();
+    // Parallel over tokens: token n owns rows inv[n*K + k] of dy (a permutation: no two tokens
+    // share a row) and its K weights.
+    at::parallel_for(0, N, grain_rows(D * K), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* gr = gp + n * D;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t row = inv[n * K + k];
+          const acc_t wk = static_cast<acc_t>(wp[n * K + k]);
+          const scalar_t* yr = yp + row * D;
+          scalar_t* dyr = dy + row * D;
+          acc_t dot = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            const acc_t gd = static_cast<acc_t>(gr[d]);
+            dyr[d] = static_cast<scalar_t>(wk * gd);
+            dot += gd * static_cast<acc_t>(yr[d]);
+          }
+          dw[n * K + k] = dot;
+        }
+      }
+    });
+  });
+  return {dy_AD, dw_NK.to(w_NK.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lumina_native, m) {
+  m.def("moe_dispatch(Tensor x, Tensor perm, int top_k) -> Tensor");
+  m.def("moe_dispatch_backward(Tensor grad, Tensor perm, int top_k) -> Tensor");
+  m.def("moe_combine(Tensor y, Tensor perm, Tensor weights) -> Tensor");
+  m.def("moe_combine_backward(Tensor grad, Tensor y, Tensor perm, Tensor weights) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lumina_native, CPU, m) {
+  m.impl("moe_dispatch", &moe_dispatch);
+  m.impl("moe_dispatch_backward", &moe_dispatch_backward);
+  m.impl("moe_combine", &moe_combine);
+  m.impl("moe_combine_backward", &moe_combine_backward);
+}
