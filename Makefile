@@ -57,6 +57,8 @@ test: venv
 
 bench: venv
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/moe.py
+	$(BIN)/python benchmarks/moe.py --dtype bfloat16
 	$(BIN)/python benchmarks/train_step.py
 
 lint: venv
