@@ -9,11 +9,12 @@ opaque op costs no graph break, so a model using it still compiles with ``fullgr
 public function reaches it through an ``autograd.Function`` so ``torch.func.grad`` can differentiate
 it.
 
-Providers: ``moe_dispatch`` and ``moe_combine`` run the native CPU ops (``lumina_kernels.native``,
-built by CMake; 5.3x the reference for dispatch + combine forward + backward in fp32 at N=8192,
-D=512, k=2, see benchmarks/README.md) on CPU tensors when the library is built, else the reference;
-``LUMINA_OPS=reference`` forces the reference (A/B runs). When the native library is missing the
-fallback is announced once. The other ops are differentiable plain torch (the references) today.
+Providers for ``moe_dispatch`` and ``moe_combine``: on CUDA tensors the Triton kernels
+(``lumina_kernels.moe_dispatch`` / ``moe_combine``) when triton is installed (not yet run on a GPU);
+on CPU tensors the native ops (``lumina_kernels.native``, built by CMake; 5.3x the reference for
+dispatch + combine forward + backward in fp32 at N=8192, D=512, k=2, see README) when built; else
+the reference. ``LUMINA_OPS=reference`` forces the reference (A/B runs); a missing native library
+is announced once. The other ops are differentiable plain torch (the references) today.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ import os
 import torch
 
 from lumina_kernels import native, native_status, reference
+
+try:  # Triton kernels: CUDA tensors only (on CPU, Triton's interpreter is far too slow to train with)
+    from lumina_kernels import moe_combine as _triton_combine
+    from lumina_kernels import moe_dispatch as _triton_dispatch
+except ImportError:  # triton not installed
+    _triton_dispatch = _triton_combine = None
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +146,8 @@ if _PROVIDER == "reference" and os.environ.get("LUMINA_OPS", "auto") != "referen
 
 def moe_dispatch(x_ND: torch.Tensor, perm_A: torch.Tensor, top_k: int) -> torch.Tensor:
     """Token rows in expert-contiguous order: row i is token perm_A[i] // top_k. [A, D]"""
+    if _triton_dispatch is not None and x_ND.is_cuda and os.environ.get("LUMINA_OPS") != "reference":
+        return _triton_dispatch.moe_dispatch(x_ND, perm_A, top_k)
     if _PROVIDER == "native" and x_ND.device.type == "cpu":
         return native.moe_dispatch(x_ND, perm_A, top_k)
     return reference.moe_dispatch(x_ND, perm_A, top_k)
@@ -146,6 +155,8 @@ def moe_dispatch(x_ND: torch.Tensor, perm_A: torch.Tensor, top_k: int) -> torch.
 
 def moe_combine(y_AD: torch.Tensor, perm_A: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """Each token's router-weighted sum of its K expert outputs (deterministic). [N, D]"""
+    if _triton_combine is not None and y_AD.is_cuda and os.environ.get("LUMINA_OPS") != "reference":
+        return _triton_combine.moe_combine(y_AD, perm_A, weights_NK)
     if _PROVIDER == "native" and y_AD.device.type == "cpu":
         return native.moe_combine(y_AD, perm_A, weights_NK)
     return reference.moe_combine(y_AD, perm_A, weights_NK)

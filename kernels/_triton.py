@@ -1,0 +1,81 @@
+"""Shared plumbing for Lumina's Triton kernels: one kernel object that runs compiled on CUDA tensors and
+through Triton's interpreter on CPU tensors, plus block-size heuristics.
+
+Why not plain ``@triton.jit``: it decides compiled-vs-interpreted once, when the decorator runs, from
+``TRITON_INTERPRET`` (triton 3.7: ``triton.runtime.jit.jit``). Whether a CPU test works would then
+depend on which module imported the kernels first and what the environment said at that moment. Here
+the choice is made per launch, from the tensors' device, so CPU tensors always take the interpreter
+(the only way Triton runs on a CPU) and CUDA tensors the compiled kernel, whatever the import order.
+``TRITON_INTERPRET=1`` still forces the interpreter everywhere (debugging on a GPU machine).
+
+The rule this imposes on kernel bodies: call only Triton *builtins* (``tl.load``, ``tl.full``,
+``tl.reduce``, ``tl.arange``, ``.to`` …), not ``triton.language.standard``'s ``@jit`` helpers
+(``tl.zeros``, ``tl.sum``, ``tl.max``, ``tl.cdiv`` …). Those were decorated when triton was imported;
+if ``TRITON_INTERPRET`` was unset then, they are compiled-only and the interpreter refuses to call them
+("Cannot call @triton.jit'd outside of the scope of a kernel"). Use ``tl.full(shape, 0.0, dtype)`` for
+``tl.zeros`` and ``tl.reduce(x, axis, tl.standard._sum_combine)`` for ``tl.sum`` (the same combine
+function ``tl.sum`` uses, so the compiled code is identical and the interpreter maps it to np.sum).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+from triton.runtime.jit import JITFunction
+
+__all__ = ["Kernel", "acc_dtype", "jit", "row_blocks"]
+
+
+class Kernel:
+    """A Triton kernel source with a compiled (CUDA) and an interpreted (CPU) launcher, built lazily."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    @functools.cached_property
+    def compiled(self) -> JITFunction:
+        return JITFunction(self.fn)
+
+    @functools.cached_property
+    def interpreted(self):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(self.fn)
+
+    def on(self, device: torch.device):
+        """The launcher for tensors on ``device``: index it with the grid, then call it."""
+        if device.type == "cpu" or knobs.runtime.interpret:
+            return self.interpreted
+        return self.compiled
+
+
+def jit(fn: Callable) -> Kernel:
+    return Kernel(fn)
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The accumulator for sums over ``dtype`` inputs: fp32 (fp64 for fp64, so gradcheck is exact)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def row_blocks(
+    rows: int, D: int, device: torch.device, block_r: int | None = None, block_d: int | None = None
+) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D) for a kernel whose program covers BLOCK_R rows x BLOCK_D columns.
+
+    Compiled: tiles of at most 4096 elements (BLOCK_D <= 1024: 4 warps x 32 lanes x 8 elements), so
+    a program's registers stay small and there are many programs to fill the SMs. Interpreted: every
+    program is a Python-level loop iteration of numpy work, so tiles are as large as possible (64 Ki
+    elements) to launch few programs. Either can be forced (tests force small blocks to exercise the
+    column masks and several column blocks)."""
+    interpreted = device.type == "cpu" or knobs.runtime.interpret
+    max_d, max_tile = (4096, 1 << 16) if interpreted else (1024, 4096)
+    bd = block_d or min(triton.next_power_of_2(max(D, 1)), max_d)
+    br = block_r or max(1, min(triton.next_power_of_2(max(rows, 1)), max_tile // bd))
+    return br, bd
