@@ -182,6 +182,7 @@ def _routing_record(m: TensorDict) -> dict[str, Any]:
         layers = sorted(m["mod"].keys(), key=int)
         rec["mod_layers"] = [int(i) for i in layers]
         rec["mod_ratio"] = [m["mod", i, "selected_ratio"].item() for i in layers]
+        rec["mod_predictor_acc"] = [m["mod", i, "predictor_acc"].item() for i in layers]
     return rec
 
 

@@ -9,7 +9,7 @@ Panels, each drawn only when its data exists:
     lr          learning rate; grad norm on a twin axis (log when it spans > 2 decades)
     throughput  tokens/s; MFU (%) on a twin axis; peak memory in the title
     experts     heatmap of each MoE layer's expert load over steps, diverging around the balanced 1/E
-    mod / drop  MoD selected fraction per MoD layer; dropped fraction per MoE layer
+    mod / drop  MoD predictor accuracy (else selected fraction) per MoD layer; dropped fraction per MoE layer
 Series longer than 300 points (all but the learning rate) are drawn as a faint raw line under an EMA.
 
 Records are ``{"kind": "train"|"eval"|"event"|"decision", "step": int, ...}``. Unknown kinds and fields
@@ -281,7 +281,16 @@ def _draw_per_layer(ax, train: Records, key: str, ids_key: str) -> None:
 
 
 def _draw_mod(ax, recs: dict[str, Records]) -> None:
-    _draw_per_layer(ax, recs["train"], PER_LAYER["mod"], "mod_layers")
+    train = recs["train"]
+    if any(_list(r, "mod_predictor_acc") for r in train):
+        # the selected fraction is the configured capacity by construction; what moves is how well the
+        # causal predictor (used at inference) agrees with the router's top-k
+        ratio = next((_list(r, "mod_ratio") for r in reversed(train) if _list(r, "mod_ratio")), [])
+        cap = f" (selected fraction {ratio[0]:.3g})" if ratio else ""
+        _draw_per_layer(ax, train, "mod_predictor_acc", "mod_layers")
+        ax.set(title=f"MoD: predictor accuracy{cap}", ylabel="accuracy")
+        return
+    _draw_per_layer(ax, train, PER_LAYER["mod"], "mod_layers")
     ax.set(title="MoD: fraction of tokens selected", ylabel="selected")
 
 
