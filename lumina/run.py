@@ -102,22 +102,23 @@ def _cmd_presets(argv: Sequence[str]) -> int:
     return 0
 
 
-def _cmd_train(argv: Sequence[str]) -> int:
-    from lumina import checkpoint, loop
-
+def train_parser() -> _Parser:
     parser = _config_parser("lumina.run train", "Train a model; see README 'Training'.")
     parser.add_argument("--mode", help="base_only | finetuning_only | hybrid | interleaved (data.mode)")
     parser.add_argument(
-        "--data",
-        metavar="FILES",
-        help="comma-separated training files (chat files with --mode finetuning_only)",
+        "--data", metavar="FILES", help="comma-separated training files (chat with --mode finetuning_only)"
     )
     parser.add_argument("--eval-data", dest="eval_data", metavar="FILES", help="held-out files, as --data")
     parser.add_argument(
-        "--resume",
-        metavar="latest|PATH",
-        help="continue from the newest checkpoint, a run folder or a checkpoint",
+        "--resume", metavar="latest|PATH", help="continue from the newest checkpoint, a run or a checkpoint"
     )
+    return parser
+
+
+def _cmd_train(argv: Sequence[str]) -> int:
+    from lumina import checkpoint, loop
+
+    parser = train_parser()
 
     def resumed_config(args, overrides) -> dict | None:
         if not args.resume:

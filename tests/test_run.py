@@ -178,3 +178,20 @@ def test_chat_modes_train_on_chitchat(tmp_path, mode):
     if mode == "hybrid":
         assert sources == ["base"] * 3 + ["chat"]  # the switch at ceil(0.7 * 4) = 3
         assert any(r["what"] == "phase_switch" for r in records(result.run_dir, "event"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "field", "value"),
+    [
+        (["--data", "a.txt,b.txt"], "train_files", ("a.txt", "b.txt")),
+        (["--eval-data", "h.txt"], "eval_files", ("h.txt",)),
+        (["--mode", "finetuning_only", "--data", "c.jsonl"], "chat_files", ("c.jsonl",)),
+        (["--mode", "finetuning_only", "--eval-data", "d.jsonl"], "chat_eval_files", ("d.jsonl",)),
+        (["--mode", "interleaved"], "mode", "interleaved"),
+    ],
+)
+def test_data_flags_map_to_the_config(flags, field, value):
+    from lumina.run import parse_config_args, train_parser
+
+    _, cfg = parse_config_args(train_parser(), flags)
+    assert getattr(cfg.data, field) == value
