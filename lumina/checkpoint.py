@@ -32,6 +32,7 @@ __all__ = [
     "checkpoints",
     "latest",
     "load_checkpoint",
+    "read_meta",
     "save_checkpoint",
 ]
 
@@ -108,8 +109,8 @@ def _read(path: Path) -> bytes:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TensorDict, dict[str, Any]]:
-    """(state, meta) of a checkpoint directory written by ``save_checkpoint``."""
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The validated metadata of a checkpoint directory (without reading its tensors)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -127,6 +128,13 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TensorDict, 
         )
     if not isinstance(meta.get("step"), int) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{meta_file}: metadata lacks an integer 'step' and a 'config' table")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TensorDict, dict[str, Any]]:
+    """(state, meta) of a checkpoint directory written by ``save_checkpoint``."""
+    path = Path(path)
+    meta = read_meta(path)
     state_file = path / STATE_FILE
     raw = _read(state_file)
     try:  # safetensors parses a length-prefixed JSON header and raw bytes; it cannot run code

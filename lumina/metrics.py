@@ -14,6 +14,7 @@ MFU = achieved model FLOP/s / peak. Memory: CUDA max allocated on GPU, else the 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import resource
@@ -45,9 +46,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     mod_layers = cfg.mod_layers()
     params = 0.0
     for path, (shape, _std) in param_shapes(cfg).items():
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         if path == "embed.weight" and not cfg.tie_embeddings:
             continue  # a lookup, no matmul (the separate head.weight is counted)
         if ".moe.w_" in path:

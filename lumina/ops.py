@@ -132,31 +132,36 @@ def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) 
 # ------------------------------------------------------------------------------------ providers
 
 
+_FORCE_REFERENCE = os.environ.get("LUMINA_OPS", "auto") == "reference"  # read once, at import
+
+
 def provider() -> str:
     """ "native" or "reference": what moe_dispatch / moe_combine use on CPU tensors."""
-    if os.environ.get("LUMINA_OPS", "auto") == "reference":
-        return "reference"
-    return "native" if native.available() else "reference"
+    return "native" if native.available() and not _FORCE_REFERENCE else "reference"
 
 
 _PROVIDER = provider()
-if _PROVIDER == "reference" and os.environ.get("LUMINA_OPS", "auto") != "reference":
+if _PROVIDER == "reference" and not _FORCE_REFERENCE:
     log.warning("lumina.ops: native CPU ops unavailable (%s); using the reference ops", native_status())
+
+
+def _route(x: torch.Tensor, triton_fn, native_fn, reference_fn):
+    """The implementation for ``x``'s device: Triton on CUDA, native on CPU (when present), else the
+    reference. A Python branch on static facts, so it costs no graph break under torch.compile."""
+    if triton_fn is not None and x.is_cuda and not _FORCE_REFERENCE:
+        return triton_fn
+    if _PROVIDER == "native" and x.device.type == "cpu":
+        return native_fn
+    return reference_fn
 
 
 def moe_dispatch(x_ND: torch.Tensor, perm_A: torch.Tensor, top_k: int) -> torch.Tensor:
     """Token rows in expert-contiguous order: row i is token perm_A[i] // top_k. [A, D]"""
-    if _triton_dispatch is not None and x_ND.is_cuda and os.environ.get("LUMINA_OPS") != "reference":
-        return _triton_dispatch.moe_dispatch(x_ND, perm_A, top_k)
-    if _PROVIDER == "native" and x_ND.device.type == "cpu":
-        return native.moe_dispatch(x_ND, perm_A, top_k)
-    return reference.moe_dispatch(x_ND, perm_A, top_k)
+    triton_fn = _triton_dispatch.moe_dispatch if _triton_dispatch is not None else None
+    return _route(x_ND, triton_fn, native.moe_dispatch, reference.moe_dispatch)(x_ND, perm_A, top_k)
 
 
 def moe_combine(y_AD: torch.Tensor, perm_A: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """Each token's router-weighted sum of its K expert outputs (deterministic). [N, D]"""
-    if _triton_combine is not None and y_AD.is_cuda and os.environ.get("LUMINA_OPS") != "reference":
-        return _triton_combine.moe_combine(y_AD, perm_A, weights_NK)
-    if _PROVIDER == "native" and y_AD.device.type == "cpu":
-        return native.moe_combine(y_AD, perm_A, weights_NK)
-    return reference.moe_combine(y_AD, perm_A, weights_NK)
+    triton_fn = _triton_combine.moe_combine if _triton_combine is not None else None
+    return _route(y_AD, triton_fn, native.moe_combine, reference.moe_combine)(y_AD, perm_A, weights_NK)

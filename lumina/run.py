@@ -126,8 +126,7 @@ def _cmd_train(argv: Sequence[str]) -> int:
         probe = load_config(args.preset, args.config, overrides)  # where to look for "latest"
         path = loop.find_resume(args.resume, probe.run_dir, probe.name)
         args.resume = str(path)
-        _, meta = checkpoint.load_checkpoint(path)
-        return meta["config"]
+        return checkpoint.read_meta(path)["config"]  # the state itself is loaded once, by the loop
 
     args, cfg = parse_config_args(parser, argv, base=resumed_config)
     loop.train(cfg, resume=args.resume)

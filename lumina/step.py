@@ -135,9 +135,8 @@ def _layer_stats(per_micro: list[TensorDict]) -> TensorDict:
 
 
 def _where_tree(cond: torch.Tensor, new: TensorDict, old: TensorDict) -> TensorDict:
-    return tree.unflatten(
-        {k: torch.where(cond, v, tree.flatten(old)[k]) for k, v in tree.flatten(new).items()}
-    )
+    flat_old = tree.flatten(old)
+    return tree.unflatten({k: torch.where(cond, v, flat_old[k]) for k, v in tree.flatten(new).items()})
 
 
 def train_step(
