@@ -9,12 +9,14 @@ opaque op costs no graph break, so a model using it still compiles with ``fullgr
 public function reaches it through an ``autograd.Function`` so ``torch.func.grad`` can differentiate
 it.
 
-Providers for ``moe_dispatch`` and ``moe_combine``: on CUDA tensors the Triton kernels
-(``lumina_kernels.moe_dispatch`` / ``moe_combine``) when triton is installed (not yet run on a GPU);
-on CPU tensors the native ops (``lumina_kernels.native``, built by CMake; 5.3x the reference for
-dispatch + combine forward + backward in fp32 at N=8192, D=512, k=2, see README) when built; else
-the reference. ``LUMINA_OPS=reference`` forces the reference (A/B runs); a missing native library
-is announced once. The other ops are differentiable plain torch (the references) today.
+Providers (``_route``): on CUDA tensors the Triton kernels (``lumina_kernels.moe_dispatch``,
+``moe_combine``, ``mod_routing``) when triton is installed (not yet run on a GPU); on CPU tensors the
+native ops (``lumina_kernels.native``, built by CMake; 5.3x the reference for dispatch + combine
+forward + backward in fp32 at N=8192, D=512, k=2, see README) when built and the op has one (MoE
+dispatch and combine today); else the reference. ``LUMINA_OPS=reference`` forces the reference (A/B
+runs), ``LUMINA_OPS=triton`` the Triton kernels on every device (tests of the GPU path on CPU); a
+missing native library is announced once. The other ops are differentiable plain torch (the
+references) today.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import torch
 from lumina_kernels import native, native_status, reference
 
 try:  # Triton kernels: CUDA tensors only (on CPU, Triton's interpreter is far too slow to train with)
+    from lumina_kernels import mod_routing as _triton_mod
     from lumina_kernels import moe_combine as _triton_combine
     from lumina_kernels import moe_dispatch as _triton_dispatch
 except ImportError:  # triton not installed
-    _triton_dispatch = _triton_combine = None
+    _triton_dispatch = _triton_combine = _triton_mod = None
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,6 @@ moe_routing = reference.moe_routing
 capacity_dispatch = reference.capacity_dispatch
 capacity_combine = reference.capacity_combine
 mod_topk = reference.mod_topk
-mod_gather = reference.mod_gather
-mod_scatter = reference.mod_scatter
 
 
 @torch.library.custom_op("lumina::grouped_mm", mutates_args=())
@@ -132,23 +133,37 @@ def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) 
 # ------------------------------------------------------------------------------------ providers
 
 
-_FORCE_REFERENCE = os.environ.get("LUMINA_OPS", "auto") == "reference"  # read once, at import
+# LUMINA_OPS, read once at import: "auto" (the default), "reference" (every op on the reference: A/B
+# runs), or "triton" (the Triton kernels on every device, CPU tensors through Triton's interpreter:
+# how CPU-only CI runs the model on the GPU code path; far too slow to train with).
+_MODES = ("auto", "reference", "triton")
+_MODE = os.environ.get("LUMINA_OPS", "auto")
+if _MODE not in _MODES:
+    raise ValueError(f"LUMINA_OPS={_MODE!r}: expected one of {', '.join(_MODES)}")
+if _MODE == "triton" and _triton_dispatch is None:
+    raise ImportError("LUMINA_OPS=triton, but triton is not installed (pip install -e '.[dev]')")
 
 
 def provider() -> str:
-    """ "native" or "reference": what moe_dispatch / moe_combine use on CPU tensors."""
-    return "native" if native.available() and not _FORCE_REFERENCE else "reference"
+    """What the ops with several implementations use on CPU tensors: "native", "reference", or
+    "triton" (forced by LUMINA_OPS=triton; ops with no Triton kernel then take the reference)."""
+    if _MODE != "auto":
+        return _MODE
+    return "native" if native.available() else "reference"
 
 
 _PROVIDER = provider()
-if _PROVIDER == "reference" and not _FORCE_REFERENCE:
+if _PROVIDER == "reference" and _MODE == "auto":
     log.warning("lumina.ops: native CPU ops unavailable (%s); using the reference ops", native_status())
 
 
 def _route(x: torch.Tensor, triton_fn, native_fn, reference_fn):
-    """The implementation for ``x``'s device: Triton on CUDA, native on CPU (when present), else the
-    reference. A Python branch on static facts, so it costs no graph break under torch.compile."""
-    if triton_fn is not None and x.is_cuda and not _FORCE_REFERENCE:
+    """The implementation for ``x``'s device: Triton on CUDA (or everywhere under LUMINA_OPS=triton),
+    native on CPU (when built), else the reference. A Python branch on static facts, so it costs no
+    graph break under torch.compile."""
+    if _MODE == "reference":
+        return reference_fn
+    if triton_fn is not None and (x.is_cuda or _PROVIDER == "triton"):
         return triton_fn
     if _PROVIDER == "native" and x.device.type == "cpu":
         return native_fn
@@ -165,3 +180,19 @@ def moe_combine(y_AD: torch.Tensor, perm_A: torch.Tensor, weights_NK: torch.Tens
     """Each token's router-weighted sum of its K expert outputs (deterministic). [N, D]"""
     triton_fn = _triton_combine.moe_combine if _triton_combine is not None else None
     return _route(y_AD, triton_fn, native.moe_combine, reference.moe_combine)(y_AD, perm_A, weights_NK)
+
+
+def mod_gather(x_BTD: torch.Tensor, idx_BS: torch.Tensor) -> torch.Tensor:
+    """The selected rows of each sequence. [B, S, D]"""
+    triton_fn = _triton_mod.mod_gather if _triton_mod is not None else None
+    # No native MoD op: CPU tensors take the reference.
+    return _route(x_BTD, triton_fn, reference.mod_gather, reference.mod_gather)(x_BTD, idx_BS)
+
+
+def mod_scatter(
+    x_BTD: torch.Tensor, delta_BSD: torch.Tensor, weight_BS: torch.Tensor, idx_BS: torch.Tensor
+) -> torch.Tensor:
+    """x with ``weight * delta`` added at the selected rows; the other rows pass through. [B, T, D]"""
+    triton_fn = _triton_mod.mod_scatter if _triton_mod is not None else None
+    impl = _route(x_BTD, triton_fn, reference.mod_scatter, reference.mod_scatter)
+    return impl(x_BTD, delta_BSD, weight_BS, idx_BS)
