@@ -32,7 +32,13 @@ import triton.language as tl
 
 from ._triton import acc_dtype, jit, row_blocks
 
-__all__ = ["mod_gather", "mod_gather_backward", "mod_scatter", "mod_scatter_backward"]
+__all__ = [
+    "mod_gather",
+    "mod_gather_backward",
+    "mod_scatter",
+    "mod_scatter_backward",
+    "mod_topk",
+]
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -162,6 +168,79 @@ def _scatter_backward_kernel(
         tl.store(ddelta_ptr + rows64[:, None] * stride_ddelta + cols[None, :], ddelta, mask=mask)
         dot += tl.reduce(g * delta.to(ACC), 1, tl.standard._sum_combine)  # = tl.sum (see _triton)
     tl.store(dw_ptr + rows64, dot.to(dw_ptr.dtype.element_ty), mask=row_ok)
+
+
+@jit
+def _topk_kernel(
+    scores_ptr,
+    out_ptr,
+    T,
+    K,
+    stride_s,
+    FLOAT: tl.constexpr,
+    KEY: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One program per sequence b: out[b] = the positions of its K highest scores, ascending.
+
+    Scores become integer keys with the float order (IEEE bits; negatives' magnitude bits flipped;
+    -0.0 -> +0.0; NaN -> the largest key). Pass 1 finds the K-th largest key bit by bit, most
+    significant first (KEY_BITS counting sweeps: keep a bit when at least K keys are >= the candidate).
+    Pass 2 keeps every key above it and, of the keys equal to it, the first K - #above by position,
+    and writes each kept position t to slot #kept-before-t (exclusive prefix sums), so the output
+    is ascending and every slot is written exactly once."""
+    b = tl.program_id(0).to(tl.int64)
+    row_ptr = scores_ptr + b * stride_s
+    one = tl.full([], 1, KEY)
+    sign = one << (KEY_BITS - 1)  # the sign bit; as a signed integer, the smallest key
+    magnitude = ~sign  # every bit but the sign
+    # Pass 1. `prefix` is the threshold so far in offset binary (unsigned order = signed order ^ sign):
+    # `key >= cand ^ sign` (signed) is `unsigned(key) >= cand`.
+    prefix = tl.full([], 0, KEY)
+    for i in range(KEY_BITS):
+        cand = prefix | (one << (KEY_BITS - 1 - i))
+        thr = cand ^ sign
+        n = tl.full([], 0, tl.int32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            ok = t < T
+            s = tl.load(row_ptr + t, mask=ok, other=0.0).to(FLOAT)
+            s = tl.where(s == 0.0, 0.0, s)  # -0.0 == 0.0
+            bits = s.to(KEY, bitcast=True)
+            key = tl.where(s != s, magnitude, bits ^ ((bits >> (KEY_BITS - 1)) & magnitude))
+            n += tl.reduce(tl.where(ok & (key >= thr), 1, 0), 0, tl.standard._sum_combine)
+        prefix = tl.where(n >= K, cand, prefix)
+    kth = prefix ^ sign  # the K-th largest key
+    # Pass 2: n_above (< K) keys are above kth; the first `need` keys equal to it complete the K.
+    n_above = tl.full([], 0, tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = t < T
+        s = tl.load(row_ptr + t, mask=ok, other=0.0).to(FLOAT)
+        s = tl.where(s == 0.0, 0.0, s)
+        bits = s.to(KEY, bitcast=True)
+        key = tl.where(s != s, magnitude, bits ^ ((bits >> (KEY_BITS - 1)) & magnitude))
+        n_above += tl.reduce(tl.where(ok & (key > kth), 1, 0), 0, tl.standard._sum_combine)
+    need = K - n_above
+    n_equal = tl.full([], 0, tl.int32)  # keys equal to kth before this block
+    n_kept = tl.full([], 0, tl.int32)  # positions kept before this block
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = t < T
+        s = tl.load(row_ptr + t, mask=ok, other=0.0).to(FLOAT)
+        s = tl.where(s == 0.0, 0.0, s)
+        bits = s.to(KEY, bitcast=True)
+        key = tl.where(s != s, magnitude, bits ^ ((bits >> (KEY_BITS - 1)) & magnitude))
+        equal = tl.where(ok & (key == kth), 1, 0)
+        # inclusive scans (= tl.cumsum, which is a @jit helper: see _triton); minus self: exclusive
+        equal_rank = n_equal + tl.associative_scan(equal, 0, tl.standard._sum_combine) - equal
+        keep = tl.where(ok & ((key > kth) | ((equal == 1) & (equal_rank < need))), 1, 0)
+        slot = n_kept + tl.associative_scan(keep, 0, tl.standard._sum_combine) - keep
+        # slot < K always holds; the guard keeps a future bug from writing past the row.
+        tl.store(out_ptr + b * K + slot, t.to(tl.int64), mask=(keep == 1) & (slot < K))
+        n_equal += tl.reduce(equal, 0, tl.standard._sum_combine)
+        n_kept += tl.reduce(keep, 0, tl.standard._sum_combine)
 
 
 # -------------------------------------------------------------------------------------------- launchers
@@ -330,6 +409,34 @@ def mod_scatter_backward_launch(
     return ddelta_BSD, dw_BS
 
 
+def mod_topk_launch(
+    scores_BT: torch.Tensor, k: int, *, out: torch.Tensor | None = None, block_t: int | None = None
+) -> torch.Tensor:
+    scores_BT = scores_BT.contiguous()
+    B, T = scores_BT.shape
+    if not 0 <= k <= T:
+        raise ValueError(f"mod_topk: k={k} is outside [0, T={T}]")
+    out_BS = torch.empty(B, k, dtype=torch.int64, device=scores_BT.device) if out is None else out
+    if B and k:
+        # Interpreted: the whole row in one block (each block is numpy work per sweep). Compiled: up to
+        # 4096 positions per block (32 per thread of 4 warps). fp16/bf16 widen to fp32 exactly.
+        max_block = 1 << 16 if scores_BT.device.type == "cpu" or triton.knobs.runtime.interpret else 4096
+        bt = block_t or min(triton.next_power_of_2(T), max_block)
+        wide = scores_BT.dtype == torch.float64
+        _topk_kernel.on(scores_BT.device)[(B,)](
+            scores_BT,
+            out_BS,
+            T,
+            k,
+            scores_BT.stride(0),
+            FLOAT=tl.float64 if wide else tl.float32,
+            KEY=tl.int64 if wide else tl.int32,
+            KEY_BITS=64 if wide else 32,
+            BLOCK_T=bt,
+        )
+    return out_BS
+
+
 # ------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("lumina_triton::mod_gather", mutates_args=())
 def _mod_gather_op(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -375,6 +482,16 @@ def _(
     g: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return delta.new_empty(delta.shape), weight.new_empty(weight.shape)
+
+
+@torch.library.custom_op("lumina_triton::mod_topk", mutates_args=())
+def _mod_topk_op(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return mod_topk_launch(scores, k)
+
+
+@_mod_topk_op.register_fake
+def _(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return scores.new_empty(scores.shape[0], k, dtype=torch.int64)
 
 
 # ------------------------------------------------------------------------------------ autograd wrappers
@@ -486,3 +603,9 @@ def mod_scatter_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d delta, d weight) of ``mod_scatter`` for the output gradient ``g`` (d x is g). ([B, S, D], [B, S])"""
     return ModScatterBackward.apply(g_BTD, delta_BSD, weight_BS, idx_BS)
+
+
+def mod_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
+    """Per sequence, the positions of the k highest scores, ascending; ties to the earlier position
+    (``reference.mod_topk``). [B, k] int64. Not differentiable (integer output): scores are detached."""
+    return _mod_topk_op(scores_BT.detach(), k)

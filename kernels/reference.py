@@ -124,8 +124,13 @@ def capacity_combine(
 
 
 def mod_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
-    """Per sequence, the positions of the k highest scores, in ascending (causal) order. [B, k]"""
-    return torch.sort(torch.topk(scores_BT, k, dim=1, sorted=False).indices, dim=1).values
+    """Per sequence, the positions of the k highest scores, in ascending (causal) order. [B, k]
+
+    Equal scores go to the earlier position (a stable descending sort), -0.0 equals 0.0, and NaN ranks
+    above everything. Not ``torch.topk``: which of several equal scores it keeps is unspecified (and
+    differs between its CPU and CUDA kernels), so a kernel could not be held to it."""
+    order_BT = torch.sort(scores_BT, dim=1, descending=True, stable=True).indices
+    return torch.sort(order_BT[:, :k], dim=1).values
 
 
 def mod_gather(x_BTD: torch.Tensor, idx_BS: torch.Tensor) -> torch.Tensor:

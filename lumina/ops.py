@@ -9,14 +9,14 @@ opaque op costs no graph break, so a model using it still compiles with ``fullgr
 public function reaches it through an ``autograd.Function`` so ``torch.func.grad`` can differentiate
 it.
 
-Providers (``_route``): on CUDA tensors the Triton kernels (``lumina_kernels.moe_dispatch``,
-``moe_combine``, ``mod_routing``) when triton is installed (not yet run on a GPU); on CPU tensors the
-native ops (``lumina_kernels.native``, built by CMake; 5.3x the reference for dispatch + combine
-forward + backward in fp32 at N=8192, D=512, k=2, see README) when built and the op has one (MoE
-dispatch and combine today); else the reference. ``LUMINA_OPS=reference`` forces the reference (A/B
-runs), ``LUMINA_OPS=triton`` the Triton kernels on every device (tests of the GPU path on CPU); a
-missing native library is announced once. The other ops are differentiable plain torch (the
-references) today.
+Providers (``_route``): on CUDA tensors the Triton kernels when triton is installed (not yet run on
+a GPU): ``lumina_kernels.moe_dispatch`` / ``moe_combine`` (MoE) and ``mod_routing`` (MoD top-k,
+gather, scatter). On CPU tensors the native ops (``lumina_kernels.native``, built by CMake; 5.3x the
+reference for dispatch + combine forward + backward in fp32 at N=8192, D=512, k=2, see README) when
+built and the op has one (MoE dispatch and combine today); else the reference.
+``LUMINA_OPS=reference`` forces the reference (A/B runs), ``LUMINA_OPS=triton`` the Triton kernels on
+every device (tests of the GPU path on CPU); a missing native library is announced once. The other
+ops are differentiable plain torch (the references) today.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ __all__ = [
 moe_routing = reference.moe_routing
 capacity_dispatch = reference.capacity_dispatch
 capacity_combine = reference.capacity_combine
-mod_topk = reference.mod_topk
 
 
 @torch.library.custom_op("lumina::grouped_mm", mutates_args=())
@@ -180,6 +179,12 @@ def moe_combine(y_AD: torch.Tensor, perm_A: torch.Tensor, weights_NK: torch.Tens
     """Each token's router-weighted sum of its K expert outputs (deterministic). [N, D]"""
     triton_fn = _triton_combine.moe_combine if _triton_combine is not None else None
     return _route(y_AD, triton_fn, native.moe_combine, reference.moe_combine)(y_AD, perm_A, weights_NK)
+
+
+def mod_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
+    """Per sequence, the positions of the k highest scores, ascending; ties to the earlier position. [B, k]"""
+    triton_fn = _triton_mod.mod_topk if _triton_mod is not None else None
+    return _route(scores_BT, triton_fn, reference.mod_topk, reference.mod_topk)(scores_BT, k)
 
 
 def mod_gather(x_BTD: torch.Tensor, idx_BS: torch.Tensor) -> torch.Tensor:

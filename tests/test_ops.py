@@ -45,19 +45,23 @@ def test_route_picks_by_device_and_mode(monkeypatch):
 
 def test_mod_ops_route_cpu_to_reference_and_cuda_to_triton(monkeypatch):
     seen = []
+    monkeypatch.setattr(mod_routing, "mod_topk", lambda *a: seen.append("topk"))
     monkeypatch.setattr(mod_routing, "mod_gather", lambda *a: seen.append("gather"))
     monkeypatch.setattr(mod_routing, "mod_scatter", lambda *a: seen.append("scatter"))
     x, idx = torch.randn(2, 5, 3), torch.tensor([[0, 3], [1, 4]])
     # CPU (auto): the reference, whatever the native library provides (it has no MoD ops).
     torch.testing.assert_close(ops.mod_gather(x, idx), reference.mod_gather(x, idx))
+    assert torch.equal(ops.mod_topk(x[..., 0], 2), reference.mod_topk(x[..., 0], 2))
     assert seen == []
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
+    ops.mod_topk(x[..., 0], 2)
     ops.mod_gather(x, idx)
     ops.mod_scatter(x, torch.randn(2, 2, 3), torch.rand(2, 2), idx)
-    assert seen == ["gather", "scatter"]
+    assert seen == ["topk", "gather", "scatter"]
     monkeypatch.setattr(ops, "_MODE", "reference")
+    ops.mod_topk(x[..., 0], 2)
     ops.mod_gather(x, idx)
-    assert seen == ["gather", "scatter"]  # LUMINA_OPS=reference wins on CUDA too
+    assert seen == ["topk", "gather", "scatter"]  # LUMINA_OPS=reference wins on CUDA too
 
 
 def _cfg(kind: str) -> ModelConfig:
@@ -69,7 +73,7 @@ def _cfg(kind: str) -> ModelConfig:
 @pytest.mark.parametrize("kind", ["mod", "hybrid"])
 def test_model_through_triton_mod_kernels_matches_reference(monkeypatch, kind):
     """Loss and every parameter gradient (torch.func.grad, the train step's transform) through the
-    Triton MoD gather/scatter equal the reference's."""
+    Triton MoD top-k, gather and scatter equal the reference's."""
     cfg = _cfg(kind)
     params = init(cfg, seed=0)
     x = torch.randint(0, 53, (2, 13), generator=torch.Generator().manual_seed(0))
@@ -81,12 +85,12 @@ def test_model_through_triton_mod_kernels_matches_reference(monkeypatch, kind):
     monkeypatch.setattr(ops, "_PROVIDER", "reference")
     ref_grads, ref_loss = torch.func.grad_and_value(loss)(params)
     calls = []
-    for name in ("mod_gather", "mod_scatter"):
+    for name in ("mod_topk", "mod_gather", "mod_scatter"):
         fn = getattr(mod_routing, name)
         monkeypatch.setattr(mod_routing, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     monkeypatch.setattr(ops, "_PROVIDER", "triton")
     grads, got_loss = torch.func.grad_and_value(loss)(params)
-    assert calls == ["mod_gather", "mod_scatter"]  # layer 1 is the MoD layer
+    assert calls == ["mod_topk", "mod_gather", "mod_scatter"]  # layer 1 is the MoD layer
     torch.testing.assert_close(got_loss, ref_loss, atol=1e-6, rtol=1e-6)
     for path, g in ref_grads.flatten_keys(".").items():
         torch.testing.assert_close(grads.flatten_keys(".")[path], g, atol=1e-6, rtol=1e-5, msg=path)

@@ -121,6 +121,16 @@ def test_mod_topk_gather_scatter(B, T, S):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("T,S", [(1, 1), (9, 4), (37, 11), (37, 37)])
+def test_mod_topk_ties_go_to_the_earlier_position(T, S):
+    g = torch.Generator().manual_seed(T)
+    scores = torch.randint(0, 3, (4, T), generator=g).float()  # three values: ties at every k
+    idx = reference.mod_topk(scores, S)
+    for b in range(4):
+        expected = sorted(sorted(range(T), key=lambda t: -scores[b, t])[:S])  # stable: earlier first
+        assert idx[b].tolist() == expected
+
+
 def test_compiled_func_grad_through_dispatch_grouped_mm_combine():
     # Regression: under torch.compile(torch.func.grad(...)) ctx.needs_input_grad misreported the weight
     # as not needing a gradient, and the expert weight gradient came back all zeros.

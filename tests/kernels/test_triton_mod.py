@@ -1,4 +1,4 @@
-"""The Triton Mixture-of-Depths kernels (gather, scatter and their backwards) against ``reference``.
+"""The Triton Mixture-of-Depths kernels (top-k, gather, scatter and their backwards) against ``reference``.
 
 Runs compiled on CUDA when a GPU is present and through Triton's interpreter on CPU tensors otherwise
 (the kernels pick per launch; see ``test_triton_ops``). Interpreted shapes stay small; the ``gpu`` test
@@ -24,6 +24,8 @@ from lumina_kernels.mod_routing import (  # noqa: E402
     mod_scatter_backward,
     mod_scatter_backward_launch,
     mod_scatter_launch,
+    mod_topk,
+    mod_topk_launch,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -240,6 +242,75 @@ def test_opcheck():
     torch.library.opcheck(ops.mod_scatter_backward, (x.detach().clone().requires_grad_(), d, w, idx_BS))
 
 
+# ------------------------------------------------------------------------------------------------ top-k
+TOPK_CASES = {  # name: (B, T, k, distinct score values or None for continuous draws)
+    "t1": (3, 1, 1, None),
+    "t_below_block": (2, 9, 4, None),  # one block of 16, 7 lanes masked
+    "prime_t": (3, 61, 17, None),
+    "k_eq_t": (2, 37, 37, None),
+    "k1": (2, 37, 1, None),
+    "ties": (4, 37, 11, 3),  # 3 distinct values: every k-th score is shared
+    "all_equal": (2, 29, 7, 1),
+}
+TOPK_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _scores(B, T, levels, dtype, gen):
+    """Continuous draws, or each score one of `levels` random values (ties everywhere; random values,
+    not small integers, so the tied scores' low key bits are not all zero)."""
+    if levels is None:
+        return torch.randn(B, T, generator=gen).to(dtype)
+    values = torch.randn(levels, generator=gen, dtype=torch.float64)
+    return values[torch.randint(0, levels, (B, T), generator=gen)].to(dtype)
+
+
+@pytest.mark.parametrize("block_t", [None, 8], ids=["auto", "block8"])
+@pytest.mark.parametrize("dtype", TOPK_DTYPES, ids=str)
+@pytest.mark.parametrize("case", TOPK_CASES)
+def test_topk_matches_reference(case, dtype, block_t):
+    """Exactly the reference's positions (ascending; ties to the earlier position). block8: several
+    blocks per row, the last partial, so the per-block counts and prefix carries are exercised."""
+    seed = _seed()
+    B, T, k, levels = TOPK_CASES[case]
+    scores = _scores(B, T, levels, dtype, torch.Generator().manual_seed(seed)).to(DEVICE)
+    poisoned = torch.full((B, k), -1, dtype=torch.int64, device=DEVICE)
+    got = mod_topk_launch(scores, k, out=poisoned, block_t=block_t)
+    expected = reference.mod_topk(scores, k)
+    assert got.dtype == torch.int64 and got.shape == (B, k)
+    assert torch.equal(got, expected), f"seed {seed}: {got.tolist()} != {expected.tolist()}"
+
+
+def test_topk_special_values():
+    """-0.0 ties with 0.0, NaN (either sign bit) ranks above +inf, -inf below everything: the
+    reference's order."""
+    nan, inf = float("nan"), float("inf")
+    row = [0.0, -0.0, nan, 1.0, -inf, -nan, 1.0, -0.0, -1e-30, inf, 2.0, -2.0, 1e-30]
+    for dtype in (torch.float32, torch.float64):
+        scores = torch.tensor([row, row[::-1]], dtype=dtype, device=DEVICE)
+        for k in range(len(row) + 1):
+            assert torch.equal(mod_topk(scores, k), reference.mod_topk(scores, k)), (dtype, k)
+        # A tie at the k-th score whose key is odd (its last bit decides the threshold), with a higher
+        # score after the tied ones: keeps position 2 and the first of the tie.
+        one_up = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(2.0, dtype=dtype)).item()
+        scores = torch.tensor([[one_up, one_up, 2.0], [-one_up, -one_up, 2.0]], dtype=dtype, device=DEVICE)
+        assert mod_topk(scores, 2).tolist() == [[0, 2], [0, 2]]
+
+
+def test_topk_rejects_k_above_t():
+    with pytest.raises(ValueError, match="k=6 is outside"):
+        mod_topk_launch(torch.zeros(1, 5, device=DEVICE), 6)
+
+
+def test_topk_compiles_fullgraph_and_opcheck():
+    seed = _seed()
+    scores = torch.randn(3, 37, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    torch.library.opcheck(torch.ops.lumina_triton.mod_topk, (scores, 11))
+    compiled = torch.compile(lambda s: mod_topk(s, 11), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(scores), reference.mod_topk(scores, 11)), f"seed {seed}"
+    # Detached inside: a grad-tracking input (the router's scores) is fine and gets no gradient path.
+    assert not mod_topk(scores.clone().requires_grad_(), 11).requires_grad
+
+
 # ------------------------------------------------------------------------------ GPU: realistic shapes
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -269,3 +340,14 @@ def test_gpu_large_shapes(B, T, S, D, dtype):
     _close(dd, e_dd, dtype, f"seed {seed}")
     # dw is a D-long dot product: fp32 accumulation, but the order differs from the reference's.
     torch.testing.assert_close(dw, e_dw, rtol=1e-3 if dtype == torch.float32 else 2e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,T,k", [(8, 4096, 512), (3, 10007, 2500), (2, 1, 1), (1, 5000, 5000)])
+def test_gpu_topk_large_shapes(B, T, k, dtype):
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    for levels in (None, 5):  # continuous, then heavy ties (several blocks per row at T > 4096)
+        scores = _scores(B, T, levels, dtype, gen).cuda()
+        assert torch.equal(mod_topk(scores, k), reference.mod_topk(scores, k)), f"seed {seed}"
