@@ -225,6 +225,10 @@ class TrainConfig:
     loss_scale_init: float = 65536.0  # fp16: initial dynamic loss scale
     loss_scale_window: int = 1000  # fp16: finite steps in a row before the scale doubles
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None -> lumina.metrics table
+    lr_scale: float = 1.0  # multiplies the whole LR schedule (the orchestrator's LR actions change it)
+    # faults the driver injects (never inside the step), e.g. "nan_grad@20", "lr_spike@200x100";
+    # see lumina.orchestrator.inject
+    inject: tuple[str, ...] = ()
 
     def _derived(self) -> dict[str, Any]:
         return {
@@ -254,6 +258,7 @@ class TrainConfig:
         _check(self.patience >= 0 and self.min_delta >= 0, "patience and min_delta must be >= 0")
         _positive(self, "loss_scale_init", "loss_scale_window")
         _check(self.peak_flops is None or self.peak_flops > 0, "peak_flops must be > 0")
+        _check(self.lr_scale > 0, f"lr_scale must be > 0, got {self.lr_scale}")
 
     @property
     def grad_accum(self) -> int:
@@ -283,20 +288,90 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OrchestratorConfig:
-    """The adaptive orchestrator's switches; its detector thresholds join this class with it."""
+    """The adaptive orchestrator (``lumina.orchestrator``): every threshold it uses, with its default.
+
+    Levels: 1 soft, 2 medium, 3 hard, 4 critical. A detector's finding becomes a decision when its
+    confidence reaches the threshold of its level (``conf_*``); the same action waits
+    ``cooldown`` steps before firing again and at most ``max_changes_per_window`` changes happen per
+    ``window`` steps (critical decisions — level 4: rollbacks, OOM — are exempt: they cannot wait)."""
 
     enabled: bool = True
     observe_every: int = 1  # steps between observations
-    window: int = 100  # history window (observations) for running statistics
-    cooldown: int = 50  # steps before the same action may fire again
+    window: int = 50  # history window (observations) for running statistics
+    warmup: int = 20  # observations before statistical detectors may fire
+    cooldown: int = 25  # steps before the same action may fire again
     max_changes_per_window: int = 3
-    snapshot_every: int = 100  # steps between in-memory snapshots for rollback
+    # confidence a finding needs to act, per level: soft (1), medium (2), hard (3), critical (4)
+    conf_soft: float = 0.9
+    conf_medium: float = 0.8
+    conf_hard: float = 0.7
+    conf_critical: float = 0.5
+    snapshot_every: int = 10  # steps between in-memory snapshots for rollback (healthy steps only)
     snapshot_ring: int = 3
+    # loss spike: robust z-score (x - median) / (1.4826 MAD) over the window
+    spike_z: float = 6.0
+    spike_min_rel: float = 0.1  # ...and at least this much above the median (relative)
+    spike_rollback_z: float = 20.0  # a spike this many MADs and ...
+    spike_rollback_rel: float = 0.5  # ... this much above the median rolls back (smaller: recorded;
+    # a second one within the window lowers the LR)
+    # divergence: the loss EMA rises by this fraction above its minimum over the window
+    diverge_rel: float = 0.2
+    # gradient explosion: above grad_abs, or grad_rel x the window median
+    grad_abs: float = 100.0
+    grad_rel: float = 10.0
+    grad_persist: int = 3  # ...for this many observations in a row (relative test only)
+    emergency_lr_factor: float = 0.1
+    soft_lr_factor: float = 0.5
+    min_lr_scale: float = 1e-3  # the LR multiplier never goes below this
+    # plateau: |slope| of the window's loss below plateau_slope (per step, relative) and low variance
+    plateau_slope: float = 1e-4
+    plateau_patience: int = 100  # steps the plateau must last before acting
+    # oscillation: the sign of the loss difference flips in this fraction of steps, with amplitude
+    oscillation_flips: float = 0.8
+    oscillation_amp: float = 0.1  # relative amplitude (std of differences / median loss)
+    # chronic findings (routing, capacity, memory) gain confidence while they persist:
+    # conf_n = 1 - (1 - conf_1) * persist_decay^(n-1) after n observations in a row
+    persist_decay: float = 0.8
+    # experts
+    collapse_max_share: float = 0.6  # an expert taking this share of a layer's assignments
+    collapse_entropy: float = 0.5  # normalised load entropy below this
+    imbalance_ratio: float = 8.0  # max / min load share
+    dead_share: float = 0.02  # load share below this (x E: of a uniform share) is a dead expert
+    dead_patience: int = 50  # steps an expert must stay dead before it is pruned
+    overflow_drop: float = 0.1  # dropped fraction above this -> raise the capacity factor
+    capacity_step: float = 1.25
+    max_capacity_factor: float = 4.0
+    allow_expert_changes: bool = True  # add/prune experts (changes shapes: recompiles)
+    min_experts: int = 2
+    max_experts: int = 64
+    # MoD: mean router weight sigmoid(r) of the selected tokens
+    mod_high: float = 0.95  # saturated: the block is wanted at full strength -> more capacity
+    mod_dead: float = 0.02  # vanished: routed blocks contribute nothing -> reset the router
+    mod_capacity_step: float = 1.5
+    mod_max_capacity: float = 0.5
+    # resources
+    memory_budget_mb: float | None = None  # memory pressure above memory_high x budget
+    memory_high: float = 0.9
+    throughput_drop: float = 0.5  # tokens/s below this x the window median
+    # convergence forecast: fit loss ~ a + b * step^-c over the window, checked every forecast_every
+    forecast_every: int = 25
+    forecast_horizon: int = 100
 
     def __post_init__(self) -> None:
-        _positive(self, "observe_every", "window", "snapshot_every", "snapshot_ring")
-        _check(self.cooldown >= 0, "cooldown must be >= 0")
+        _positive(self, "observe_every", "window", "snapshot_every", "snapshot_ring", "forecast_every")
+        _positive(
+            self, "spike_z", "grad_abs", "grad_rel", "grad_persist", "capacity_step", "mod_capacity_step"
+        )
+        _check(self.cooldown >= 0 and self.warmup >= 0, "cooldown and warmup must be >= 0")
         _check(self.max_changes_per_window >= 1, "max_changes_per_window must be >= 1")
+        for n in ("conf_soft", "conf_medium", "conf_hard", "conf_critical"):
+            _check(0 <= getattr(self, n) <= 1, f"{n} must be in [0, 1]")
+        _check(0 <= self.persist_decay < 1, "persist_decay must be in [0, 1)")
+        _check(0 < self.emergency_lr_factor < 1, "emergency_lr_factor must be in (0, 1): it must cut")
+        _check(0 < self.soft_lr_factor < 1, "soft_lr_factor must be in (0, 1)")
+        _check(2 <= self.min_experts <= self.max_experts, "need 2 <= min_experts <= max_experts")
+        _check(0 < self.mod_max_capacity <= 1, "mod_max_capacity must be in (0, 1]")
+        _check(self.memory_budget_mb is None or self.memory_budget_mb > 0, "memory_budget_mb must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,15 @@ The run folder ``runs/<name>/`` (``<name>-2``, ``-3``... when the name is taken 
     tb/                     TensorBoard event files (the same scalars)
     checkpoints/step_N/     every ``ckpt_every`` steps and at the end, newest ``keep_last`` kept
     checkpoints/best/       the state with the best eval loss so far
+    observations.msgpack    the orchestrator's input, one record per observed step
+    decisions.msgpack       its decisions (``python -m lumina.run replay`` re-derives them)
     report.png              loss / eval / LR / throughput / expert-load / MoD panels (at the end)
+
+The orchestrator (``lumina.orchestrator``) sees an observation after every ``observe_every`` steps
+(and after an out-of-memory error) and its decisions are applied between steps: a rollback restores
+a snapshot (an in-memory ring of healthy states, else the newest checkpoint at or before the target)
+while the data stream continues past the offending batches; a shape change rebuilds the compiled
+step; a micro-batch change rebuilds the batch iterator at the same position in the data.
 """
 
 from __future__ import annotations
@@ -31,12 +39,14 @@ from typing import Any, TextIO
 import torch
 from tensordict import TensorDict
 
-from lumina import checkpoint, metrics, tree
+from lumina import checkpoint, metrics, orchestrator, tree
 from lumina.checkpoint import CheckpointError
-from lumina.config import RunConfig, to_dict
+from lumina.config import RunConfig, from_dict, to_dict
 from lumina.data.mix import DataMix, MixState, build_mix
 from lumina.data.tokenizer import get_tokenizer
+from lumina.inject import Injector
 from lumina.optim import default_hp, lr_at
+from lumina.orchestrator import Decision, Observation
 from lumina.step import eval_step, init_train_state, make_train_step
 
 __all__ = ["RunResult", "find_resume", "resolve_device", "train"]
@@ -183,6 +193,8 @@ def _routing_record(m: TensorDict) -> dict[str, Any]:
         rec["mod_layers"] = [int(i) for i in layers]
         rec["mod_ratio"] = [m["mod", i, "selected_ratio"].item() for i in layers]
         rec["mod_predictor_acc"] = [m["mod", i, "predictor_acc"].item() for i in layers]
+        rec["mod_router_weight"] = [m["mod", i, "router_weight"].item() for i in layers]
+        rec["mod_score_std"] = [m["mod", i, "score_std"].item() for i in layers]
     return rec
 
 
@@ -229,6 +241,97 @@ def _next_batch(mix: DataMix, mix_state: MixState, cfg: RunConfig, ratio: float)
 
 def _mix_state(state: TensorDict) -> MixState:
     return MixState(**{k: int(state["data", k]) for k in ("step", "base", "chat")})
+
+
+def _set_mix_state(state: TensorDict, mix_state: MixState, device) -> None:
+    state["data"] = TensorDict(
+        {k: torch.tensor(v, device=device) for k, v in mix_state.to_dict().items()}, batch_size=[]
+    )
+
+
+def _rescale_mix(mix_state: MixState, old_mb: int, new_mb: int) -> MixState:
+    """The same place in the data counted in micro-batches of ``new_mb`` sequences instead of ``old_mb``."""
+    return MixState(**{k: v * old_mb // new_mb for k, v in mix_state.to_dict().items()})
+
+
+def _settings(cfg: RunConfig, state: TensorDict) -> dict[str, Any]:
+    """What the orchestrator may change, as plain values (an observation's ``settings``)."""
+    m, t = cfg.model, cfg.train
+    return {
+        "lr_scale": t.lr_scale,
+        "weight_decay": t.weight_decay,
+        "micro_batch_size": t.micro_batch_size,
+        "batch_size": t.batch_size,
+        "grad_checkpointing": t.grad_checkpointing,
+        "num_experts": m.moe.num_experts,
+        "top_k": m.moe.top_k if m.moe.enabled else 0,
+        "balance": m.moe.balance if m.moe.enabled else None,
+        "capacity_factor": m.moe.capacity_factor if m.moe.enabled else None,
+        "mod_capacity": m.mod.capacity if m.mod.enabled else None,
+        "mode": cfg.data.mode,
+        "interleave_ratio": cfg.data.interleave_ratio,
+        "knobs": {k: float(v) for k, v in sorted(state["knobs"].items())},
+    }
+
+
+class _Orchestrator:
+    """The driver's side of the orchestrator: its state, logs and the snapshot ring."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, start: int, extra: dict[str, Any] | None):
+        self.ocfg = cfg.orchestrator
+        self.run_dir = run_dir
+        self.obs_log = run_dir / orchestrator.OBSERVATIONS_FILE
+        self.dec_log = run_dir / orchestrator.DECISIONS_FILE
+        saved = (extra or {}).get("orchestrator")
+        if saved is not None:
+            try:
+                self.ostate = orchestrator.OrchestratorState.from_dict(saved)
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{run_dir}: bad orchestrator state in the checkpoint ({e})") from None
+            for log_file in (self.obs_log, self.dec_log):  # steps after the checkpoint are redone
+                try:
+                    orchestrator.truncate_log(log_file, start)
+                except ValueError as e:
+                    raise CheckpointError(str(e)) from None
+        else:
+            self.ostate = orchestrator.init_state(start)
+        self.ring: dict[int, tuple[TensorDict, RunConfig]] = {}
+        self.seconds = 0.0  # time spent deciding and applying (the orchestrator's cost)
+
+    def snapshot(self, step: int, state: TensorDict, cfg: RunConfig) -> None:
+        self.ring[step] = (state.clone(), cfg)
+
+    def sync_ring(self, state: TensorDict, cfg: RunConfig, step: int) -> None:
+        """Keep the states ``ostate.snapshots`` lists; take the one it just added."""
+        if step in self.ostate.snapshots and step not in self.ring:
+            self.snapshot(step, state, cfg)
+        for s in [s for s in self.ring if s not in self.ostate.snapshots]:
+            del self.ring[s]
+
+    def decide(self, obs: Observation) -> list[Decision]:
+        t0 = time.perf_counter()
+        self.ostate, decisions = orchestrator.decide(self.ostate, obs, self.ocfg)
+        self.seconds += time.perf_counter() - t0
+        orchestrator.append_log(self.obs_log, [obs.to_dict()])
+        orchestrator.append_log(self.dec_log, [d.to_dict() for d in decisions])
+        return decisions
+
+    def restore(self, to_step: int, device) -> tuple[TensorDict, RunConfig, str]:
+        """The state (and its config) at the newest snapshot at or before ``to_step``: from the ring,
+        else from the run's checkpoints; else the oldest snapshot the ring has."""
+        ok = [s for s in self.ring if s <= to_step]
+        if ok:
+            s = max(ok)
+            state, cfg = self.ring[s]
+            return state.clone(), cfg, f"snapshot at step {s}"
+        for ckpt in reversed(checkpoint.checkpoints(self.run_dir)):
+            meta = checkpoint.read_meta(ckpt)
+            if meta["step"] <= to_step:
+                state, _ = checkpoint.load_checkpoint(ckpt, device=str(device))
+                return state, from_dict(RunConfig, meta["config"]), f"checkpoint {ckpt.name}"
+        s = min(self.ring)
+        state, cfg = self.ring[s]
+        return state.clone(), cfg, f"snapshot at step {s} (nothing older is kept)"
 
 
 def train(
@@ -291,20 +394,33 @@ def train(
 
     step_fn = make_train_step(cfg, tok.pad_id)
     hp = default_hp(t, device)
-    ratio = cfg.data.interleave_ratio
     mix_state = _mix_state(state)
     first_eval = final_eval = None
     stopped_early, interrupted = False, False
     last_source = None
+    extra0 = meta["extra"] if resumed_from is not None else {}
+    orch = _Orchestrator(cfg, run_dir, start, extra0) if cfg.orchestrator.enabled else None
+    if orch is not None:
+        orch.snapshot(start, state, cfg)
+    injector = Injector(t.inject, fired=extra0.get("injected"))
+    if injector:
+        console.line(f"[lumina] injecting faults: {', '.join(f.spec for f in injector.faults)}")
 
     def save(step: int, name: str | None = None) -> Path:
-        extra = {"best_eval": best, "best_step": best_step, "bad_evals": bad_evals}
+        extra = {
+            "best_eval": best,
+            "best_step": best_step,
+            "bad_evals": bad_evals,
+            "injected": injector.fired,
+        }
+        if orch is not None:
+            extra["orchestrator"] = orch.ostate.to_dict()
         return checkpoint.save_checkpoint(
             run_dir, state, step=step, config=to_dict(cfg), data=mix_state.to_dict(),
             extra=extra, keep_last=t.keep_last, name=name,
         )  # fmt: skip
 
-    def run_eval(step: int) -> float:
+    def run_eval(step: int) -> dict[str, float]:
         nonlocal best, best_step, bad_evals, first_eval, final_eval
         e = _evaluate(state, eval_sets, cfg, tok.pad_id, device)
         logs.write({"kind": "eval", "step": step, **e})
@@ -329,7 +445,39 @@ def train(
                 else f" (best {best:.4f} @ {best_step}; {bad_evals}/{t.patience or '-'})"
             )
         )
-        return e["loss"]
+        return e
+
+    def act(decisions: list[Decision], step: int) -> int:
+        """Execute decisions between steps; returns the step the run continues from."""
+        nonlocal state, hp, cfg, t, step_fn, mix, mix_state
+        for d in decisions:
+            console.line(str(d))
+            logs.write({"kind": "decision", **d.to_dict()})
+        t0 = time.perf_counter()
+        old_cfg = cfg
+        for d in decisions:
+            if d.action == "rollback":
+                data_now = mix_state  # skip_data: the stream goes on past the offending batches
+                state, cfg, where = orch.restore(d.args["to_step"], device)
+                _set_mix_state(
+                    state, data_now if d.args.get("skip_data", True) else _mix_state(state), device
+                )
+                mix_state = _mix_state(state)
+                step = int(state["step"])
+                logs.event(step, "rollback", f"to {where}; data continues at micro-batch {mix_state.step}")
+                console.line(f"[orch] rolled back to {where} (step {step})")
+        state, hp, cfg = orchestrator.apply_decisions(decisions, state, hp, cfg)
+        t = cfg.train
+        if orchestrator.step_signature(cfg) != orchestrator.step_signature(old_cfg):
+            step_fn = make_train_step(cfg, tok.pad_id)
+            logs.event(step, "rebuild_step", "a decision changed a shape or a step constant")
+        if t.micro_batch_size != old_cfg.train.micro_batch_size:
+            mix_state = _rescale_mix(mix_state, old_cfg.train.micro_batch_size, t.micro_batch_size)
+            _set_mix_state(state, mix_state, device)
+        if (t.micro_batch_size, cfg.data) != (old_cfg.train.micro_batch_size, old_cfg.data):
+            mix = build_mix(cfg, "train")
+        orch.seconds += time.perf_counter() - t0
+        return step
 
     if eval_sets and start == 0:
         run_eval(0)
@@ -337,17 +485,36 @@ def train(
     step = start
     try:
         while step < t.steps:
-            batch, sources, mix_state = _next_batch(mix, mix_state, cfg, ratio)
+            batch, sources, next_mix = _next_batch(mix, mix_state, cfg, cfg.data.interleave_ratio)
+            hp["lr"] = torch.tensor(lr_at(step, t), device=device)
+            t0 = time.perf_counter()
+            try:
+                fed_state, fed_batch, fed_hp, fired = injector.before_step(
+                    step + 1, state, batch.to(device), hp, cfg, tok.vocab_size
+                )
+                for spec in fired:
+                    logs.event(step + 1, "inject", spec)
+                    console.line(f"[inject] step {step + 1}: {spec}")
+                new_state, m = step_fn(fed_state, fed_batch, fed_hp)
+            except torch.OutOfMemoryError as e:
+                # nothing changed (the step is pure): the orchestrator may shrink the micro-batch
+                logs.event(step + 1, "oom", str(e).splitlines()[0] if str(e) else "out of memory")
+                console.line(f"[lumina] out of memory at step {step + 1}")
+                if orch is None:
+                    raise
+                obs = Observation(step=step + 1, loss=math.nan, grad_norm=math.nan, lr=hp["lr"].item(),
+                                  events=["oom"], settings=_settings(cfg, state))  # fmt: skip
+                decisions = orch.decide(obs)
+                if not decisions:
+                    raise
+                step = act(decisions, step)
+                continue
             if last_source is not None and sources[0] != last_source:
                 logs.event(step, "phase_switch", f"data source {last_source} -> {sources[0]}")
                 console.line(f"[data] step {step}: source {last_source} -> {sources[0]}")
             last_source = sources[-1]
-            hp["lr"] = torch.tensor(lr_at(step, t), device=device)
-            t0 = time.perf_counter()
-            state, m = step_fn(state, batch.to(device), hp)
-            state["data"] = TensorDict(
-                {k: torch.tensor(v, device=device) for k, v in mix_state.to_dict().items()}, batch_size=[]
-            )
+            state, mix_state = new_state, next_mix
+            _set_mix_state(state, mix_state, device)
             loss = m["loss"].item()  # the sync point: one per step
             dt = time.perf_counter() - t0
             step += 1
@@ -373,6 +540,37 @@ def train(
             if t.precision == "fp16":
                 record["loss_scale"] = m["loss_scale"].item()
                 record["skipped"] = bool(m["skipped"].item())
+            e = None
+            if eval_sets and (step % t.eval_every == 0 or step == t.steps):
+                e = run_eval(step)
+            decisions = []
+            if orch is not None and (step % cfg.orchestrator.observe_every == 0 or not math.isfinite(loss)):
+                obs = Observation(
+                    step=step,
+                    loss=loss,
+                    grad_norm=record["grad_norm"],
+                    lr=record["lr"],
+                    tokens_per_s=tok_s,
+                    memory_mb=record["memory_mb"],
+                    eval_loss=None if e is None else e["loss"],
+                    eval_losses={}
+                    if e is None
+                    else {k[5:]: v for k, v in e.items() if k.startswith("loss_")},
+                    expert_load=record.get("expert_load", []),
+                    dropped=record.get("dropped", []),
+                    mod_weight=record.get("mod_router_weight", []),
+                    mod_score_std=record.get("mod_score_std", []),
+                    settings=_settings(cfg, state),
+                )
+                decisions = orch.decide(obs)
+                o = orch.ostate
+                record |= {"orch_health": o.health, "orch_phase": o.phase, "orch_s": orch.seconds}
+                if o.forecast:
+                    record |= {
+                        f"forecast_{k}": v
+                        for k, v in o.forecast.items()
+                        if k in ("loss", "steps_to_plateau", "error")
+                    }
             logs.write(record)
             if step_hook is not None:
                 step_hook(step, state, record)
@@ -388,18 +586,17 @@ def train(
                     f"step {step:>6}/{t.steps} | loss {loss:.4f} | lr {record['lr']:.2e} | "
                     f"gnorm {record['grad_norm']:.2f} | {_fmt_rate(rate)} tok/s | MFU {record['mfu']:.1%} | "
                     f"mem {record['memory_mb']:.0f} MB | ETA {_fmt_time(eta)}"
+                    + (f" | health {record['orch_health']:.0f}" if "orch_health" in record else "")
                 )
-            if eval_sets and (step % t.eval_every == 0 or step == t.steps):
-                run_eval(step)
-                if t.patience and bad_evals >= t.patience and step < t.steps:
-                    stopped_early = True
-                    logs.event(
-                        step, "early_stop", f"no eval improvement > {t.min_delta} in {t.patience} evals"
-                    )
-                    console.line(
-                        f"[lumina] early stop at step {step}: best eval {best:.4f} at step {best_step}"
-                    )
-                    break
+            if decisions:
+                step = act(decisions, step)
+            if orch is not None:
+                orch.sync_ring(state, cfg, step)
+            if e is not None and t.patience and bad_evals >= t.patience and step < t.steps:
+                stopped_early = True
+                logs.event(step, "early_stop", f"no eval improvement > {t.min_delta} in {t.patience} evals")
+                console.line(f"[lumina] early stop at step {step}: best eval {best:.4f} at step {best_step}")
+                break
             if t.ckpt_every and step % t.ckpt_every == 0 and step < t.steps:
                 save(step)
     except KeyboardInterrupt:

@@ -86,7 +86,12 @@ def adamw_update(
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The scheduled learning rate for optimizer step ``step`` (0-based): linear warmup over
     ``warmup_steps``, then ``constant`` / ``linear`` / ``cosine`` decay to ``min_lr`` at ``steps``;
-    ``onecycle`` warms up from lr/25, then anneals (cosine) to ``min_lr``."""
+    ``onecycle`` warms up from lr/25, then anneals (cosine) to ``min_lr``; all times ``lr_scale``
+    (the orchestrator's multiplier)."""
+    return cfg.lr_scale * _schedule(step, cfg)
+
+
+def _schedule(step: int, cfg: TrainConfig) -> float:
     lr, floor, warm, total = cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps
     if cfg.schedule == "onecycle":
         start = lr / 25

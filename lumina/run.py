@@ -11,6 +11,9 @@ Commands:
   presets   print the preset table (counts from real parameter shapes on the meta device).
   validate  check data files (or, with no paths, the packaged data): counts, token lengths, and
             every problem as file:line; exit 2 when there are errors.
+  replay    RUN_DIR: re-derive every orchestrator decision from the run's observation log; exit 0
+            when identical to the decision log, 1 (and the first divergent decision) otherwise.
+            --what-if orchestrator.KEY=VALUE (repeatable) lists the decisions that would differ.
 
 Bad input (unknown flag or key, wrong type, invalid value, unreadable config file) prints one line
 naming the problem and exits with status 2.
@@ -32,6 +35,7 @@ from lumina.config import ConfigError, RunConfig, load_config
 from lumina.data.text import DataError
 from lumina.data.tokenizer import TokenizerError
 from lumina.loop import resolve_device
+from lumina.orchestrator.replay import ReplayError
 
 __all__ = ["main", "parse_config_args", "resolve_device"]
 
@@ -43,6 +47,7 @@ _SHORTHANDS = {
     "run_dir": "run_dir",
     "precision": "train.precision",
     "mode": "data.mode",
+    "inject": "train.inject",
 }
 
 
@@ -111,6 +116,11 @@ def train_parser() -> _Parser:
     parser.add_argument("--eval-data", dest="eval_data", metavar="FILES", help="held-out files, as --data")
     parser.add_argument(
         "--resume", metavar="latest|PATH", help="continue from the newest checkpoint, a run or a checkpoint"
+    )
+    parser.add_argument(
+        "--inject",
+        metavar="FAULTS",
+        help="comma-separated faults, e.g. nan_grad@20,lr_spike@200x100 (README)",
     )
     return parser
 
@@ -199,7 +209,26 @@ def _cmd_validate(argv: Sequence[str]) -> int:
     return print_reports(reports, strict=args.strict)
 
 
-_COMMANDS = {"train": _cmd_train, "check": _cmd_check, "presets": _cmd_presets, "validate": _cmd_validate}
+def _cmd_replay(argv: Sequence[str]) -> int:
+    from lumina.orchestrator.replay import main_replay
+
+    p = _Parser(prog="lumina.run replay", description="Re-derive a run's orchestrator decisions.")
+    p.add_argument("run_dir", help="a run folder (runs/<name>)")
+    p.add_argument(
+        "--what-if", dest="what_if", action="append", default=[], metavar="orchestrator.KEY=VALUE",
+        help="replay under a changed orchestrator config and list the decisions that differ",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    return main_replay(args.run_dir, args.what_if, sys.stdout)
+
+
+_COMMANDS = {
+    "train": _cmd_train,
+    "check": _cmd_check,
+    "presets": _cmd_presets,
+    "validate": _cmd_validate,
+    "replay": _cmd_replay,
+}
 _DEFAULT = "train"
 
 
@@ -211,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in _COMMANDS else _DEFAULT
     try:
         return _COMMANDS[command](argv)
-    except (ConfigError, DataError, TokenizerError, CheckpointError) as e:
+    except (ConfigError, DataError, TokenizerError, CheckpointError, ReplayError) as e:
         print(f"lumina: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -58,5 +58,7 @@ def mod_block(
         "predictor_acc": ((pred_BT > 0).float() == target_BT).float().mean(),
         "selected_ratio": torch.tensor(S / T, device=x_BTD.device),
         "router_weight": weight_BS.mean(),
+        # how far apart the router puts a sequence's tokens (0: it cannot tell them apart)
+        "score_std": scores_BT.detach().std(dim=1, correction=0).mean(),
     }
     return x_out_BTD, stats, block_aux

@@ -1,0 +1,423 @@
+"""Detectors: pure functions from the orchestrator's history (and the newest observation) to findings.
+
+Each detector looks at plain Python numbers only and returns a list of ``Finding`` — what it saw,
+how sure it is, and how serious it is (level 1 soft .. 4 critical). ``policy.decide`` turns findings
+into decisions. Statistics are robust where noise is heavy-tailed (median / MAD, as loss spikes are),
+and every threshold is a field of ``OrchestratorConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from lumina.config import OrchestratorConfig
+from lumina.orchestrator.state import Observation, OrchestratorState
+
+__all__ = [
+    "Finding",
+    "detect_all",
+    "forecast",
+    "linear_fit",
+    "mad",
+    "median",
+    "phase_of",
+    "robust_z",
+]
+
+_EPS = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    kind: str  # "loss_spike", "grad_explosion", ...
+    level: int
+    confidence: float
+    reason: str
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def mad(xs: list[float]) -> float:
+    """Median absolute deviation (scaled by 1.4826: the std of normal noise)."""
+    m = median(xs)
+    return 1.4826 * median([abs(x - m) for x in xs])
+
+
+def robust_z(x: float, xs: list[float]) -> float:
+    """(x - median) / MAD, with a floor on the MAD of 1e-3 x |median| (a flat window is not noise-free)."""
+    m = median(xs)
+    return (x - m) / max(mad(xs), 1e-3 * abs(m), _EPS)
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (slope, intercept)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx <= 0:
+        return 0.0, my
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    return slope, my - slope * mx
+
+
+def _conf(ratio: float) -> float:
+    """Confidence that a statistic ``ratio`` x beyond its threshold is real: 0.5 at the threshold,
+    rising with log(ratio) to 1 at 10x."""
+    if ratio <= 1:
+        return 0.0
+    return min(1.0, 0.5 + 0.5 * math.log10(ratio))
+
+
+def _warming(ostate: OrchestratorState, cfg: OrchestratorConfig) -> bool:
+    """Too little history for statistics: the first ``warmup`` observations, and again after a
+    rollback (which drops the history past its target)."""
+    return len(ostate.history) <= cfg.warmup
+
+
+def _window(ostate: OrchestratorState, col: int) -> list[float]:
+    return [h[col] for h in ostate.history if math.isfinite(h[col])]
+
+
+# ------------------------------------------------------------------------------------- detectors
+
+
+def nonfinite(ostate, obs: Observation, cfg) -> list[Finding]:
+    if "oom" in obs.events or obs.finite:
+        return []
+    what = "loss" if not math.isfinite(obs.loss) else "gradient norm"
+    return [Finding("nonfinite", 4, 1.0, f"non-finite {what} (loss {obs.loss}, grad norm {obs.grad_norm})")]
+
+
+def grad_explosion(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """Above ``grad_abs`` at once; or above ``grad_rel`` x the median of the window before the last
+    ``grad_persist`` observations, in all of them (clipping absorbs an isolated spike; early training
+    has some, e.g. ~30 against a median ~2 around steps 15-40 of the default run)."""
+    g = obs.grad_norm
+    if not math.isfinite(g):
+        return []
+    if g > cfg.grad_abs:
+        return [
+            Finding(
+                "grad_explosion", 3, _conf(g / cfg.grad_abs) ** 0.5, f"grad norm {g:.3g} > {cfg.grad_abs:g}"
+            )
+        ]
+    n = cfg.grad_persist
+    norms = _window(ostate, 2)
+    if _warming(ostate, cfg) or len(norms) < n + 5:
+        return []
+    m = median(norms[:-n])
+    recent = norms[-n:]
+    if min(recent) > cfg.grad_rel * m:
+        return [
+            Finding(
+                "grad_explosion",
+                3,
+                _conf(min(recent) / (cfg.grad_rel * m)) ** 0.5,
+                f"grad norm > {cfg.grad_rel:g}x the window median {m:.3g} for {n} observations (now {g:.3g})",
+            )
+        ]
+    return []
+
+
+def loss_spike(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    past = _window(ostate, 1)[:-1]
+    if _warming(ostate, cfg) or len(past) < 5 or not math.isfinite(obs.loss):
+        return []
+    m = median(past)
+    z = robust_z(obs.loss, past)
+    if z > cfg.spike_z and obs.loss > m * (1 + cfg.spike_min_rel):
+        conf = _conf(z / cfg.spike_z)
+        reason = f"loss {obs.loss:.4g} is {z:.1f} MADs above the window median {m:.4g}"
+        before = [x for x in ostate.spike_steps if 0 < obs.step - x < cfg.window]
+        if before:  # a repeat is stronger evidence than either spike alone
+            conf = 1 - (1 - conf) ** 2
+            reason += f"; the second spike in {obs.step - before[-1]} steps"
+        return [
+            Finding("loss_spike", 2, conf, reason, {"z": z, "rel": obs.loss / m - 1, "repeat": bool(before)})
+        ]
+    return []
+
+
+def divergence(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """The loss EMA has risen ``diverge_rel`` above its minimum in the window and is still rising."""
+    emas = ostate.ema_history
+    if _warming(ostate, cfg) or len(emas) < 10:
+        return []
+    best_step, best = min(((s, e) for s, e in emas), key=lambda t: t[1])
+    now = emas[-1][1]
+    rising = emas[-1][1] > emas[-5][1]
+    rel = (now - best) / max(abs(best), _EPS)
+    if rel > cfg.diverge_rel and rising:
+        return [
+            Finding(
+                "divergence",
+                3,
+                _conf(rel / cfg.diverge_rel),
+                f"loss EMA {now:.4g} rose {rel:.0%} above its window minimum {best:.4g} "
+                f"(step {int(best_step)})",
+                {"best_step": int(best_step)},
+            )
+        ]
+    return []
+
+
+def plateau(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    if ostate.plateau_since is None or obs.step - ostate.plateau_since < cfg.plateau_patience:
+        return []
+    return [
+        Finding(
+            "plateau",
+            1,
+            0.9,
+            f"loss flat (|slope| < {cfg.plateau_slope:g}/step relative) since step {ostate.plateau_since}",
+        )
+    ]
+
+
+def is_flat(ostate: OrchestratorState, cfg: OrchestratorConfig) -> bool:
+    hist = [h for h in ostate.history if math.isfinite(h[1])]
+    if len(hist) < cfg.window // 2:
+        return False
+    slope, _ = linear_fit([h[0] for h in hist], [h[1] for h in hist])
+    level = median([h[1] for h in hist])
+    return abs(slope) < cfg.plateau_slope * max(abs(level), _EPS)
+
+
+def oscillation(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    losses = _window(ostate, 1)
+    if _warming(ostate, cfg) or len(losses) < 20:
+        return []
+    d = [b - a for a, b in zip(losses, losses[1:], strict=False)]
+    flips = sum(1 for a, b in zip(d, d[1:], strict=False) if a * b < 0) / max(1, len(d) - 1)
+    mean_d = sum(d) / len(d)
+    amp = math.sqrt(sum((x - mean_d) ** 2 for x in d) / len(d)) / max(abs(median(losses)), _EPS)
+    if flips > cfg.oscillation_flips and amp > cfg.oscillation_amp:
+        return [
+            Finding(
+                "oscillation",
+                2,
+                min(1.0, 0.5 * flips / cfg.oscillation_flips + 0.5 * _conf(amp / cfg.oscillation_amp)),
+                f"loss alternates direction in {flips:.0%} of steps with relative amplitude {amp:.2f}",
+            )
+        ]
+    return []
+
+
+def experts(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """Collapse / imbalance per MoE layer, dead experts (after ``dead_patience`` steps) and capacity
+    overflow (mean dropped fraction over the layers)."""
+    out: list[Finding] = []
+    if not obs.expert_load or _warming(ostate, cfg):
+        return out
+    worst = None
+    for layer, shares in enumerate(obs.expert_load):
+        E = len(shares)
+        total = sum(shares)
+        if E < 2 or total <= 0:
+            continue
+        p = [s / total for s in shares]
+        entropy = -sum(x * math.log(x) for x in p if x > 0) / math.log(E)
+        top = max(p)
+        collapsed = top > cfg.collapse_max_share or entropy < cfg.collapse_entropy
+        if collapsed:
+            conf = max(_conf(top / cfg.collapse_max_share), _conf(cfg.collapse_entropy / max(entropy, _EPS)))
+            f = Finding(
+                "expert_collapse",
+                2,
+                conf,
+                f"layer {layer}: top expert takes {top:.0%} of assignments, load entropy {entropy:.2f}",
+                {"layer": layer, "entropy": entropy},
+            )
+            worst = f if worst is None or f.confidence > worst.confidence else worst
+    if worst is not None:
+        out.append(worst)
+    dead = [k for k, since in ostate.dead_since.items() if obs.step - since >= cfg.dead_patience]
+    if dead and worst is None:
+        out.append(
+            Finding(
+                "dead_expert",
+                2,
+                0.9,
+                f"{len(dead)} expert(s) below {cfg.dead_share:.0%} of the load for "
+                f"{cfg.dead_patience}+ steps: "
+                + ", ".join(f"layer {k.split(':')[0]} expert {k.split(':')[1]}" for k in sorted(dead)[:4]),
+                {"dead": sorted(dead)},
+            )
+        )
+    if obs.dropped:
+        drop = sum(obs.dropped) / len(obs.dropped)
+        if drop > cfg.overflow_drop:
+            out.append(
+                Finding(
+                    "capacity_overflow",
+                    2,
+                    _conf(drop / cfg.overflow_drop) ** 0.5,
+                    f"{drop:.1%} of expert assignments dropped (> {cfg.overflow_drop:.0%})",
+                )
+            )
+    return out
+
+
+def mod(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """MoD too aggressive (the router's weights on the selected tokens saturate: the blocks are
+    wanted by more tokens than the capacity lets through) or collapsed (the router cannot tell tokens
+    apart, or its weights vanished so routed blocks contribute nothing)."""
+    if not obs.mod_weight or _warming(ostate, cfg):
+        return []
+    w = sum(obs.mod_weight) / len(obs.mod_weight)
+    std = min(obs.mod_score_std) if obs.mod_score_std else 1.0
+    if w < cfg.mod_dead or std < 1e-6:
+        why = f"mean router weight {w:.3f}" if w < cfg.mod_dead else f"router score spread {std:.2g}"
+        return [Finding("mod_collapse", 2, 0.9, f"MoD routing collapsed: {why}")]
+    if w > cfg.mod_high:
+        return [
+            Finding(
+                "mod_too_aggressive",
+                1,
+                min(1.0, 0.5 + (w - cfg.mod_high) / max(1 - cfg.mod_high, _EPS)),
+                f"selected tokens' mean router weight {w:.3f} > {cfg.mod_high:g}: capacity is too small",
+            )
+        ]
+    return []
+
+
+def memory(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    if "oom" in obs.events:
+        return [Finding("oom", 4, 1.0, "out of memory in the step")]
+    budget = cfg.memory_budget_mb
+    if budget and obs.memory_mb > cfg.memory_high * budget:
+        return [
+            Finding(
+                "memory_pressure",
+                2,
+                0.9,
+                f"memory {obs.memory_mb:.0f} MB > {cfg.memory_high:.0%} of the {budget:.0f} MB budget",
+            )
+        ]
+    return []
+
+
+def throughput(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    past = _window(ostate, 3)[:-1]
+    if _warming(ostate, cfg) or len(past) < 5 or obs.tokens_per_s <= 0:
+        return []
+    m = median(past)
+    if obs.tokens_per_s < cfg.throughput_drop * m:
+        return [
+            Finding(
+                "throughput_drop",
+                1,
+                0.5,
+                f"{obs.tokens_per_s:.0f} tok/s < {cfg.throughput_drop:.0%} of the window median {m:.0f}",
+            )
+        ]
+    return []
+
+
+def overfitting(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """The eval loss rose over the last two evaluations while the training loss EMA fell."""
+    ev = ostate.evals
+    if obs.eval_loss is None or len(ev) < 3:
+        return []
+    (_, e0, _, t0), (_, e1, _, t1), (_, e2, _, t2) = ev[-3:]
+    if e2 > e1 > e0 and t2 < t1 < t0:
+        return [
+            Finding(
+                "overfitting",
+                1,
+                0.9,
+                f"eval loss rose {e0:.4g} -> {e2:.4g} over two evaluations while training loss fell",
+            )
+        ]
+    return []
+
+
+def data_balance(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """Interleaved data: one source's eval loss got worse since the last evaluation while the other's
+    improved — shift the ratio toward the lagging source."""
+    ev = ostate.evals
+    if obs.eval_loss is None or len(ev) < 2 or obs.settings.get("mode") != "interleaved":
+        return []
+    before, now = ev[-2][2], ev[-1][2]
+    if set(before) != {"base", "chat"} or set(now) != {"base", "chat"}:
+        return []
+    delta = {k: now[k] - before[k] for k in now}
+    for lag, lead in (("base", "chat"), ("chat", "base")):
+        if delta[lag] > 0 and delta[lead] < 0:
+            return [
+                Finding(
+                    "data_imbalance",
+                    1,
+                    0.9,
+                    f"{lag} eval loss got worse ({before[lag]:.4g} -> {now[lag]:.4g}) while {lead} improved",
+                    {"lagging": lag},
+                )
+            ]
+    return []
+
+
+DETECTORS = (
+    nonfinite,
+    memory,
+    grad_explosion,
+    loss_spike,
+    divergence,
+    oscillation,
+    plateau,
+    experts,
+    mod,
+    throughput,
+    overfitting,
+    data_balance,
+)
+
+
+def detect_all(ostate: OrchestratorState, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """Every detector's findings for ``obs``, in a fixed order (``ostate`` already holds ``obs``)."""
+    return [f for det in DETECTORS for f in det(ostate, obs, cfg)]
+
+
+# ------------------------------------------------------------------------- phase and forecast
+
+
+def phase_of(ostate: OrchestratorState, findings: list[Finding], cfg: OrchestratorConfig) -> str:
+    kinds = {f.kind for f in findings}
+    if _warming(ostate, cfg):
+        return "warmup"
+    if kinds & {"divergence", "nonfinite"}:
+        return "diverging"
+    if kinds & {"loss_spike", "oscillation", "grad_explosion"}:
+        return "volatile"
+    if ostate.plateau_since is not None:
+        return "plateau"
+    return "converging"
+
+
+def forecast(ostate: OrchestratorState, step: int, cfg: OrchestratorConfig) -> dict[str, Any]:
+    """Fit loss ~ a + b ln(step) over the window: the predicted loss ``forecast_horizon`` steps
+    ahead, and the steps until the fitted slope b/t falls under the plateau threshold."""
+    hist = [h for h in ostate.history if math.isfinite(h[1]) and h[0] > 0]
+    if len(hist) < 10:
+        return {}
+    b, a = linear_fit([math.log(h[0]) for h in hist], [h[1] for h in hist])
+    target = step + cfg.forecast_horizon
+    pred = a + b * math.log(target)
+    level = max(abs(median([h[1] for h in hist])), _EPS)
+    # |d loss / d step| = |b| / t < plateau_slope * level  <=>  t > |b| / (plateau_slope * level)
+    t_flat = abs(b) / (cfg.plateau_slope * level)
+    return {
+        "step": step,
+        "target_step": target,
+        "loss": pred,
+        "steps_to_plateau": max(0, math.ceil(t_flat - step)),
+    }

@@ -1,0 +1,139 @@
+"""Replay: re-derive a run's decisions from its observation log, and what-if analysis.
+
+    result = replay("runs/debug")                                   # bit-identity check
+    result = replay("runs/debug", what_if=["orchestrator.grad_abs=50"])
+
+``decide`` is pure and deterministic, so feeding the logged observations, in order, to a fresh
+orchestrator state with the run's ``OrchestratorConfig`` must give back exactly the logged decisions
+(compared as msgpack data: every float bit for bit). With ``what_if`` overrides the same observations
+are replayed under a changed config and the decisions that would differ are listed. That is a
+counterfactual on the *logged* observations: a changed decision would have changed the run after it,
+which no replay can know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from lumina.config import ConfigError, OrchestratorConfig, from_dict
+from lumina.orchestrator.policy import decide
+from lumina.orchestrator.state import (
+    DECISIONS_FILE,
+    OBSERVATIONS_FILE,
+    Decision,
+    Observation,
+    init_state,
+    read_log,
+)
+
+__all__ = ["ReplayError", "ReplayResult", "replay"]
+
+
+class ReplayError(ValueError):
+    """The run folder cannot be replayed (missing or corrupt logs or config): one line."""
+
+
+@dataclasses.dataclass
+class ReplayResult:
+    observations: int
+    logged: list[dict[str, Any]]
+    derived: list[dict[str, Any]]
+    first_mismatch: int | None  # index into the decision lists, None when identical
+
+    @property
+    def identical(self) -> bool:
+        return self.first_mismatch is None
+
+
+def _normalise(d: dict[str, Any]) -> dict[str, Any]:
+    return msgpack.unpackb(msgpack.packb(d, use_bin_type=True), raw=False)  # tuples -> lists, etc.
+
+
+def load_orchestrator_config(run_dir: Path, what_if: list[str] = ()) -> OrchestratorConfig:
+    path = run_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReplayError(f"{path}: missing (not a run folder)") from None
+    except json.JSONDecodeError as e:
+        raise ReplayError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    section = dict(raw.get("orchestrator", {}))
+    origin, cli = {}, set()
+    for item in what_if:
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("--").removeprefix("orchestrator.")
+        if not sep or not key:
+            raise ConfigError(f"--what-if {item!r}: expected orchestrator.KEY=VALUE")
+        section[key] = value
+        origin[key] = f"--what-if orchestrator.{key}"
+        cli.add(key)
+    return from_dict(OrchestratorConfig, section, origin=origin, from_cli=frozenset(cli))
+
+
+def replay(run_dir: str | Path, what_if: list[str] = ()) -> ReplayResult:
+    run_dir = Path(run_dir)
+    ocfg = load_orchestrator_config(run_dir, list(what_if))
+    obs_path = run_dir / OBSERVATIONS_FILE
+    if not obs_path.exists():
+        raise ReplayError(f"{obs_path}: missing (was the orchestrator enabled in this run?)")
+    try:
+        observations = [Observation.from_dict(o) for o in read_log(obs_path)]
+        logged = [_normalise(d) for d in read_log(run_dir / DECISIONS_FILE)]
+    except (TypeError, ValueError) as e:
+        raise ReplayError(f"{run_dir}: {e}") from None
+    ostate = init_state(0)
+    derived: list[dict[str, Any]] = []
+    for obs in observations:
+        ostate, ds = decide(ostate, obs, ocfg)
+        derived.extend(_normalise(d.to_dict()) for d in ds)
+    mismatch = next((i for i, (a, b) in enumerate(zip(logged, derived, strict=False)) if a != b), None)
+    if mismatch is None and len(logged) != len(derived):
+        mismatch = min(len(logged), len(derived))
+    return ReplayResult(len(observations), logged, derived, mismatch)
+
+
+def describe(d: dict[str, Any] | None) -> str:
+    return "(none)" if d is None else str(Decision.from_dict(d))
+
+
+def differences(result: ReplayResult) -> tuple[list[dict], list[dict]]:
+    """(logged decisions the replay did not make, replayed decisions the run did not make)."""
+
+    def key(d):
+        return json.dumps(d, sort_keys=True)
+
+    a, b = {key(d) for d in result.logged}, {key(d) for d in result.derived}
+    return [d for d in result.logged if key(d) not in b], [d for d in result.derived if key(d) not in a]
+
+
+def main_replay(run_dir: str, what_if: list[str], out) -> int:
+    """The ``replay`` command: 0 when identical (or, with what-if, always after listing changes)."""
+    r = replay(run_dir, what_if)
+    if what_if:
+        gone, new = differences(r)
+        print(
+            f"[replay] {r.observations} observations; logged {len(r.logged)} decisions, "
+            f"what-if {len(r.derived)}; {len(gone) + len(new)} differ",
+            file=out,
+        )
+        for d in gone:
+            print(f"- {describe(d)}", file=out)
+        for d in new:
+            print(f"+ {describe(d)}", file=out)
+        return 0
+    if r.identical:
+        print(
+            f"[replay] {r.observations} observations -> {len(r.derived)} decisions, identical to the log",
+            file=out,
+        )
+        return 0
+    i = r.first_mismatch
+    print(f"[replay] MISMATCH at decision #{i}:", file=out)
+    print(f"  logged:   {describe(r.logged[i] if i < len(r.logged) else None)}", file=out)
+    print(f"  replayed: {describe(r.derived[i] if i < len(r.derived) else None)}", file=out)
+    return 1

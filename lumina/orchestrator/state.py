@@ -1,0 +1,203 @@
+"""The orchestrator's plain data: observations in, decisions out, and the state between them.
+
+Everything here is msgpack-serialisable (ints, floats, strings, lists, dicts, None), so the
+observation and decision logs replay bit for bit and the orchestrator state rides in checkpoints.
+Python floats are IEEE doubles and msgpack stores them as such: a value read back is the value
+written, NaN and infinities included.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+__all__ = [
+    "LEVELS",
+    "OBSERVATIONS_FILE",
+    "DECISIONS_FILE",
+    "Decision",
+    "Observation",
+    "OrchestratorState",
+    "append_log",
+    "init_state",
+    "read_log",
+    "truncate_log",
+]
+
+OBSERVATIONS_FILE = "observations.msgpack"
+DECISIONS_FILE = "decisions.msgpack"
+LEVELS = {1: "soft", 2: "medium", 3: "hard", 4: "critical"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Observation:
+    """What the driver saw after optimizer step ``step`` (or, with an ``oom`` event, instead of it).
+
+    ``settings`` are the current values of everything the orchestrator may change (lr_scale,
+    weight_decay, capacity_factor, mod_capacity, micro_batch_size, batch_size, grad_checkpointing,
+    num_experts, interleave_ratio, mode, and the live knobs), so decisions can state absolute
+    targets and respect bounds without reading the config.
+    """
+
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens_per_s: float = 0.0
+    memory_mb: float = 0.0
+    eval_loss: float | None = None  # when an evaluation ran at this step
+    eval_losses: dict[str, float] = dataclasses.field(default_factory=dict)  # per data source
+    expert_load: list[list[float]] = dataclasses.field(default_factory=list)  # per MoE layer, shares
+    dropped: list[float] = dataclasses.field(default_factory=list)  # per MoE layer
+    mod_weight: list[float] = dataclasses.field(default_factory=list)  # per MoD layer: mean sigmoid(r)
+    mod_score_std: list[float] = dataclasses.field(default_factory=list)  # per MoD layer
+    events: list[str] = dataclasses.field(default_factory=list)  # "oom", "phase_switch", ...
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Observation:
+        return cls(**d)
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Decision:
+    """One action the orchestrator takes: ``args`` hold absolute targets (e.g. ``{"from": 1.0,
+    "to": 0.1}``) so applying a decision never depends on anything but the decision."""
+
+    step: int
+    action: str
+    args: dict[str, Any]
+    level: int  # 1 soft, 2 medium, 3 hard, 4 critical
+    confidence: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Decision:
+        return cls(**d)
+
+    def __str__(self) -> str:
+        a = self.args
+        if "to" in a and "from" in a:
+            what = f"{a.get('name', '')}{' ' if 'name' in a else ''}{_fmt(a['from'])} -> {_fmt(a['to'])}"
+        else:
+            what = " ".join(f"{k}={_fmt(v)}" for k, v in a.items())
+        return (
+            f"[ORCH] step {self.step} {self.action} {what} (L{self.level} {LEVELS[self.level]}, "
+            f"conf {self.confidence:.2f}): {self.reason}"
+        )
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+@dataclasses.dataclass(kw_only=True)
+class OrchestratorState:
+    """Fixed-size history windows, running statistics, cooldowns, phase, counters and snapshot
+    bookkeeping. ``decide`` never mutates one: it returns a changed copy."""
+
+    n_obs: int = 0
+    step: int = -1  # the last observed step
+    history: list[list[float]] = dataclasses.field(default_factory=list)  # [step, loss, gnorm, tok/s]
+    loss_ema: float | None = None
+    ema_history: list[list[float]] = dataclasses.field(default_factory=list)  # [step, ema]
+    evals: list[list[Any]] = dataclasses.field(default_factory=list)  # [step, loss, {src: loss}, train_ema]
+    last_action: dict[str, int] = dataclasses.field(default_factory=dict)  # action -> step it fired
+    changes: list[int] = dataclasses.field(default_factory=list)  # steps of recent non-critical changes
+    phase: str = "warmup"
+    health: float = 100.0
+    counters: dict[str, int] = dataclasses.field(default_factory=dict)
+    snapshots: list[int] = dataclasses.field(default_factory=list)  # steps with a healthy snapshot
+    dead_since: dict[str, int] = dataclasses.field(default_factory=dict)  # "layer:expert" -> step
+    plateau_since: int | None = None
+    rollbacks: list[int] = dataclasses.field(default_factory=list)  # steps rollbacks were decided at
+    spike_steps: list[int] = dataclasses.field(default_factory=list)  # recent loss spikes
+    streaks: dict[str, int] = dataclasses.field(default_factory=dict)  # finding kind -> in a row
+    forecast: dict[str, Any] = dataclasses.field(default_factory=dict)  # latest convergence forecast
+    pending_forecasts: list[list[float]] = dataclasses.field(default_factory=list)  # [target, predicted]
+    forecast_errors: list[float] = dataclasses.field(default_factory=list)  # relative, past predictions
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OrchestratorState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - names:
+            raise ValueError(f"not an orchestrator state: unexpected keys {sorted(set(d) - names)}")
+        return cls(**d)
+
+    def copy(self) -> OrchestratorState:
+        return copy.deepcopy(self)
+
+
+def init_state(start_step: int = 0) -> OrchestratorState:
+    """A fresh state; the run's starting state (step ``start_step``) is the first snapshot."""
+    return OrchestratorState(snapshots=[start_step])
+
+
+# ------------------------------------------------------------------------------------ the logs
+
+
+def append_log(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append msgpack records to ``path`` (one msgpack object each, concatenated)."""
+    if not records:
+        return
+    with open(path, "ab") as f:
+        for r in records:
+            f.write(msgpack.packb(r, use_bin_type=True))
+        f.flush()
+
+
+def read_log(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a log written by ``append_log`` (ValueError on a corrupt or truncated file)."""
+    if not Path(path).exists():
+        return
+    with open(path, "rb") as f:
+        unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=True)
+        try:
+            for record in unpacker:
+                if not isinstance(record, dict) or "step" not in record:
+                    raise ValueError(f"{path}: a record is not a step-stamped map: {record!r:.80}")
+                yield record
+        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as e:
+            raise ValueError(f"{path}: corrupt log ({e})") from None
+        # A partial trailing record (a crash mid-write) stays buffered in the unpacker.
+        if unpacker.tell() != os.path.getsize(path):
+            raise ValueError(f"{path}: truncated log (a partial record at byte {unpacker.tell()})")
+
+
+def truncate_log(path: Path, upto_step: int) -> None:
+    """Keep the records up to the one that ends at ``upto_step`` (resuming from a checkpoint at
+    that step): records are in order, and a rollback makes steps repeat, so this keeps the prefix up
+    to the last record stamped ``upto_step`` or earlier before any record after it in time."""
+    path = Path(path)
+    if not path.exists():
+        return
+    records = list(read_log(path))
+    keep = 0
+    for i, r in enumerate(records):
+        if r["step"] <= upto_step:
+            keep = i + 1
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        for r in records[:keep]:
+            f.write(msgpack.packb(r, use_bin_type=True))
+    os.replace(tmp, path)

@@ -1,0 +1,430 @@
+"""The orchestrator's pure parts: detectors on synthetic series, gating, decide's purity, and each
+action's effect on a real train state."""
+
+import dataclasses
+import math
+import random
+
+import msgpack
+import pytest
+import torch
+
+from lumina import tree
+from lumina.config import OrchestratorConfig, load_config
+from lumina.optim import default_hp, lr_at
+from lumina.orchestrator import Decision, Observation, apply_decisions, decide, init_state
+from lumina.orchestrator.detect import forecast, mad, median, robust_z
+from lumina.orchestrator.state import OrchestratorState
+from lumina.step import init_train_state, make_train_step
+
+OCFG = OrchestratorConfig()
+DENSE = {"lr_scale": 1.0, "weight_decay": 0.1, "micro_batch_size": 8, "batch_size": 8,
+         "grad_checkpointing": "none", "num_experts": 0, "top_k": 0, "balance": None,
+         "capacity_factor": None, "mod_capacity": None, "mode": "base_only", "interleave_ratio": 0.5,
+         "knobs": {"aux_loss_weight": 0.01, "expert_dropout": 0.0, "router_temperature": 1.0}}  # fmt: skip
+MOE = DENSE | {"num_experts": 8, "top_k": 2, "balance": "aux_loss", "capacity_factor": 1.25}
+
+
+def clean_series(n, seed, noise=0.03):
+    """A healthy run: loss decaying like a power law with small noise, grad norms ~1."""
+    rng = random.Random(seed)
+    out = []
+    for t in range(1, n + 1):
+        loss = 4.0 + 6.0 * t**-0.5 + rng.gauss(0, noise)
+        out.append(dict(step=t, loss=loss, grad_norm=1.0 + 0.2 * abs(rng.gauss(0, 1)), lr=1e-3,
+                        tokens_per_s=1000 + rng.gauss(0, 30), memory_mb=500.0))  # fmt: skip
+    return out
+
+
+def run(series, cfg=OCFG, settings=DENSE, **extra):
+    """Feed observations through decide; (final state, decisions, per-step findings counters)."""
+    s, decisions = init_state(0), []
+    for o in series:
+        fields = {"settings": settings, **extra, **o}
+        s, ds = decide(s, Observation(**fields), cfg)
+        decisions += ds
+    return s, decisions
+
+
+def found(s, kind):
+    return s.counters.get(kind, 0)
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def test_robust_statistics():
+    assert median([3, 1, 2]) == 2 and median([4, 1, 2, 3]) == 2.5
+    assert mad([1, 1, 1, 1]) == 0 and mad([1, 2, 3, 4, 100]) == pytest.approx(1.4826)
+    assert robust_z(100, [1, 2, 3, 4, 5]) == pytest.approx(97 / 1.4826)
+    assert robust_z(2.0, [2.0] * 10) == 0  # a flat window: the MAD floor avoids a division by zero
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_clean_run_draws_no_findings_and_no_decisions(seed):
+    s, decisions = run(clean_series(300, seed))
+    assert decisions == []
+    assert {k: v for k, v in s.counters.items()} == {}
+    assert s.phase == "converging" and s.health == 100.0
+    assert s.snapshots == [280, 290, 300]  # healthy snapshots every 10 steps, the newest 3
+
+
+# --------------------------------------------------------------------------------- detectors
+
+
+def test_nonfinite_loss_rolls_back_to_a_snapshot_two_steps_before():
+    series = clean_series(100, 0)
+    series[64]["loss"] = math.nan  # step 65
+    s, decisions = run(series)
+    rb = [d for d in decisions if d.action == "rollback"]
+    assert len(rb) == 1 and rb[0].step == 65 and rb[0].level == 4
+    assert rb[0].args == {"to_step": 60, "skip_data": True}  # newest snapshot <= 63
+    assert "non-finite loss" in rb[0].reason
+
+
+def test_nonfinite_again_after_a_rollback_also_cuts_the_lr():
+    series = clean_series(100, 0)
+    for i in (64, 69):
+        series[i]["grad_norm"] = math.inf
+    s, decisions = run(series)
+    assert [d.action for d in decisions] == ["rollback", "rollback", "emergency_lr_cut"]
+    assert decisions[2].args == {"from": 1.0, "to": 0.1}
+
+
+def test_loss_spike_small_is_recorded_large_rolls_back():
+    series = clean_series(200, 1)
+    series[99]["loss"] *= 1.3  # a spike (30 % up), below the rollback size (50 %)
+    s, decisions = run(series)
+    assert found(s, "loss_spike") == 1 and decisions == []
+    series[149]["loss"] = 11.0  # 2.4x the median, z >> 20
+    s, decisions = run(series)
+    assert found(s, "loss_spike") == 2
+    assert [(d.action, d.step, d.args["to_step"]) for d in decisions] == [("rollback", 150, 140)]
+
+
+def test_repeated_loss_spikes_lower_the_lr():
+    series = clean_series(200, 2)
+    series[99]["loss"] *= 1.3
+    series[109]["loss"] *= 1.3
+    s, decisions = run(series)
+    assert [(d.action, d.step, d.args) for d in decisions] == [("lr_scale", 110, {"from": 1.0, "to": 0.5})]
+
+
+def test_grad_explosion_absolute_and_persistent_relative():
+    series = clean_series(120, 3)
+    series[79]["grad_norm"] = 500.0
+    s, decisions = run(series)
+    assert [(d.action, d.step, d.args) for d in decisions] == [
+        ("emergency_lr_cut", 80, {"from": 1.0, "to": 0.1})
+    ]
+    # relative: one 20x spike is absorbed by clipping; three in a row act
+    series = clean_series(120, 3)
+    series[79]["grad_norm"] = 25.0
+    assert run(series)[1] == []
+    for i in (80, 81):
+        series[i]["grad_norm"] = 25.0
+    decisions = run(series)[1]
+    assert [(d.action, d.step) for d in decisions] == [("emergency_lr_cut", 82)]
+
+
+def test_divergence_rolls_back_before_the_minimum():
+    series = clean_series(200, 4)
+    for i in range(120, 200):
+        series[i]["loss"] = series[119]["loss"] * (1 + 0.01 * (i - 119))
+    s, decisions = run(series)
+    assert found(s, "divergence") >= 1
+    rb = next(d for d in decisions if d.action == "rollback")
+    assert rb.args["to_step"] <= 120 and rb.level == 3
+    assert any(d.action == "lr_scale" and d.step <= rb.step for d in decisions)  # (or in its cooldown)
+
+
+def test_plateau_lowers_the_lr_dense_and_adds_an_expert_moe():
+    rng = random.Random(5)
+    flat = [dict(step=t, loss=3.0 + rng.gauss(0, 1e-4), grad_norm=1.0, lr=1e-3) for t in range(1, 260)]
+    s, decisions = run(flat)
+    assert found(s, "plateau") >= 1 and s.phase == "plateau"
+    assert decisions[0].action == "lr_scale" and decisions[0].step >= OCFG.plateau_patience
+    s, decisions = run(flat, settings=MOE, expert_load=[[0.125] * 8])
+    assert decisions[0].action == "add_expert" and decisions[0].args == {"from": 8, "to": 9}
+    # ... and not on a decaying loss
+    assert found(run(clean_series(260, 5))[0], "plateau") == 0
+
+
+def test_oscillation():
+    rng = random.Random(6)
+    osc = [dict(step=t, loss=4 + (0.6 if t % 2 else -0.6) + rng.gauss(0, 0.01), grad_norm=1.0, lr=1e-3)
+           for t in range(1, 80)]  # fmt: skip
+    s, decisions = run(osc)
+    assert found(s, "oscillation") >= 1 and decisions[0].action == "lr_scale"
+
+
+def balanced(E=8):
+    return [[1 / E] * E, [1 / E] * E]
+
+
+def test_expert_collapse_raises_the_balance_weight():
+    series = clean_series(60, 7)
+    s, decisions = run(series, settings=MOE, expert_load=balanced())
+    assert found(s, "expert_collapse") == 0 and decisions == []
+    collapsed = [[0.5, 0.5, 0, 0, 0, 0, 0, 0], [1 / 8] * 8]
+    s, decisions = run(series, settings=MOE, expert_load=collapsed)
+    d = decisions[0]
+    assert d.action == "set_knob" and d.args == {"name": "aux_loss_weight", "from": 0.01, "to": 0.04}
+    # entropy 0.33 vs 0.5 gives confidence 0.59 alone; persisting, it reaches conf_medium (0.8) at the
+    # 5th observation in a row
+    assert "layer 0" in d.reason and "5 observations in a row" in d.reason and d.step == OCFG.warmup + 5
+    # cooldown: the same action waits, and the next one comes after it
+    assert [x.step for x in decisions if x.action == "set_knob"] == [25, 50]
+
+
+def test_dead_expert_is_pruned_after_patience():
+    load = [0.14] * 7 + [0.01]
+    load = [x / sum(load) for x in load]
+    other = [0.15] * 6 + [0.1, 0.0]  # layer 1: expert 7 dead too
+    series = clean_series(120, 8)
+    s, decisions = run(series, settings=MOE, expert_load=[load, other])
+    prune = [d for d in decisions if d.action == "prune_expert"]
+    assert prune and prune[0].args == {"from": 8, "to": 7, "experts": [7, 7]}
+    assert prune[0].step >= OCFG.dead_patience
+    # only one layer with a dead expert: no prune (the expert count is shared by all layers)
+    s, decisions = run(series, settings=MOE, expert_load=[load, [1 / 8] * 8])
+    assert not [d for d in decisions if d.action == "prune_expert"]
+
+
+def test_capacity_overflow_raises_the_capacity_factor():
+    s, decisions = run(clean_series(40, 9), settings=MOE, expert_load=balanced(), dropped=[0.3, 0.2])
+    assert decisions[0].action == "capacity_factor"
+    assert decisions[0].args == {"from": 1.25, "to": 1.5625}
+    # dropless (no capacity factor): nothing to raise
+    assert run(clean_series(40, 9), settings=MOE | {"capacity_factor": None}, dropped=[0.3])[1] == []
+
+
+def test_mod_collapse_and_too_aggressive():
+    mod = DENSE | {"mod_capacity": 0.25}
+    s, decisions = run(clean_series(30, 10), settings=mod, mod_weight=[0.6, 0.6], mod_score_std=[0.5, 0.0])
+    assert decisions[0].action == "reset_mod_router" and decisions[0].args["layers"] == [1]
+    s, decisions = run(clean_series(30, 10), settings=mod, mod_weight=[0.99, 0.99], mod_score_std=[1.0, 1.0])
+    assert decisions[0].action == "mod_capacity" and decisions[0].args == {"from": 0.25, "to": 0.375}
+    s, decisions = run(clean_series(30, 10), settings=mod, mod_weight=[0.7, 0.6], mod_score_std=[1.0, 1.0])
+    assert decisions == []
+
+
+def test_oom_halves_the_micro_batch_then_checkpoints():
+    s, d = decide(init_state(), Observation(step=1, loss=math.nan, grad_norm=math.nan, lr=1e-3,
+                                            events=["oom"], settings=DENSE), OCFG)  # fmt: skip
+    assert [(x.action, x.args, x.level) for x in d] == [("micro_batch", {"from": 8, "to": 4}, 4)]
+    assert s.history == [] and found(s, "nonfinite") == 0  # an OOM is not a non-finite loss
+    one = DENSE | {"micro_batch_size": 1}
+    _, d = decide(s, Observation(step=1, loss=math.nan, grad_norm=math.nan, lr=1e-3, events=["oom"],
+                                 settings=one), OCFG)  # fmt: skip
+    assert [(x.action, x.args) for x in d] == [("grad_checkpointing", {"from": "none", "to": "full"})]
+
+
+def test_memory_pressure_and_throughput_drop():
+    cfg = dataclasses.replace(OCFG, memory_budget_mb=600)
+    series = clean_series(40, 11)
+    series[-1]["memory_mb"] = 590.0
+    s, decisions = run(series, cfg)
+    assert [(d.action, d.args["to"]) for d in decisions] == [("grad_checkpointing", "full")]
+    series = clean_series(40, 11)
+    series[-1]["tokens_per_s"] = 100.0
+    s, decisions = run(series)
+    assert found(s, "throughput_drop") == 1 and decisions == []  # noted in the health, not acted on
+    assert s.health < 100
+
+
+def test_overfitting_raises_weight_decay_and_imbalanced_sources_shift_the_ratio():
+    series = clean_series(100, 12)
+    for i, e in zip((39, 59, 79), (5.0, 5.1, 5.2), strict=True):
+        series[i]["eval_loss"] = e
+    s, decisions = run(series)
+    assert [(d.action, d.args) for d in decisions] == [("weight_decay", {"from": 0.1, "to": 0.2})]
+    series = clean_series(60, 12)
+    series[29] |= {"eval_loss": 5.0, "eval_losses": {"base": 5.0, "chat": 5.0}}
+    series[49] |= {"eval_loss": 4.95, "eval_losses": {"base": 5.2, "chat": 4.7}}
+    s, decisions = run(series, settings=DENSE | {"mode": "interleaved"})
+    assert [(d.action, d.args) for d in decisions] == [("interleave_ratio", {"from": 0.5, "to": 0.6})]
+
+
+def test_cap_on_changes_per_window():
+    cfg = dataclasses.replace(OCFG, cooldown=0, max_changes_per_window=2)
+    series = clean_series(60, 13)
+    for i in range(25, 60):
+        series[i]["grad_norm"] = 200.0
+    s, decisions = run(series, cfg)
+    assert [d.step for d in decisions] == [26, 27]  # then capped for the rest of the window
+    assert found(s, "suppressed") == 60 - 27
+
+
+def test_confidence_thresholds_gate_by_level():
+    series = clean_series(120, 3)
+    series[79]["grad_norm"] = 120.0  # just over grad_abs: confidence 0.73
+    assert run(series)[1][0].action == "emergency_lr_cut"
+    assert run(series, dataclasses.replace(OCFG, conf_hard=0.9))[1] == []
+
+
+# ------------------------------------------------------------------------------- the function
+
+
+def test_decide_is_pure_deterministic_and_its_state_is_plain_data():
+    series = clean_series(80, 14)
+    series[50]["loss"] = math.nan
+    s, _ = run(series[:40], settings=MOE, expert_load=balanced())
+    before = msgpack.packb(s.to_dict())
+    obs = Observation(**series[40], settings=MOE, expert_load=balanced())
+    a = decide(s, obs, OCFG)
+    b = decide(s, obs, OCFG)
+    assert msgpack.packb(s.to_dict()) == before  # the input state is untouched
+    assert a[0].to_dict() == b[0].to_dict() and a[1] == b[1]
+    again = OrchestratorState.from_dict(msgpack.unpackb(msgpack.packb(a[0].to_dict())))
+    assert again.to_dict() == a[0].to_dict()
+    with pytest.raises(ValueError):
+        OrchestratorState.from_dict({"bogus": 1})
+
+
+def test_forecast_predicts_a_power_law_and_measures_its_error():
+    s, _ = run(clean_series(300, 15, noise=0.01))
+    fc = s.forecast
+    assert set(fc) == {"step", "target_step", "loss", "steps_to_plateau", "error"}
+    truth = 4.0 + 6.0 * fc["target_step"] ** -0.5
+    assert fc["loss"] == pytest.approx(truth, rel=0.03)
+    # the mean error of all past forecasts, early ones (fitted on 25 points) included
+    assert 0 <= fc["error"] < 0.15 and fc["steps_to_plateau"] > 0
+    assert forecast(init_state(), 10, OCFG) == {}  # too little history
+
+
+def test_decision_text():
+    d = Decision(step=300, action="emergency_lr_cut", args={"from": 1.0, "to": 0.1}, level=3,
+                 confidence=0.95, reason="grad norm 156 > 100")  # fmt: skip
+    assert str(d) == "[ORCH] step 300 emergency_lr_cut 1 -> 0.1 (L3 hard, conf 0.95): grad norm 156 > 100"
+
+
+# ---------------------------------------------------------------------------------- actions
+
+TINY_MOE = [
+    "--model.d_model=32", "--model.n_heads=2", "--model.n_kv_heads=1", "--model.moe.d_expert=16",
+    "--model.max_seq_len=16", "--train.seq_len=16", "--train.batch_size=4", "--train.compile=false",
+    "--model.moe.capacity_factor=1.5", "--model.moe.balance=bias",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def moe_setup():
+    cfg = load_config(overrides=TINY_MOE)
+    state = init_train_state(cfg)
+    step = make_train_step(cfg, pad_id=-1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 1000, (4, 17), generator=g)
+    batch = tree.unflatten({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+    state, _ = step(state, batch, default_hp(cfg.train))  # non-zero moments
+    return cfg, state, batch
+
+
+def D(action, **args):
+    return Decision(step=7, action=action, args=args, level=2, confidence=1.0, reason="test")
+
+
+def test_lr_actions_scale_the_whole_schedule(moe_setup):
+    cfg, state, _ = moe_setup
+    hp = default_hp(cfg.train)
+    _, hp2, cfg2 = apply_decisions([D("emergency_lr_cut", **{"from": 1.0, "to": 0.1})], state, hp, cfg)
+    assert cfg2.train.lr_scale == 0.1 and cfg.train.lr_scale == 1.0
+    for step in (0, 5, 50, 500):
+        assert lr_at(step, cfg2.train) == pytest.approx(0.1 * lr_at(step, cfg.train), rel=1e-12)
+    assert hp2["lr"].item() == pytest.approx(0.1 * hp["lr"].item())
+
+
+def test_add_expert_extends_params_router_and_moments(moe_setup):
+    cfg, state, batch = moe_setup
+    before = tree.flatten(state).copy()
+    E = cfg.model.moe.num_experts
+    new, hp, cfg2 = apply_decisions(
+        [D("add_expert", **{"from": E, "to": E + 1})], state, default_hp(cfg.train), cfg
+    )
+    assert cfg2.model.moe.num_experts == E + 1
+    assert tree.flatten(state).keys() == before.keys() and all(
+        torch.equal(tree.flatten(state)[k], v) for k, v in before.items()
+    )  # the input state is untouched
+    flat = tree.flatten(new)
+    for layer in range(cfg.model.n_layers):
+        p = f"params.layers.{layer}.moe"
+        for name, axis in (("w_gate", 0), ("w_up", 0), ("w_down", 0), ("router", 1), ("balance_bias", 0)):
+            old, x = before[f"{p}.{name}"], flat[f"{p}.{name}"]
+            assert x.shape[axis] == E + 1
+            assert torch.equal(x.narrow(axis, 0, E), old)  # the existing experts are unchanged
+            added = x.narrow(axis, E, 1)
+            mean = old.mean(dim=axis, keepdim=True)
+            assert (added - mean).abs().max() <= 0.011 * old.std() * 3**0.5 + 1e-7  # mean + 1 % noise
+            if name != "balance_bias":
+                assert not torch.equal(added, mean)
+            for mom in ("opt.m", "opt.v"):
+                m = flat[f"{mom}.layers.{layer}.moe.{name}"]
+                assert torch.equal(m.narrow(axis, 0, E), before[f"{mom}.layers.{layer}.moe.{name}"])
+                assert torch.count_nonzero(m.narrow(axis, E, 1)) == 0
+    state2, m = make_train_step(cfg2, pad_id=-1)(new, batch, hp)  # it trains with E + 1 experts
+    assert torch.isfinite(m["loss"]) and m["moe", "0", "load"].shape == (E + 1,)
+
+
+def test_prune_expert_removes_that_expert_per_layer(moe_setup):
+    cfg, state, batch = moe_setup
+    E = cfg.model.moe.num_experts
+    drop = [3, 0, 1, 3]  # one per MoE layer
+    new, hp, cfg2 = apply_decisions(
+        [D("prune_expert", **{"from": E, "to": E - 1, "experts": drop})], state, default_hp(cfg.train), cfg
+    )
+    assert cfg2.model.moe.num_experts == E - 1
+    flat, before = tree.flatten(new), tree.flatten(state)
+    for layer, e in enumerate(drop):
+        keep = [i for i in range(E) if i != e]
+        for kind in ("params", "opt.m", "opt.v"):
+            for name, axis in (("w_up", 0), ("router", 1), ("balance_bias", 0)):
+                k = f"{kind}.layers.{layer}.moe.{name}"
+                assert torch.equal(flat[k], before[k].index_select(axis, torch.tensor(keep)))
+    _, m = make_train_step(cfg2, pad_id=-1)(new, batch, hp)
+    assert torch.isfinite(m["loss"])
+    with pytest.raises(ValueError, match="4 MoE layers"):
+        apply_decisions([D("prune_expert", **{"from": E, "to": E - 1, "experts": [0]})], state, hp, cfg)
+
+
+def test_knob_config_and_hp_actions(moe_setup):
+    cfg, state, _ = moe_setup
+    hp = default_hp(cfg.train)
+    ds = [
+        D("set_knob", name="router_temperature", **{"from": 1.0, "to": 2.0}),
+        D("capacity_factor", **{"from": 1.5, "to": 2.0}),
+        D("weight_decay", **{"from": 0.1, "to": 0.2}),
+        D("micro_batch", **{"from": 4, "to": 2}),
+        D("grad_checkpointing", **{"from": "none", "to": "full"}),
+        D("interleave_ratio", **{"from": 0.5, "to": 0.6}),
+        D("rollback", to_step=3, skip_data=True),  # the driver's: nothing here
+    ]
+    new, hp2, cfg2 = apply_decisions(ds, state, hp, cfg)
+    assert (
+        new["knobs", "router_temperature"].item() == 2.0
+        and state["knobs", "router_temperature"].item() == 1.0
+    )
+    assert cfg2.model.moe.capacity_factor == 2.0
+    assert cfg2.train.weight_decay == 0.2 and hp2["weight_decay"].item() == pytest.approx(0.2)
+    assert cfg2.train.micro_batch_size == 2 and cfg2.train.batch_size == 4 and cfg2.train.grad_accum == 2
+    assert cfg2.train.grad_checkpointing == "full" and cfg2.data.interleave_ratio == 0.6
+    assert torch.equal(
+        new["params", "layers", "0", "attn", "wq"], state["params", "layers", "0", "attn", "wq"]
+    )
+    with pytest.raises(ValueError, match="unknown orchestrator action"):
+        apply_decisions([D("bogus")], state, hp, cfg)
+
+
+def test_reset_mod_router():
+    cfg = load_config(overrides=["--model.mod.enabled=true", "--model.moe.num_experts=0", *TINY_MOE[:8]])
+    state = init_train_state(cfg)
+    state["params", "layers", "1", "mod", "router"].zero_()
+    state["opt", "m", "layers", "1", "mod", "router"].fill_(1.0)
+    new, _, _ = apply_decisions(
+        [D("reset_mod_router", layers=[0], seed=7)], state, default_hp(cfg.train), cfg
+    )
+    r = new["params", "layers", "1", "mod", "router"]
+    assert r.std().item() == pytest.approx(cfg.model.init_std, rel=0.3)
+    assert torch.count_nonzero(new["opt", "m", "layers", "1", "mod", "router"]) == 0
+    assert torch.equal(
+        new["params", "layers", "3", "mod", "router"], state["params", "layers", "3", "mod", "router"]
+    )
