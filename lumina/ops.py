@@ -10,13 +10,14 @@ public function reaches it through an ``autograd.Function`` so ``torch.func.grad
 it.
 
 Providers (``_route``): on CUDA tensors the Triton kernels when triton is installed (not yet run on
-a GPU): ``lumina_kernels.moe_dispatch`` / ``moe_combine`` (MoE) and ``mod_routing`` (MoD top-k,
-gather, scatter). On CPU tensors the native ops (``lumina_kernels.native``, built by CMake; 5.3x the
-reference for dispatch + combine forward + backward in fp32 at N=8192, D=512, k=2, see README) when
-built and the op has one (MoE dispatch and combine today); else the reference.
-``LUMINA_OPS=reference`` forces the reference (A/B runs), ``LUMINA_OPS=triton`` the Triton kernels on
-every device (tests of the GPU path on CPU); a missing native library is announced once. The other
-ops are differentiable plain torch (the references) today.
+a GPU): ``lumina_kernels.moe_dispatch`` (MoE routing metadata, dispatch), ``moe_combine`` and
+``mod_routing`` (MoD top-k, gather, scatter). On CPU tensors the native ops
+(``lumina_kernels.native``, built by CMake; 5.3x the reference for dispatch + combine forward +
+backward in fp32 at N=8192, D=512, k=2, see README) when built and the op has one (MoE dispatch and
+combine today); else the reference. ``LUMINA_OPS=reference`` forces the reference (A/B runs),
+``LUMINA_OPS=triton`` the Triton kernels on every device (tests of the GPU path on CPU); a missing
+native library is announced once. Capacity dispatch/combine are differentiable plain torch (the
+references) on every device today.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ __all__ = [
     "moe_routing",
 ]
 
-moe_routing = reference.moe_routing
 capacity_dispatch = reference.capacity_dispatch
 capacity_combine = reference.capacity_combine
 
@@ -167,6 +167,15 @@ def _route(x: torch.Tensor, triton_fn, native_fn, reference_fn):
     if _PROVIDER == "native" and x.device.type == "cpu":
         return native_fn
     return reference_fn
+
+
+def moe_routing(
+    topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor, num_experts: int, capacity: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(counts_E, offsets_E1, perm_A, position_A, keep_A): see ``reference.moe_routing``. No host sync."""
+    triton_fn = _triton_dispatch.moe_routing if _triton_dispatch is not None else None
+    impl = _route(topk_ids_NK, triton_fn, reference.moe_routing, reference.moe_routing)
+    return impl(topk_ids_NK, topk_weights_NK, num_experts, capacity)
 
 
 def moe_dispatch(x_ND: torch.Tensor, perm_A: torch.Tensor, top_k: int) -> torch.Tensor:

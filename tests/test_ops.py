@@ -21,7 +21,7 @@ from lumina_kernels import reference
 
 triton = pytest.importorskip("triton")
 
-from lumina_kernels import mod_routing  # noqa: E402
+from lumina_kernels import mod_routing, moe_combine, moe_dispatch  # noqa: E402
 
 CUDA_LIKE = SimpleNamespace(is_cuda=True, device=torch.device("cuda"))  # _route reads only these
 
@@ -43,38 +43,59 @@ def test_route_picks_by_device_and_mode(monkeypatch):
     assert ops._route(cpu, t, n, r) == r
 
 
-def test_mod_ops_route_cpu_to_reference_and_cuda_to_triton(monkeypatch):
+def test_routing_ops_route_cpu_to_reference_and_cuda_to_triton(monkeypatch):
     seen = []
+    monkeypatch.setattr(moe_dispatch, "moe_routing", lambda *a: seen.append("routing"))
     monkeypatch.setattr(mod_routing, "mod_topk", lambda *a: seen.append("topk"))
     monkeypatch.setattr(mod_routing, "mod_gather", lambda *a: seen.append("gather"))
     monkeypatch.setattr(mod_routing, "mod_scatter", lambda *a: seen.append("scatter"))
     x, idx = torch.randn(2, 5, 3), torch.tensor([[0, 3], [1, 4]])
-    # CPU (auto): the reference, whatever the native library provides (it has no MoD ops).
+    ids, w = torch.tensor([[0, 2], [2, 1]]), torch.rand(2, 2)
+    # CPU (auto): the reference, whatever the native library provides (it has none of these ops).
     torch.testing.assert_close(ops.mod_gather(x, idx), reference.mod_gather(x, idx))
     assert torch.equal(ops.mod_topk(x[..., 0], 2), reference.mod_topk(x[..., 0], 2))
+    for a, b in zip(ops.moe_routing(ids, w, 3, 1), reference.moe_routing(ids, w, 3, 1), strict=True):
+        assert torch.equal(a, b)
     assert seen == []
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
+    ops.moe_routing(ids, w, 3, None)
     ops.mod_topk(x[..., 0], 2)
     ops.mod_gather(x, idx)
     ops.mod_scatter(x, torch.randn(2, 2, 3), torch.rand(2, 2), idx)
-    assert seen == ["topk", "gather", "scatter"]
+    assert seen == ["routing", "topk", "gather", "scatter"]
     monkeypatch.setattr(ops, "_MODE", "reference")
+    ops.moe_routing(ids, w, 3, None)
     ops.mod_topk(x[..., 0], 2)
     ops.mod_gather(x, idx)
-    assert seen == ["topk", "gather", "scatter"]  # LUMINA_OPS=reference wins on CUDA too
+    assert seen == ["routing", "topk", "gather", "scatter"]  # LUMINA_OPS=reference wins on CUDA too
 
 
-def _cfg(kind: str) -> ModelConfig:
-    mod = MoDConfig(enabled=True, capacity=0.4, every_n=2)
-    moe = MoEConfig(num_experts=3, top_k=2, d_expert=16) if kind == "hybrid" else MoEConfig()
-    return ModelConfig(vocab_size=53, d_model=16, n_layers=2, n_heads=2, ffn_multiple_of=16, moe=moe, mod=mod)
+KINDS = {  # name: (MoE, MoD, the Triton functions the model must call)
+    "mod": (MoEConfig(), MoDConfig(enabled=True, capacity=0.4, every_n=2), {"mod"}),
+    "moe_capacity": (
+        MoEConfig(num_experts=5, top_k=2, d_expert=16, capacity_factor=0.8),
+        MoDConfig(),
+        {"routing"},
+    ),
+    "hybrid": (
+        MoEConfig(num_experts=3, top_k=2, d_expert=16),
+        MoDConfig(enabled=True, capacity=0.4, every_n=2),
+        {"mod", "routing", "dropless"},
+    ),
+}
+TRITON_FNS = {  # group: the (module, function) pairs lumina.ops calls
+    "mod": [(mod_routing, "mod_topk"), (mod_routing, "mod_gather"), (mod_routing, "mod_scatter")],
+    "routing": [(moe_dispatch, "moe_routing")],
+    "dropless": [(moe_dispatch, "moe_dispatch"), (moe_combine, "moe_combine")],
+}
 
 
-@pytest.mark.parametrize("kind", ["mod", "hybrid"])
-def test_model_through_triton_mod_kernels_matches_reference(monkeypatch, kind):
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_through_triton_kernels_matches_reference(monkeypatch, kind):
     """Loss and every parameter gradient (torch.func.grad, the train step's transform) through the
-    Triton MoD top-k, gather and scatter equal the reference's."""
-    cfg = _cfg(kind)
+    Triton kernels equal the reference's, and the model did go through them."""
+    moe, mod, groups = KINDS[kind]
+    cfg = ModelConfig(vocab_size=53, d_model=16, n_layers=2, n_heads=2, ffn_multiple_of=16, moe=moe, mod=mod)
     params = init(cfg, seed=0)
     x = torch.randint(0, 53, (2, 13), generator=torch.Generator().manual_seed(0))
 
@@ -84,13 +105,13 @@ def test_model_through_triton_mod_kernels_matches_reference(monkeypatch, kind):
 
     monkeypatch.setattr(ops, "_PROVIDER", "reference")
     ref_grads, ref_loss = torch.func.grad_and_value(loss)(params)
-    calls = []
-    for name in ("mod_topk", "mod_gather", "mod_scatter"):
-        fn = getattr(mod_routing, name)
-        monkeypatch.setattr(mod_routing, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    calls = set()
+    for module, name in (pair for pairs in TRITON_FNS.values() for pair in pairs):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name: calls.add(name) or fn(*a))
     monkeypatch.setattr(ops, "_PROVIDER", "triton")
     grads, got_loss = torch.func.grad_and_value(loss)(params)
-    assert calls == ["mod_topk", "mod_gather", "mod_scatter"]  # layer 1 is the MoD layer
+    assert calls == {name for g in groups for _, name in TRITON_FNS[g]}
     torch.testing.assert_close(got_loss, ref_loss, atol=1e-6, rtol=1e-6)
     for path, g in ref_grads.flatten_keys(".").items():
         torch.testing.assert_close(grads.flatten_keys(".")[path], g, atol=1e-6, rtol=1e-5, msg=path)

@@ -1,4 +1,5 @@
-"""The Triton dropless-MoE kernels (dispatch, combine, inverse permutation) against ``reference``.
+"""The Triton dropless-MoE kernels (routing metadata, dispatch, combine, inverse permutation) against
+``reference``.
 
 Runs compiled on CUDA when a GPU is present and through Triton's interpreter on CPU tensors otherwise:
 the kernels pick the interpreter per launch from the tensors' device (``lumina_kernels._triton``), so
@@ -32,6 +33,8 @@ from lumina_kernels.moe_dispatch import (  # noqa: E402
     moe_dispatch_backward,
     moe_dispatch_backward_launch,
     moe_dispatch_launch,
+    moe_routing,
+    moe_routing_launch,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -256,6 +259,85 @@ def test_opcheck():
     torch.library.opcheck(ops.moe_combine_backward, (x.detach().clone().requires_grad_(), y, perm_A, w))
 
 
+# ------------------------------------------------------------------------------------ routing metadata
+ROUTING_NAMES = ("counts", "offsets", "perm", "position", "keep")
+
+
+def _routing_inputs(case, seed, levels=None, w_dtype=torch.float32):
+    N, E, K, _, all_to = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    ids_NK, w_NK, _ = _routing(N, E, K, all_to, gen)
+    if levels is not None:  # few distinct weights: rank ties inside experts, broken by assignment id
+        w_NK = (w_NK * levels).round() / levels
+    return ids_NK.to(DEVICE), w_NK.to(device=DEVICE, dtype=w_dtype), E
+
+
+def _assert_routing_equal(got, ids_NK, w_NK, E, capacity, msg):
+    expected = reference.moe_routing(ids_NK, w_NK, E, capacity)
+    for name, g, e in zip(ROUTING_NAMES, got, expected, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape, f"{name}: {g.dtype} {g.shape}, {msg}"
+        assert torch.equal(g, e), f"{name}: {g.tolist()} != {e.tolist()}, {msg}"
+
+
+# None: the launcher's own blocks (one block here); (4, 2, 4, 8): several histogram blocks, summed two
+# at a time (carries across blocks and across the prefix kernel's tiles), and several row / column
+# blocks in the capacity ranking, the last of each partial.
+ROUTING_BLOCKS = [None, (4, 2, 4, 8)]
+
+
+@pytest.mark.parametrize("blocks", ROUTING_BLOCKS, ids=["auto", "small"])
+@pytest.mark.parametrize("capacity", [None, 1, 3, 1000], ids=lambda c: f"cap{c}")
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("case", CASES)
+def test_routing_matches_reference(case, ties, capacity, blocks):
+    """All five outputs equal the reference exactly: counts (empty experts included), offsets, the
+    stable permutation, each assignment's rank in its expert by weight, and the drop mask."""
+    seed = _seed()
+    ids_NK, w_NK, E = _routing_inputs(case, seed, levels=4 if ties else None)
+    A = ids_NK.numel()
+    poisoned = (
+        torch.full((E,), -1, dtype=torch.int64, device=DEVICE),
+        torch.full((E + 1,), -1, dtype=torch.int64, device=DEVICE),
+        torch.full((A,), -1, dtype=torch.int64, device=DEVICE),
+        torch.full((A,), -1, dtype=torch.int64, device=DEVICE),
+        torch.zeros(A, dtype=torch.bool, device=DEVICE)
+        if capacity is None
+        else torch.ones(A, dtype=torch.bool, device=DEVICE),
+    )
+    ba, bb, bi, bj = blocks or (None, None, None, None)
+    got = moe_routing_launch(
+        ids_NK, w_NK, E, capacity, out=poisoned, block_a=ba, block_b=bb, block_i=bi, block_j=bj
+    )
+    _assert_routing_equal(got, ids_NK, w_NK, E, capacity, f"seed {seed}")
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_routing_weight_dtypes(w_dtype):
+    """Ranks compare the weights in their own dtype (bf16 rounding makes ties, broken by id)."""
+    seed = _seed()
+    ids_NK, w_NK, E = _routing_inputs("top2_of_7", seed, w_dtype=w_dtype)
+    got = moe_routing(ids_NK, w_NK, E, 4)
+    _assert_routing_equal(got, ids_NK, w_NK, E, 4, f"seed {seed}")
+
+
+def test_routing_compiles_fullgraph_and_opcheck():
+    seed = _seed()
+    ids_NK, w_NK, E = _routing_inputs("e61_mostly_empty", seed)
+    for capacity in (None, 1):
+        torch.library.opcheck(torch.ops.lumina_triton.moe_routing, (ids_NK, w_NK, E, capacity))
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda i, w: moe_routing(i, w, E, 2), fullgraph=True, backend=counting_backend)
+    _assert_routing_equal(compiled(ids_NK, w_NK), ids_NK, w_NK, E, 2, f"seed {seed}")
+    assert len(graphs) == 1  # no host sync: one graph
+    # Detached inside: grad-tracking router weights are fine and get no gradient path.
+    assert not any(t.requires_grad for t in moe_routing(ids_NK, w_NK.clone().requires_grad_(), E, None))
+
+
 # ------------------------------------------------------------------------------ GPU: realistic shapes
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -281,3 +363,15 @@ def test_gpu_large_shapes(N, E, K, D, dtype):
     _close(dy, e_dy, dtype, f"seed {seed}")
     # dw is a D-long dot product: fp32 accumulation, but the order differs from the reference's.
     torch.testing.assert_close(dw, e_dw, rtol=1e-3 if dtype == torch.float32 else 2e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,E,K", [(16384, 64, 8), (3001, 61, 2), (4096, 8, 1), (1, 256, 8)])
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+def test_gpu_routing_large_shapes(N, E, K, capacity_factor):
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    ids_NK, w_NK, _ = _routing(N, E, K, None, gen)
+    ids_NK, w_NK = ids_NK.cuda(), w_NK.cuda()
+    capacity = None if capacity_factor is None else int(capacity_factor * N * K / E) + 1
+    _assert_routing_equal(moe_routing(ids_NK, w_NK, E, capacity), ids_NK, w_NK, E, capacity, f"seed {seed}")
