@@ -49,7 +49,11 @@ from lumina.optim import default_hp, lr_at
 from lumina.orchestrator import Decision, Observation
 from lumina.step import eval_step, init_train_state, make_train_step
 
-__all__ = ["RunResult", "find_resume", "resolve_device", "train"]
+__all__ = ["OutOfMemory", "RunResult", "find_resume", "resolve_device", "train"]
+
+
+class OutOfMemory(RuntimeError):
+    """A step ran out of memory and the orchestrator (off, or at its limits) could not help."""
 
 
 @dataclasses.dataclass
@@ -498,15 +502,20 @@ def train(
                 new_state, m = step_fn(fed_state, fed_batch, fed_hp)
             except torch.OutOfMemoryError as e:
                 # nothing changed (the step is pure): the orchestrator may shrink the micro-batch
-                logs.event(step + 1, "oom", str(e).splitlines()[0] if str(e) else "out of memory")
-                console.line(f"[lumina] out of memory at step {step + 1}")
-                if orch is None:
-                    raise
-                obs = Observation(step=step + 1, loss=math.nan, grad_norm=math.nan, lr=hp["lr"].item(),
-                                  events=["oom"], settings=_settings(cfg, state))  # fmt: skip
-                decisions = orch.decide(obs)
+                what = str(e).splitlines()[0] if str(e) else "out of memory"
+                logs.event(step + 1, "oom", what)
+                console.line(f"[lumina] out of memory at step {step + 1} ({what})")
+                decisions = []
+                if orch is not None:
+                    obs = Observation(step=step + 1, loss=math.nan, grad_norm=math.nan, lr=hp["lr"].item(),
+                                      events=["oom"], settings=_settings(cfg, state))  # fmt: skip
+                    decisions = orch.decide(obs)
                 if not decisions:
-                    raise
+                    why = "the orchestrator is off" if orch is None else "nothing left to shrink"
+                    raise OutOfMemory(
+                        f"out of memory at step {step + 1} with micro_batch_size={t.micro_batch_size} "
+                        f"({why}; lower train.micro_batch_size or enable train.grad_checkpointing)"
+                    ) from e
                 step = act(decisions, step)
                 continue
             if last_source is not None and sources[0] != last_source:

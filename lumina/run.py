@@ -34,7 +34,7 @@ from lumina.checkpoint import CheckpointError
 from lumina.config import ConfigError, RunConfig, load_config
 from lumina.data.text import DataError
 from lumina.data.tokenizer import TokenizerError
-from lumina.loop import resolve_device
+from lumina.loop import OutOfMemory, resolve_device
 from lumina.orchestrator.replay import ReplayError
 
 __all__ = ["main", "parse_config_args", "resolve_device"]
@@ -246,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lumina: interrupted", file=sys.stderr)
         return 130
+    except OutOfMemory as e:  # not bad input, but not a bug either: one line, exit 1
+        print(f"lumina: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

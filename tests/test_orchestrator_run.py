@@ -1,0 +1,218 @@
+"""The orchestrator inside real (tiny) training runs: fault injection, rollback, OOM response, replay
+and what-if on the logged observations, and the acceptance command on the debug preset."""
+
+import math
+
+import pytest
+import torch
+from test_run import TINY, records
+
+from lumina import checkpoint, loop, orchestrator, tree
+from lumina.config import ConfigError, load_config
+from lumina.inject import Injector, parse
+from lumina.orchestrator.replay import replay
+from lumina.run import main
+from lumina.step import init_train_state
+
+SNAP = ["--orchestrator.snapshot_every=2", "--train.eval_batches=0"]  # (no evals: faster)
+
+
+def decisions(run_dir):
+    return list(orchestrator.read_log(run_dir / orchestrator.DECISIONS_FILE))
+
+
+def test_nan_grad_rolls_back_to_the_exact_snapshot_and_skips_the_batch(tmp_path, monkeypatch):
+    """A NaN at step 9 -> rollback to the snapshot of step 6 (newest <= 9 - 2, every 2 steps kept):
+    the state fed to the next step is bit for bit the state after step 6, except the data position,
+    which goes on after the offending batch."""
+    fed, after = [], {}
+    real = loop.make_train_step
+
+    def spy_make(cfg, pad_id):
+        step = real(cfg, pad_id)
+
+        def spying(state, batch, hp):
+            fed.append(state.clone())
+            return step(state, batch, hp)
+
+        return spying
+
+    monkeypatch.setattr(loop, "make_train_step", spy_make)
+    cfg = load_config(overrides=["--train.steps=12", f"--run_dir={tmp_path}", *TINY, *SNAP,
+                                 "--train.inject=nan_grad@9"])  # fmt: skip
+
+    def hook(step, state, record):
+        after.setdefault(step, state.clone())  # the first pass through each step
+
+    result = loop.train(cfg, step_hook=hook)
+    run = result.run_dir
+    ds = decisions(run)
+    assert [(d["step"], d["action"], d["args"]) for d in ds] == [
+        (9, "rollback", {"to_step": 6, "skip_data": True})
+    ]
+    assert ds[0]["level"] == 4 and "non-finite loss" in ds[0]["reason"]
+    train = records(run, "train")
+    assert [r["step"] for r in train] == [*range(1, 10), *range(7, 13)]
+    assert math.isnan(train[8]["loss"]) and all(math.isfinite(r["loss"]) for r in train[9:])
+    events = [r for r in records(run) if r["kind"] == "event"]
+    assert any(e["what"] == "rollback" and "snapshot at step 6" in e["detail"] for e in events)
+    assert any(e["what"] == "inject" and e["detail"] == "nan_grad@9" for e in events)
+    # fed[9] is the first step after the rollback (fed[0..8] were steps 1..9)
+    restored, snap = tree.flatten(fed[9]), tree.flatten(after[6])
+    for k, v in snap.items():
+        if not k.startswith("data."):
+            assert torch.equal(restored[k], v), k
+    assert int(fed[9]["step"]) == 6
+    assert (
+        int(fed[9]["data", "step"]) == 18
+    )  # steps 7..9's micro-batches (2 a step, the bad one's too) skipped
+    assert torch.isfinite(tree.flatten(fed[-1])["params.final_norm.weight"]).all()
+    # the decisions replay bit for bit from the observation log
+    r = replay(run)
+    assert r.identical and r.observations == 15 and len(r.derived) == 1
+
+
+def test_without_the_orchestrator_the_nan_stays(tmp_path):
+    cfg = load_config(overrides=["--train.steps=6", f"--run_dir={tmp_path}", *TINY,
+                                 "--train.inject=nan_grad@3", "--orchestrator.enabled=false"])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    assert all(math.isnan(r["loss"]) for r in records(run, "train")[2:])
+    assert not (run / orchestrator.OBSERVATIONS_FILE).exists()
+
+
+def test_injected_oom_halves_the_micro_batch_and_keeps_the_batch(tmp_path, capsys):
+    args = ["--steps", "4", "--run-dir", str(tmp_path), *TINY, "--inject", "oom@micro_batch>1"]
+    assert main(args) == 0
+    run = tmp_path / "debug"
+    ds = decisions(run)
+    assert [(d["step"], d["action"], d["args"], d["level"]) for d in ds] == [
+        (1, "micro_batch", {"from": 2, "to": 1}, 4)
+    ]
+    train = records(run, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert {r["tokens_per_s"] > 0 for r in train} == {True}
+    meta = checkpoint.read_meta(run / "checkpoints" / "step_00000004")
+    assert meta["config"]["train"]["micro_batch_size"] == 1 and meta["config"]["train"]["batch_size"] == 4
+    assert meta["data"]["step"] == 16  # 4 steps x 4 micro-batches of 1 sequence
+    assert "[ORCH] step 1 micro_batch 2 -> 1" in capsys.readouterr().out
+    assert replay(run).identical
+    # orchestrator off: the OOM ends the run with one line and exit 1
+    off = [*args, "--orchestrator.enabled=false", "--run-dir", str(tmp_path / "off")]
+    assert main(off) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lumina: out of memory at step 1")
+
+
+def test_what_if_lists_the_decisions_that_change_with_a_threshold(tmp_path, capsys):
+    cfg = load_config(overrides=["--train.steps=8", f"--run_dir={tmp_path}", *TINY, *SNAP,
+                                 "--train.inject=nan_grad@5"])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    capsys.readouterr()
+    assert main(["replay", str(run)]) == 0
+    assert "identical to the log" in capsys.readouterr().out
+    # a lower absolute gradient threshold would have cut the LR (every step's norm exceeds 1e-3)
+    assert main(["replay", str(run), "--what-if", "orchestrator.grad_abs=0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "+ [ORCH] step 1 emergency_lr_cut 1 -> 0.1" in out and "differ" in out
+    assert main(["replay", str(run), "--what-if", "orchestrator.grad_abs=0.001",
+                 "--what-if", "orchestrator.enabled=true"]) == 0  # fmt: skip
+    # a tampered decision log is caught: exit 1 and the first divergent decision
+    log = run / orchestrator.DECISIONS_FILE
+    ds = decisions(run)
+    ds[0]["args"]["to_step"] = 0
+    log.unlink()
+    orchestrator.append_log(log, ds)
+    assert main(["replay", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH at decision #0" in out and "to_step=0" in out and "to_step=2" in out
+    # bad input: one line, exit 2
+    assert main(["replay", str(tmp_path / "nope")]) == 2
+    assert main(["replay", str(run), "--what-if", "orchestrator.grad_abs=-1"]) == 2
+    log.write_bytes(log.read_bytes()[:-3])
+    assert main(["replay", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("lumina: error:") for line in err)
+    assert "truncated" in err[2] or "corrupt" in err[2]
+
+
+def test_resume_carries_the_orchestrator_state_and_replay_spans_it(tmp_path):
+    overrides = ["--train.steps=8", f"--run_dir={tmp_path}", *TINY, *SNAP, "--train.inject=nan_grad@6"]
+
+    def stop_at_4(step, state, record):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(load_config(overrides=overrides), step_hook=stop_at_4)
+    assert main(["--resume", "latest", "--run-dir", str(tmp_path)]) == 0
+    run = tmp_path / "debug"
+    assert [d["action"] for d in decisions(run)] == ["rollback"]  # the fault still fires after resuming
+    r = replay(run)
+    assert r.identical and r.observations == 8 + 2  # 8 steps + the two re-run after the rollback
+
+
+# ------------------------------------------------------------------------------- injection
+
+
+def test_fault_specs_parse_and_bad_ones_are_one_line_errors():
+    f = parse(["lr_spike@200x50:10", "oom@micro_batch>4", "expert_collapse@0"])
+    assert (f[0].kind, f[0].step, f[0].factor, f[0].steps) == ("lr_spike", 200, 50.0, 10)
+    assert (f[1].kind, f[1].step, f[1].micro_batch_above) == ("oom", None, 4)
+    assert f[2].step == 0
+    for bad in ("nan_grad", "nan_grad@x", "boom@3", "nan_grad@3x2", "bad_batch@micro_batch>2", "nan_grad@0"):
+        with pytest.raises(ConfigError, match="train.inject"):
+            parse([bad])
+    assert main(["--steps", "2", "--inject", "boom@1"]) == 2
+
+
+def test_each_fault_changes_what_the_step_is_fed():
+    cfg = load_config(overrides=[*TINY, "--model.mod.enabled=true"])
+    state = init_train_state(cfg)
+    batch = tree.unflatten(
+        {"inputs": torch.zeros(4, 32, dtype=torch.long), "targets": torch.zeros(4, 32, dtype=torch.long)}
+    )
+    hp = tree.unflatten({"lr": torch.tensor(1e-3)})
+    specs = [
+        "nan_grad@2",
+        "loss_spike@3",
+        "bad_batch@4",
+        "expert_collapse@0",
+        "mod_collapse@5",
+        "lr_spike@6x10:2",
+    ]
+    inj = Injector(specs)
+    s1, b1, h1, fired = inj.before_step(1, state, batch, hp, cfg, 1000)
+    assert fired == ["expert_collapse@0"]
+    router = s1["params", "layers", "0", "moe", "router"]
+    assert torch.equal(router, router[:, :1].expand_as(router))
+    s2, *_ = inj.before_step(2, state, batch, hp, cfg, 1000)
+    assert math.isnan(s2["params", "final_norm", "weight"][0].item())
+    assert torch.isfinite(state["params", "final_norm", "weight"]).all()  # the real state is untouched
+    s3, *_ = inj.before_step(3, state, batch, hp, cfg, 1000)
+    w, w0 = s3["params", "layers", "0", "attn", "wq"], state["params", "layers", "0", "attn", "wq"]
+    rel = ((w - w0).pow(2).mean().sqrt() / w0.pow(2).mean().sqrt()).item()
+    assert rel == pytest.approx(0.3, rel=0.1)
+    _, b4, *_ = inj.before_step(4, state, batch, hp, cfg, 1000)
+    assert b4["inputs"].shape == (4, 32) and b4["inputs"].unique().numel() > 100
+    assert int(b4["inputs"].max()) < 1000
+    s5, *_ = inj.before_step(5, state, batch, hp, cfg, 1000)
+    assert torch.count_nonzero(s5["params", "layers", "1", "mod", "router"]) == 0
+    lrs = [inj.before_step(n, state, batch, hp, cfg, 1000)[2]["lr"].item() for n in (6, 7, 8)]
+    assert lrs == pytest.approx([1e-2, 1e-2, 1e-3])
+    # one-shot faults fired once: a replayed step (after a rollback) is clean
+    _, _, _, fired = inj.before_step(2, state, batch, hp, cfg, 1000)
+    assert fired == [] and sorted(inj.fired) == sorted(specs[:5])
+
+
+def test_acceptance_nan_grad_on_the_debug_preset(tmp_path, capsys):
+    """`python -m lumina.run --inject nan_grad@20 --steps 60` survives, logs the rollback, replays."""
+    assert main(["--inject", "nan_grad@20", "--steps", "60", "--run-dir", str(tmp_path)]) == 0
+    run = tmp_path / "debug"
+    ds = decisions(run)
+    assert ds and ds[0]["action"] == "rollback" and ds[0]["step"] == 20 and ds[0]["args"]["to_step"] == 10
+    train = records(run, "train")
+    assert train[-1]["step"] == 60 and math.isfinite(train[-1]["loss"])
+    evals = records(run, "eval")
+    assert evals[-1]["step"] == 60 and evals[-1]["loss"] < evals[0]["loss"] - 3
+    capsys.readouterr()
+    assert main(["replay", str(run)]) == 0
