@@ -1,10 +1,11 @@
-"""Mixture-of-Depths routing in Triton: gather the selected rows of each sequence, scatter the block's
-weighted output back, and their backwards.
+"""Mixture-of-Depths routing in Triton: per-sequence capacity top-k, gather the selected rows of each
+sequence, scatter the block's weighted output back, and their backwards.
 
 Legend: B batch, T sequence length, S selected tokens per sequence, D model dim. ``idx_BS`` holds the
 selected positions of each sequence (``reference.mod_topk``): distinct within a row, so every scatter
 below has exactly one writer per target row.
 
+  top-k              idx[b]       = the S highest scores of row b, ascending; ties: earlier t [B, S]
   gather             out[b, s]    = x[b, idx[b, s]]                                        [B, S, D]
   gather backward    dx[b, t]     = g[b, s] if t = idx[b, s], else 0                       [B, T, D]
   scatter            out[b, t]    = x[b, t] + (w[b, s] * delta[b, s]  if t = idx[b, s])    [B, T, D]
@@ -12,6 +13,7 @@ below has exactly one writer per target row.
                      ddelta[b, s] = w[b, s] * g[b, idx[b, s]]                              [B, S, D]
                      dw[b, s]     = dot(g[b, idx[b, s]], delta[b, s])   (fp32 accumulation) [B, S]
 
+Top-k is one program per sequence (no host sync, integer output, no autograd); see ``_topk_kernel``.
 The rows that are not selected are written explicitly, in a first pass (zeros for the gather backward,
 a copy of x for the scatter), then the selected rows by a second kernel. No atomics: deterministic.
 
@@ -21,7 +23,7 @@ the add; products, the add and the dot products are computed in fp32 (fp64 for f
 Layers: ``_kernel`` -> launcher (``*_launch``, takes an optional preallocated ``out``) -> custom op
 ``lumina_triton::*`` (+ fake, + autograd) -> ``autograd.Function`` (for ``torch.func``) -> public fn.
 Compiled on CUDA tensors, interpreted on CPU tensors (see ``_triton``). Semantics:
-``reference.mod_gather`` and ``reference.mod_scatter``.
+``reference.mod_topk``, ``reference.mod_gather`` and ``reference.mod_scatter``.
 """
 
 from __future__ import annotations
