@@ -7,7 +7,8 @@ else the reference); ``triton`` (every Triton kernel, through Triton's interpret
 GPU code path). Each child records the loss and every parameter gradient (``torch.func``, the train
 step's transform) in fp32 and bf16, and which kernels it called; the test compares them with the
 reference child's. The triton child also compiles the hybrid's gradient with ``fullgraph=True`` and
-checks it equals its eager gradient.
+checks it equals its eager gradient; a ``slow`` test compiles a whole train step through the Triton ops
+(inductor) and checks it equals the eager step.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def _model_cfg(kind: str):
         "moe_capacity": MoEConfig(num_experts=5, top_k=2, d_expert=16, capacity_factor=0.8),
         "mod": MoEConfig(),
         "hybrid": MoEConfig(num_experts=3, top_k=2, d_expert=16),
+        "hybrid_capacity": MoEConfig(num_experts=3, top_k=1, d_expert=16, capacity_factor=1.25),
     }[kind]
-    mod = MoDConfig(enabled=kind in ("mod", "hybrid"), capacity=0.4, every_n=2)
+    mod = MoDConfig(enabled=kind.startswith(("mod", "hybrid")), capacity=0.4, every_n=2)
     return ModelConfig(vocab_size=53, d_model=16, n_layers=2, n_heads=2, ffn_multiple_of=16, moe=moe, mod=mod)
 
 
@@ -97,15 +99,41 @@ def _child(out_dir: Path) -> None:
     (out_dir / "meta.json").write_text(json.dumps({"provider": ops.provider(), "calls": calls}))
 
 
-def _run(mode: str, out_dir: Path):
+def _child_train_step() -> None:
+    """A hybrid (capacity MoE + MoD) train step compiled with inductor (fullgraph: a graph break
+    raises) equals the eager step."""
+    from tensordict import TensorDict
+
+    from lumina.config import RunConfig, TrainConfig
+    from lumina.optim import default_hp
+    from lumina.step import init_train_state, make_train_step, train_step
+
+    cfg = RunConfig(
+        model=_model_cfg("hybrid_capacity"),
+        train=TrainConfig(steps=10, batch_size=4, seq_len=12, lr=1e-2, warmup_steps=0, compile=True),
+    )
+    x = torch.randint(0, 53, (4, 13), generator=torch.Generator().manual_seed(0))
+    batch = TensorDict({"inputs": x[:, :-1], "targets": x[:, 1:]}, batch_size=[])
+    state, hp = init_train_state(cfg), default_hp(cfg.train)
+    eager, m_eager = train_step(state, batch, hp, cfg=cfg, pad_id=10_000)
+    compiled, m_compiled = make_train_step(cfg, 10_000)(state, batch, hp)
+    torch.testing.assert_close(m_compiled["loss"], m_eager["loss"], atol=1e-5, rtol=1e-5)
+    flat_c = compiled["params"].flatten_keys(".")
+    for path, p in eager["params"].flatten_keys(".").items():
+        torch.testing.assert_close(flat_c[path], p, atol=1e-5, rtol=1e-4, msg=path)
+
+
+def _run(mode: str, out_dir: Path, what: str = "grads"):
     from safetensors.torch import load_file
 
     out_dir.mkdir()
     env = {**os.environ, "LUMINA_OPS": mode, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, __file__, str(out_dir)], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, __file__, str(out_dir), what], env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, f"LUMINA_OPS={mode} child failed:\n{proc.stderr[-4000:]}"
+    if what != "grads":
+        return None, None
     meta = json.loads((out_dir / "meta.json").read_text())
     return load_file(str(out_dir / "results.safetensors")), meta
 
@@ -157,5 +185,15 @@ def test_triton_provider_matches_reference(reference_run, tmp_path):
     _compare(results, reference_run[0], "triton")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_compiled_train_step_matches_eager(tmp_path):
+    """The train step through every Triton op compiles with fullgraph=True (inductor) and equals eager."""
+    _run("triton", tmp_path / "step", what="train-step")
+
+
 if __name__ == "__main__":
-    _child(Path(sys.argv[1]))
+    if sys.argv[2] == "train-step":
+        _child_train_step()
+    else:
+        _child(Path(sys.argv[1]))
