@@ -353,6 +353,12 @@ class OrchestratorConfig:
     memory_budget_mb: float | None = None  # memory pressure above memory_high x budget
     memory_high: float = 0.9
     throughput_drop: float = 0.5  # tokens/s below this x the window median
+    # run registry (lumina.orchestrator.registry): "auto" = <run_dir>/.registry, "none" = no registry
+    registry: str = "auto"
+    registry_mode: Literal["off", "log", "apply"] = "log"  # suggestions at start: logged or applied
+    registry_max_distance: float = 1.0  # fingerprint distance of a "similar" run
+    registry_min_runs: int = 2  # similar successful runs needed before suggesting
+    registry_top: int = 3  # the best this many of them are averaged
     # convergence forecast: fit loss ~ a + b * step^-c over the window, checked every forecast_every
     forecast_every: int = 25
     forecast_horizon: int = 100
@@ -367,6 +373,8 @@ class OrchestratorConfig:
         for n in ("conf_soft", "conf_medium", "conf_hard", "conf_critical"):
             _check(0 <= getattr(self, n) <= 1, f"{n} must be in [0, 1]")
         _check(0 <= self.persist_decay < 1, "persist_decay must be in [0, 1)")
+        _positive(self, "registry_min_runs", "registry_top")
+        _check(self.registry_max_distance >= 0, "registry_max_distance must be >= 0")
         _check(0 < self.emergency_lr_factor < 1, "emergency_lr_factor must be in (0, 1): it must cut")
         _check(0 < self.soft_lr_factor < 1, "soft_lr_factor must be in (0, 1)")
         _check(2 <= self.min_experts <= self.max_experts, "need 2 <= min_experts <= max_experts")

@@ -46,7 +46,7 @@ from lumina.data.mix import DataMix, MixState, build_mix
 from lumina.data.tokenizer import get_tokenizer
 from lumina.inject import Injector
 from lumina.optim import default_hp, lr_at
-from lumina.orchestrator import Decision, Observation
+from lumina.orchestrator import Decision, Observation, registry
 from lumina.step import eval_step, init_train_state, make_train_step
 
 __all__ = ["OutOfMemory", "RunResult", "find_resume", "resolve_device", "train"]
@@ -355,6 +355,20 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     tok = get_tokenizer(cfg.data.tokenizer)
+    reg_path = registry.registry_path(cfg)
+    reg_fingerprint, reg_start = registry.fingerprint(cfg), registry.start_values(cfg)
+    suggestion = None
+    if resume is None and cfg.orchestrator.enabled and reg_path is not None:
+        found, similar = registry.suggest(
+            registry.read_registry(reg_path), reg_fingerprint, reg_start, cfg.orchestrator
+        )
+        if found is not None:
+            applied = cfg.orchestrator.registry_mode == "apply"
+            suggestion = {"step": 0, "fingerprint": reg_fingerprint, "start": reg_start, "entries": similar,
+                          "decision": found.to_dict(), "applied": applied}  # fmt: skip
+            if applied:
+                cfg = registry.apply_suggestion(found, cfg)
+                t = cfg.train
     mix = build_mix(cfg, "train")
     eval_sets = _eval_sets(cfg) if t.eval_batches else {}
 
@@ -375,6 +389,13 @@ def train(
         best, best_step, bad_evals = None, None, 0
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     logs, console = _Logs(run_dir), _Console(out, t.steps)
+    if suggestion is not None:
+        orchestrator.append_log(run_dir / registry.SUGGESTION_FILE, [suggestion])
+        logs.write({"kind": "decision", **suggestion["decision"]})
+        console.line(
+            str(Decision.from_dict(suggestion["decision"]))
+            + ("" if suggestion["applied"] else " [logged, not applied: orchestrator.registry_mode=log]")
+        )
 
     count = metrics.flops_per_token(cfg.model, t.seq_len)
     peak, peak_src = metrics.peak_flops(device, t.peak_flops)
@@ -619,6 +640,20 @@ def train(
         path = save(step)
         logs.event(step, "checkpoint", str(path))
     logs.close()
+    if not interrupted and reg_path is not None:
+        counts: dict[str, int] = {}
+        if orch is not None:
+            for d in orchestrator.read_log(orch.dec_log):
+                counts[d["action"]] = counts.get(d["action"], 0) + 1
+        registry.record_run(reg_path, {
+            "step": step, "name": run_dir.name, "run_dir": str(run_dir.resolve()),
+            "fingerprint": reg_fingerprint, "start": reg_start,
+            "effective": {"lr": t.lr * t.lr_scale, "warmup_steps": t.warmup_steps,
+                          "micro_batch_size": t.micro_batch_size, "steps": t.steps},
+            "decisions": counts, "injected": bool(t.inject), "stopped_early": stopped_early,
+            "survived": final_eval is not None and math.isfinite(final_eval),
+            "final_eval": final_eval, "best_eval": best,
+        })  # fmt: skip
     report = None
     try:
         from lumina.report import write_report

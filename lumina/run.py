@@ -48,6 +48,7 @@ _SHORTHANDS = {
     "precision": "train.precision",
     "mode": "data.mode",
     "inject": "train.inject",
+    "name": "name",
 }
 
 
@@ -69,6 +70,7 @@ def _config_parser(prog: str, description: str) -> _Parser:
     p.add_argument("--seed", help="shorthand for --seed (run seed)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--run-dir", dest="run_dir", help="parent folder of run folders (default: runs)")
+    p.add_argument("--name", help="run name: the run folder is <run-dir>/<name> (default: the preset)")
     p.add_argument("--precision", help="fp32 | tf32 | bf16 | fp16")
     return p
 

@@ -428,3 +428,41 @@ def test_reset_mod_router():
     assert torch.equal(
         new["params", "layers", "3", "mod", "router"], state["params", "layers", "3", "mod", "router"]
     )
+
+
+# --------------------------------------------------------------------------------- registry
+
+
+def entry(name, lr, best, survived=True, injected=False, micro=8, fp=None):
+    from lumina.orchestrator import registry
+
+    cfg = load_config(overrides=["--train.steps=100"])
+    fp = fp or registry.fingerprint(cfg)
+    return {"step": 100, "name": name, "run_dir": f"/runs/{name}", "fingerprint": fp,
+            "start": registry.start_values(cfg), "survived": survived, "injected": injected,
+            "effective": {"lr": lr, "warmup_steps": 10, "micro_batch_size": micro, "steps": 100},
+            "best_eval": best, "final_eval": best, "decisions": {}}  # fmt: skip
+
+
+def test_registry_suggests_from_the_best_similar_successful_runs():
+    from lumina.orchestrator import registry
+
+    cfg = load_config(overrides=["--train.steps=200", "--train.lr=0.03"])
+    fp, start = registry.fingerprint(cfg), registry.start_values(cfg)
+    far = registry.fingerprint(load_config(overrides=["--model.d_model=1024", "--model.n_layers=24"]))
+    entries = [
+        entry("a", 1e-3, 6.0), entry("b", 4e-3, 5.5), entry("c", 2e-3, 5.8), entry("d", 1e-2, 7.0),
+        entry("dead", 1e-5, 1.0, survived=False), entry("faulty", 1e-5, 1.0, injected=True),
+        entry("other", 1e-5, 1.0, fp=far), entry("small", 3e-3, 5.9, micro=4),
+    ]  # fmt: skip
+    d, used = registry.suggest(entries, fp, start, OCFG)
+    assert {e["name"] for e in used} == {"a", "b", "c", "d", "small"}  # similar and successful
+    # the best three (b 5.5, c 5.8, small 5.9): geometric mean of 4e-3, 2e-3, 3e-3
+    assert d.args["lr"] == {"from": 0.03, "to": float(f"{(4e-3 * 2e-3 * 3e-3) ** (1 / 3):.4g}")}
+    assert d.args["warmup_steps"] == {"from": start["warmup_steps"], "to": 20}  # 10 % of 200
+    assert d.args["micro_batch_size"] == {"from": 8, "to": 4}
+    assert d.action == "suggest" and d.step == 0 and "5 similar successful" in d.reason
+    assert registry.suggest(used, fp, start, OCFG)[0] == d  # the stored entries re-derive it
+    assert registry.suggest(entries[:1], fp, start, OCFG) == (None, [])  # fewer than registry_min_runs
+    new = registry.apply_suggestion(d, cfg)
+    assert (new.train.lr, new.train.warmup_steps, new.train.micro_batch_size) == (d.args["lr"]["to"], 20, 4)

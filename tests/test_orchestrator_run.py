@@ -1,6 +1,7 @@
 """The orchestrator inside real (tiny) training runs: fault injection, rollback, OOM response, replay
 and what-if on the logged observations, and the acceptance command on the debug preset."""
 
+import json
 import math
 
 import pytest
@@ -216,3 +217,40 @@ def test_acceptance_nan_grad_on_the_debug_preset(tmp_path, capsys):
     assert evals[-1]["step"] == 60 and evals[-1]["loss"] < evals[0]["loss"] - 3
     capsys.readouterr()
     assert main(["replay", str(run)]) == 0
+
+
+def test_registry_records_runs_and_the_next_run_gets_a_replayable_suggestion(tmp_path, capsys):
+    from lumina.orchestrator import registry
+
+    common = ["--steps", "2", "--run-dir", str(tmp_path), *TINY]
+    for lr in ("1e-3", "4e-3"):
+        assert main([*common, f"--train.lr={lr}", f"--name=past-{lr}"]) == 0
+    entries = registry.read_registry(tmp_path / ".registry")
+    assert [e["name"] for e in entries] == ["past-1e-3", "past-4e-3"]
+    assert all(e["survived"] and e["effective"]["lr"] == e["start"]["lr"] for e in entries)
+    capsys.readouterr()
+    assert main([*common, "--train.lr=0.05", "--name=new"]) == 0  # registry_mode=log: logged only
+    out = capsys.readouterr().out
+    assert "[ORCH] step 0 suggest lr=0.05 -> " in out and "not applied" in out
+    cfg = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert cfg["train"]["lr"] == 0.05
+    assert main(["replay", str(tmp_path / "new")]) == 0
+    # applied: the run starts with the suggested LR
+    assert main([*common, "--train.lr=0.05", "--name=applied", "--orchestrator.registry_mode=apply"]) == 0
+    cfg = json.loads((tmp_path / "applied" / "config.json").read_text())
+    (rec,) = orchestrator.read_log(tmp_path / "applied" / registry.SUGGESTION_FILE)
+    assert len(rec["entries"]) == 3 and rec["applied"]  # the two past runs and "new"
+    lrs = [e["effective"]["lr"] for e in rec["entries"]]
+    assert (
+        cfg["train"]["lr"]
+        == rec["decision"]["args"]["lr"]["to"]
+        == pytest.approx(math.prod(lrs) ** (1 / 3), rel=1e-3)
+    )
+    assert main(["replay", str(tmp_path / "applied")]) == 0
+    # a changed suggestion record no longer replays
+    path = tmp_path / "applied" / registry.SUGGESTION_FILE
+    (rec,) = orchestrator.read_log(path)
+    rec["entries"] = rec["entries"][:1]
+    path.unlink()
+    orchestrator.append_log(path, [rec])
+    assert main(["replay", str(tmp_path / "applied")]) == 1

@@ -5,7 +5,9 @@
 
 ``decide`` is pure and deterministic, so feeding the logged observations, in order, to a fresh
 orchestrator state with the run's ``OrchestratorConfig`` must give back exactly the logged decisions
-(compared as msgpack data: every float bit for bit). With ``what_if`` overrides the same observations
+(compared as msgpack data: every float bit for bit). The start-of-run registry suggestion, when there
+was one, is re-derived from the registry entries stored with it (``suggestion.msgpack``).
+With ``what_if`` overrides the same observations
 are replayed under a changed config and the decisions that would differ are listed. That is a
 counterfactual on the *logged* observations: a changed decision would have changed the run after it,
 which no replay can know.
@@ -21,6 +23,7 @@ from typing import Any
 import msgpack
 
 from lumina.config import ConfigError, OrchestratorConfig, from_dict
+from lumina.orchestrator import registry
 from lumina.orchestrator.policy import decide
 from lumina.orchestrator.state import (
     DECISIONS_FILE,
@@ -88,6 +91,16 @@ def replay(run_dir: str | Path, what_if: list[str] = ()) -> ReplayResult:
         raise ReplayError(f"{run_dir}: {e}") from None
     ostate = init_state(0)
     derived: list[dict[str, Any]] = []
+    sugg_path = run_dir / registry.SUGGESTION_FILE
+    if sugg_path.exists():  # the start-of-run suggestion, re-derived from the registry entries it used
+        try:
+            (rec,) = list(read_log(sugg_path))
+            d, _ = registry.suggest(rec["entries"], rec["fingerprint"], rec["start"], ocfg)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ReplayError(f"{sugg_path}: not a suggestion record ({e})") from None
+        logged.insert(0, _normalise(rec["decision"]))
+        if d is not None:
+            derived.append(_normalise(d.to_dict()))
     for obs in observations:
         ostate, ds = decide(ostate, obs, ocfg)
         derived.extend(_normalise(d.to_dict()) for d in ds)

@@ -105,6 +105,8 @@ class Decision:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, dict) and set(v) == {"from", "to"}:
+        return f"{_fmt(v['from'])} -> {_fmt(v['to'])}"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
