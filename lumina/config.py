@@ -308,7 +308,8 @@ class OrchestratorConfig:
     conf_critical: float = 0.5
     snapshot_every: int = 10  # steps between in-memory snapshots for rollback (healthy steps only)
     snapshot_ring: int = 3
-    # loss spike: robust z-score (x - median) / (1.4826 MAD) over the window
+    # loss spike: robust z-score (x - median) / (1.4826 MAD) over the last spike_window observations
+    spike_window: int = 20
     spike_z: float = 6.0
     spike_min_rel: float = 0.1  # ...and at least this much above the median (relative)
     spike_rollback_z: float = 20.0  # a spike this many MADs and ...

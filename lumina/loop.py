@@ -306,10 +306,11 @@ class _Orchestrator:
         self.ring[step] = (state.clone(), cfg)
 
     def sync_ring(self, state: TensorDict, cfg: RunConfig, step: int) -> None:
-        """Keep the states ``ostate.snapshots`` lists; take the one it just added."""
-        if step in self.ostate.snapshots and step not in self.ring:
+        """Keep the states ``ostate`` lists (confirmed and pending); take the one it just asked for."""
+        keep = {*self.ostate.snapshots, self.ostate.pending_snapshot}
+        if step in keep and step not in self.ring:
             self.snapshot(step, state, cfg)
-        for s in [s for s in self.ring if s not in self.ostate.snapshots]:
+        for s in [s for s in self.ring if s not in keep]:
             del self.ring[s]
 
     def decide(self, obs: Observation) -> list[Decision]:

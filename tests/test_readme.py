@@ -42,3 +42,13 @@ def test_train_loop_snippet_runs_verbatim(capsys):
     exec(compile(_block("readme-example:train-loop"), "README.md", "exec"), {})
     losses = [float(line.split()[-1]) for line in capsys.readouterr().out.splitlines()]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_orchestrator_example_runs_verbatim(capsys):
+    exec(compile(_block("readme-example:orchestrator"), "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    # at step 1 there is no snapshot two steps back to roll back to, so the LR must come down instead
+    assert out[0].startswith(
+        "[ORCH] step 1 emergency_lr_cut 1 -> 0.1 (L4 critical, conf 1.00): non-finite loss"
+    )
+    assert out[1] == "lr_scale 0.1, lr 2.50e-05"

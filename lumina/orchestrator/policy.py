@@ -274,8 +274,12 @@ def decide(
         elif d.action in ("add_expert", "prune_expert"):
             s.dead_since = {}  # expert indices changed
 
-    # a healthy observation at a snapshot step keeps that state for rollbacks
+    # Snapshots for rollbacks: the state after a healthy snapshot step is kept at once (pending) and
+    # confirmed by the next observation — the first to see that state's loss — being healthy too.
     healthy = obs.finite and not decisions and not any(f.level >= 2 for f in findings)
+    if s.pending_snapshot is not None and healthy:
+        s.snapshots = [*s.snapshots, s.pending_snapshot][-cfg.snapshot_ring :]
+    s.pending_snapshot = None
     if healthy and obs.step % cfg.snapshot_every == 0 and obs.step not in s.snapshots:
-        s.snapshots = [*s.snapshots, obs.step][-cfg.snapshot_ring :]
+        s.pending_snapshot = obs.step
     return s, decisions

@@ -126,7 +126,8 @@ class OrchestratorState:
     phase: str = "warmup"
     health: float = 100.0
     counters: dict[str, int] = dataclasses.field(default_factory=dict)
-    snapshots: list[int] = dataclasses.field(default_factory=list)  # steps with a healthy snapshot
+    snapshots: list[int] = dataclasses.field(default_factory=list)  # steps with a confirmed snapshot
+    pending_snapshot: int | None = None  # taken at the last observation, confirmed by the next
     dead_since: dict[str, int] = dataclasses.field(default_factory=dict)  # "layer:expert" -> step
     plateau_since: int | None = None
     rollbacks: list[int] = dataclasses.field(default_factory=list)  # steps rollbacks were decided at
