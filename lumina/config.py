@@ -293,7 +293,8 @@ class OrchestratorConfig:
     Levels: 1 soft, 2 medium, 3 hard, 4 critical. A detector's finding becomes a decision when its
     confidence reaches the threshold of its level (``conf_*``); the same action waits
     ``cooldown`` steps before firing again and at most ``max_changes_per_window`` changes happen per
-    ``window`` steps (critical decisions — level 4: rollbacks, OOM — are exempt: they cannot wait)."""
+    ``window`` steps (critical decisions — level 4: non-finite values, OOM — are exempt: they cannot
+    wait; rollbacks are exempt too but capped at ``max_rollbacks_per_window``)."""
 
     enabled: bool = True
     observe_every: int = 1  # steps between observations
@@ -301,6 +302,7 @@ class OrchestratorConfig:
     warmup: int = 20  # observations before statistical detectors may fire
     cooldown: int = 25  # steps before the same action may fire again
     max_changes_per_window: int = 3
+    max_rollbacks_per_window: int = 3  # rollbacks skip cooldown and the change cap, but not this
     # confidence a finding needs to act, per level: soft (1), medium (2), hard (3), critical (4)
     conf_soft: float = 0.9
     conf_medium: float = 0.8
@@ -347,7 +349,7 @@ class OrchestratorConfig:
     max_experts: int = 64
     # MoD: mean router weight sigmoid(r) of the selected tokens
     mod_high: float = 0.95  # saturated: the block is wanted at full strength -> more capacity
-    mod_dead: float = 0.02  # vanished: routed blocks contribute nothing -> reset the router
+    mod_min_score_std: float = 1e-4  # router scores this close together: collapsed -> reset the router
     mod_capacity_step: float = 1.5
     mod_max_capacity: float = 0.5
     # resources
@@ -371,6 +373,7 @@ class OrchestratorConfig:
         )
         _check(self.cooldown >= 0 and self.warmup >= 0, "cooldown and warmup must be >= 0")
         _check(self.max_changes_per_window >= 1, "max_changes_per_window must be >= 1")
+        _check(self.max_rollbacks_per_window >= 0, "max_rollbacks_per_window must be >= 0")
         for n in ("conf_soft", "conf_medium", "conf_hard", "conf_critical"):
             _check(0 <= getattr(self, n) <= 1, f"{n} must be in [0, 1]")
         _check(0 <= self.persist_decay < 1, "persist_decay must be in [0, 1)")

@@ -108,11 +108,13 @@ class Injector:
                     self.fired.append(f.spec)
                     raise InjectedOOM(f"injected {f.spec}")
                 continue
-            if f.kind == "lr_spike":
-                if f.step is not None and f.step <= step < f.step + f.steps:
+            if f.kind == "lr_spike":  # once: steps replayed after a rollback run clean
+                if f.spec not in self.fired and f.step <= step < f.step + f.steps:
                     hp = hp.clone()
                     hp["lr"] = hp["lr"] * f.factor
                     fired.append(f.spec)
+                    if step == f.step + f.steps - 1:
+                        self.fired.append(f.spec)
                 continue
             if not self._due(f, step):
                 continue

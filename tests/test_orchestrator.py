@@ -214,6 +214,9 @@ def test_mod_collapse_and_too_aggressive():
     assert d.args == {"from": 0.25, "to": 0.375} and "plateau" in d.reason
     s, decisions = run(clean_series(30, 10), settings=mod, mod_weight=[0.7, 0.6], mod_score_std=[1.0, 1.0])
     assert decisions == []
+    # a layer that learned to skip its block (weights near 0, scores still spread) is left alone
+    s, decisions = run(clean_series(60, 10), settings=mod, mod_weight=[0.001, 1.0], mod_score_std=[4.0, 9.0])
+    assert decisions == [] and found(s, "mod_collapse") == 0
 
 
 def test_a_snapshot_counts_only_once_the_next_observation_is_healthy():
@@ -486,3 +489,13 @@ def test_registry_suggests_from_the_best_similar_successful_runs():
     assert registry.suggest(entries[:1], fp, start, OCFG) == (None, [])  # fewer than registry_min_runs
     new = registry.apply_suggestion(d, cfg)
     assert (new.train.lr, new.train.warmup_steps, new.train.micro_batch_size) == (d.args["lr"]["to"], 20, 4)
+
+
+def test_rollbacks_skip_the_cooldown_but_have_their_own_cap():
+    series = clean_series(120, 17)
+    for i in (60, 63, 66, 69):
+        series[i]["loss"] = 20.0  # four big spikes, 3 steps apart (the series does not really roll back)
+    s, decisions = run(series)
+    rb = [d for d in decisions if d.action == "rollback"]
+    assert [d.step for d in rb] == [61, 64, 67]  # the 4th exceeds max_rollbacks_per_window
+    assert found(s, "suppressed") >= 1

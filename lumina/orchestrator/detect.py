@@ -271,15 +271,24 @@ def experts(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
 def mod(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
     """MoD too aggressive (the loss is on a plateau while the router's weights on the selected tokens
     saturate — saturation alone is normal: in the default run the weights reach ~1.0 by step 40 and
-    stay there while the loss keeps falling) or collapsed (the router cannot tell tokens
-    apart, or its weights vanished so routed blocks contribute nothing)."""
+    stay there while the loss keeps falling) or collapsed (the router's scores no longer differ
+    between tokens, so top-k picks positions, not tokens). Weights near 0 are not a collapse: a
+    layer may learn to skip its block (seed 1 of the default run does, in layer 1, by step 20)."""
     if not obs.mod_weight or _warming(ostate, cfg):
         return []
     w = sum(obs.mod_weight) / len(obs.mod_weight)
-    std = min(obs.mod_score_std) if obs.mod_score_std else 1.0
-    if w < cfg.mod_dead or std < 1e-6:
-        why = f"mean router weight {w:.3f}" if w < cfg.mod_dead else f"router score spread {std:.2g}"
-        return [Finding("mod_collapse", 2, 0.9, f"MoD routing collapsed: {why}")]
+    flat = [i for i, sd in enumerate(obs.mod_score_std) if sd < cfg.mod_min_score_std]
+    if flat:
+        return [
+            Finding(
+                "mod_collapse",
+                2,
+                0.9,
+                f"MoD routing collapsed in routed layer(s) {flat}: router score spread "
+                f"{min(obs.mod_score_std):.2g} < {cfg.mod_min_score_std:g} (it cannot tell tokens apart)",
+                {"layers": flat},
+            )
+        ]
     if w > cfg.mod_high and ostate.plateau_since is not None:
         return [
             Finding(

@@ -7,7 +7,8 @@ Pure and deterministic: no clocks, no randomness, no I/O; the input state is nev
 (3) maps findings to candidate actions, (4) gates them — a finding acts only when its confidence
 reaches its level's threshold (``conf_soft`` .. ``conf_critical``), an action waits ``cooldown``
 steps before firing again, and at most ``max_changes_per_window`` non-critical changes happen per
-``window`` steps — and (5) books the decisions (cooldowns, snapshots, rollbacks) into the new state.
+``window`` steps; rollbacks are exempt from both but capped at ``max_rollbacks_per_window`` —
+and (5) books the decisions (cooldowns, snapshots, rollbacks) into the new state.
 
 Rollback targets: an observation at step ``a`` reports the loss of the state after step ``a - 1``;
 the state after step ``a - 1`` is therefore suspect when observation ``a`` is bad, and the newest
@@ -176,14 +177,7 @@ def _candidates(
                 ("capacity_factor", {"from": cf, "to": min(cfg.max_capacity_factor, cf * cfg.capacity_step)})
             )
     elif f.kind == "mod_collapse":
-        layers = [
-            i
-            for i, (w, sd) in enumerate(
-                zip(obs.mod_weight, obs.mod_score_std or obs.mod_weight, strict=False)
-            )
-            if w < cfg.mod_dead or sd < 1e-6
-        ]
-        out.append(("reset_mod_router", {"layers": layers, "seed": obs.step}))
+        out.append(("reset_mod_router", {"layers": f.data["layers"], "seed": obs.step}))
     elif f.kind == "mod_too_aggressive":
         c = float(st.get("mod_capacity", 1.0))
         if c < cfg.mod_max_capacity:
@@ -236,8 +230,11 @@ def decide(
         for action, args in _candidates(f, s, obs, cfg):
             if action in taken or ("rollback" in taken and action not in ("emergency_lr_cut", "lr_scale")):
                 continue
-            critical = f.level == 4
-            if not critical:
+            if action == "rollback":  # recovery, not a change: no cooldown, but a cap of its own
+                if sum(1 for r in s.rollbacks if obs.step - r < cfg.window) >= cfg.max_rollbacks_per_window:
+                    s.counters["suppressed"] = s.counters.get("suppressed", 0) + 1
+                    continue
+            elif f.level < 4:
                 last = s.last_action.get(action)
                 if last is not None and 0 <= obs.step - last < cfg.cooldown:
                     s.counters["suppressed"] = s.counters.get("suppressed", 0) + 1
