@@ -8,7 +8,7 @@ seed, identical except ``orchestrator.enabled``; the fault is injected by the dr
 (``train.inject``) at ``--at`` (a fraction of the run) or at initialisation. Per run: survived (all
 steps done and the final eval loss finite), final eval loss, optimizer steps redone after rollbacks
 ("steps lost"), decisions, wall time, and the orchestrator's own time (``decide`` + applying the
-decisions, excluding snapshots) against the mean step time. Rows go to
+decisions; copying snapshots into the ring is reported separately) against the mean step time. Rows go to
 ``benchmarks/results/orchestrator.csv``; a summary table (Markdown) is printed.
 
 Goal (issue): with the orchestrator every injected run survives and ends at an eval loss <= the
@@ -48,7 +48,8 @@ CASES = {  # name -> spec template ({at}: the fault's step)
 }
 FIELDS = ["date", "commit", "device", "threads", "torch", "preset", "steps", "case", "inject", "seed",
           "orchestrator", "survived", "final_eval", "steps_run", "steps_lost", "decisions", "actions",
-          "wall_s", "mean_step_s", "orch_ms_per_step", "orch_cost_pct", "snapshot_mb"]  # fmt: skip
+          "wall_s", "mean_step_s", "orch_ms_per_step", "orch_cost_pct", "snapshot_ms_per_step",
+          "snapshot_mb"]  # fmt: skip
 
 
 def _commit() -> str:
@@ -92,6 +93,7 @@ def one_run(case: str, seed: int, on: bool, steps: int, at: int, root: Path) -> 
     step_s = statistics.mean(r["step_s"] for r in train[1:]) if len(train) > 1 else float("nan")
     orch_s = train[-1].get("orch_s", 0.0) if train else 0.0
     orch_ms = 1e3 * orch_s / max(1, len(train))
+    snap_ms = 1e3 * (train[-1].get("orch_snapshot_s", 0.0) if train else 0.0) / max(1, len(train))
     state_mb = sum(v.numel() * v.element_size() for v in tree.flatten(init_train_state(cfg)).values()) / 2**20
     return {
         "case": case, "inject": "" if spec is None else spec.format(at=at), "seed": seed,
@@ -101,6 +103,7 @@ def one_run(case: str, seed: int, on: bool, steps: int, at: int, root: Path) -> 
         "decisions": len(decisions), "actions": " ".join(d["action"] for d in decisions) or err[:80],
         "wall_s": round(wall, 1), "mean_step_s": round(step_s, 4), "orch_ms_per_step": round(orch_ms, 3),
         "orch_cost_pct": round(100 * orch_ms / 1e3 / step_s, 4) if step_s == step_s else "",
+        "snapshot_ms_per_step": round(snap_ms, 3),
         "snapshot_mb": round(cfg.orchestrator.snapshot_ring * state_mb, 1) if on else 0,
     }  # fmt: skip
 

@@ -336,9 +336,8 @@ class OrchestratorConfig:
     # conf_n = 1 - (1 - conf_1) * persist_decay^(n-1) after n observations in a row
     persist_decay: float = 0.8
     # experts
-    collapse_max_share: float = 0.6  # an expert taking this share of a layer's assignments
-    collapse_entropy: float = 0.5  # normalised load entropy below this
-    imbalance_ratio: float = 8.0  # max / min load share
+    # collapse: a layer's effective number of experts exp(load entropy) <= k + margin * (E - k)
+    collapse_margin: float = 0.25
     dead_share: float = 0.02  # load share below this (x E: of a uniform share) is a dead expert
     dead_patience: int = 50  # steps an expert must stay dead before it is pruned
     overflow_drop: float = 0.1  # dropped fraction above this -> raise the capacity factor

@@ -301,9 +301,12 @@ class _Orchestrator:
             self.ostate = orchestrator.init_state(start)
         self.ring: dict[int, tuple[TensorDict, RunConfig]] = {}
         self.seconds = 0.0  # time spent deciding and applying (the orchestrator's cost)
+        self.snapshot_seconds = 0.0  # time spent copying states into the snapshot ring
 
     def snapshot(self, step: int, state: TensorDict, cfg: RunConfig) -> None:
+        t0 = time.perf_counter()
         self.ring[step] = (state.clone(), cfg)
+        self.snapshot_seconds += time.perf_counter() - t0
 
     def sync_ring(self, state: TensorDict, cfg: RunConfig, step: int) -> None:
         """Keep the states ``ostate`` lists (confirmed and pending); take the one it just asked for."""
@@ -595,7 +598,8 @@ def train(
                 )
                 decisions = orch.decide(obs)
                 o = orch.ostate
-                record |= {"orch_health": o.health, "orch_phase": o.phase, "orch_s": orch.seconds}
+                record |= {"orch_health": o.health, "orch_phase": o.phase, "orch_s": orch.seconds,
+                           "orch_snapshot_s": orch.snapshot_seconds}  # fmt: skip
                 if o.forecast:
                     record |= {
                         f"forecast_{k}": v

@@ -170,11 +170,19 @@ def test_expert_collapse_raises_the_balance_weight():
     s, decisions = run(series, settings=MOE, expert_load=collapsed)
     d = decisions[0]
     assert d.action == "set_knob" and d.args == {"name": "aux_loss_weight", "from": 0.01, "to": 0.04}
-    # entropy 0.33 vs 0.5 gives confidence 0.59 alone; persisting, it reaches conf_medium (0.8) at the
-    # 5th observation in a row
-    assert "layer 0" in d.reason and "5 observations in a row" in d.reason and d.step == OCFG.warmup + 5
+    # every token on the same 2 of 8 experts: 2.0 effective experts, the least top-2 allows: conf 1
+    assert "layer 0" in d.reason and "2.00 effective experts" in d.reason and d.step == OCFG.warmup + 1
     # cooldown: the same action waits, and the next one comes after it
-    assert [x.step for x in decisions if x.action == "set_knob"] == [25, 50]
+    assert [x.step for x in decisions if x.action == "set_knob"] == [21, 46]
+    # a milder skew (3.4 effective experts <= 2 + 0.25 x 6 = 3.5: conf 0.53) acts once it persists
+    mild = [[0.32, 0.32, 0.32, 0.04, 0, 0, 0, 0], [1 / 8] * 8]
+    s, decisions = run(series, settings=MOE, expert_load=mild)
+    first = decisions[0]
+    assert first.action == "set_knob" and "observations in a row" in first.reason and first.step > 21
+    # E = 4, k = 2 (the debug preset): two experts with all the tokens is a collapse, [.4 .3 .2 .1] is not
+    four = MOE | {"num_experts": 4}
+    assert run(series, settings=four, expert_load=[[0.5, 0.5, 0, 0]])[1][0].action == "set_knob"
+    assert run(series, settings=four, expert_load=[[0.4, 0.3, 0.2, 0.1]])[1] == []
 
 
 def test_dead_expert_is_pruned_after_patience():

@@ -29,7 +29,7 @@ TINY = [
     "--model.moe.router_jitter=0.1",  # randomness that an exact resume must reproduce
     "--model.moe.expert_dropout=0.2",
 ]
-TIMING = {"tokens_per_s", "mfu", "memory_mb", "step_s", "orch_s"}
+TIMING = {"tokens_per_s", "mfu", "memory_mb", "step_s", "orch_s", "orch_snapshot_s"}
 
 
 def records(run_dir, kind=None):

@@ -220,23 +220,26 @@ def experts(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
     if not obs.expert_load or _warming(ostate, cfg):
         return out
     worst = None
+    k = max(1, int(obs.settings.get("top_k", 1) or 1))
     for layer, shares in enumerate(obs.expert_load):
-        E = len(shares)
+        n = len(shares)
         total = sum(shares)
-        if E < 2 or total <= 0:
+        if n <= k or total <= 0:
             continue
         p = [s / total for s in shares]
-        entropy = -sum(x * math.log(x) for x in p if x > 0) / math.log(E)
-        top = max(p)
-        collapsed = top > cfg.collapse_max_share or entropy < cfg.collapse_entropy
-        if collapsed:
-            conf = max(_conf(top / cfg.collapse_max_share), _conf(cfg.collapse_entropy / max(entropy, _EPS)))
+        # effective number of experts exp(entropy): n when balanced, k when every token picks the
+        # same k experts (the least it can be: each token's k picks are distinct)
+        eff = math.exp(-sum(x * math.log(x) for x in p if x > 0))
+        limit = k + cfg.collapse_margin * (n - k)
+        if eff <= limit:
+            conf = 0.5 + 0.5 * (1 - (eff - k) / max(limit - k, _EPS))
             f = Finding(
                 "expert_collapse",
                 2,
-                conf,
-                f"layer {layer}: top expert takes {top:.0%} of assignments, load entropy {entropy:.2f}",
-                {"layer": layer, "entropy": entropy},
+                min(1.0, conf),
+                f"layer {layer}: load spread over {eff:.2f} effective experts of {n} (top-{k}: "
+                f"collapse at <= {limit:.2f}); top expert {max(p):.0%} of assignments",
+                {"layer": layer, "effective_experts": eff},
             )
             worst = f if worst is None or f.confidence > worst.confidence else worst
     if worst is not None:
