@@ -108,6 +108,42 @@ def one_run(case: str, seed: int, on: bool, steps: int, at: int, root: Path) -> 
     }  # fmt: skip
 
 
+REGISTRY_RESULTS = RESULTS.with_name("orchestrator_registry.csv")
+
+
+def registry_experiment(
+    steps: int, seeds: list[int], past_lrs: list[float], starts: list[float]
+) -> list[dict]:
+    """Fill a registry with runs at ``past_lrs`` (seed 0), then start runs at each LR in ``starts``
+    with the suggestion applied and without it (``registry_mode=off``), per seed (not 0)."""
+    from lumina import loop
+    from lumina.config import load_config
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lumina-registry-bench-") as tmp:
+
+        def run(name, lr, seed, mode):
+            cfg = load_config(preset="debug", overrides=[
+                f"--train.steps={steps}", f"--seed={seed}", f"--train.eval_every={steps}", f"--run_dir={tmp}",
+                f"--name={name}", f"--train.lr={lr}", f"--orchestrator.registry_mode={mode}"])  # fmt: skip
+            r = loop.train(cfg, out=io.StringIO())
+            used = json.loads((r.run_dir / "config.json").read_text())["train"]["lr"]
+            return {"name": name, "seed": seed, "start_lr": lr, "mode": mode, "used_lr": used,
+                    "final_eval": round(r.final_eval, 5)}  # fmt: skip
+
+        for lr in past_lrs:
+            rows.append(run(f"past-{lr:g}", lr, 0, "log"))
+            print(f"registry past run lr {lr:g}: eval {rows[-1]['final_eval']}", flush=True)
+        for lr in starts:
+            for seed in seeds:
+                for mode in ("apply", "off"):
+                    rows.append(run(f"new-{lr:g}-{seed}-{mode}", lr, seed, mode))
+                    r = rows[-1]
+                    print(f"registry start lr {lr:g} seed {seed} {mode:5s}: used lr {r['used_lr']:.4g} "
+                          f"eval {r['final_eval']}", flush=True)  # fmt: skip
+    return rows
+
+
 def summarise(rows: list[dict], tol: float) -> str:
     head = ["case", "survived on / off", "final eval on (mean)", "off (mean)", "on <= off (seeds)",
             "decisions (on, mean)", "steps lost (mean)"]  # fmt: skip
@@ -154,7 +190,24 @@ def main() -> int:
     ap.add_argument("--at", type=float, default=0.5, help="fault step as a fraction of --steps")
     ap.add_argument("--tol", type=float, default=0.005)
     ap.add_argument("--no-save", action="store_true", help="do not append to the results CSV")
+    ap.add_argument("--registry", action="store_true",
+                    help="instead: does applying the registry's suggestion help? (past runs, then new "
+                         "runs at a good and a bad LR with and without the suggestion)")  # fmt: skip
     args = ap.parse_args()
+    if args.registry:
+        seeds = [int(x) for x in args.seeds.split(",") if int(x) != 0] or [1]
+        rows = registry_experiment(args.steps, seeds, [1e-3, 3e-3, 1e-2], [3e-3, 3e-2])
+        if not args.no_save:
+            stamp = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
+                     "threads": torch.get_num_threads(), "steps": args.steps}  # fmt: skip
+            new = not REGISTRY_RESULTS.exists()
+            with open(REGISTRY_RESULTS, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=[*stamp, *rows[0]])
+                if new:
+                    w.writeheader()
+                for r in rows:
+                    w.writerow({**stamp, **r})
+        return 0
     cases = [c for c in args.cases.split(",") if c]
     unknown = set(cases) - set(CASES)
     if unknown:

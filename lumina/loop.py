@@ -487,7 +487,10 @@ def train(
         for d in decisions:
             if d.action == "rollback":
                 data_now = mix_state  # skip_data: the stream goes on past the offending batches
-                state, cfg, where = orch.restore(d.args["to_step"], device)
+                state, snap_cfg, where = orch.restore(d.args["to_step"], device)
+                # the snapshot's model shapes; every other setting decided since (LR scale, micro-batch,
+                # knobs live in the state) stays: what the run learned is not rolled back
+                cfg = dataclasses.replace(cfg, model=snap_cfg.model)
                 _set_mix_state(
                     state, data_now if d.args.get("skip_data", True) else _mix_state(state), device
                 )
