@@ -174,6 +174,7 @@ def test_expert_collapse_raises_the_balance_weight():
     assert "layer 0" in d.reason and "2.00 effective experts" in d.reason and d.step == OCFG.warmup + 1
     # cooldown: the same action waits, and the next one comes after it
     assert [x.step for x in decisions if x.action == "set_knob"] == [21, 46]
+    assert s.snapshots == [30, 40, 50]  # a chronic routing finding does not stop the snapshots
     # a milder skew (3.4 effective experts <= 2 + 0.25 x 6 = 3.5: conf 0.53) acts once it persists
     mild = [[0.32, 0.32, 0.32, 0.04, 0, 0, 0, 0], [1 / 8] * 8]
     s, decisions = run(series, settings=MOE, expert_load=mild)

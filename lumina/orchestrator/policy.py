@@ -32,6 +32,10 @@ __all__ = ["decide"]
 # findings that persist rather than strike: they gain confidence while they last (persist_decay)
 CHRONIC = frozenset({"divergence", "expert_collapse", "dead_expert", "capacity_overflow", "mod_collapse",
                      "mod_too_aggressive", "memory_pressure", "throughput_drop"})  # fmt: skip
+# what makes a state unfit to roll back to: trouble with the loss or gradients (chronic routing
+# findings do not: a run whose experts are skewed for 50 steps must still get snapshots)
+_UNHEALTHY = frozenset({"nonfinite", "oom", "loss_spike", "grad_explosion", "divergence", "oscillation"})
+_UNHEALTHY_ACTIONS = frozenset({"rollback", "emergency_lr_cut", "lr_scale"})
 _EMA = 0.1  # loss EMA weight of the newest observation
 _PENALTY = {1: 5.0, 2: 15.0, 3: 30.0, 4: 60.0}  # health points a finding costs, x its confidence
 _MAX_EVALS = 8
@@ -273,7 +277,11 @@ def decide(
 
     # Snapshots for rollbacks: the state after a healthy snapshot step is kept at once (pending) and
     # confirmed by the next observation — the first to see that state's loss — being healthy too.
-    healthy = obs.finite and not decisions and not any(f.level >= 2 for f in findings)
+    healthy = (
+        obs.finite
+        and not any(d.action in _UNHEALTHY_ACTIONS for d in decisions)
+        and not any(f.kind in _UNHEALTHY for f in findings)
+    )
     if s.pending_snapshot is not None and healthy:
         s.snapshots = [*s.snapshots, s.pending_snapshot][-cfg.snapshot_ring :]
     s.pending_snapshot = None
