@@ -60,6 +60,7 @@ bench: venv
 	$(BIN)/python benchmarks/moe.py
 	$(BIN)/python benchmarks/moe.py --dtype bfloat16
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/orchestrator.py
 
 lint: venv
 	$(BIN)/ruff check lumina kernels tests benchmarks setup.py

@@ -338,6 +338,7 @@ class OrchestratorConfig:
     # experts
     # collapse: a layer's effective number of experts exp(load entropy) <= k + margin * (E - k)
     collapse_margin: float = 0.25
+    collapse_patience: int = 50  # observations in a row before acting on it
     dead_share: float = 0.02  # load share below this (x E: of a uniform share) is a dead expert
     dead_patience: int = 50  # steps an expert must stay dead before it is pruned
     overflow_drop: float = 0.1  # dropped fraction above this -> raise the capacity factor

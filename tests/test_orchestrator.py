@@ -164,10 +164,11 @@ def balanced(E=8):
 
 def test_expert_collapse_raises_the_balance_weight():
     series = clean_series(60, 7)
-    s, decisions = run(series, settings=MOE, expert_load=balanced())
+    OCFG = dataclasses.replace(globals()["OCFG"], collapse_patience=1)  # (patience: below)
+    s, decisions = run(series, OCFG, settings=MOE, expert_load=balanced())
     assert found(s, "expert_collapse") == 0 and decisions == []
     collapsed = [[0.5, 0.5, 0, 0, 0, 0, 0, 0], [1 / 8] * 8]
-    s, decisions = run(series, settings=MOE, expert_load=collapsed)
+    s, decisions = run(series, OCFG, settings=MOE, expert_load=collapsed)
     d = decisions[0]
     assert d.action == "set_knob" and d.args == {"name": "aux_loss_weight", "from": 0.01, "to": 0.04}
     # every token on the same 2 of 8 experts: 2.0 effective experts, the least top-2 allows: conf 1
@@ -177,13 +178,16 @@ def test_expert_collapse_raises_the_balance_weight():
     assert s.snapshots == [30, 40, 50]  # a chronic routing finding does not stop the snapshots
     # a milder skew (3.4 effective experts <= 2 + 0.25 x 6 = 3.5: conf 0.53) acts once it persists
     mild = [[0.32, 0.32, 0.32, 0.04, 0, 0, 0, 0], [1 / 8] * 8]
-    s, decisions = run(series, settings=MOE, expert_load=mild)
+    s, decisions = run(series, OCFG, settings=MOE, expert_load=mild)
     first = decisions[0]
     assert first.action == "set_knob" and "observations in a row" in first.reason and first.step > 21
     # E = 4, k = 2 (the debug preset): two experts with all the tokens is a collapse, [.4 .3 .2 .1] is not
     four = MOE | {"num_experts": 4}
-    assert run(series, settings=four, expert_load=[[0.5, 0.5, 0, 0]])[1][0].action == "set_knob"
-    assert run(series, settings=four, expert_load=[[0.4, 0.3, 0.2, 0.1]])[1] == []
+    assert run(series, OCFG, settings=four, expert_load=[[0.5, 0.5, 0, 0]])[1][0].action == "set_knob"
+    assert run(series, OCFG, settings=four, expert_load=[[0.4, 0.3, 0.2, 0.1]])[1] == []
+    # default patience: acted on only after 50 observations of collapse in a row
+    s, decisions = run(clean_series(100, 7), settings=MOE, expert_load=collapsed)
+    assert decisions[0].step == 20 + 50 and "50 observations in a row" in decisions[0].reason
 
 
 def test_dead_expert_is_pruned_after_patience():
