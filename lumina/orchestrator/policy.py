@@ -149,7 +149,7 @@ def _candidates(
         else:
             out.append(("lr_scale", _lr(obs, cfg.soft_lr_factor, cfg)))
     elif f.kind == "expert_collapse" and s.streaks.get("expert_collapse", 0) < cfg.collapse_patience:
-        pass  # the balance loss usually fixes an early collapse on its own (the default run, seed 0: by ~step 58)
+        pass  # the balance loss often heals an early collapse (default run, seed 0: by ~step 58)
     elif f.kind == "expert_collapse":
         knobs = st.get("knobs", {})
         w = float(knobs.get("aux_loss_weight", 0.0))
