@@ -358,6 +358,7 @@ def train(
     if t.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    Injector(t.inject)  # bad fault specs fail here, before a run folder exists
     tok = get_tokenizer(cfg.data.tokenizer)
     reg_path = registry.registry_path(cfg)
     reg_fingerprint, reg_start = registry.fingerprint(cfg), registry.start_values(cfg)
@@ -431,7 +432,7 @@ def train(
     orch = _Orchestrator(cfg, run_dir, start, extra0) if cfg.orchestrator.enabled else None
     if orch is not None:
         orch.snapshot(start, state, cfg)
-    injector = Injector(t.inject, fired=extra0.get("injected"))
+    injector = Injector(t.inject, fired=extra0.get("injected"))  # (specs checked above)
     if injector:
         console.line(f"[lumina] injecting faults: {', '.join(f.spec for f in injector.faults)}")
 

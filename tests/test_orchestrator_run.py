@@ -163,7 +163,13 @@ def test_fault_specs_parse_and_bad_ones_are_one_line_errors():
     for bad in ("nan_grad", "nan_grad@x", "boom@3", "nan_grad@3x2", "bad_batch@micro_batch>2", "nan_grad@0"):
         with pytest.raises(ConfigError, match="train.inject"):
             parse([bad])
-    assert main(["--steps", "2", "--inject", "boom@1"]) == 2
+
+
+def test_a_bad_fault_spec_exits_2_and_writes_nothing(tmp_path, capsys):
+    assert main(["--steps", "2", "--run-dir", str(tmp_path), "--inject", "boom@1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.inject: 'boom@1'" in err[0]
+    assert list(tmp_path.iterdir()) == []  # no half-made run folder
 
 
 def test_each_fault_changes_what_the_step_is_fed():
