@@ -358,7 +358,7 @@ def train(
     if t.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    Injector(t.inject)  # bad fault specs fail here, before a run folder exists
+    injector = Injector(t.inject)  # bad fault specs fail here, before a run folder exists
     tok = get_tokenizer(cfg.data.tokenizer)
     reg_path = registry.registry_path(cfg)
     reg_fingerprint, reg_start = registry.fingerprint(cfg), registry.start_values(cfg)
@@ -432,7 +432,7 @@ def train(
     orch = _Orchestrator(cfg, run_dir, start, extra0) if cfg.orchestrator.enabled else None
     if orch is not None:
         orch.snapshot(start, state, cfg)
-    injector = Injector(t.inject, fired=extra0.get("injected"))  # (specs checked above)
+    injector.fired = list(extra0.get("injected") or [])  # one-shot faults a resumed run already had
     if injector:
         console.line(f"[lumina] injecting faults: {', '.join(f.spec for f in injector.faults)}")
 
@@ -650,10 +650,8 @@ def train(
         logs.event(step, "checkpoint", str(path))
     logs.close()
     if not interrupted and reg_path is not None:
-        counts: dict[str, int] = {}
-        if orch is not None:
-            for d in orchestrator.read_log(orch.dec_log):
-                counts[d["action"]] = counts.get(d["action"], 0) + 1
+        counters = orch.ostate.counters if orch is not None else {}
+        counts = {k.removeprefix("action:"): v for k, v in counters.items() if k.startswith("action:")}
         registry.record_run(reg_path, {
             "step": step, "name": run_dir.name, "run_dir": str(run_dir.resolve()),
             "fingerprint": reg_fingerprint, "start": reg_start,
