@@ -64,9 +64,9 @@ def _replace(cfg: RunConfig, section: str, sub: str | None = None, **values: Any
     return dataclasses.replace(cfg, **{section: part})
 
 
-def _moe_param_keys(params_flat: dict[str, torch.Tensor], layer: int) -> list[str]:
+def _moe_param_keys(param_keys: list[str], layer: int) -> list[str]:
     prefix = f"layers.{layer}.moe."
-    return [k for k in params_flat if k.startswith(prefix) and k[len(prefix) :] in _EXPERT_AXIS]
+    return [k for k in param_keys if k.startswith(prefix) and k[len(prefix) :] in _EXPERT_AXIS]
 
 
 def _change_experts(state: TensorDict, cfg: RunConfig, d: Decision) -> TensorDict:
@@ -77,12 +77,13 @@ def _change_experts(state: TensorDict, cfg: RunConfig, d: Decision) -> TensorDic
     add = d.action == "add_expert"
     key = random.fold_in(random.key_from_seed(cfg.seed, flat["rng"].device), d.step)
     layers = [i for i, m in enumerate(cfg.model.moe_layers()) if m]
+    params = [k.removeprefix("params.") for k in flat if k.startswith("params.")]
     if not add and len(d.args["experts"]) != len(layers):
         raise ValueError(
             f"prune_expert: {len(d.args['experts'])} expert indices for {len(layers)} MoE layers"
         )
     for n, layer in enumerate(layers):
-        for j, k in enumerate(_moe_param_keys(tree.flatten(state["params"]), layer)):
+        for j, k in enumerate(_moe_param_keys(params, layer)):
             axis = _EXPERT_AXIS[k.rsplit(".", 1)[-1]]
             p = flat[f"params.{k}"]
             if add:
