@@ -8,6 +8,9 @@ expert-sorted order of ``perm_A``; ``inverse_A`` is its inverse permutation.
   backward  dy[i]       = w.flat[perm_A[i]] * g[perm_A[i] // K]                                   [A, D]
             dw.flat[j]  = dot(g[j // K], y[inverse_A[j]])   written at j = perm_A[i] from row i    [N, K]
 
+``perm`` may also be a partial map (length S, entries -1 for empty rows; see ``moe_dispatch``): the
+terms of assignments in no row are zero, and so are their ``dw`` and the empty rows of ``dy``.
+
 Every output element is written exactly once (gathers, no scatter-add): no atomics, deterministic.
 The backward walks the sorted rows, so it needs no inverse permutation and reads ``y`` contiguously;
 one fused kernel writes ``dy`` and ``dw`` (``g`` and ``y`` are each read once).
@@ -54,10 +57,12 @@ def _combine_kernel(
     mask = row_ok[:, None] & (cols < D)[None, :]
     acc = tl.full([BLOCK_R, BLOCK_D], 0.0, ACC)
     for k in range(K):  # fixed order: deterministic
-        src = tl.load(inv_ptr + rows64 * K + k, mask=row_ok, other=0)  # [R] sorted row of (n, k)
+        src = tl.load(inv_ptr + rows64 * K + k, mask=row_ok, other=-1)  # [R] row of (n, k); -1: none
         w = tl.load(w_ptr + rows64 * K + k, mask=row_ok, other=0.0)
         w = w.to(y_ptr.dtype.element_ty).to(ACC)  # the reference's w.to(y.dtype)
-        y = tl.load(y_ptr + src[:, None] * stride_y + cols[None, :], mask=mask, other=0.0)
+        y = tl.load(
+            y_ptr + src[:, None] * stride_y + cols[None, :], mask=mask & (src >= 0)[:, None], other=0.0
+        )
         acc += w[:, None] * y.to(ACC)
     tl.store(
         out_ptr + rows64[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask
@@ -85,19 +90,21 @@ def _combine_backward_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R] sorted rows
     row_ok = rows < A
     rows64 = rows.to(tl.int64)
-    j = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [R] assignment n*K + k
-    token = j // K
-    w = tl.load(w_ptr + j, mask=row_ok, other=0.0).to(y_ptr.dtype.element_ty).to(ACC)
+    j = tl.load(perm_ptr + rows, mask=row_ok, other=-1).to(tl.int64)  # [R] assignment n*K + k, or -1
+    held = row_ok & (j >= 0)  # empty rows: w = 0 below, so their dy is written as zeros
+    token = tl.where(held, j, 0) // K
+    w = tl.load(w_ptr + j, mask=held, other=0.0).to(y_ptr.dtype.element_ty).to(ACC)
     dot = tl.full([BLOCK_R], 0.0, ACC)
     for d0 in range(0, D, BLOCK_D):  # the whole row per program: dw needs the full dot product
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols < D)[None, :]
-        g = tl.load(g_ptr + token[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(ACC)
-        y = tl.load(y_ptr + rows64[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(ACC)
+        ok = mask & held[:, None]
+        g = tl.load(g_ptr + token[:, None] * stride_g + cols[None, :], mask=ok, other=0.0).to(ACC)
+        y = tl.load(y_ptr + rows64[:, None] * stride_y + cols[None, :], mask=ok, other=0.0).to(ACC)
         dy = (w[:, None] * g).to(dy_ptr.dtype.element_ty)
         tl.store(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], dy, mask=mask)
         dot += tl.reduce(g * y, 1, tl.standard._sum_combine)  # = tl.sum (see _triton)
-    tl.store(dw_ptr + j, dot.to(dw_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(dw_ptr + j, dot.to(dw_ptr.dtype.element_ty), mask=held)
 
 
 # -------------------------------------------------------------------------------------------- launchers
@@ -113,7 +120,7 @@ def moe_combine_launch(
     y_AD, weights_NK = y_AD.contiguous(), weights_NK.contiguous()
     N, K = weights_NK.shape
     D = y_AD.shape[1]
-    inv_A = inverse_permutation_launch(perm_A)
+    inv_A = inverse_permutation_launch(perm_A, N * K)
     out_ND = torch.empty(N, D, dtype=y_AD.dtype, device=y_AD.device) if out is None else out
     if N and D:
         br, bd = row_blocks(N, D, y_AD.device, block_r, block_d)
@@ -151,9 +158,11 @@ def moe_combine_backward_launch(
     K = weights_NK.shape[1]
     if out is None:
         dy_AD = torch.empty(A, D, dtype=y_AD.dtype, device=y_AD.device)
-        dw_NK = torch.empty_like(weights_NK)
+        dw_NK = torch.zeros_like(weights_NK)
     else:
         dy_AD, dw_NK = out
+        dw_NK.zero_()
+    # The kernel writes dw only for assignments some row holds; the rest (dropped) keep the zeros.
     if A:
         br, bd = row_blocks(A, D, y_AD.device, block_r, block_d)
         _combine_backward_kernel.on(y_AD.device)[(triton.cdiv(A, br),)](

@@ -6,13 +6,18 @@ Legend: N tokens, K top-k, A = N*K assignments (a = n*K + k is token n's k-th ch
 D model dim. ``perm_A`` lists assignment ids in expert-sorted order; ``inverse_A`` is its inverse
 (``inverse_A[perm_A[i]] = i``: the sorted row of each assignment).
 
+Dispatch and its backward (and the combine in ``moe_combine``) also take a *partial* map ``perm_S``
+of any length S whose entries are assignment ids or -1 (an empty row): a capacity buffer flattened to
+S = E*C rows, with dropped assignments in no row, or a MoD selection (K = 1). Empty rows dispatch as
+zeros; assignments in no row get no gradient (``inverse`` is -1 there).
+
   routing   counts[e]       = #{a : expert[a] = e}                                          [E]
             offsets[e]      = counts[0] + ... + counts[e-1]                                 [E + 1]
             perm[offsets[e] + #{a' < a : expert[a'] = e}] = a    (stable counting sort)     [A]
             position[a]     = #{a' : expert[a'] = expert[a], w[a'] > w[a] or (w[a'] = w[a], a' < a)}
             keep[a]         = position[a] < capacity (all True without one)                [A]
-  forward   out[i]  = x[perm_A[i] // K]                                   [A, D]
-  backward  dx[n]   = sum_k g[inverse_A[n*K + k]]   (k = 0..K-1, in order) [N, D]
+  forward   out[i]  = x[perm_S[i] // K]   (0 where perm_S[i] = -1)        [S, D]
+  backward  dx[n]   = sum_k g[inverse_A[n*K + k]]   (k = 0..K-1, in order; terms with -1 skipped) [N, D]
 
 Routing is four launches over static shapes (no host synchronisation, so it compiles with
 ``fullgraph=True``) and no atomics: per-block expert histograms (a one-hot of the block's ids summed
@@ -43,12 +48,13 @@ __all__ = ["inverse_permutation", "moe_dispatch", "moe_dispatch_backward", "moe_
 
 # ---------------------------------------------------------------------------------------------- kernels
 @jit
-def _inverse_permutation_kernel(perm_ptr, inv_ptr, A, BLOCK: tl.constexpr):
+def _inverse_permutation_kernel(perm_ptr, inv_ptr, S, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < A
-    p = tl.load(perm_ptr + i, mask=mask, other=0)
-    # A permutation: every target is written exactly once, so the scatter has no conflicts.
-    tl.store(inv_ptr + p, i.to(tl.int64), mask=mask)
+    mask = i < S
+    p = tl.load(perm_ptr + i, mask=mask, other=-1)
+    # A (partial) permutation: every target is written at most once, so the scatter has no conflicts;
+    # the launcher filled inv with -1 for the assignments no row holds.
+    tl.store(inv_ptr + p, i.to(tl.int64), mask=mask & (p >= 0))
 
 
 @jit
@@ -58,9 +64,12 @@ def _dispatch_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R] sorted rows
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [C]
     row_ok = rows < A
-    token = tl.load(perm_ptr + rows, mask=row_ok, other=0).to(tl.int64) // K  # [R]
+    src = tl.load(perm_ptr + rows, mask=row_ok, other=-1).to(tl.int64)  # [R]; -1: an empty row
+    token = tl.where(src >= 0, src, 0) // K
     mask = row_ok[:, None] & (cols < D)[None, :]
-    vals = tl.load(x_ptr + token[:, None] * stride_x + cols[None, :], mask=mask)
+    vals = tl.load(
+        x_ptr + token[:, None] * stride_x + cols[None, :], mask=mask & (src >= 0)[:, None], other=0
+    )
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :], vals, mask=mask)
 
 
@@ -85,8 +94,9 @@ def _dispatch_backward_kernel(
     mask = row_ok[:, None] & (cols < D)[None, :]
     acc = tl.full([BLOCK_R, BLOCK_D], 0.0, ACC)
     for k in range(K):  # fixed order: deterministic
-        src = tl.load(inv_ptr + rows64 * K + k, mask=row_ok, other=0)  # [R] sorted row of (n, k)
-        acc += tl.load(g_ptr + src[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(ACC)
+        src = tl.load(inv_ptr + rows64 * K + k, mask=row_ok, other=-1)  # [R] row of (n, k); -1: none
+        ok = mask & (src >= 0)[:, None]
+        acc += tl.load(g_ptr + src[:, None] * stride_g + cols[None, :], mask=ok, other=0.0).to(ACC)
     tl.store(
         out_ptr + rows64[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask
     )
@@ -190,13 +200,18 @@ def _position_kernel(
 
 
 # -------------------------------------------------------------------------------------------- launchers
-def inverse_permutation_launch(perm_A: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    perm_A = perm_A.contiguous()
-    A = perm_A.numel()
-    inv_A = torch.empty_like(perm_A, dtype=torch.int64) if out is None else out
-    if A:
-        block = min(triton.next_power_of_2(A), 1 << 16 if perm_A.device.type == "cpu" else 1024)
-        _inverse_permutation_kernel.on(perm_A.device)[(triton.cdiv(A, block),)](perm_A, inv_A, A, BLOCK=block)
+def inverse_permutation_launch(
+    perm_S: torch.Tensor, size: int | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """inv[perm_S[i]] = i over ``size`` assignments (default: len(perm_S)), -1 for those in no row."""
+    perm_S = perm_S.contiguous()
+    S = perm_S.numel()
+    size = S if size is None else size
+    inv_A = torch.empty(size, dtype=torch.int64, device=perm_S.device) if out is None else out
+    inv_A.fill_(-1)
+    if S:
+        block = min(triton.next_power_of_2(S), 1 << 16 if perm_S.device.type == "cpu" else 1024)
+        _inverse_permutation_kernel.on(perm_S.device)[(triton.cdiv(S, block),)](perm_S, inv_A, S, BLOCK=block)
     return inv_A
 
 
@@ -225,15 +240,17 @@ def moe_dispatch_backward_launch(
     g_AD: torch.Tensor,
     perm_A: torch.Tensor,
     top_k: int,
+    num_tokens: int | None = None,
     *,
     out: torch.Tensor | None = None,
     block_r: int | None = None,
     block_d: int | None = None,
 ) -> torch.Tensor:
+    """dx [num_tokens, D] (default num_tokens: len(perm) // top_k, the dropless case)."""
     g_AD = g_AD.contiguous()
     A, D = g_AD.shape
-    N = A // top_k
-    inv_A = inverse_permutation_launch(perm_A)
+    N = A // top_k if num_tokens is None else num_tokens
+    inv_A = inverse_permutation_launch(perm_A, N * top_k)
     out_ND = torch.empty(N, D, dtype=g_AD.dtype, device=g_AD.device) if out is None else out
     if N and D:
         br, bd = row_blocks(N, D, g_AD.device, block_r, block_d)
@@ -319,13 +336,13 @@ def moe_routing_launch(
 
 # ------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("lumina_triton::inverse_permutation", mutates_args=())
-def _inverse_permutation_op(perm: torch.Tensor) -> torch.Tensor:
-    return inverse_permutation_launch(perm)
+def _inverse_permutation_op(perm: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    return inverse_permutation_launch(perm, size)
 
 
 @_inverse_permutation_op.register_fake
-def _(perm: torch.Tensor) -> torch.Tensor:
-    return perm.new_empty(perm.shape, dtype=torch.int64)
+def _(perm: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    return perm.new_empty(perm.shape[0] if size is None else size, dtype=torch.int64)
 
 
 @torch.library.custom_op("lumina_triton::moe_dispatch", mutates_args=())
@@ -339,13 +356,15 @@ def _(x: torch.Tensor, perm: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("lumina_triton::moe_dispatch_backward", mutates_args=())
-def _moe_dispatch_backward_op(g: torch.Tensor, perm: torch.Tensor, top_k: int) -> torch.Tensor:
-    return moe_dispatch_backward_launch(g, perm, top_k)
+def _moe_dispatch_backward_op(
+    g: torch.Tensor, perm: torch.Tensor, top_k: int, num_tokens: int
+) -> torch.Tensor:
+    return moe_dispatch_backward_launch(g, perm, top_k, num_tokens)
 
 
 @_moe_dispatch_backward_op.register_fake
-def _(g: torch.Tensor, perm: torch.Tensor, top_k: int) -> torch.Tensor:
-    return g.new_empty(g.shape[0] // top_k, g.shape[1])
+def _(g: torch.Tensor, perm: torch.Tensor, top_k: int, num_tokens: int) -> torch.Tensor:
+    return g.new_empty(num_tokens, g.shape[1])
 
 
 @torch.library.custom_op("lumina_triton::moe_routing", mutates_args=())
@@ -382,18 +401,18 @@ class MoeDispatch(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[1])
-        ctx.top_k = inputs[2]
+        ctx.top_k, ctx.num_tokens = inputs[2], inputs[0].shape[0]
 
     @staticmethod
     def backward(ctx, grad_AD):
         (perm_A,) = ctx.saved_tensors
-        return MoeDispatchBackward.apply(grad_AD, perm_A, ctx.top_k), None, None
+        return MoeDispatchBackward.apply(grad_AD, perm_A, ctx.top_k, ctx.num_tokens), None, None
 
 
 class MoeDispatchBackward(torch.autograd.Function):
     @staticmethod
-    def forward(g_AD, perm_A, top_k):
-        return _moe_dispatch_backward_op(g_AD, perm_A, top_k)
+    def forward(g_AD, perm_A, top_k, num_tokens):
+        return _moe_dispatch_backward_op(g_AD, perm_A, top_k, num_tokens)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -403,7 +422,7 @@ class MoeDispatchBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ND):
         (perm_A,) = ctx.saved_tensors
-        return MoeDispatch.apply(grad_ND, perm_A, ctx.top_k), None, None
+        return MoeDispatch.apply(grad_ND, perm_A, ctx.top_k), None, None, None
 
 
 # The same formulas on the ops themselves, for callers of the ops (and torch.library.opcheck).
@@ -414,19 +433,24 @@ _moe_dispatch_backward_op.register_autograd(
 
 
 # --------------------------------------------------------------------------------------------- public
-def inverse_permutation(perm_A: torch.Tensor) -> torch.Tensor:
-    """``inverse_A[perm_A[i]] = i``. [A] int64; one kernel, no host sync."""
-    return _inverse_permutation_op(perm_A)
+def inverse_permutation(perm_S: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """``inverse_A[perm_S[i]] = i`` over ``size`` assignments (default len(perm_S)), -1 for those in
+    no row. [size] int64; one kernel, no host sync."""
+    return _inverse_permutation_op(perm_S, size)
 
 
 def moe_dispatch(x_ND: torch.Tensor, perm_A: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Token rows in expert-contiguous order: row i is token perm_A[i] // top_k. [A, D]"""
+    """Token rows in expert-contiguous order: row i is token perm_A[i] // top_k (zero where -1). [S, D]"""
     return MoeDispatch.apply(x_ND, perm_A, top_k)
 
 
-def moe_dispatch_backward(g_AD: torch.Tensor, perm_A: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The adjoint of ``moe_dispatch``: each token's K rows of ``g`` summed in k order. [N, D]"""
-    return MoeDispatchBackward.apply(g_AD, perm_A, top_k)
+def moe_dispatch_backward(
+    g_AD: torch.Tensor, perm_A: torch.Tensor, top_k: int, num_tokens: int | None = None
+) -> torch.Tensor:
+    """The adjoint of ``moe_dispatch``: each token's K rows of ``g`` summed in k order. [N, D]
+    (N = num_tokens, default len(perm_A) // top_k: the dropless case)."""
+    N = perm_A.shape[0] // top_k if num_tokens is None else num_tokens
+    return MoeDispatchBackward.apply(g_AD, perm_A, top_k, N)
 
 
 def moe_routing(

@@ -1,6 +1,8 @@
 """Python side of the native CPU MoE ops (``kernels/csrc/moe_ops.cpp``, namespace ``lumina_native``).
 
-Legend: N tokens, K top-k, A = N*K assignments, D model dim.
+Legend: N tokens, K top-k, A = N*K assignments, S rows of the expert-side buffer, D model dim.
+``perm`` maps each buffer row to an assignment or -1 (an empty row): a permutation in the dropless case,
+a partial map for capacity buffers and MoD selections (see ``reference.moe_dispatch``).
 
 The C++ library defines and implements the ops (``torch.ops.lumina_native.*``); this module adds what
 torch needs to trace and differentiate them: a fake (meta) kernel for every op, an autograd formula on
@@ -42,8 +44,8 @@ if available():
         return x.new_empty(perm.shape[0], x.shape[1])
 
     @torch.library.register_fake("lumina_native::moe_dispatch_backward")
-    def _(grad: torch.Tensor, perm: torch.Tensor, top_k: int) -> torch.Tensor:
-        return grad.new_empty(grad.shape[0] // top_k, grad.shape[1])
+    def _(grad: torch.Tensor, perm: torch.Tensor, top_k: int, num_tokens: int) -> torch.Tensor:
+        return grad.new_empty(num_tokens, grad.shape[1])
 
     @torch.library.register_fake("lumina_native::moe_combine")
     def _(y: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -56,40 +58,40 @@ if available():
         return y.new_empty(y.shape), weights.new_empty(weights.shape)
 
     class _Dispatch(torch.autograd.Function):
-        """x_AD[i] = x[perm[i] // K]; its backward sums each token's K rows (``_DispatchBackward``)."""
+        """x_SD[i] = x[perm[i] // K]; its backward sums each token's K rows (``_DispatchBackward``)."""
 
         @staticmethod
-        def forward(x_ND, perm_A, top_k):
-            return _ops.moe_dispatch(x_ND, perm_A, top_k)
+        def forward(x_ND, perm_S, top_k):
+            return _ops.moe_dispatch(x_ND, perm_S, top_k)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            _, perm_A, top_k = inputs
-            ctx.save_for_backward(perm_A)
-            ctx.top_k = top_k
+            x_ND, perm_S, top_k = inputs
+            ctx.save_for_backward(perm_S)
+            ctx.top_k, ctx.num_tokens = top_k, x_ND.shape[0]
 
         @staticmethod
-        def backward(ctx, grad_AD):
-            (perm_A,) = ctx.saved_tensors
-            return _DispatchBackward.apply(grad_AD, perm_A, ctx.top_k), None, None
+        def backward(ctx, grad_SD):
+            (perm_S,) = ctx.saved_tensors
+            return _DispatchBackward.apply(grad_SD, perm_S, ctx.top_k, ctx.num_tokens), None, None
 
     class _DispatchBackward(torch.autograd.Function):
         """The adjoint of dispatch; linear in grad, so its own backward is dispatch."""
 
         @staticmethod
-        def forward(grad_AD, perm_A, top_k):
-            return _ops.moe_dispatch_backward(grad_AD, perm_A, top_k)
+        def forward(grad_SD, perm_S, top_k, num_tokens):
+            return _ops.moe_dispatch_backward(grad_SD, perm_S, top_k, num_tokens)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            _, perm_A, top_k = inputs
-            ctx.save_for_backward(perm_A)
+            _, perm_S, top_k, _ = inputs
+            ctx.save_for_backward(perm_S)
             ctx.top_k = top_k
 
         @staticmethod
         def backward(ctx, grad_ND):
-            (perm_A,) = ctx.saved_tensors
-            return _Dispatch.apply(grad_ND, perm_A, ctx.top_k), None, None
+            (perm_S,) = ctx.saved_tensors
+            return _Dispatch.apply(grad_ND, perm_S, ctx.top_k), None, None, None
 
     class _Combine(torch.autograd.Function):
         """out[n] = sum_k w[n,k] * y[inv[n*K+k]]."""

@@ -4,6 +4,12 @@ and the CPU fallback. Plain, obviously-correct torch; never imports ``lumina``.
 Legend: N tokens, K experts per token (top-k), A = N*K assignments, E experts, C capacity per expert,
 D model dim, F expert hidden dim, B batch, T sequence length, S selected tokens per sequence (MoD).
 An *assignment* a = n*K + j is token n's j-th choice.
+
+Dispatch and combine take a row map ``perm_S``: row i of the expert-side buffer holds assignment
+``perm_S[i]``, or nothing when it is -1. Dropless routing passes a permutation of the A assignments
+(S = A); a capacity buffer is the partial map of its E*C slots (``capacity_map``), a MoD selection the
+map of its B*S rows with K = 1. An assignment in no row is dropped: it contributes nothing and gets
+no gradient.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import torch
 __all__ = [
     "capacity_combine",
     "capacity_dispatch",
+    "capacity_map",
     "grouped_mm",
     "grouped_mm_weight_grad",
+    "inverse_map",
     "mod_gather",
     "mod_scatter",
     "mod_topk",
@@ -55,9 +63,11 @@ def moe_routing(
     return counts_E, offsets_E1, perm_A, position_A, keep_A
 
 
-def moe_dispatch(x_ND: torch.Tensor, perm_A: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Token rows in expert-contiguous order: row i is token perm_A[i] // top_k. [A, D]"""
-    return x_ND[perm_A // top_k]
+def moe_dispatch(x_ND: torch.Tensor, perm_S: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Token rows in expert-contiguous order: row i is token perm_S[i] // top_k, zero where -1. [S, D]"""
+    held = perm_S >= 0
+    rows = x_ND[torch.where(held, perm_S, 0) // top_k]
+    return torch.where(held[:, None], rows, torch.zeros((), dtype=x_ND.dtype, device=x_ND.device))
 
 
 def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -80,14 +90,37 @@ def grouped_mm_weight_grad(x_AD: torch.Tensor, g_AF: torch.Tensor, counts_E: tor
     return out
 
 
-def moe_combine(y_AD: torch.Tensor, perm_A: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-    """Each token's router-weighted sum of its K expert outputs (y in expert-sorted order). [N, D].
-    A gather and a fixed-order sum: deterministic, no atomics."""
+def inverse_map(perm_S: torch.Tensor, num_assignments: int) -> torch.Tensor:
+    """inverse[perm_S[i]] = i: the row holding each assignment, -1 for one in no row. [A]"""
+    A = num_assignments
+    # Rows with -1 write into a sink entry A, then dropped (several may: only the sink collides).
+    target = torch.where(perm_S >= 0, perm_S, A)
+    inverse = torch.full((A + 1,), -1, dtype=torch.int64, device=perm_S.device)
+    return inverse.scatter(0, target, torch.arange(perm_S.numel(), device=perm_S.device))[:A]
+
+
+def moe_combine(y_AD: torch.Tensor, perm_S: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """Each token's router-weighted sum of its K expert outputs (y in expert-sorted order); an
+    assignment in no row contributes zero. [N, D]. A gather and a fixed-order sum: deterministic."""
     N, K = weights_NK.shape
-    inverse_A = torch.empty_like(perm_A)
-    inverse_A[perm_A] = torch.arange(perm_A.numel(), device=perm_A.device)
-    y_NKD = y_AD[inverse_A].view(N, K, -1)
-    return (y_NKD * weights_NK.unsqueeze(-1).to(y_AD.dtype)).sum(dim=1)
+    inverse_A = inverse_map(perm_S, N * K)
+    held_A = inverse_A >= 0
+    held_NK1 = held_A.view(N, K, 1)
+    y_NKD = torch.where(held_NK1, y_AD[inverse_A.clamp(min=0)].view(N, K, -1), 0)
+    w_NK1 = torch.where(held_NK1, weights_NK.unsqueeze(-1), 0).to(y_AD.dtype)
+    return (y_NKD * w_NK1).sum(dim=1)
+
+
+def capacity_map(
+    topk_ids_NK: torch.Tensor, position_A: torch.Tensor, keep_A: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """The row map of a capacity buffer flattened to [E*C]: slot e*C + p holds the kept assignment of
+    expert e at position p, or -1. Static size, no host sync."""
+    EC = num_experts * capacity
+    A = position_A.numel()
+    slot_A = torch.where(keep_A, topk_ids_NK.reshape(-1) * capacity + position_A, EC)  # EC: a sink
+    src = torch.full((EC + 1,), -1, dtype=torch.int64, device=position_A.device)
+    return src.scatter(0, slot_A, torch.arange(A, device=position_A.device))[:EC]
 
 
 def capacity_dispatch(

@@ -13,11 +13,14 @@ Providers (``_route``): on CUDA tensors the Triton kernels when triton is instal
 a GPU): ``lumina_kernels.moe_dispatch`` (MoE routing metadata, dispatch), ``moe_combine`` and
 ``mod_routing`` (MoD top-k, gather, scatter). On CPU tensors the native ops
 (``lumina_kernels.native``, built by CMake; 5.3x the reference for dispatch + combine forward +
-backward in fp32 at N=8192, D=512, k=2, see README) when built and the op has one (MoE dispatch and
-combine today); else the reference. ``LUMINA_OPS=reference`` forces the reference (A/B runs),
-``LUMINA_OPS=triton`` the Triton kernels on every device (tests of the GPU path on CPU); a missing
-native library is announced once. Capacity dispatch/combine are differentiable plain torch (the
-references) on every device today.
+backward in fp32 at N=8192, D=512, k=2, see README) when built and the op has one; else the
+reference. ``LUMINA_OPS=reference`` forces the reference (A/B runs), ``LUMINA_OPS=triton`` the Triton
+kernels on every device (tests of the GPU path on CPU); a missing native library is announced once.
+
+Dispatch and combine take a row map whose entries may be -1 (``reference.moe_dispatch``), so one pair
+of kernels per provider serves three layouts: the dropless permutation, the capacity buffer (its E*C
+slots, ``reference.capacity_map``) and, on CPU, the MoD selection (a K = 1 map of the [B*T] stream;
+on CUDA MoD has its own fused Triton kernels). MoD top-k has no native op: CPU takes the reference.
 """
 
 from __future__ import annotations
@@ -50,9 +53,6 @@ __all__ = [
     "moe_dispatch",
     "moe_routing",
 ]
-
-capacity_dispatch = reference.capacity_dispatch
-capacity_combine = reference.capacity_combine
 
 
 @torch.library.custom_op("lumina::grouped_mm", mutates_args=())
@@ -196,11 +196,61 @@ def mod_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
     return _route(scores_BT, triton_fn, reference.mod_topk, reference.mod_topk)(scores_BT, k)
 
 
+def capacity_dispatch(
+    x_ND: torch.Tensor,
+    topk_ids_NK: torch.Tensor,
+    position_A: torch.Tensor,
+    keep_A: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+) -> torch.Tensor:
+    """Kept assignments in their (expert, position) slot of a zero buffer. [E, C, D]
+
+    A dispatch through the partial row map of the E*C slots (``reference.capacity_map``): the same
+    kernels as the dropless path on every provider."""
+    src_S = reference.capacity_map(topk_ids_NK, position_A, keep_A, num_experts, capacity)
+    return moe_dispatch(x_ND, src_S, topk_ids_NK.shape[1]).view(num_experts, capacity, -1)
+
+
+def capacity_combine(
+    y_ECD: torch.Tensor,
+    topk_ids_NK: torch.Tensor,
+    position_A: torch.Tensor,
+    keep_A: torch.Tensor,
+    weights_NK: torch.Tensor,
+) -> torch.Tensor:
+    """Router-weighted sum over each token's kept assignments; dropped ones contribute zero. [N, D]"""
+    E, C, D = y_ECD.shape
+    src_S = reference.capacity_map(topk_ids_NK, position_A, keep_A, E, C)
+    return moe_combine(y_ECD.reshape(E * C, D), src_S, weights_NK)
+
+
+def _mod_rows(idx_BS: torch.Tensor, T: int) -> torch.Tensor:
+    """The selected positions as rows of the flattened [B*T] stream: a K = 1 dispatch map. [B*S]"""
+    offsets_B1 = torch.arange(idx_BS.shape[0], device=idx_BS.device).unsqueeze(1) * T
+    return (idx_BS + offsets_B1).reshape(-1)
+
+
+def _native_mod_gather(x_BTD: torch.Tensor, idx_BS: torch.Tensor) -> torch.Tensor:
+    B, T, D = x_BTD.shape
+    return native.moe_dispatch(x_BTD.reshape(B * T, D), _mod_rows(idx_BS, T), 1).view(B, -1, D)
+
+
+def _native_mod_scatter(
+    x_BTD: torch.Tensor, delta_BSD: torch.Tensor, weight_BS: torch.Tensor, idx_BS: torch.Tensor
+) -> torch.Tensor:
+    # A K = 1 combine: each token's update is its row's weighted delta, zero for unselected tokens
+    # (whose weights, scattered from the selection, are never read).
+    B, T, D = x_BTD.shape
+    rows = _mod_rows(idx_BS, T)
+    w_N1 = weight_BS.new_zeros(B * T).scatter(0, rows, weight_BS.reshape(-1)).unsqueeze(1)
+    return x_BTD + native.moe_combine(delta_BSD.reshape(-1, D), rows, w_N1).view(B, T, D)
+
+
 def mod_gather(x_BTD: torch.Tensor, idx_BS: torch.Tensor) -> torch.Tensor:
     """The selected rows of each sequence. [B, S, D]"""
     triton_fn = _triton_mod.mod_gather if _triton_mod is not None else None
-    # No native MoD op: CPU tensors take the reference.
-    return _route(x_BTD, triton_fn, reference.mod_gather, reference.mod_gather)(x_BTD, idx_BS)
+    return _route(x_BTD, triton_fn, _native_mod_gather, reference.mod_gather)(x_BTD, idx_BS)
 
 
 def mod_scatter(
@@ -208,5 +258,5 @@ def mod_scatter(
 ) -> torch.Tensor:
     """x with ``weight * delta`` added at the selected rows; the other rows pass through. [B, T, D]"""
     triton_fn = _triton_mod.mod_scatter if _triton_mod is not None else None
-    impl = _route(x_BTD, triton_fn, reference.mod_scatter, reference.mod_scatter)
+    impl = _route(x_BTD, triton_fn, _native_mod_scatter, reference.mod_scatter)
     return impl(x_BTD, delta_BSD, weight_BS, idx_BS)

@@ -75,18 +75,18 @@ KINDS = {  # name: (MoE, MoD, the Triton functions the model must call)
     "moe_capacity": (
         MoEConfig(num_experts=5, top_k=2, d_expert=16, capacity_factor=0.8),
         MoDConfig(),
-        {"routing"},
+        {"routing", "dispatch_combine"},  # the capacity buffer is a dispatch through a partial map
     ),
     "hybrid": (
         MoEConfig(num_experts=3, top_k=2, d_expert=16),
         MoDConfig(enabled=True, capacity=0.4, every_n=2),
-        {"mod", "routing", "dropless"},
+        {"mod", "routing", "dispatch_combine"},
     ),
 }
 TRITON_FNS = {  # group: the (module, function) pairs lumina.ops calls
     "mod": [(mod_routing, "mod_topk"), (mod_routing, "mod_gather"), (mod_routing, "mod_scatter")],
     "routing": [(moe_dispatch, "moe_routing")],
-    "dropless": [(moe_dispatch, "moe_dispatch"), (moe_combine, "moe_combine")],
+    "dispatch_combine": [(moe_dispatch, "moe_dispatch"), (moe_combine, "moe_combine")],
 }
 
 

@@ -156,13 +156,15 @@ def test_deterministic_across_calls(seed):
     assert all(torch.equal(dx, dxs[0]) for dx in dxs[1:])
 
 
-def test_rejects_a_perm_that_is_not_a_permutation():
+def test_rejects_a_bad_row_map():
     x_ND = torch.randn(4, 8)
     bad = torch.tensor([0, 1, 2, 2, 4, 5, 6, 7])
-    with pytest.raises(RuntimeError, match="not a permutation"):
+    with pytest.raises(RuntimeError, match="maps assignment 2 twice"):
         native.moe_dispatch(x_ND, bad, 2)
     with pytest.raises(RuntimeError, match="outside"):
         native.moe_combine(torch.randn(8, 8), torch.tensor([0, 1, 2, 3, 4, 5, 6, 8]), torch.rand(4, 2))
+    with pytest.raises(RuntimeError, match="outside"):  # -1 marks an empty row; other negatives are bugs
+        native.moe_dispatch(x_ND, torch.tensor([0, -2]), 2)
     with pytest.raises(RuntimeError, match="int64"):
         native.moe_dispatch(x_ND, torch.arange(8, dtype=torch.int32), 2)
 
@@ -179,7 +181,7 @@ def test_opcheck_every_op(dtype, seed):
     w_NK = weights_NK.clone().requires_grad_()
     cases = [
         (ops.moe_dispatch, (t(N, D), perm_A, K)),
-        (ops.moe_dispatch_backward, (t(N * K, D), perm_A, K)),
+        (ops.moe_dispatch_backward, (t(N * K, D), perm_A, K, N)),
         (ops.moe_combine, (t(N * K, D), perm_A, w_NK)),
         (ops.moe_combine_backward, (t(N, D), t(N * K, D), perm_A, w_NK)),
     ]

@@ -254,7 +254,7 @@ def test_opcheck():
     ops = torch.ops.lumina_triton
     torch.library.opcheck(ops.inverse_permutation, (perm_A,))
     torch.library.opcheck(ops.moe_dispatch, (x, perm_A, K))
-    torch.library.opcheck(ops.moe_dispatch_backward, (y, perm_A, K))
+    torch.library.opcheck(ops.moe_dispatch_backward, (y, perm_A, K, x.shape[0]))
     torch.library.opcheck(ops.moe_combine, (y, perm_A, w))
     torch.library.opcheck(ops.moe_combine_backward, (x.detach().clone().requires_grad_(), y, perm_A, w))
 
