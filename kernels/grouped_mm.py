@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import grouped_mm_grad, grouped_mm_weight_grad_grad, op_function, register
 from ._triton import jit
 
 __all__ = ["grouped_mm", "grouped_mm_weight_grad", "grouped_mm_launch", "grouped_mm_weight_grad_launch"]
@@ -397,52 +398,22 @@ def _(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ autograd wrappers
-# autograd.Functions with setup_context (torch.func.grad cannot use register_autograd in torch 2.13).
-# Each backward is built from the same two Functions, so it is differentiable again:
-#   y = GroupedMM(x, w):           dx = GroupedMM(gy, w^T),      dw = WeightGrad(x, gy)
-#   W = WeightGrad(x, g):          dx = GroupedMM(g, gW^T),      dg = GroupedMM(x, gW)
-# w^T is a strided view (the kernel takes strides): no copy.
-class GroupedMM(torch.autograd.Function):
-    @staticmethod
-    def forward(x_AD, w_EDF, counts_E):
-        return _grouped_mm_op(x_AD, w_EDF, counts_E)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad_AF):
-        x_AD, w_EDF, counts_E = ctx.saved_tensors
-        # Both gradients, always: ctx.needs_input_grad reads False for the weight under torch.compile
-        # of torch.func.grad (torch 2.13), and skipping on it silently zeroes expert gradients.
-        grad_x = GroupedMM.apply(grad_AF, w_EDF.transpose(1, 2), counts_E)
-        grad_w = GroupedMMWeightGrad.apply(x_AD, grad_AF, counts_E)
-        return grad_x, grad_w, None
-
-
-class GroupedMMWeightGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(x_AD, g_AF, counts_E):
-        return _grouped_mm_weight_grad_op(x_AD, g_AF, counts_E)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad_EDF):
-        x_AD, g_AF, counts_E = ctx.saved_tensors
-        grad_x = GroupedMM.apply(g_AF, grad_EDF.transpose(1, 2), counts_E)
-        grad_g = GroupedMM.apply(x_AD, grad_EDF, counts_E)
-        return grad_x, grad_g, None
-
-
-# The same formulas on the ops themselves, for callers of the ops (and torch.library.opcheck).
-_grouped_mm_op.register_autograd(GroupedMM.backward, setup_context=GroupedMM.setup_context)
-_grouped_mm_weight_grad_op.register_autograd(
-    GroupedMMWeightGrad.backward, setup_context=GroupedMMWeightGrad.setup_context
+# Functions from kernels/_autograd.py, with the grouped-matmul formulas every implementation shares
+# (torch.func.grad cannot use register_autograd in torch 2.13); the same formulas on the ops.
+GroupedMM = op_function(
+    "GroupedMM",
+    lambda x, w, c: _grouped_mm_op(x, w, c),
+    lambda inputs, g: grouped_mm_grad(GroupedMM, GroupedMMWeightGrad, inputs, g),
+    save=(0, 1, 2),
 )
+GroupedMMWeightGrad = op_function(
+    "GroupedMMWeightGrad",
+    lambda x, g, c: _grouped_mm_weight_grad_op(x, g, c),
+    lambda inputs, g: grouped_mm_weight_grad_grad(GroupedMM, inputs, g),
+    save=(0, 1, 2),
+)
+register(_grouped_mm_op, GroupedMM)
+register(_grouped_mm_weight_grad_op, GroupedMMWeightGrad)
 
 
 # --------------------------------------------------------------------------------------------- public

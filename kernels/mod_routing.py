@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import op_function, register
 from ._triton import acc_dtype, jit, row_blocks
 
 __all__ = [
@@ -497,89 +498,59 @@ def _(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ autograd wrappers
-# autograd.Functions with setup_context (torch.func.grad cannot use register_autograd in torch 2.13).
+# Functions from kernels/_autograd.py (torch.func.grad cannot use register_autograd in torch 2.13).
 # Each backward is built from the same Functions, so it is differentiable again. Gather and its
 # backward are adjoint. For the scatter backward (ddelta = w * G(g), dw = dot(G(g), delta), G = gather):
 #   d/dg = scatter(scatter(0, ggddelta, w), delta, ggdw);  d/ddelta = backward(g, delta, ggdw).ddelta;
 #   d/dw = backward(g, ggddelta, w).dw
-class ModGather(torch.autograd.Function):
-    @staticmethod
-    def forward(x_BTD, idx_BS):
-        return _mod_gather_op(x_BTD, idx_BS)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-        ctx.seq_len = inputs[0].shape[1]
-
-    @staticmethod
-    def backward(ctx, grad_BSD):
-        (idx_BS,) = ctx.saved_tensors
-        return ModGatherBackward.apply(grad_BSD, idx_BS, ctx.seq_len), None
+def _gather_grad(inputs, grad_BSD):
+    x_shape, idx_BS = inputs
+    return ModGatherBackward.apply(grad_BSD, idx_BS, x_shape[1]), None
 
 
-class ModGatherBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(g_BSD, idx_BS, seq_len):
-        return _mod_gather_backward_op(g_BSD, idx_BS, seq_len)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-
-    @staticmethod
-    def backward(ctx, grad_BTD):
-        (idx_BS,) = ctx.saved_tensors
-        return ModGather.apply(grad_BTD, idx_BS), None, None
+def _gather_backward_grad(inputs, grad_BTD):
+    _, idx_BS, _ = inputs
+    return ModGather.apply(grad_BTD, idx_BS), None, None
 
 
-class ModScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(x_BTD, delta_BSD, weight_BS, idx_BS):
-        return _mod_scatter_op(x_BTD, delta_BSD, weight_BS, idx_BS)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[1:])
-
-    @staticmethod
-    def backward(ctx, grad_BTD):
-        delta_BSD, weight_BS, idx_BS = ctx.saved_tensors
-        # Both gradients, always (ctx.needs_input_grad is unreliable under compile + torch.func).
-        grad_delta, grad_w = ModScatterBackward.apply(grad_BTD, delta_BSD, weight_BS, idx_BS)
-        return grad_BTD, grad_delta, grad_w, None  # d/dx: the identity
+def _scatter_grad(inputs, grad_BTD):
+    _, delta_BSD, weight_BS, idx_BS = inputs
+    grad_delta, grad_w = ModScatterBackward.apply(grad_BTD, delta_BSD, weight_BS, idx_BS)
+    return grad_BTD, grad_delta, grad_w, None  # d/dx: the identity
 
 
-class ModScatterBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(g_BTD, delta_BSD, weight_BS, idx_BS):
-        return _mod_scatter_backward_op(g_BTD, delta_BSD, weight_BS, idx_BS)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, gg_ddelta_BSD, gg_dw_BS):
-        g_BTD, delta_BSD, weight_BS, idx_BS = ctx.saved_tensors
-        zeros = torch.zeros_like(g_BTD)
-        grad_g = ModScatter.apply(
-            ModScatter.apply(zeros, gg_ddelta_BSD, weight_BS, idx_BS), delta_BSD, gg_dw_BS, idx_BS
-        )
-        grad_delta = ModScatterBackward.apply(g_BTD, delta_BSD, gg_dw_BS, idx_BS)[0]
-        grad_w = ModScatterBackward.apply(g_BTD, gg_ddelta_BSD, weight_BS, idx_BS)[1]
-        return grad_g, grad_delta, grad_w, None
+def _scatter_backward_grad(inputs, gg_ddelta_BSD, gg_dw_BS):
+    g_BTD, delta_BSD, weight_BS, idx_BS = inputs
+    zeros = torch.zeros_like(g_BTD)
+    grad_g = ModScatter.apply(
+        ModScatter.apply(zeros, gg_ddelta_BSD, weight_BS, idx_BS), delta_BSD, gg_dw_BS, idx_BS
+    )
+    grad_delta = ModScatterBackward.apply(g_BTD, delta_BSD, gg_dw_BS, idx_BS)[0]
+    grad_w = ModScatterBackward.apply(g_BTD, gg_ddelta_BSD, weight_BS, idx_BS)[1]
+    return grad_g, grad_delta, grad_w, None
 
 
+ModGather = op_function("ModGather", lambda x, idx: _mod_gather_op(x, idx), _gather_grad, save=(1,))
+ModGatherBackward = op_function(
+    "ModGatherBackward",
+    lambda g, idx, t: _mod_gather_backward_op(g, idx, t),
+    _gather_backward_grad,
+    save=(1,),
+)
+ModScatter = op_function(
+    "ModScatter", lambda x, d, w, idx: _mod_scatter_op(x, d, w, idx), _scatter_grad, save=(1, 2, 3)
+)
+ModScatterBackward = op_function(
+    "ModScatterBackward",
+    lambda g, d, w, idx: _mod_scatter_backward_op(g, d, w, idx),
+    _scatter_backward_grad,
+    save=(0, 1, 2, 3),
+)
 # The same formulas on the ops themselves, for callers of the ops (and torch.library.opcheck).
-_mod_gather_op.register_autograd(ModGather.backward, setup_context=ModGather.setup_context)
-_mod_gather_backward_op.register_autograd(
-    ModGatherBackward.backward, setup_context=ModGatherBackward.setup_context
-)
-_mod_scatter_op.register_autograd(ModScatter.backward, setup_context=ModScatter.setup_context)
-_mod_scatter_backward_op.register_autograd(
-    ModScatterBackward.backward, setup_context=ModScatterBackward.setup_context
-)
+register(_mod_gather_op, ModGather)
+register(_mod_gather_backward_op, ModGatherBackward)
+register(_mod_scatter_op, ModScatter)
+register(_mod_scatter_backward_op, ModScatterBackward)
 
 
 # --------------------------------------------------------------------------------------------- public

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import op_function, register
 from ._triton import acc_dtype, jit, row_blocks
 from .moe_dispatch import inverse_permutation_launch
 
@@ -211,49 +212,35 @@ def _(
 
 
 # ------------------------------------------------------------------------------------ autograd wrappers
-# autograd.Functions with setup_context (torch.func.grad cannot use register_autograd in torch 2.13).
+# Functions from kernels/_autograd.py (torch.func.grad cannot use register_autograd in torch 2.13).
 # The backward is built from the same Functions, so it is differentiable again:
 #   d/dg = combine(ggy, perm, w) + combine(y, perm, ggw);  d/dy = backward(g, y, perm, ggw).dy;
 #   d/dw = backward(g, ggy, perm, w).dw
-class MoeCombine(torch.autograd.Function):
-    @staticmethod
-    def forward(y_AD, perm_A, weights_NK):
-        return _moe_combine_op(y_AD, perm_A, weights_NK)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad_ND):
-        y_AD, perm_A, weights_NK = ctx.saved_tensors
-        # Both gradients, always (ctx.needs_input_grad is unreliable under compile + torch.func).
-        grad_y, grad_w = MoeCombineBackward.apply(grad_ND, y_AD, perm_A, weights_NK)
-        return grad_y, None, grad_w
+def _combine_grad(inputs, grad_ND):
+    y_AD, perm_A, weights_NK = inputs
+    grad_y, grad_w = MoeCombineBackward.apply(grad_ND, y_AD, perm_A, weights_NK)
+    return grad_y, None, grad_w
 
 
-class MoeCombineBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(g_ND, y_AD, perm_A, weights_NK):
-        return _moe_combine_backward_op(g_ND, y_AD, perm_A, weights_NK)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, gg_dy_AD, gg_dw_NK):
-        g_ND, y_AD, perm_A, weights_NK = ctx.saved_tensors
-        grad_g = MoeCombine.apply(gg_dy_AD, perm_A, weights_NK) + MoeCombine.apply(y_AD, perm_A, gg_dw_NK)
-        grad_y = MoeCombineBackward.apply(g_ND, y_AD, perm_A, gg_dw_NK)[0]
-        grad_w = MoeCombineBackward.apply(g_ND, gg_dy_AD, perm_A, weights_NK)[1]
-        return grad_g, grad_y, None, grad_w
+def _combine_backward_grad(inputs, gg_dy_AD, gg_dw_NK):
+    g_ND, y_AD, perm_A, weights_NK = inputs
+    grad_g = MoeCombine.apply(gg_dy_AD, perm_A, weights_NK) + MoeCombine.apply(y_AD, perm_A, gg_dw_NK)
+    grad_y = MoeCombineBackward.apply(g_ND, y_AD, perm_A, gg_dw_NK)[0]
+    grad_w = MoeCombineBackward.apply(g_ND, gg_dy_AD, perm_A, weights_NK)[1]
+    return grad_g, grad_y, None, grad_w
 
 
-_moe_combine_op.register_autograd(MoeCombine.backward, setup_context=MoeCombine.setup_context)
-_moe_combine_backward_op.register_autograd(
-    MoeCombineBackward.backward, setup_context=MoeCombineBackward.setup_context
+MoeCombine = op_function(
+    "MoeCombine", lambda y, p, w: _moe_combine_op(y, p, w), _combine_grad, save=(0, 1, 2)
 )
+MoeCombineBackward = op_function(
+    "MoeCombineBackward",
+    lambda g, y, p, w: _moe_combine_backward_op(g, y, p, w),
+    _combine_backward_grad,
+    save=(0, 1, 2, 3),
+)
+register(_moe_combine_op, MoeCombine)
+register(_moe_combine_backward_op, MoeCombineBackward)
 
 
 # --------------------------------------------------------------------------------------------- public

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import op_function, register
 from ._triton import acc_dtype, jit, row_blocks
 
 __all__ = ["inverse_permutation", "moe_dispatch", "moe_dispatch_backward", "moe_routing"]
@@ -390,46 +391,27 @@ def _(
 
 
 # ------------------------------------------------------------------------------------ autograd wrappers
-# torch.func.grad cannot differentiate a custom op's register_autograd formula (torch 2.13), so the
-# public functions go through autograd.Functions with setup_context; each backward uses the other
-# Function, so the backward is itself differentiable (dispatch and its backward are adjoint).
-class MoeDispatch(torch.autograd.Function):
-    @staticmethod
-    def forward(x_ND, perm_A, top_k):
-        return _moe_dispatch_op(x_ND, perm_A, top_k)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-        ctx.top_k, ctx.num_tokens = inputs[2], inputs[0].shape[0]
-
-    @staticmethod
-    def backward(ctx, grad_AD):
-        (perm_A,) = ctx.saved_tensors
-        return MoeDispatchBackward.apply(grad_AD, perm_A, ctx.top_k, ctx.num_tokens), None, None
+# Functions from kernels/_autograd.py (torch.func.grad cannot use register_autograd in torch 2.13);
+# dispatch and its backward are adjoint, so each one's backward is the other.
+def _dispatch_grad(inputs, grad_AD):
+    x_shape, perm_A, top_k = inputs
+    return MoeDispatchBackward.apply(grad_AD, perm_A, top_k, x_shape[0]), None, None
 
 
-class MoeDispatchBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(g_AD, perm_A, top_k, num_tokens):
-        return _moe_dispatch_backward_op(g_AD, perm_A, top_k, num_tokens)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-        ctx.top_k = inputs[2]
-
-    @staticmethod
-    def backward(ctx, grad_ND):
-        (perm_A,) = ctx.saved_tensors
-        return MoeDispatch.apply(grad_ND, perm_A, ctx.top_k), None, None, None
+def _dispatch_backward_grad(inputs, grad_ND):
+    _, perm_A, top_k, _ = inputs
+    return MoeDispatch.apply(grad_ND, perm_A, top_k), None, None, None
 
 
-# The same formulas on the ops themselves, for callers of the ops (and torch.library.opcheck).
-_moe_dispatch_op.register_autograd(MoeDispatch.backward, setup_context=MoeDispatch.setup_context)
-_moe_dispatch_backward_op.register_autograd(
-    MoeDispatchBackward.backward, setup_context=MoeDispatchBackward.setup_context
+MoeDispatch = op_function("MoeDispatch", lambda x, p, k: _moe_dispatch_op(x, p, k), _dispatch_grad, save=(1,))
+MoeDispatchBackward = op_function(
+    "MoeDispatchBackward",
+    lambda g, p, k, n: _moe_dispatch_backward_op(g, p, k, n),
+    _dispatch_backward_grad,
+    save=(1,),
 )
+register(_moe_dispatch_op, MoeDispatch)
+register(_moe_dispatch_backward_op, MoeDispatchBackward)
 
 
 # --------------------------------------------------------------------------------------------- public

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from lumina_kernels import load_native, native_status
+from lumina_kernels._autograd import op_function, register
 
 __all__ = ["available", "moe_combine", "moe_dispatch"]
 
@@ -57,97 +58,61 @@ if available():
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return y.new_empty(y.shape), weights.new_empty(weights.shape)
 
-    class _Dispatch(torch.autograd.Function):
-        """x_SD[i] = x[perm[i] // K]; its backward sums each token's K rows (``_DispatchBackward``)."""
+    # Formulas (kernels/_autograd.py). Dispatch and its backward are adjoint; combine's backward is
+    # linear in (g, w) for dy and bilinear in (g, y) for dw, so its second-order terms are combines and
+    # combine-backwards again.
+    def _dispatch_grad(inputs, grad_SD):
+        x_shape, perm_S, top_k = inputs
+        return _DispatchBackward.apply(grad_SD, perm_S, top_k, x_shape[0]), None, None
 
-        @staticmethod
-        def forward(x_ND, perm_S, top_k):
-            return _ops.moe_dispatch(x_ND, perm_S, top_k)
+    def _dispatch_backward_grad(inputs, grad_ND):
+        _, perm_S, top_k, _ = inputs
+        return _Dispatch.apply(grad_ND, perm_S, top_k), None, None, None
 
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            x_ND, perm_S, top_k = inputs
-            ctx.save_for_backward(perm_S)
-            ctx.top_k, ctx.num_tokens = top_k, x_ND.shape[0]
+    def _combine_grad(inputs, grad_ND):
+        y_SD, perm_S, weights_NK = inputs
+        # the kernel computes both gradients in one pass
+        grad_y, grad_w = _CombineBackward.apply(grad_ND, y_SD, perm_S, weights_NK)
+        return grad_y, None, grad_w
 
-        @staticmethod
-        def backward(ctx, grad_SD):
-            (perm_S,) = ctx.saved_tensors
-            return _DispatchBackward.apply(grad_SD, perm_S, ctx.top_k, ctx.num_tokens), None, None
+    def _combine_backward_grad(inputs, gg_y_SD, gg_w_NK):
+        g_ND, y_SD, perm_S, weights_NK = inputs
+        if gg_y_SD is None:
+            gg_y_SD = torch.zeros_like(y_SD)
+        if gg_w_NK is None:
+            gg_w_NK = torch.zeros_like(weights_NK)
+        # dy[inv[a]] = w[a] g[n]:     d/dg = combine(gg_y, perm, w);  d/dw = <g[n], gg_y[inv[a]]>
+        # dw[a] = <g[n], y[inv[a]]>:  d/dg = combine(y, perm, gg_w);  d/dy[inv[a]] = gg_w[a] g[n]
+        grad_g = _Combine.apply(gg_y_SD, perm_S, weights_NK) + _Combine.apply(y_SD, perm_S, gg_w_NK)
+        grad_y = _CombineBackward.apply(g_ND, y_SD, perm_S, gg_w_NK)[0]
+        grad_w = _CombineBackward.apply(g_ND, gg_y_SD, perm_S, weights_NK)[1]
+        return grad_g, grad_y, None, grad_w
 
-    class _DispatchBackward(torch.autograd.Function):
-        """The adjoint of dispatch; linear in grad, so its own backward is dispatch."""
-
-        @staticmethod
-        def forward(grad_SD, perm_S, top_k, num_tokens):
-            return _ops.moe_dispatch_backward(grad_SD, perm_S, top_k, num_tokens)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            _, perm_S, top_k, _ = inputs
-            ctx.save_for_backward(perm_S)
-            ctx.top_k = top_k
-
-        @staticmethod
-        def backward(ctx, grad_ND):
-            (perm_S,) = ctx.saved_tensors
-            return _Dispatch.apply(grad_ND, perm_S, ctx.top_k), None, None, None
-
-    class _Combine(torch.autograd.Function):
-        """out[n] = sum_k w[n,k] * y[inv[n*K+k]]."""
-
-        @staticmethod
-        def forward(y_AD, perm_A, weights_NK):
-            return _ops.moe_combine(y_AD, perm_A, weights_NK)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(*inputs)
-
-        @staticmethod
-        def backward(ctx, grad_ND):
-            y_AD, perm_A, weights_NK = ctx.saved_tensors
-            # Both gradients, always (see lumina/ops.py: needs_input_grad is unreliable under
-            # torch.compile of torch.func.grad in torch 2.13); the kernel computes them in one pass.
-            grad_y, grad_w = _CombineBackward.apply(grad_ND, y_AD, perm_A, weights_NK)
-            return grad_y, None, grad_w
-
-    class _CombineBackward(torch.autograd.Function):
-        """(dy, dw) of combine. dy is linear in (g, w) and dw bilinear in (g, y), so the second-order
-        terms are combines and combine-backwards again."""
-
-        @staticmethod
-        def forward(grad_ND, y_AD, perm_A, weights_NK):
-            return tuple(_ops.moe_combine_backward(grad_ND, y_AD, perm_A, weights_NK))
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(*inputs)
-
-        @staticmethod
-        def backward(ctx, gg_y_AD, gg_w_NK):
-            g_ND, y_AD, perm_A, weights_NK = ctx.saved_tensors
-            if gg_y_AD is None:
-                gg_y_AD = torch.zeros_like(y_AD)
-            if gg_w_NK is None:
-                gg_w_NK = torch.zeros_like(weights_NK)
-            # dy[inv[a]] = w[a] g[n]:     d/dg = combine(gg_y, perm, w);  d/dw = <g[n], gg_y[inv[a]]>
-            # dw[a] = <g[n], y[inv[a]]>:  d/dg = combine(y, perm, gg_w);  d/dy[inv[a]] = gg_w[a] g[n]
-            grad_g = _Combine.apply(gg_y_AD, perm_A, weights_NK) + _Combine.apply(y_AD, perm_A, gg_w_NK)
-            grad_y = _CombineBackward.apply(g_ND, y_AD, perm_A, gg_w_NK)[0]
-            grad_w = _CombineBackward.apply(g_ND, gg_y_AD, perm_A, weights_NK)[1]
-            return grad_g, grad_y, None, grad_w
-
-    # The same formulas on the ops themselves, for callers of torch.ops.lumina_native.* (and opcheck).
+    _Dispatch = op_function(
+        "_Dispatch", lambda x, perm, top_k: _ops.moe_dispatch(x, perm, top_k), _dispatch_grad, save=(1,)
+    )
+    _DispatchBackward = op_function(
+        "_DispatchBackward",
+        lambda g, perm, top_k, n: _ops.moe_dispatch_backward(g, perm, top_k, n),
+        _dispatch_backward_grad,
+        save=(1,),
+    )
+    _Combine = op_function(
+        "_Combine", lambda y, perm, w: _ops.moe_combine(y, perm, w), _combine_grad, save=(0, 1, 2)
+    )
+    _CombineBackward = op_function(
+        "_CombineBackward",
+        lambda g, y, perm, w: tuple(_ops.moe_combine_backward(g, y, perm, w)),
+        _combine_backward_grad,
+        save=(0, 1, 2, 3),
+    )
     for _name, _fn in (
         ("moe_dispatch", _Dispatch),
         ("moe_dispatch_backward", _DispatchBackward),
         ("moe_combine", _Combine),
         ("moe_combine_backward", _CombineBackward),
     ):
-        torch.library.register_autograd(
-            f"lumina_native::{_name}", _fn.backward, setup_context=_fn.setup_context
-        )
+        register(f"lumina_native::{_name}", _fn)
 
 
 # The public functions hand the Functions a view of each differentiable input. torch 2.13's Dynamo,

@@ -70,6 +70,8 @@ class MoEConfig:
     d_expert: int | None = None  # hidden size of one expert; None -> the model's ffn_dim
     num_shared_experts: int = 0  # always-on experts added to the routed ones (DeepSeek-style)
     capacity_factor: float | None = None  # None -> dropless; else capacity = ceil(cf * T * k / E)
+    # dropless expert matmuls: auto | torch (F.grouped_mm: bf16) | triton | reference; see lumina.ops
+    grouped_mm: Literal["auto", "torch", "triton", "reference"] = "auto"
     pattern: Literal["all", "every_n", "sandwich"] = "all"
     every_n: int = 2  # with pattern="every_n": layers n-1, 2n-1, ... are MoE, the rest dense
     renormalize: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral)
@@ -409,6 +411,11 @@ class RunConfig:
         _check(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
+        _check(
+            self.model.moe.grouped_mm != "torch" or self.train.precision == "bf16",
+            "model.moe.grouped_mm=torch needs train.precision=bf16 (torch's grouped_mm is bf16-only), "
+            f"got {self.train.precision}",
         )
         _check(
             self.device == "auto" or re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", self.device) is not None,

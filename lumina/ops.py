@@ -31,13 +31,15 @@ import os
 import torch
 
 from lumina_kernels import native, native_status, reference
+from lumina_kernels._autograd import grouped_mm_grad, grouped_mm_weight_grad_grad, op_function, register
 
 try:  # Triton kernels: CUDA tensors only (on CPU, Triton's interpreter is far too slow to train with)
+    from lumina_kernels import grouped_mm as _triton_gmm
     from lumina_kernels import mod_routing as _triton_mod
     from lumina_kernels import moe_combine as _triton_combine
     from lumina_kernels import moe_dispatch as _triton_dispatch
 except ImportError:  # triton not installed
-    _triton_dispatch = _triton_combine = _triton_mod = None
+    _triton_dispatch = _triton_combine = _triton_mod = _triton_gmm = None
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,9 @@ __all__ = [
     "provider",
     "capacity_combine",
     "capacity_dispatch",
+    "GROUPED_MM",
     "grouped_mm",
+    "grouped_mm_choice",
     "mod_gather",
     "mod_scatter",
     "mod_topk",
@@ -75,55 +79,25 @@ def _(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return x.new_empty(counts.shape[0], x.shape[1], g.shape[1])
 
 
-# torch.func.grad (the train step) cannot differentiate through a custom op's register_autograd
-# formula in torch 2.13 ("must override the setup_context staticmethod"). autograd.Functions with
-# setup_context work under torch.func and torch.compile and call the opaque ops inside; each backward
-# is written with the same Functions, so it is itself differentiable.
-class _GroupedMM(torch.autograd.Function):
-    @staticmethod
-    def forward(x_AD, w_EDF, counts_E):
-        return _grouped_mm(x_AD, w_EDF, counts_E)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad_AF):
-        x_AD, w_EDF, counts_E = ctx.saved_tensors
-        # Both gradients, always: under torch.compile of torch.func.grad, ctx.needs_input_grad reads
-        # False for the weight (torch 2.13), and skipping on it silently zeroed expert gradients.
-        grad_x = _GroupedMM.apply(grad_AF, w_EDF.transpose(1, 2).contiguous(), counts_E)
-        grad_w = _GroupedMMWeightGrad.apply(x_AD, grad_AF, counts_E)
-        return grad_x, grad_w, None
-
-
-class _GroupedMMWeightGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(x_AD, g_AF, counts_E):
-        return _grouped_mm_weight_grad(x_AD, g_AF, counts_E)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad_EDF):
-        x_AD, g_AF, counts_E = ctx.saved_tensors
-        grad_x = _GroupedMM.apply(g_AF, grad_EDF.transpose(1, 2).contiguous(), counts_E)
-        grad_g = _GroupedMM.apply(x_AD, grad_EDF, counts_E)
-        return grad_x, grad_g, None
-
-
-# The same formulas registered on the ops themselves, for callers using the ops directly (and opcheck).
-_grouped_mm.register_autograd(_GroupedMM.backward, setup_context=_GroupedMM.setup_context)
-_grouped_mm_weight_grad.register_autograd(
-    _GroupedMMWeightGrad.backward, setup_context=_GroupedMMWeightGrad.setup_context
+# Differentiated through autograd.Functions (lumina_kernels._autograd: torch.func.grad cannot use a
+# custom op's register_autograd formula in torch 2.13); the same formulas on the ops themselves.
+_GroupedMM = op_function(
+    "_GroupedMM",
+    lambda x, w, c: _grouped_mm(x, w, c),
+    lambda inputs, g: grouped_mm_grad(_GroupedMM, _GroupedMMWeightGrad, inputs, g),
+    save=(0, 1, 2),
 )
+_GroupedMMWeightGrad = op_function(
+    "_GroupedMMWeightGrad",
+    lambda x, g, c: _grouped_mm_weight_grad(x, g, c),
+    lambda inputs, g: grouped_mm_weight_grad_grad(_GroupedMM, inputs, g),
+    save=(0, 1, 2),
+)
+register(_grouped_mm, _GroupedMM)
+register(_grouped_mm_weight_grad, _GroupedMMWeightGrad)
 
 
-def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Rows [offsets[e], offsets[e+1]) of the expert-sorted ``x`` times ``w[e]``. [A, F]"""
+def _reference_grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     # view_as: torch 2.13's compile of torch.func.grad fails ("must override setup_context") when a
     # transform's own input goes straight into Function.apply; a free view avoids it.
     return _GroupedMM.apply(x_AD.view_as(x_AD), w_EDF.view_as(w_EDF), counts_E)
@@ -260,3 +234,61 @@ def mod_scatter(
     triton_fn = _triton_mod.mod_scatter if _triton_mod is not None else None
     impl = _route(x_BTD, triton_fn, _native_mod_scatter, reference.mod_scatter)
     return impl(x_BTD, delta_BSD, weight_BS, idx_BS)
+
+
+# ----------------------------------------------------------------------------------- grouped matmul
+# model.moe.grouped_mm: "auto" | "torch" (torch.nn.functional.grouped_mm) | "triton"
+# (lumina_kernels.grouped_mm) | "reference" (a loop of matmuls over the segments, an opaque custom op).
+GROUPED_MM = ("auto", "torch", "triton", "reference")
+
+
+def torch_grouped_mm_unsupported(x_AD: torch.Tensor, w_EDF: torch.Tensor) -> str | None:
+    """Why ``torch.nn.functional.grouped_mm`` cannot take these operands (None: it can). torch 2.13:
+    bf16 only (its fake kernel refuses fp32, so fp32 cannot compile), 16-byte-aligned rows (D and F
+    multiples of 8), and on CUDA compute capability 8.0 or newer."""
+    if x_AD.dtype != torch.bfloat16 or w_EDF.dtype != torch.bfloat16:
+        return f"it takes bf16 only (got {x_AD.dtype}; train.precision=bf16)"
+    if x_AD.shape[1] % 8 or w_EDF.shape[2] % 8:
+        D, F = x_AD.shape[1], w_EDF.shape[2]
+        return f"its rows must be 16-byte aligned: D={D} and F={F} must be multiples of 8"
+    if x_AD.is_cuda and torch.cuda.get_device_capability(x_AD.device) < (8, 0):
+        return "it needs a CUDA device of compute capability 8.0 or newer"
+    return None
+
+
+def grouped_mm_choice(x_AD: torch.Tensor, w_EDF: torch.Tensor, impl: str = "auto") -> str:
+    """The implementation ``grouped_mm`` uses for these operands: "torch", "triton" or "reference".
+
+    auto: on CUDA, torch's grouped_mm where it takes the operands (bf16, aligned, sm80+), else the
+    Triton kernel; on CPU the reference (torch's CPU grouped_mm is itself a loop of matmuls), or the
+    Triton kernel under LUMINA_OPS=triton. LUMINA_OPS=reference forces the reference. An explicit
+    choice that cannot run raises ValueError naming ``model.moe.grouped_mm``."""
+    if impl not in GROUPED_MM:
+        raise ValueError(f"model.moe.grouped_mm={impl!r}: expected one of {', '.join(GROUPED_MM)}")
+    if _MODE == "reference":
+        return "reference"
+    if impl == "auto":
+        if x_AD.is_cuda:
+            if torch_grouped_mm_unsupported(x_AD, w_EDF) is None:
+                return "torch"
+            return "triton" if _triton_gmm is not None else "reference"
+        return "triton" if _PROVIDER == "triton" else "reference"
+    if impl == "torch" and (why := torch_grouped_mm_unsupported(x_AD, w_EDF)) is not None:
+        raise ValueError(f"model.moe.grouped_mm=torch: torch.nn.functional.grouped_mm cannot run here: {why}")
+    if impl == "triton" and _triton_gmm is None:
+        raise ValueError("model.moe.grouped_mm=triton: triton is not installed")
+    return impl
+
+
+def grouped_mm(
+    x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto"
+) -> torch.Tensor:
+    """Rows [offsets[e], offsets[e+1]) of the expert-sorted ``x`` times ``w[e]``. [A, F]. No host sync
+    on the torch and Triton paths; ``impl`` as ``grouped_mm_choice``."""
+    choice = grouped_mm_choice(x_AD, w_EDF, impl)
+    if choice == "torch":
+        offsets = torch.cumsum(counts_E, 0).to(torch.int32)  # each segment's end
+        return torch.nn.functional.grouped_mm(x_AD, w_EDF, offs=offsets)
+    if choice == "triton":
+        return _triton_gmm.grouped_mm(x_AD, w_EDF, counts_E)
+    return _reference_grouped_mm(x_AD, w_EDF, counts_E)

@@ -126,3 +126,90 @@ def test_bad_lumina_ops_value_is_refused():
     )
     assert proc.returncode != 0
     assert "LUMINA_OPS='fast': expected one of auto, reference, triton" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------- grouped matmul
+def _gmm_operands(dtype, D=16, F=24):
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 9])
+    return torch.randn(17, D, generator=gen).to(dtype), torch.randn(4, D, F, generator=gen).to(dtype), counts
+
+
+def test_grouped_mm_choice(monkeypatch):
+    x, w, _ = _gmm_operands(torch.float32)
+    xb, wb, _ = _gmm_operands(torch.bfloat16)
+    assert ops.grouped_mm_choice(x, w) == "reference"  # CPU, auto
+    assert ops.grouped_mm_choice(xb, wb, "torch") == "torch"
+    assert ops.grouped_mm_choice(x, w, "triton") == "triton"
+    with pytest.raises(ValueError, match=r"model.moe.grouped_mm=torch: .* bf16 only"):
+        ops.grouped_mm_choice(x, w, "torch")
+    xo, wo, _ = _gmm_operands(torch.bfloat16, D=12)
+    with pytest.raises(ValueError, match="D=12 and F=24 must be multiples of 8"):
+        ops.grouped_mm_choice(xo, wo, "torch")
+    with pytest.raises(ValueError, match="expected one of auto, torch, triton, reference"):
+        ops.grouped_mm_choice(x, w, "cublas")
+    monkeypatch.setattr(ops, "_PROVIDER", "triton")  # LUMINA_OPS=triton: Triton on CPU too
+    assert ops.grouped_mm_choice(x, w) == "triton"
+    monkeypatch.setattr(ops, "_MODE", "reference")  # LUMINA_OPS=reference wins over an explicit choice
+    assert ops.grouped_mm_choice(xb, wb, "torch") == "reference"
+
+
+def test_grouped_mm_auto_on_cuda_prefers_torch_then_triton(monkeypatch):
+    """On CUDA tensors auto takes torch's grouped_mm where it runs (bf16, aligned), else Triton."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    xb, wb, _ = _gmm_operands(torch.bfloat16)
+    assert ops.grouped_mm_choice(xb, wb) == "torch"
+    x, w, _ = _gmm_operands(torch.float32)
+    assert ops.grouped_mm_choice(x, w) == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert ops.grouped_mm_choice(xb, wb) == "triton"
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_model_grouped_mm_impls_match_reference(monkeypatch, impl):
+    """A dropless MoE model's loss and gradients (bf16: torch's grouped_mm takes nothing else) with
+    model.moe.grouped_mm = torch / triton equal those with the reference loop, and the model did call
+    the chosen implementation (forward and backward)."""
+    import dataclasses
+
+    module, name = (torch.nn.functional, "grouped_mm") if impl == "torch" else (ops._triton_gmm, "grouped_mm")
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    moe = MoEConfig(num_experts=5, top_k=2, d_expert=16)
+    base = ModelConfig(vocab_size=53, d_model=16, n_layers=2, n_heads=2, ffn_multiple_of=16, moe=moe)
+    x = torch.randint(0, 53, (2, 13), generator=torch.Generator().manual_seed(0))
+
+    def grads(cfg):
+        def loss(p):
+            logits, aux = apply(p, x[:, :-1], cfg, default_knobs(cfg))
+            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            return ce + aux["loss"].float()
+
+        return torch.func.grad_and_value(loss)(init(cfg, seed=0, dtype=torch.bfloat16))
+
+    def with_impl(name):
+        return dataclasses.replace(base, moe=dataclasses.replace(moe, grouped_mm=name))
+
+    ref_grads, ref_loss = grads(with_impl("reference"))
+    assert not calls
+    got_grads, got_loss = grads(with_impl(impl))
+    assert len(calls) >= 2 * 3  # 2 MoE layers x 3 expert matmuls in the forward alone
+    torch.testing.assert_close(got_loss, ref_loss, atol=5e-3, rtol=5e-3)
+    for path, g in ref_grads.flatten_keys(".").items():
+        torch.testing.assert_close(
+            got_grads.flatten_keys(".")[path].float(), g.float(), atol=5e-3, rtol=5e-2, msg=path
+        )
+
+
+def test_torch_grouped_mm_config_needs_bf16():
+    from lumina.config import ConfigError, RunConfig, TrainConfig
+
+    model = ModelConfig(
+        vocab_size=53, d_model=16, n_layers=1, n_heads=2, moe=MoEConfig(num_experts=4, grouped_mm="torch")
+    )
+    with pytest.raises(ConfigError, match="model.moe.grouped_mm=torch needs train.precision=bf16"):
+        RunConfig(model=model, train=TrainConfig(seq_len=16, precision="fp32"))
+    RunConfig(model=model, train=TrainConfig(seq_len=16, precision="bf16"))

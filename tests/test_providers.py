@@ -56,12 +56,17 @@ def _child(out_dir: Path) -> None:
     calls: dict[str, int] = {}
     modules = {"native": ops.native, "triton": ops._triton_dispatch}
     if ops._triton_dispatch is not None:
-        modules |= {"triton_combine": ops._triton_combine, "triton_mod": ops._triton_mod}
+        modules |= {
+            "triton_combine": ops._triton_combine,
+            "triton_mod": ops._triton_mod,
+            "triton_gmm": ops._triton_gmm,
+        }
     wrapped = {
         "native": ("moe_dispatch", "moe_combine"),
         "triton": ("moe_routing", "moe_dispatch"),
         "triton_combine": ("moe_combine",),
         "triton_mod": ("mod_topk", "mod_gather", "mod_scatter"),
+        "triton_gmm": ("grouped_mm",),
     }
     for group, module in modules.items():
         for name in wrapped[group] if module is not None else ():
@@ -171,7 +176,8 @@ def test_auto_provider_matches_reference(reference_run, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_provider_matches_reference(reference_run, tmp_path):
-    """Every Triton kernel, interpreted on CPU; the hybrid's gradient also compiled (fullgraph)."""
+    """Every Triton kernel (the grouped matmul too), interpreted on CPU; the hybrid's gradient also
+    compiled (fullgraph)."""
     results, meta = _run("triton", tmp_path / "triton")
     assert meta["provider"] == "triton"
     assert set(meta["calls"]) == {
@@ -181,6 +187,7 @@ def test_triton_provider_matches_reference(reference_run, tmp_path):
         "triton.mod_topk",
         "triton.mod_gather",
         "triton.mod_scatter",
+        "triton.grouped_mm",
     }
     _compare(results, reference_run[0], "triton")
 

@@ -95,7 +95,11 @@ def moe_ffn(
     if capacity is None:
         xs_AD = ops.moe_dispatch(x_ND, perm_A, K)
         ys_AD = _swiglu_experts(
-            xs_AD, p["w_gate"], p["w_up"], p["w_down"], lambda a, w: ops.grouped_mm(a, w, counts_E)
+            xs_AD,
+            p["w_gate"],
+            p["w_up"],
+            p["w_down"],
+            lambda a, w: ops.grouped_mm(a, w, counts_E, moe.grouped_mm),
         )
         out_ND = ops.moe_combine(ys_AD, perm_A, weights_NK)
         load_E = counts_E
