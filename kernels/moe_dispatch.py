@@ -15,6 +15,7 @@ zeros; assignments in no row get no gradient (``inverse`` is -1 there).
             offsets[e]      = counts[0] + ... + counts[e-1]                                 [E + 1]
             perm[offsets[e] + #{a' < a : expert[a'] = e}] = a    (stable counting sort)     [A]
             position[a]     = #{a' : expert[a'] = expert[a], w[a'] > w[a] or (w[a'] = w[a], a' < a)}
+                              (with a capacity; dropless: a's place in its expert's segment of perm)
             keep[a]         = position[a] < capacity (all True without one)                [A]
   forward   out[i]  = x[perm_S[i] // K]   (0 where perm_S[i] = -1)        [S, D]
   backward  dx[n]   = sum_k g[inverse_A[n*K + k]]   (k = 0..K-1, in order; terms with -1 skipped) [N, D]
@@ -24,7 +25,8 @@ Routing is four launches over static shapes (no host synchronisation, so it comp
 over rows), one program that prefix-sums them over blocks and experts, per-block placement (each
 assignment's rank among its block's same-expert assignments, by an in-block prefix sum, plus its
 block's and its expert's offsets), and the capacity positions: each sorted row counts the rows of its
-own expert segment that outrank it (O(sum_e counts[e]^2) comparisons, spread over row blocks).
+own expert segment that outrank it (O(sum_e counts[e]^2) comparisons, spread over row blocks);
+dropless routing skips the ranking (a row's position is then its place in its segment: O(A)).
 
 The dispatch backward is a gather and a fixed-order sum per token, not a scatter-add: no atomics, so it
 is deterministic (bit-identical run to run), and each output row is written exactly once.
@@ -171,32 +173,38 @@ def _position_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
-    """For the sorted rows i of this block (assignment a = perm[i], expert e, weight w): position[a] =
-    the rows j of e's segment that outrank it (w_j > w, or w_j = w and a_j < a); keep = position < C
-    (True without a capacity). Rows are expert-sorted, so the block's experts span one range of rows."""
+    """For the sorted rows i of this block (assignment a = perm[i], expert e, weight w). With a
+    capacity: position[a] = the rows j of e's segment that outrank it (w_j > w, or w_j = w and
+    a_j < a), keep = position < C; rows are expert-sorted, so the block's experts span one range of
+    rows. Dropless: position[a] = i - offsets[e] (its place in the token-ordered segment), keep = True
+    — no ranking, so no O(count^2) work."""
     i0 = tl.program_id(0) * BLOCK_I
     i = i0 + tl.arange(0, BLOCK_I)
     i_ok = i < A
     a_i = tl.load(perm_ptr + i, mask=i_ok, other=0)
     e_i = tl.load(ids_ptr + a_i, mask=i_ok, other=-1).to(tl.int32)
-    w_i = tl.load(w_ptr + a_i, mask=i_ok, other=0.0)
-    e_first = tl.load(ids_ptr + tl.load(perm_ptr + i0)).to(tl.int32)
-    e_last = tl.load(ids_ptr + tl.load(perm_ptr + tl.minimum(i0 + BLOCK_I, A) - 1)).to(tl.int32)
-    lo = tl.load(offsets_ptr + e_first)
-    hi = tl.load(offsets_ptr + e_last + 1)
-    n = tl.full([BLOCK_I], 0, tl.int64)
-    for j0 in range(lo, hi, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = j < hi
-        a_j = tl.load(perm_ptr + j, mask=j_ok, other=0)
-        e_j = tl.load(ids_ptr + a_j, mask=j_ok, other=-2).to(tl.int32)  # -2: never a row's expert
-        w_j = tl.load(w_ptr + a_j, mask=j_ok, other=0.0)
-        wins = (w_j[None, :] > w_i[:, None]) | (
-            (w_j[None, :] == w_i[:, None]) & (a_j[None, :] < a_i[:, None])
-        )
-        n += tl.reduce(tl.where((e_j[None, :] == e_i[:, None]) & wins, 1, 0), 1, tl.standard._sum_combine)
+    if HAS_CAPACITY:  # constexpr: resolved at compile time
+        w_i = tl.load(w_ptr + a_i, mask=i_ok, other=0.0)
+        e_first = tl.load(ids_ptr + tl.load(perm_ptr + i0)).to(tl.int32)
+        e_last = tl.load(ids_ptr + tl.load(perm_ptr + tl.minimum(i0 + BLOCK_I, A) - 1)).to(tl.int32)
+        lo = tl.load(offsets_ptr + e_first)
+        hi = tl.load(offsets_ptr + e_last + 1)
+        n = tl.full([BLOCK_I], 0, tl.int64)
+        for j0 in range(lo, hi, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            j_ok = j < hi
+            a_j = tl.load(perm_ptr + j, mask=j_ok, other=0)
+            e_j = tl.load(ids_ptr + a_j, mask=j_ok, other=-2).to(tl.int32)  # -2: never a row's expert
+            w_j = tl.load(w_ptr + a_j, mask=j_ok, other=0.0)
+            wins = (w_j[None, :] > w_i[:, None]) | (
+                (w_j[None, :] == w_i[:, None]) & (a_j[None, :] < a_i[:, None])
+            )
+            n += tl.reduce(tl.where((e_j[None, :] == e_i[:, None]) & wins, 1, 0), 1, tl.standard._sum_combine)
+        keep = n < C
+    else:
+        n = i.to(tl.int64) - tl.load(offsets_ptr + e_i, mask=i_ok, other=0)
+        keep = n >= 0  # all True
     tl.store(position_ptr + a_i, n, mask=i_ok)
-    keep = n < C if HAS_CAPACITY else n >= 0  # constexpr condition: resolved at compile time
     tl.store(keep_ptr + a_i, keep, mask=i_ok)
 
 

@@ -41,8 +41,10 @@ def moe_routing(
       counts_E     assignments per expert, before any capacity drop (the histogram), int64
       offsets_E1   exclusive prefix sum of counts, [E + 1], int64
       perm_A       assignment ids in expert-contiguous order, token order within an expert (stable)
-      position_A   each assignment's rank inside its expert by descending router weight (ties: lower
-                   assignment id first); the slot it takes in a capacity buffer
+      position_A   with a capacity: each assignment's rank inside its expert by descending router
+                   weight (ties: lower assignment id first), the slot it takes in the capacity
+                   buffer; dropless: its place in the expert's token-ordered segment (perm order),
+                   which costs O(A) instead of the ranking's O(sum of count^2)
       keep_A       position < capacity (all True when capacity is None: dropless)
     """
     expert_A = topk_ids_NK.reshape(-1)
@@ -54,9 +56,10 @@ def moe_routing(
     offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_A.device)
     offsets_E1[1:] = torch.cumsum(counts_E, 0)
     perm_A = torch.sort(expert_A, stable=True).indices
-    # Rank by weight inside each expert: sort by weight (desc), then stably by expert.
-    by_weight = torch.sort(topk_weights_NK.reshape(-1), descending=True, stable=True).indices
-    ranked = by_weight[torch.sort(expert_A[by_weight], stable=True).indices]
+    ranked = perm_A  # dropless: the token-ordered segments
+    if capacity is not None:  # rank by weight inside each expert: by weight (desc), then stably by expert
+        by_weight = torch.sort(topk_weights_NK.reshape(-1), descending=True, stable=True).indices
+        ranked = by_weight[torch.sort(expert_A[by_weight], stable=True).indices]
     position_A = torch.empty(A, dtype=torch.int64, device=expert_A.device)
     position_A[ranked] = torch.arange(A, device=expert_A.device) - offsets_E1[expert_A[ranked]]
     keep_A = position_A < capacity if capacity is not None else torch.ones_like(position_A, dtype=torch.bool)

@@ -30,7 +30,9 @@ def brute_force(ids, w, E, capacity):
     perm = [a for x in range(E) for a, e, _ in assignments if e == x]
     position = {}
     for x in range(E):
-        ranked = sorted((a for a, e, _ in assignments if e == x), key=lambda a: (-assignments[a][2], a))
+        ranked = [a for a, e, _ in assignments if e == x]  # dropless: the expert's token order
+        if capacity is not None:  # by weight, descending; ties to the lower assignment id
+            ranked = sorted(ranked, key=lambda a: (-assignments[a][2], a))
         position.update({a: r for r, a in enumerate(ranked)})
     keep = [capacity is None or position[a] < capacity for a in range(N * K)]
     return counts, perm, [position[a] for a in range(N * K)], keep
