@@ -57,8 +57,10 @@ test: venv
 
 bench: venv
 	$(BIN)/python benchmarks/data.py
-	$(BIN)/python benchmarks/moe.py
-	$(BIN)/python benchmarks/moe.py --dtype bfloat16
+	$(BIN)/python -m benchmarks.moe
+	$(BIN)/python -m benchmarks.moe --dtype bfloat16
+	$(BIN)/python -m benchmarks.mod
+	$(BIN)/python -m benchmarks.mod --dtype bfloat16
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/orchestrator.py
 

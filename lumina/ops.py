@@ -2,12 +2,15 @@
 
 Legend: N tokens, K top-k, A = N*K assignments, E experts, C capacity, D model dim, F expert hidden.
 
-``grouped_mm`` (dropless expert compute over variable-size expert segments) is a
-``torch.library.custom_op`` (``lumina::grouped_mm``) with a fake (meta) implementation and a
-registered autograd formula: its reference reads the segment sizes on the host, which inside an
-opaque op costs no graph break, so a model using it still compiles with ``fullgraph=True``. The
-public function reaches it through an ``autograd.Function`` so ``torch.func.grad`` can differentiate
-it.
+``grouped_mm`` (dropless expert compute over variable-size expert segments) has three
+implementations, chosen per call by ``model.moe.grouped_mm`` (``grouped_mm_choice``): torch's
+``torch.nn.functional.grouped_mm`` (bf16 only), the Triton grouped GEMM
+(``lumina_kernels.grouped_mm``), and the reference: a ``torch.library.custom_op``
+(``lumina::grouped_mm``) whose loop reads the segment sizes on the host, which inside an opaque op
+costs no graph break, so a model using it still compiles with ``fullgraph=True``.
+
+Every op is differentiated through an ``autograd.Function`` (``lumina_kernels._autograd``), because
+``torch.func.grad`` cannot use a custom op's ``register_autograd`` formula in torch 2.13.
 
 Providers (``_route``): on CUDA tensors the Triton kernels when triton is installed (not yet run on
 a GPU): ``lumina_kernels.moe_dispatch`` (MoE routing metadata, dispatch), ``moe_combine`` and
