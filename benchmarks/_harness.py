@@ -205,3 +205,34 @@ def print_rows(rows: list[dict]) -> None:
             f"{r['subject']:<20}{r['provider']:<12}{r['pass']:<9}{float(r['ms']):>11.3f}"
             f"{r['peak_mb']:>9}{rate:>18}{r['vs_reference']:>8}"
         )
+
+
+def finish(
+    title: str,
+    device: torch.device,
+    shape: str,
+    dtype: str,
+    repeats: int,
+    results: dict[tuple[str, str], dict[str, float | None]],
+    amounts: dict[str, tuple[str, float]],
+    path: Path | None,
+) -> None:
+    """Stamp the run (device, versions, shape; on CUDA a device copy's GB/s measured now: what the
+    data-movement rates are held to), print the table and append it to ``path`` (None: print only)."""
+    meta = {
+        "date": stamp(),
+        "device": device_name(device),
+        **versions(),
+        "shape": shape,
+        "dtype": dtype,
+        "repeats": repeats,
+        "copy_gbs": f"{copy_bandwidth_gbs(device):.0f}" if device.type == "cuda" else "",
+    }
+    rows = make_rows(meta, results, amounts)
+    print(f"{title} {shape} {dtype} on {meta['device']}, torch {meta['torch']}, triton {meta['triton']}")
+    if meta["copy_gbs"]:
+        print(f"measured copy bandwidth: {meta['copy_gbs']} GB/s")
+    print(f"median of {repeats} after warm-up; vs ref = reference ms / provider ms")
+    print_rows(rows)
+    if path is not None:
+        append_csv(path, rows)

@@ -123,26 +123,9 @@ def main() -> int:
                 results[subject, name] = h.time_passes(run, inputs, device, args.repeats)
             print(f"  {subject} / {name}: done", flush=True)
 
-    meta = {
-        "date": h.stamp(),
-        "device": h.device_name(device),
-        **h.versions(),
-        "shape": f"B{B} T{T} D{D} S{S}",
-        "dtype": args.dtype,
-        "repeats": args.repeats,
-        # CUDA: a device copy's GB/s, measured in this run: what the data-movement rates are held to.
-        "copy_gbs": f"{h.copy_bandwidth_gbs(device):.0f}" if device.type == "cuda" else "",
-    }
     amounts = {s: ("GB/s", float(b)) for s, (_, _, b) in subjects.items()}
-    rows = h.make_rows(meta, results, amounts)
-    versions = f"torch {meta['torch']}, triton {meta['triton']}"
-    print(f"MoD ops {meta['shape']} {args.dtype} on {meta['device']}, {versions}")
-    if meta["copy_gbs"]:
-        print(f"measured copy bandwidth: {meta['copy_gbs']} GB/s")
-    print(f"median of {args.repeats} after warm-up; vs ref = reference ms / provider ms")
-    h.print_rows(rows)
-    if not args.no_save:
-        h.append_csv(RESULTS, rows)
+    path = None if args.no_save else RESULTS
+    h.finish("MoD ops", device, f"B{B} T{T} D{D} S{S}", args.dtype, args.repeats, results, amounts, path)
     return 0
 
 

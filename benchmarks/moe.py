@@ -216,25 +216,11 @@ def main() -> int:
                 results[subject, name] = h.time_passes(run, inputs, device, args.repeats)
             print(f"  {subject} / {name}: done", flush=True)
 
-    meta = {
-        "date": h.stamp(),
-        "device": h.device_name(device),
-        **h.versions(),
-        "shape": f"N{N} D{D} F{Fh} E{E} k{K}",
-        "dtype": args.dtype,
-        "repeats": args.repeats,
-        # CUDA: a device copy's GB/s, measured in this run: what the data-movement rates are held to.
-        "copy_gbs": f"{h.copy_bandwidth_gbs(device):.0f}" if device.type == "cuda" else "",
-    }
-    rows = h.make_rows(meta, results, {s: subjects[s][2] for s in chosen if subjects[s][2][0]})
-    versions = f"torch {meta['torch']}, triton {meta['triton']}"
-    print(f"MoE ops {meta['shape']} {args.dtype} on {meta['device']}, {versions}")
-    if meta["copy_gbs"]:
-        print(f"measured copy bandwidth: {meta['copy_gbs']} GB/s")
-    print(f"median of {args.repeats} after warm-up; vs ref = reference ms / provider ms")
-    h.print_rows(rows)
-    if not args.no_save:
-        h.append_csv(RESULTS, rows)
+    amounts = {s: subjects[s][2] for s in chosen if subjects[s][2][0]}
+    path = None if args.no_save else RESULTS
+    h.finish(
+        "MoE ops", device, f"N{N} D{D} F{Fh} E{E} k{K}", args.dtype, args.repeats, results, amounts, path
+    )
     return 0
 
 

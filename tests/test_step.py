@@ -132,10 +132,9 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_no_graph_breaks_and_no_recompiles_when_hp_change(name):
-    torch._dynamo.reset()
-    cfg = run_cfg(**CONFIGS[name], micro_batch_size=2)
+def compiled_step_counting_graphs(cfg):
+    """The train step under torch.compile(fullgraph=True) with a backend that records each graph
+    Dynamo hands it (and runs it eagerly): (step, graphs)."""
     graphs = []
 
     def counting_backend(gm, example_inputs):
@@ -145,6 +144,14 @@ def test_no_graph_breaks_and_no_recompiles_when_hp_change(name):
     step = torch.compile(
         lambda s, b, h: train_step(s, b, h, cfg=cfg, pad_id=PAD), backend=counting_backend, fullgraph=True
     )
+    return step, graphs
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_no_graph_breaks_and_no_recompiles_when_hp_change(name):
+    torch._dynamo.reset()
+    cfg = run_cfg(**CONFIGS[name], micro_batch_size=2)
+    step, graphs = compiled_step_counting_graphs(cfg)
     state, hp = init_train_state(cfg), default_hp(cfg.train)
     for i in range(3):
         hp = TensorDict(
@@ -344,15 +351,7 @@ def test_debug_preset_step_compiles_to_one_graph_through_the_kernels():
     preset = presets.get("debug")
     train = dataclasses.replace(preset.train, batch_size=2, micro_batch_size=2, seq_len=32)
     cfg = dataclasses.replace(preset, train=train)
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    step = torch.compile(
-        lambda s, b, h: train_step(s, b, h, cfg=cfg, pad_id=PAD), backend=counting_backend, fullgraph=True
-    )
+    step, graphs = compiled_step_counting_graphs(cfg)
     state, hp = init_train_state(cfg), default_hp(cfg.train)
     x = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     b = TensorDict({"inputs": x[:, :-1], "targets": x[:, 1:]}, batch_size=[])
