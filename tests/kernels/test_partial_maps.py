@@ -150,3 +150,33 @@ def test_mod_selection(provider):
 def test_reference_inverse_map_marks_unheld_assignments():
     src_S = torch.tensor([3, -1, 0, -1, 5])
     assert reference.inverse_map(src_S, 7).tolist() == [2, -1, -1, 0, -1, 4, -1]
+
+
+@pytest.mark.parametrize("namespace", ["lumina_native", "lumina_triton"])
+def test_opcheck_with_a_partial_map(namespace):
+    """Fake kernels, schemas and autograd registrations agree with the real ops on a capacity map
+    (drops and empty slots), where the row count S = E*C differs from N*K."""
+    if namespace == "lumina_native" and "native" not in PROVIDERS:
+        pytest.skip("native op library not built")
+    if namespace == "lumina_triton" and "triton" not in PROVIDERS:
+        pytest.skip("triton not installed")
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    N, E, K, C, D = 11, 7, 2, 3, 5
+    # every token's first choice is expert 0 (11 > C: drops), none picks expert 6 (empty slots)
+    ids_NK = torch.stack([torch.zeros(N, dtype=torch.int64), torch.randint(1, E - 1, (N,), generator=gen)], 1)
+    w_NK = torch.rand(N, K, generator=gen)
+    _, _, _, position_A, keep_A = reference.moe_routing(ids_NK, w_NK, E, C)
+    src_S = reference.capacity_map(ids_NK, position_A, keep_A, E, C)
+    assert (src_S == -1).any() and not keep_A.all(), f"seed {seed}"
+    x_ND, y_ECD = torch.randn(N, D, generator=gen), torch.randn(E, C, D, generator=gen)
+    x, w = x_ND.clone().requires_grad_(), w_NK.clone().requires_grad_()
+    y = y_ECD.reshape(E * C, -1).clone().requires_grad_()
+    g = torch.randn_like(x_ND).requires_grad_()
+    ops = getattr(torch.ops, namespace)
+    torch.library.opcheck(ops.moe_dispatch, (x, src_S, K))
+    torch.library.opcheck(ops.moe_dispatch_backward, (y, src_S, K, N))
+    torch.library.opcheck(ops.moe_combine, (y, src_S, w))
+    torch.library.opcheck(ops.moe_combine_backward, (g, y, src_S, w))
+    if namespace == "lumina_triton":
+        torch.library.opcheck(ops.inverse_permutation, (src_S, N * K))
