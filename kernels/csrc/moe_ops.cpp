@@ -29,6 +29,9 @@ namespace {
 
 // Rows of D elements per parallel task: ~64 KiB of float work per chunk keeps the fork/join cost
 // small next to the copy (D=512 -> 32 rows).
+// Partial sums per dot product (see moe_combine_backward).
+constexpr int64_t kLanes = 16;
+
 int64_t grain_rows(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(D, 1)); }
 
 void check_perm(const at::Tensor& src_S) {
@@ -217,12 +220,25 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_backward(const at::Tensor& g_ND, 
           const acc_t wk = static_cast<acc_t>(wp[n * K + k]);
           const scalar_t* yr = yp + row * D;
           scalar_t* dyr = dy + row * D;
-          acc_t dot = 0;
-          for (int64_t d = 0; d < D; ++d) {
+          // The dot product in kLanes partial sums (lane l takes d = l mod kLanes), added in lane order
+          // at the end: a fixed order, so still deterministic, and one the compiler can vectorise
+          // (a single running sum is a serial dependency it may not reorder).
+          acc_t part[kLanes] = {};
+          int64_t d = 0;
+          for (; d + kLanes <= D; d += kLanes) {
+            for (int64_t l = 0; l < kLanes; ++l) {
+              const acc_t gd = static_cast<acc_t>(gr[d + l]);
+              dyr[d + l] = static_cast<scalar_t>(wk * gd);
+              part[l] += gd * static_cast<acc_t>(yr[d + l]);
+            }
+          }
+          for (int64_t l = 0; d < D; ++d, ++l) {
             const acc_t gd = static_cast<acc_t>(gr[d]);
             dyr[d] = static_cast<scalar_t>(wk * gd);
-            dot += gd * static_cast<acc_t>(yr[d]);
+            part[l] += gd * static_cast<acc_t>(yr[d]);
           }
+          acc_t dot = 0;
+          for (int64_t l = 0; l < kLanes; ++l) dot += part[l];
           dw[n * K + k] = dot;
         }
       }
