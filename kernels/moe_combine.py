@@ -59,7 +59,7 @@ def _combine_kernel(
     acc = tl.full([BLOCK_R, BLOCK_D], 0.0, ACC)
     for k in range(K):  # fixed order: deterministic
         src = tl.load(inv_ptr + rows64 * K + k, mask=row_ok, other=-1)  # [R] row of (n, k); -1: none
-        w = tl.load(w_ptr + rows64 * K + k, mask=row_ok, other=0.0)
+        w = tl.load(w_ptr + rows64 * K + k, mask=row_ok & (src >= 0), other=0.0)  # dropped: w unread
         w = w.to(y_ptr.dtype.element_ty).to(ACC)  # the reference's w.to(y.dtype)
         y = tl.load(
             y_ptr + src[:, None] * stride_y + cols[None, :], mask=mask & (src >= 0)[:, None], other=0.0

@@ -51,13 +51,14 @@ __all__ = ["inverse_permutation", "moe_dispatch", "moe_dispatch_backward", "moe_
 
 # ---------------------------------------------------------------------------------------------- kernels
 @jit
-def _inverse_permutation_kernel(perm_ptr, inv_ptr, S, BLOCK: tl.constexpr):
+def _inverse_permutation_kernel(perm_ptr, inv_ptr, S, size, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < S
     p = tl.load(perm_ptr + i, mask=mask, other=-1)
     # A (partial) permutation: every target is written at most once, so the scatter has no conflicts;
-    # the launcher filled inv with -1 for the assignments no row holds.
-    tl.store(inv_ptr + p, i.to(tl.int64), mask=mask & (p >= 0))
+    # the launcher filled inv with -1 for the assignments no row holds. Ids outside [0, size) (a
+    # caller's wrong size) are not written: never a write out of bounds.
+    tl.store(inv_ptr + p, i.to(tl.int64), mask=mask & (p >= 0) & (p < size))
 
 
 @jit
@@ -220,7 +221,9 @@ def inverse_permutation_launch(
     inv_A.fill_(-1)
     if S:
         block = min(triton.next_power_of_2(S), 1 << 16 if perm_S.device.type == "cpu" else 1024)
-        _inverse_permutation_kernel.on(perm_S.device)[(triton.cdiv(S, block),)](perm_S, inv_A, S, BLOCK=block)
+        _inverse_permutation_kernel.on(perm_S.device)[(triton.cdiv(S, block),)](
+            perm_S, inv_A, S, size, BLOCK=block
+        )
     return inv_A
 
 

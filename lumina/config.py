@@ -412,8 +412,10 @@ class RunConfig:
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
+        moe = self.model.moe
+        dropless_moe = moe.enabled and moe.capacity_factor is None  # where the grouped matmul runs
         _check(
-            self.model.moe.grouped_mm != "torch" or self.train.precision == "bf16",
+            not dropless_moe or moe.grouped_mm != "torch" or self.train.precision == "bf16",
             "model.moe.grouped_mm=torch needs train.precision=bf16 (torch's grouped_mm is bf16-only), "
             f"got {self.train.precision}",
         )

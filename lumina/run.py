@@ -147,6 +147,7 @@ def _cmd_train(argv: Sequence[str]) -> int:
 
 def _cmd_check(argv: Sequence[str]) -> int:
     from lumina.model import apply, default_knobs, init
+    from lumina.step import COMPUTE_DTYPES
 
     parser = _config_parser("lumina.run check", "Build the model and run one forward/backward pass.")
     _, cfg = parse_config_args(parser, argv)
@@ -159,7 +160,8 @@ def _cmd_check(argv: Sequence[str]) -> int:
         f"vocab={m.vocab_size}, active={count.active:,} total={count.total:,} params"
     )
     t0 = time.perf_counter()
-    params = init(m, seed=cfg.seed, device=device)
+    # in the train step's compute dtype (bf16 / fp16 params for those precisions), as training runs
+    params = init(m, seed=cfg.seed, device=device, dtype=COMPUTE_DTYPES[t.precision])
     t_init = time.perf_counter() - t0
     g = torch.Generator().manual_seed(cfg.seed)
     B = min(t.micro_batch_size, 8)

@@ -79,8 +79,10 @@ def _child(out_dir: Path) -> None:
             setattr(module, name, counted)
 
     results = {}
+    by_kind: dict[str, list[str]] = {}  # the kernels each model kind called
     x = torch.randint(0, 53, (2, 13), generator=torch.Generator().manual_seed(0))
     for kind in KINDS:
+        start = dict(calls)
         cfg = _model_cfg(kind)
         for dname, dtype in DTYPES.items():
             params = init(cfg, seed=0, dtype=dtype)
@@ -100,8 +102,10 @@ def _child(out_dir: Path) -> None:
                 torch.testing.assert_close(c_value, value)
                 for path, g in grads.flatten_keys(".").items():
                     torch.testing.assert_close(c_grads.flatten_keys(".")[path], g, msg=path)
+        by_kind[kind] = sorted(k for k, n in calls.items() if n != start.get(k, 0))
     save_file({k: v.contiguous() for k, v in results.items()}, str(out_dir / "results.safetensors"))
-    (out_dir / "meta.json").write_text(json.dumps({"provider": ops.provider(), "calls": calls}))
+    meta = {"provider": ops.provider(), "calls": calls, "by_kind": by_kind}
+    (out_dir / "meta.json").write_text(json.dumps(meta))
 
 
 def _child_train_step() -> None:
@@ -159,7 +163,7 @@ def _compare(got, expected, provider):
 
 def test_reference_child_calls_no_kernel(reference_run):
     _, meta = reference_run
-    assert meta == {"provider": "reference", "calls": {}}
+    assert meta == {"provider": "reference", "calls": {}, "by_kind": {kind: [] for kind in KINDS}}
 
 
 def test_auto_provider_matches_reference(reference_run, tmp_path):
@@ -171,6 +175,8 @@ def test_auto_provider_matches_reference(reference_run, tmp_path):
     assert meta["provider"] == ("native" if built else "reference")
     expected_calls = {"native.moe_dispatch", "native.moe_combine"} if built else set()
     assert set(meta["calls"]) == expected_calls  # and no Triton kernel on CPU tensors
+    for kind in KINDS:  # every kind: dropless and capacity MoE, and MoD (a K = 1 dispatch/combine)
+        assert set(meta["by_kind"][kind]) == expected_calls, (kind, meta["by_kind"])
     _compare(results, reference_run[0], meta["provider"])
 
 

@@ -195,3 +195,23 @@ def test_data_flags_map_to_the_config(flags, field, value):
 
     _, cfg = parse_config_args(train_parser(), flags)
     assert getattr(cfg.data, field) == value
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["--precision", "bf16", "--model.moe.grouped_mm=torch"]], ids=["fp32", "bf16-torch-gmm"]
+)
+def test_check_runs_one_forward_backward_in_the_train_precision(args, capsys):
+    """`check` builds the debug model in the step's compute dtype and runs forward + backward: with
+    bf16 it can use torch's bf16-only grouped matmul, as training would."""
+    assert main(["check", *args]) == 0
+    out = capsys.readouterr().out
+    assert "forward+backward on [8, 128] random tokens" in out and "layer 1 MoD" in out
+
+
+def test_check_refuses_torch_grouped_mm_without_bf16(tmp_path):
+    r = _cli("check", "--model.moe.grouped_mm=torch", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "lumina: error: run: model.moe.grouped_mm=torch needs train.precision=bf16 (torch's grouped_mm "
+        "is bf16-only), got fp32"
+    )

@@ -27,11 +27,11 @@
 
 namespace {
 
-// Rows of D elements per parallel task: ~64 KiB of float work per chunk keeps the fork/join cost
-// small next to the copy (D=512 -> 32 rows).
 // Partial sums per dot product (see moe_combine_backward).
 constexpr int64_t kLanes = 16;
 
+// Rows of D elements per parallel task: ~64 KiB of float work per chunk keeps the fork/join cost
+// small next to the copy (D=512 -> 32 rows).
 int64_t grain_rows(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(D, 1)); }
 
 void check_perm(const at::Tensor& src_S) {

@@ -180,3 +180,28 @@ def test_opcheck_with_a_partial_map(namespace):
     torch.library.opcheck(ops.moe_combine_backward, (g, y, src_S, w))
     if namespace == "lumina_triton":
         torch.library.opcheck(ops.inverse_permutation, (src_S, N * K))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_dropped_assignment_weights_are_never_read(provider):
+    """An assignment in no row contributes nothing even when its weight is inf or NaN (w * 0 would
+    be NaN): each provider must skip it, not multiply it by a zero row."""
+    _, combine = PROVIDERS[provider]
+    src_S = torch.tensor([0, -1, 3], device=DEVICE)  # assignments 1 and 2 are in no row
+    w_NK = torch.tensor([[0.5, float("inf")], [float("nan"), 0.25]], device=DEVICE)
+    y_SD = torch.randn(3, 4, device=DEVICE)
+    out = combine(y_SD, src_S, w_NK)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.stack([0.5 * y_SD[0], 0.25 * y_SD[2]]))
+
+
+@pytest.mark.skipif("triton" not in PROVIDERS, reason="triton not installed")
+def test_triton_inverse_never_writes_outside_its_size():
+    """A caller's wrong size (or a bad id) must not write out of bounds: ids outside [0, size) are
+    skipped, so the inverse stays the right length and the memory after it untouched."""
+    perm = torch.tensor([3, -1, 40, 0], device=DEVICE)
+    assert _triton_dispatch.inverse_permutation(perm).tolist() == [3, -1, -1, 0]
+    guard = torch.full((64,), 7, dtype=torch.int64, device=DEVICE)  # the inverse is its first 4
+    inv = _triton_dispatch.inverse_permutation_launch(perm, 4, out=guard[:4])
+    assert inv.tolist() == [3, -1, -1, 0]
+    assert (guard[4:] == 7).all(), guard.tolist()  # id 40 would have landed at guard[40]
