@@ -48,8 +48,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "provider",
-    "capacity_combine",
-    "capacity_dispatch",
+    "capacity_map",
     "GROUPED_MM",
     "grouped_mm",
     "grouped_mm_choice",
@@ -173,33 +172,9 @@ def mod_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
     return _route(scores_BT, triton_fn, reference.mod_topk, reference.mod_topk)(scores_BT, k)
 
 
-def capacity_dispatch(
-    x_ND: torch.Tensor,
-    topk_ids_NK: torch.Tensor,
-    position_A: torch.Tensor,
-    keep_A: torch.Tensor,
-    num_experts: int,
-    capacity: int,
-) -> torch.Tensor:
-    """Kept assignments in their (expert, position) slot of a zero buffer. [E, C, D]
-
-    A dispatch through the partial row map of the E*C slots (``reference.capacity_map``): the same
-    kernels as the dropless path on every provider."""
-    src_S = reference.capacity_map(topk_ids_NK, position_A, keep_A, num_experts, capacity)
-    return moe_dispatch(x_ND, src_S, topk_ids_NK.shape[1]).view(num_experts, capacity, -1)
-
-
-def capacity_combine(
-    y_ECD: torch.Tensor,
-    topk_ids_NK: torch.Tensor,
-    position_A: torch.Tensor,
-    keep_A: torch.Tensor,
-    weights_NK: torch.Tensor,
-) -> torch.Tensor:
-    """Router-weighted sum over each token's kept assignments; dropped ones contribute zero. [N, D]"""
-    E, C, D = y_ECD.shape
-    src_S = reference.capacity_map(topk_ids_NK, position_A, keep_A, E, C)
-    return moe_combine(y_ECD.reshape(E * C, D), src_S, weights_NK)
+# The row map of a capacity buffer's E*C slots (pure index arithmetic, no host sync): the model
+# dispatches and combines through it with the same kernels as the dropless path on every provider.
+capacity_map = reference.capacity_map
 
 
 def _mod_rows(idx_BS: torch.Tensor, T: int) -> torch.Tensor:

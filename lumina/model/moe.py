@@ -104,9 +104,12 @@ def moe_ffn(
         out_ND = ops.moe_combine(ys_AD, perm_A, weights_NK)
         load_E = counts_E
     else:
-        buf_ECD = ops.capacity_dispatch(x_ND, topk_ids_NK, position_A, keep_A, E, capacity)
+        # The E*C slots as a row map, built once for both directions: the buffer is a dispatch through
+        # it (empty slots zero) and the output a combine (dropped assignments contribute nothing).
+        slots_S = ops.capacity_map(topk_ids_NK, position_A, keep_A, E, capacity)
+        buf_ECD = ops.moe_dispatch(x_ND, slots_S, K).view(E, capacity, D)
         y_ECD = _swiglu_experts(buf_ECD, p["w_gate"], p["w_up"], p["w_down"], torch.bmm)
-        out_ND = ops.capacity_combine(y_ECD, topk_ids_NK, position_A, keep_A, weights_NK)
+        out_ND = ops.moe_combine(y_ECD.reshape(E * capacity, D), slots_S, weights_NK)
         load_E = counts_E.clamp(max=capacity)
     if moe.num_shared_experts:
         s = p["shared"]
