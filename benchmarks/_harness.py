@@ -30,6 +30,30 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def add_common_args(ap, cpu_providers: str, cuda_providers: str) -> None:
+    """The options both kernel benchmarks take: dtype, device, providers, repeats, quick, no-save."""
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument(
+        "--providers", default=None, help=f"comma list (default: CPU {cpu_providers}; CUDA {cuda_providers})"
+    )
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, nothing saved")
+    ap.add_argument("--no-save", action="store_true", help="print only; append nothing to the CSV")
+
+
+def choose_providers(
+    arg: str | None, device: torch.device, cpu_default: str, cuda_default: str, available, extra=()
+) -> list[str]:
+    """--providers (or the device's default) checked against what this machine has (plus ``extra``
+    names a script handles itself); the reference always first: every ratio is against it."""
+    wanted = (arg or (cpu_default if device.type == "cpu" else cuda_default)).split(",")
+    unknown = [p for p in wanted if p not in available and p not in extra]
+    if unknown:
+        fail(f"--providers: {', '.join(unknown)} not available here (have: {', '.join(available)})")
+    return wanted if "reference" in wanted else ["reference", *wanted]
+
+
 def parse_device(name: str | None) -> torch.device:
     """--device: default CUDA when present, else CPU."""
     if name is None:

@@ -29,6 +29,7 @@ from benchmarks import _harness as h
 from lumina_kernels import native, reference
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mod.csv"
+CPU_PROVIDERS, CUDA_PROVIDERS = "reference,native", "reference,triton"  # the defaults
 
 
 def providers_for(device: torch.device) -> dict[str, SimpleNamespace]:
@@ -59,26 +60,13 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--capacity", type=float, default=0.5, help="fraction of each sequence selected")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    ap.add_argument(
-        "--providers", default=None, help="comma list (default: CPU reference,native; CUDA reference,triton)"
-    )
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, nothing saved")
-    ap.add_argument("--no-save", action="store_true", help="print only; append nothing to the CSV")
+    h.add_common_args(ap, CPU_PROVIDERS, CUDA_PROVIDERS)
     args = ap.parse_args()
     device = h.parse_device(args.device)
     if args.quick:
         args.batch, args.seq, args.dim, args.repeats, args.no_save = 2, 64, 32, 2, True
     available = providers_for(device)
-    default = "reference,native" if device.type == "cpu" else "reference,triton"
-    wanted = (args.providers or default).split(",")
-    unknown = [p for p in wanted if p not in available]
-    if unknown:
-        h.fail(f"--providers: {', '.join(unknown)} not available here (have: {', '.join(available)})")
-    if "reference" not in wanted:
-        wanted.insert(0, "reference")  # every ratio is against it
+    wanted = h.choose_providers(args.providers, device, CPU_PROVIDERS, CUDA_PROVIDERS, available)
 
     B, T, D = args.batch, args.seq, args.dim
     S = max(1, math.ceil(args.capacity * T))

@@ -42,6 +42,7 @@ from lumina import ops
 from lumina_kernels import native, reference
 
 RESULTS = Path(__file__).resolve().parent / "results" / "moe.csv"
+CPU_PROVIDERS, CUDA_PROVIDERS = "reference,native", "reference,triton,torch"  # the defaults
 
 
 def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
@@ -114,34 +115,21 @@ def main() -> int:
     ap.add_argument("--ffn", type=int, default=1024, help="expert hidden size (grouped_mm, layer)")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    ap.add_argument(
-        "--providers",
-        default=None,
-        help="comma list (default: CPU reference,native; CUDA reference,triton,torch)",
-    )
     ap.add_argument("--subjects", default="routing,dispatch,combine,dispatch+combine,grouped_mm,layer")
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats, nothing saved")
-    ap.add_argument("--no-save", action="store_true", help="print only; append nothing to the CSV")
+    h.add_common_args(ap, CPU_PROVIDERS, CUDA_PROVIDERS)
     args = ap.parse_args()
     device = h.parse_device(args.device)
     if args.quick:
         args.tokens, args.dim, args.ffn, args.repeats, args.no_save = 64, 32, 48, 2, True
     available = providers_for(device)
-    default = "reference,native" if device.type == "cpu" else "reference,triton,torch"
-    wanted = (args.providers or default).split(",")
+    wanted = h.choose_providers(
+        args.providers, device, CPU_PROVIDERS, CUDA_PROVIDERS, available, extra=("baseline",)
+    )
     if "baseline" in wanted:
         wanted.remove("baseline")
         baseline = True
     else:
         baseline = device.type == "cuda" or args.dtype == "bfloat16"
-    unknown = [p for p in wanted if p not in available]
-    if unknown:
-        h.fail(f"--providers: {', '.join(unknown)} not available here (have: {', '.join(available)})")
-    if "reference" not in wanted:
-        wanted.insert(0, "reference")  # every ratio is against it
     dtype = getattr(torch, args.dtype)
     if dtype != torch.bfloat16 and ("torch" in wanted or baseline):
         print("note: torch.nn.functional.grouped_mm is bf16-only here: no torch / baseline rows")
