@@ -190,6 +190,15 @@ def _p2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(triton.next_power_of_2(max(n, 1)), hi))
 
 
+def _compiled_tiles(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """Compiled (CUDA) upper bounds for both kernels: (two output-tile sides, reduction step,
+    num_warps, num_stages). 16-bit inputs: 128 x 128 x 64, 8 warps, 4 stages (tensor cores);
+    fp32 / fp64: 64 x 64 x 32, 4 warps, 3 stages."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return 128, 128, 64, 8, 4
+    return 64, 64, 32, 4, 3
+
+
 def _mm_config(A: int, D: int, F: int, E: int, dtype: torch.dtype, device: torch.device) -> dict:
     """BLOCK_M/N/K, num_warps, num_stages for the forward.
 
@@ -209,10 +218,7 @@ def _mm_config(A: int, D: int, F: int, E: int, dtype: torch.dtype, device: torch
         mean_rows = -(-A // max(1, min(E, A)))
         bm = _p2(mean_rows, 16, 128)
         return dict(BLOCK_M=bm, BLOCK_N=_p2(F, 16, 256), BLOCK_K=_p2(D, 16, 256), num_warps=4, num_stages=1)
-    if dtype in (torch.bfloat16, torch.float16):
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 4
-    else:
-        bm, bn, bk, warps, stages = 64, 64, 32, 4, 3
+    bm, bn, bk, warps, stages = _compiled_tiles(dtype)
     return dict(
         BLOCK_M=_p2(A, 16, bm),
         BLOCK_N=_p2(F, 16, bn),
@@ -232,10 +238,7 @@ def _wgrad_config(A: int, D: int, F: int, dtype: torch.dtype, device: torch.devi
             num_warps=4,
             num_stages=1,
         )
-    if dtype in (torch.bfloat16, torch.float16):
-        bd, bf, bk, warps, stages = 128, 128, 64, 8, 4
-    else:
-        bd, bf, bk, warps, stages = 64, 64, 32, 4, 3
+    bd, bf, bk, warps, stages = _compiled_tiles(dtype)
     return dict(
         BLOCK_D=_p2(D, 16, bd),
         BLOCK_F=_p2(F, 16, bf),
