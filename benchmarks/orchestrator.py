@@ -64,7 +64,7 @@ def _commit() -> str:
 
 def one_run(case: str, seed: int, on: bool, steps: int, at: int, root: Path) -> dict:
     from lumina import loop, orchestrator, tree
-    from lumina.config import load_config
+    from lumina.configure import load_config
     from lumina.step import init_train_state
 
     spec = CASES[case]
@@ -117,7 +117,7 @@ def registry_experiment(
     """Fill a registry with runs at ``past_lrs`` (seed 0), then start runs at each LR in ``starts``
     with the suggestion applied and without it (``registry_mode=off``), per seed (not 0)."""
     from lumina import loop
-    from lumina.config import load_config
+    from lumina.configure import load_config
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="lumina-registry-bench-") as tmp:

@@ -39,7 +39,8 @@ import torch
 import transformers
 from tensordict import TensorDict
 
-from lumina.config import MoDConfig, RunConfig, load_config
+from lumina.config import MoDConfig, RunConfig
+from lumina.configure import load_config
 from lumina.hf import to_hf
 from lumina.optim import default_hp
 from lumina.step import init_train_state, make_train_step

@@ -31,7 +31,8 @@ import torch
 
 from lumina import presets
 from lumina.checkpoint import CheckpointError
-from lumina.config import ConfigError, RunConfig, load_config
+from lumina.config import ConfigError, RunConfig
+from lumina.configure import load_config
 from lumina.data.text import DataError
 from lumina.data.tokenizer import TokenizerError
 from lumina.loop import OutOfMemory, resolve_device

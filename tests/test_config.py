@@ -12,9 +12,9 @@ from lumina.config import (
     RunConfig,
     TrainConfig,
     from_dict,
-    load_config,
     to_dict,
 )
+from lumina.configure import load_config
 
 
 def test_derived_fields():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lumina import tree
-from lumina.config import OrchestratorConfig, load_config
+from lumina.config import OrchestratorConfig
+from lumina.configure import load_config
 from lumina.optim import default_hp, lr_at
 from lumina.orchestrator import Decision, Observation, apply_decisions, decide, init_state
 from lumina.orchestrator.detect import forecast, mad, median, robust_z

@@ -9,7 +9,8 @@ import torch
 from test_run import TINY, records
 
 from lumina import checkpoint, loop, orchestrator, tree
-from lumina.config import ConfigError, load_config
+from lumina.config import ConfigError
+from lumina.configure import load_config
 from lumina.inject import Injector, parse
 from lumina.orchestrator.replay import replay
 from lumina.run import main

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lumina import checkpoint, loop, tree
-from lumina.config import load_config, to_dict
+from lumina.config import to_dict
+from lumina.configure import load_config
 from lumina.run import main
 
 TINY = [

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from lumina.config import load_config
+from lumina.configure import load_config
 from lumina.data import get_tokenizer
 from lumina.data.chat import ChatRows, chitchat_split
 from lumina.data.mix import DataMix, MixState, build_mix

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from lumina import run
-from lumina.config import load_config
+from lumina.configure import load_config
 from lumina.data.mix import build_mix
 from lumina.data.text import DataError
 
