@@ -202,30 +202,42 @@ def _read_local_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def _base_encoding(name: str) -> tiktoken.Encoding:
+_ACCEPTED = (
+    f"use an encoding Lumina ships offline ({', '.join(OFFLINE_ENCODINGS)}) or a path to a .tiktoken file"
+)
+
+
+def _base_encoding(name: str, field: str) -> tiktoken.Encoding:
     if name.endswith(".tiktoken") or os.sep in name:
         path = Path(name)
         if not path.is_file():
-            raise TokenizerError(f"{name}: no such .tiktoken file")
+            raise TokenizerError(f"{field}={name!r}: no such .tiktoken file")
         ranks = _read_local_ranks(path)
         install_offline_cache(("cl100k_base",))
         pattern = tiktoken.get_encoding("cl100k_base")._pat_str  # the split regex a local file lacks
         return tiktoken.Encoding(
             path.stem, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)}
         )
+    if name not in tiktoken.list_encoding_names():
+        # tiktoken's own message is three lines (plugins found, version); one naming the choices helps more
+        raise TokenizerError(f"{field}={name!r}: unknown tokenizer; {_ACCEPTED}")
     if name in OFFLINE_ENCODINGS:
         install_offline_cache((name,))
     try:
         return tiktoken.get_encoding(name)
-    except ValueError as e:
-        raise TokenizerError(f"unknown tokenizer {name!r} ({e})") from None
+    except (OSError, ValueError) as e:  # no network (requests' errors are OSErrors) or a bad download
+        raise TokenizerError(
+            f"{field}={name!r}: not shipped offline with Lumina, and tiktoken's download failed "
+            f"({type(e).__name__}); {_ACCEPTED}"
+        ) from None
 
 
 @functools.cache
-def get_tokenizer(name: str = "gpt2") -> Tokenizer:
+def get_tokenizer(name: str = "gpt2", *, field: str = "data.tokenizer") -> Tokenizer:
     """A tiktoken encoding by name (offline for gpt2, r50k_base, cl100k_base, o200k_base; any other
-    tiktoken name when online) or a path to a local ``.tiktoken`` file (cl100k's split pattern)."""
-    base = _base_encoding(name)
+    tiktoken name when online) or a path to a local ``.tiktoken`` file (cl100k's split pattern).
+    ``field`` names the setting the name came from in error messages (``--tokenizer`` for validate)."""
+    base = _base_encoding(name, field)
     specials = dict(base._special_tokens)  # tiktoken's documented way to extend an encoding
     if EOT not in specials:
         specials[EOT] = base.n_vocab

@@ -106,7 +106,34 @@ def test_local_tiktoken_file(tmp_path):
 
 
 def test_unknown_names():
-    with pytest.raises(TokenizerError, match="unknown tokenizer 'nope'"):
+    with pytest.raises(TokenizerError, match="data.tokenizer='nope': unknown tokenizer"):
         get_tokenizer("nope")
-    with pytest.raises(TokenizerError, match="no such .tiktoken file"):
+    with pytest.raises(TokenizerError, match="^data.tokenizer='missing/file.tiktoken': no such .tiktoken"):
         get_tokenizer("missing/file.tiktoken")
+
+
+def test_unknown_name_is_one_line_naming_the_field_and_the_choices():
+    with pytest.raises(TokenizerError) as e:
+        get_tokenizer("nosuch")
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    assert msg.startswith("data.tokenizer='nosuch': unknown tokenizer")
+    for accepted in (*tok.OFFLINE_ENCODINGS, "a path to a .tiktoken file"):
+        assert accepted in msg
+    with pytest.raises(TokenizerError, match=r"^--tokenizer='nosuch': unknown tokenizer"):
+        get_tokenizer("nosuch", field="--tokenizer")
+
+
+def test_a_tiktoken_name_that_needs_a_download_fails_in_one_line_when_offline(tmp_path, monkeypatch):
+    import requests
+
+    def unreachable(blobpath):  # what tiktoken's download raises on a machine without network
+        raise requests.exceptions.ConnectionError(f"Max retries exceeded with url: {blobpath}")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", unreachable)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    with pytest.raises(TokenizerError) as e:
+        get_tokenizer("p50k_base")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("data.tokenizer='p50k_base': ")
+    assert "not shipped offline" in msg and "download failed" in msg and "gpt2" in msg
