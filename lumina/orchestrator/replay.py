@@ -8,7 +8,8 @@ orchestrator state with the run's ``OrchestratorConfig`` must give back exactly 
 (compared as msgpack data: every float bit for bit). The start-of-run registry suggestion, when there
 was one, is re-derived from the registry entries stored with it (``suggestion.msgpack``).
 With ``what_if`` overrides the same observations
-are replayed under a changed config and the decisions that would differ are listed. That is a
+are replayed under a changed config and the decisions that would differ are listed
+(``orchestrator.enabled=false``: none would have been taken, so every logged one). That is a
 counterfactual on the *logged* observations: a changed decision would have changed the run after it,
 which no replay can know.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,20 @@ def _normalise(d: dict[str, Any]) -> dict[str, Any]:
     return msgpack.unpackb(msgpack.packb(d, use_bin_type=True), raw=False)  # tuples -> lists, etc.
 
 
+def _parse_what_if(item: str) -> tuple[str, str]:
+    """``orchestrator.KEY=VALUE`` -> (KEY, VALUE); the ``orchestrator.`` and a leading ``--`` are optional."""
+    key, sep, value = item.partition("=")
+    key = key.strip().removeprefix("--").removeprefix("orchestrator.")
+    if not sep or not key:
+        raise ConfigError(f"--what-if {item}: expected orchestrator.KEY=VALUE")
+    if "." in key:
+        raise ConfigError(f"--what-if {item}: a replay changes only orchestrator.KEY=VALUE settings")
+    return key, value
+
+
 def load_orchestrator_config(run_dir: Path, what_if: list[str] = ()) -> OrchestratorConfig:
+    """The run's ``OrchestratorConfig`` from its ``config.json``, with the ``what_if`` overrides
+    applied in order; a bad override is a one-line ``ConfigError`` naming ``--what-if`` and its value."""
     path = run_dir / "config.json"
     try:
         raw = json.loads(path.read_text())
@@ -66,16 +81,29 @@ def load_orchestrator_config(run_dir: Path, what_if: list[str] = ()) -> Orchestr
     except json.JSONDecodeError as e:
         raise ReplayError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     section = dict(raw.get("orchestrator", {}))
-    origin, cli = {}, set()
+    try:
+        base = from_dict(OrchestratorConfig, section)
+    except ConfigError as e:  # checked first, so that a what-if is blamed only for its own problems
+        raise ReplayError(f"{path}: orchestrator: {str(e).removeprefix('run: ')}") from None
+    if not what_if:
+        return base
+    given: dict[str, str] = {}  # key -> the last --what-if that set it
     for item in what_if:
-        key, sep, value = item.partition("=")
-        key = key.strip().removeprefix("--").removeprefix("orchestrator.")
-        if not sep or not key:
-            raise ConfigError(f"--what-if {item!r}: expected orchestrator.KEY=VALUE")
+        key, value = _parse_what_if(item)
         section[key] = value
-        origin[key] = f"--what-if orchestrator.{key}"
-        cli.add(key)
-    return from_dict(OrchestratorConfig, section, origin=origin, from_cli=frozenset(cli))
+        given[key] = item
+    origin = {key: f"--what-if {item}" for key, item in given.items()}
+    try:
+        return from_dict(OrchestratorConfig, section, origin=origin, from_cli=frozenset(given))
+    except ConfigError as e:
+        if str(e).startswith("--what-if "):
+            raise
+        # a check across the fields failed (from_dict says "run: grad_abs must be > 0, ..."): name the
+        # overrides its message mentions, or all of them
+        problem = str(e).removeprefix("run: ")
+        named = [item for key, item in given.items() if re.search(rf"\b{re.escape(key)}\b", problem)]
+        flags = " ".join(f"--what-if {item}" for item in named or given.values())
+        raise ConfigError(f"{flags}: {problem}") from None
 
 
 def replay(run_dir: str | Path, what_if: list[str] = ()) -> ReplayResult:
@@ -99,9 +127,10 @@ def replay(run_dir: str | Path, what_if: list[str] = ()) -> ReplayResult:
         except (TypeError, ValueError, KeyError) as e:
             raise ReplayError(f"{sugg_path}: not a suggestion record ({e})") from None
         logged.insert(0, _normalise(rec["decision"]))
-        if d is not None:
+        if d is not None and ocfg.enabled:
             derived.append(_normalise(d.to_dict()))
-    for obs in observations:
+    # with the orchestrator off the driver neither asks for a suggestion nor calls decide: nothing
+    for obs in observations if ocfg.enabled else ():
         ostate, ds = decide(ostate, obs, ocfg)
         derived.extend(_normalise(d.to_dict()) for d in ds)
     mismatch = next((i for i, (a, b) in enumerate(zip(logged, derived, strict=False)) if a != b), None)
