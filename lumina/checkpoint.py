@@ -1,15 +1,27 @@
 """Checkpoints: one directory per save, written atomically, loaded without ever executing code.
 
-    runs/<name>/checkpoints/step_00000300/     (and checkpoints/best/: the best eval loss so far)
+    runs/<name>/checkpoints/step_00000300/     (newest ``keep_last`` kept)
+    runs/<name>/checkpoints/best -> best_00000250/   (a symlink: the best eval loss so far)
         state.safetensors   the train-state tree, flattened to dotted keys (safetensors: a JSON
                             header plus raw tensor bytes)
         meta.msgpack        {"format", "step", "config", "data", "extra"}: plain data only
 
-A checkpoint is written into a hidden temporary directory and renamed into place, so a crash leaves
-either no checkpoint or a whole one. Loading parses a JSON header, raw bytes and msgpack — no pickle
-anywhere — and anything that is not exactly what ``save_checkpoint`` wrote (a missing file, foreign
-bytes, a pickle payload, a wrong format tag, a state whose keys, shapes or dtypes differ from the
-run's) raises ``CheckpointError`` with one line naming the file.
+Crash safety (a ``kill -9`` at any instant leaves every complete checkpoint loadable):
+- a checkpoint is written into a hidden ``.tmp-*`` directory, its files fsynced, and renamed into place,
+  so a crash leaves either no checkpoint or a whole one;
+- retention never deletes a checkpoint in place: it renames it to ``.trash-*`` first (one atomic
+  step), so no half-deleted folder ever looks like a checkpoint;
+- ``best`` is a symlink swapped atomically (``os.replace``) to a newly written ``best_<step>``: it
+  is never absent while it is replaced;
+- ``clean`` (called when a run starts) removes what a crash left: ``.tmp-*`` / ``.trash-*``
+  folders, ``best_*`` folders ``best`` does not point to, and step folders missing a file;
+- ``checkpoints`` / ``latest`` list complete checkpoints only, ordered by step (never by mtime:
+  deleting inside a folder touches its mtime).
+
+Loading parses a JSON header, raw bytes and msgpack — no pickle anywhere — and anything that is not
+exactly what ``save_checkpoint`` wrote (a missing file, foreign bytes, a pickle payload, a wrong
+format tag, a state whose keys, shapes or dtypes differ from the run's) raises ``CheckpointError``
+with one line naming the file.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ __all__ = [
     "CheckpointError",
     "check_compatible",
     "checkpoints",
+    "clean",
     "latest",
     "load_checkpoint",
     "read_meta",
@@ -38,26 +51,98 @@ __all__ = [
 
 FORMAT = "lumina.checkpoint/2"
 STATE_FILE, META_FILE = "state.safetensors", "meta.msgpack"
-_STEP_DIR = re.compile(r"step_(\d{8})")
+BEST = "best"
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+_BEST_DIR = re.compile(r"best_(\d{8,})(?:\.(\d+))?")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message is one line naming the file."""
 
 
+def _complete(path: Path) -> bool:
+    return (path / META_FILE).is_file() and (path / STATE_FILE).is_file()
+
+
 def checkpoints(run_dir: str | Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first."""
+    """The complete step checkpoints of a run, oldest (lowest step) first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name))
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.fullmatch(p.name)
+        if m and not p.is_symlink() and p.is_dir() and _complete(p):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
 
 
 def latest(run_dir: str | Path) -> Path:
+    """The complete checkpoint of ``run_dir`` with the highest step."""
     found = checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint to resume from")
     return found[-1]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder without ever leaving it half-deleted under its own name."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_dir(root: Path, name: str, state: TensorDict, meta: dict[str, Any]) -> Path:
+    """``root/name`` holding ``state`` and ``meta``, written into a temporary folder and renamed
+    into place (an existing ``root/name`` is discarded first)."""
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tree.flatten(state).items()}
+        for fname, payload in (
+            (STATE_FILE, safetensors.torch.save(tensors)),
+            (META_FILE, msgpack.packb(meta)),
+        ):
+            with open(tmp / fname, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+        if final.exists():
+            _discard(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _point_best(root: Path, target: Path) -> None:
+    """Swap the ``best`` symlink to ``target`` in one atomic step, then drop the old best."""
+    link = root / BEST
+    old = link.resolve() if link.is_symlink() else None
+    if link.exists() and not link.is_symlink():  # a real folder (written by an older lumina)
+        _discard(link)
+    tmp = root / f".tmp-link-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+    _fsync_dir(root)
+    if old is not None and old != target.resolve() and old.parent == root.resolve():
+        _discard(old)
 
 
 def save_checkpoint(
@@ -72,32 +157,52 @@ def save_checkpoint(
     name: str | None = None,
 ) -> Path:
     """Write ``state`` and plain-data metadata atomically; keep the newest ``keep_last`` step
-    checkpoints. ``name`` (e.g. "best") writes ``checkpoints/<name>`` instead, outside retention."""
+    checkpoints. ``name="best"`` writes the best checkpoint instead (outside retention); the
+    returned path is then ``checkpoints/best``."""
+    if name not in (None, BEST):
+        raise ValueError(f"checkpoint name must be None (a step checkpoint) or {BEST!r}, got {name!r}")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / (name or f"step_{step:08d}")
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        meta = {"format": FORMAT, "step": step, "config": config, "data": data, "extra": extra or {}}
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tree.flatten(state).items()}
-        for fname, payload in (
-            (STATE_FILE, safetensors.torch.save(tensors)),
-            (META_FILE, msgpack.packb(meta)),
-        ):
-            with open(tmp / fname, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    meta = {"format": FORMAT, "step": step, "config": config, "data": data, "extra": extra or {}}
+    if name == BEST:
+        base, n = f"best_{step:08d}", 0
+        current = (root / BEST).resolve() if (root / BEST).is_symlink() else None
+        dirname = base
+        while (root / dirname).exists() and (root / dirname).resolve() == current:
+            n += 1  # never overwrite the folder ``best`` points to: write beside it, then swap
+            dirname = f"{base}.{n}"
+        _point_best(root, _write_dir(root, dirname, state, meta))
+        return root / BEST
+    final = _write_dir(root, f"step_{step:08d}", state, meta)
     for old in checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def clean(run_dir: str | Path) -> list[str]:
+    """Remove what an interrupted save or deletion left in ``run_dir/checkpoints``; returns one
+    description per removed folder (for the run's log)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    link = root / BEST
+    best = link.resolve() if link.is_symlink() else None
+    removed = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith((".tmp-", ".trash-")):
+            why = "an interrupted save" if p.name.startswith(".tmp-") else "an interrupted deletion"
+        elif _BEST_DIR.fullmatch(p.name) and p.resolve() != best:
+            why = "a best checkpoint that was being replaced"
+        elif _STEP_DIR.fullmatch(p.name) and p.is_dir() and not _complete(p):
+            why = "an incomplete checkpoint"
+        else:
+            continue
+        if p.is_symlink() or p.is_file():
+            p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        removed.append(f"{p.name} ({why})")
+    return removed
 
 
 def _read(path: Path) -> bytes:

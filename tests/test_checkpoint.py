@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -132,3 +133,102 @@ def test_foreign_or_broken_checkpoints(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_checkpoint(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------ crash safety (issue 13, 1-2)
+
+
+class _Crash(BaseException):
+    """What a kill -9 looks like to the code that was running: nothing after it happens."""
+
+
+def _crash_after_first_unlink(monkeypatch):
+    """Make the next folder deletion stop after removing one file, as a kill -9 would."""
+    real = checkpoint.shutil.rmtree
+
+    def half_rmtree(path, *a, **kw):
+        if not Path(path).exists():  # (a no-op clean-up of a temporary folder)
+            return real(path, *a, **kw)
+        files = sorted(p for p in Path(path).iterdir() if p.is_file())
+        if files:
+            files[0].unlink()
+        monkeypatch.setattr(checkpoint.shutil, "rmtree", real)
+        raise _Crash
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", half_rmtree)
+
+
+def test_retention_interrupted_mid_delete_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    state = TensorDict({"w": torch.ones(2)}, [])
+    for step in (10, 20):
+        save_checkpoint(tmp_path, state, step=step, config={}, data={}, keep_last=2)
+    _crash_after_first_unlink(monkeypatch)
+    with pytest.raises(_Crash):  # retention deletes step 10 and "dies" half-way
+        save_checkpoint(tmp_path, state, step=30, config={}, data={}, keep_last=2)
+    step_dirs = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert step_dirs == ["step_00000020", "step_00000030"]  # step 10 is gone or hidden, never torn
+    for p in checkpoint.checkpoints(tmp_path):
+        load_checkpoint(p)
+    assert checkpoint.clean(tmp_path) and not [
+        p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")
+    ]
+
+
+def test_checkpoints_and_latest_ignore_incomplete_folders_and_order_by_step(tmp_path):
+    """A torn folder (from a deletion interrupted by an older lumina, or by hand) is never picked,
+    whatever its modification time."""
+    state = TensorDict({"w": torch.ones(2)}, [])
+    for step in (10, 20):
+        save_checkpoint(tmp_path, state, step=step, config={}, data={}, keep_last=5)
+    torn = tmp_path / "checkpoints" / "step_00000005"
+    torn.mkdir()
+    (torn / "meta.msgpack").write_bytes(b"")
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_00000010", "step_00000020"]
+    older = tmp_path / "checkpoints" / "step_00000010"
+    (older / "state.safetensors").unlink()  # now torn, and the most recently touched folder
+    assert latest(tmp_path).name == "step_00000020"
+    assert sorted(checkpoint.clean(tmp_path)) == [
+        "step_00000005 (an incomplete checkpoint)",
+        "step_00000010 (an incomplete checkpoint)",
+    ]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000020"]
+
+
+def test_best_is_never_absent_while_it_is_replaced(tmp_path, monkeypatch):
+    state = TensorDict({"w": torch.ones(2)}, [])
+    save_checkpoint(tmp_path, state, step=10, config={}, data={}, name="best")
+    best = tmp_path / "checkpoints" / "best"
+    assert load_checkpoint(best)[1]["step"] == 10
+    real_replace = checkpoint.os.replace
+    seen = []
+
+    def replace_and_check(src, dst):  # at every rename, a loadable best must exist
+        seen.append(load_checkpoint(best)[1]["step"])
+        real_replace(src, dst)
+        seen.append(load_checkpoint(best)[1]["step"])
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace_and_check)
+    save_checkpoint(tmp_path, TensorDict({"w": torch.zeros(2)}, []), step=20, config={}, data={}, name="best")
+    assert seen and seen[-1] == 20 and set(seen) <= {10, 20}
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    # a crash while the new best is being written: the old one is still there and loads
+    _crash_after_first_unlink(monkeypatch)
+    with pytest.raises(_Crash):  # dies deleting the replaced best
+        save_checkpoint(tmp_path, state, step=30, config={}, data={}, name="best")
+    assert load_checkpoint(best)[1]["step"] == 30
+    save_checkpoint(tmp_path, state, step=30, config={}, data={}, name="best")  # the same step again
+    assert load_checkpoint(best)[1]["step"] == 30
+    checkpoint.clean(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", best.resolve().name]
+
+
+def test_leftover_temporary_folders_are_cleaned(tmp_path):
+    """A kill -9 between writing a checkpoint and renaming it leaves its temporary folder (33 MB
+    for the debug preset); the next run's start removes it."""
+    state = TensorDict({"w": torch.ones(2)}, [])
+    save_checkpoint(tmp_path, state, step=10, config={}, data={})
+    tmp = tmp_path / "checkpoints" / ".tmp-step_00000020-4242"
+    tmp.mkdir()
+    (tmp / "state.safetensors").write_bytes(b"partial")
+    assert checkpoint.clean(tmp_path) == [".tmp-step_00000020-4242 (an interrupted save)"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000010"]
