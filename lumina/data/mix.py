@@ -120,7 +120,7 @@ def build_mix(cfg: RunConfig, split: Literal["train", "eval"] = "train") -> Data
     skip = d.on_bad_records == "skip"
     skipped = 0
 
-    def user_paths(train_field: str, eval_field: str) -> list[Path] | None:
+    def user_paths(train_field: str, eval_field: str, role: str) -> list[Path] | None:
         """The configured files of this split, validated (None: use the packaged default)."""
         nonlocal skipped
         files = getattr(d, train_field if split == "train" else eval_field)
@@ -131,20 +131,26 @@ def build_mix(cfg: RunConfig, split: Literal["train", "eval"] = "train") -> Data
                 )
             return None
         paths = expand_paths(files)
-        skipped += _check_records(paths, tok, d.on_bad_records)
+        skipped += _check_records(paths, tok, d.on_bad_records, role)
         return paths
 
     part = 0 if split == "train" else 1
     base = chat = None
     if d.mode != "finetuning_only":
-        paths = user_paths("train_files", "eval_files") or shakespeare_split(d.eval_fraction)[part]
+        paths = user_paths("train_files", "eval_files", "text") or shakespeare_split(d.eval_fraction)[part]
         base = PackedText(tokenize_files(paths, tok, skip_bad=skip), t.seq_len, seed=cfg.seed)
     if d.mode != "base_only":
-        paths = user_paths("chat_files", "chat_eval_files")
+        paths = user_paths("chat_files", "chat_eval_files", "chat")
         if paths is None:
             convs = chitchat_split(d.eval_fraction)[part]
         else:
             convs = [c for p in paths for c in read_conversations(p, skip_bad=skip)]
+            if not convs:  # every record was bad and skipped
+                field = "chat_files" if split == "train" else "chat_eval_files"
+                raise DataError(
+                    f"data.{field}: no usable conversations in {', '.join(map(str, paths))} "
+                    f"({skipped} bad records skipped: data.on_bad_records=skip)"
+                )
         chat = ChatRows.build(convs, tok, t.seq_len, seed=cfg.seed)
     return DataMix(
         mode=d.mode,
@@ -159,12 +165,25 @@ def build_mix(cfg: RunConfig, split: Literal["train", "eval"] = "train") -> Data
     )
 
 
-def _check_records(paths: list[Path], tok, policy: str) -> int:
-    """Validate user files before use. ``stop``: raise listing the first 10 errors, one per line;
-    ``skip``: the number of bad records that will be dropped (a file-level error still stops)."""
+_WRONG_ROLE = {  # (role the file is used in, what the file is) -> why it cannot be used there
+    ("text", "chat"): "is a chat file (its records have 'messages'), not base text: pass chat files as "
+    "data.chat_files (--mode finetuning_only)",
+    ("chat", "text"): "is a text file, not chat: chat files are .jsonl with one "
+    '{"messages": [...]} object per line; pass text as data.train_files',
+}
+
+
+def _check_records(paths: list[Path], tok, policy: str, role: str) -> int:
+    """Validate user files before use in ``role`` ("text" or "chat"): a file of the other kind is
+    refused. ``stop``: raise listing the first 10 errors, one per line; ``skip``: the number of bad
+    records that will be dropped (a file-level error still stops)."""
     from lumina.data.validate import validate_file
 
-    errors = [e for p in paths for e in validate_file(p, tok, count_tokens=False).errors]
+    reports = [validate_file(p, tok, count_tokens=False) for p in paths]
+    for r in reports:
+        if r.lengths and r.kind != role:  # usable records, of the wrong kind
+            raise DataError(f"{r.path}: {_WRONG_ROLE[role, r.kind]}")
+    errors = [e for r in reports for e in r.errors]
     if not errors:
         return 0
     if policy == "skip" and all(e.line is not None for e in errors):

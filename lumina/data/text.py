@@ -126,10 +126,13 @@ def _stream_txt(path: Path, tokenizer: Tokenizer, sink) -> None:
             sink(np.concatenate([np.asarray(ids, dtype=np.uint32) for ids in encoded]))
 
 
-def check_utf8(path: Path) -> int:
-    """Decode the file in chunks (no tokenising); the number of non-whitespace characters (a BOM
-    does not count, as the loader drops it). Raises ``DataError`` naming the line of invalid UTF-8."""
-    return sum(1 for chunk, _ in _decoded_chunks(path) for c in chunk if not c.isspace())
+def check_utf8(path: Path) -> bool:
+    """Decode the whole file in chunks (no tokenising); whether it holds any non-whitespace text (a
+    BOM does not count, as the loader drops it). Raises ``DataError`` naming the line of invalid UTF-8."""
+    has_text = False
+    for chunk, _ in _decoded_chunks(path):
+        has_text = has_text or bool(chunk.strip())
+    return has_text
 
 
 def _line_of(path: Path, byte_offset: int) -> int:

@@ -2,9 +2,11 @@
 
 Errors (the record cannot be used): invalid UTF-8, invalid JSON, wrong types, a missing or unknown
 role, a system message after the first, two consecutive messages of one role (roles out of order),
-empty content, a conversation without an assistant turn, an empty file. Warnings (the loaders
-handle them correctly, so the data is used as is): a UTF-8 byte-order mark, CRLF line ends, an empty
-text record, an exact duplicate of an earlier record.
+empty content, a conversation without an assistant turn, a text record in a chat file or a chat
+record in a text file (the file's first record decides which it is). File errors (training refuses
+the file whatever ``data.on_bad_records`` says): an empty or whitespace-only file, a text file whose
+every record is empty. Warnings (the loaders handle them correctly, so the data is used as is): a
+UTF-8 byte-order mark, CRLF line ends, an empty text record, an exact duplicate of an earlier record.
 
 ``python -m lumina.run validate PATH...`` prints a report and exits 2 when there are errors.
 Training validates its files first (``data.on_bad_records``): ``stop`` ends with the first 10
@@ -78,6 +80,8 @@ def validate_file(path: Path, tok: Tokenizer, *, count_tokens: bool = True) -> F
     if b"\r\n" in head:
         report.problems.append(Problem(name, None, "CRLF line ends (fine; noted)", False))
     seen: dict[str, int] = {}
+    first: dict[str, int] = {}  # kind -> line of its first record: the first kind seen is the file's
+    has_text = False
     for lineno, record in iter_json_lines(path):
         if isinstance(record, DataError):
             report.problems.append(Problem(name, lineno, str(record).split(": ", 1)[1], True))
@@ -85,22 +89,30 @@ def validate_file(path: Path, tok: Tokenizer, *, count_tokens: bool = True) -> F
         if not isinstance(record, dict):
             report.problems.append(Problem(name, lineno, "expected a JSON object", True))
             continue
-        if "messages" in record:
-            report.kind = "chat"
+        kind = "chat" if "messages" in record else "text" if isinstance(record.get("text"), str) else None
+        if kind is None:
+            report.problems.append(
+                Problem(name, lineno, "expected 'messages' (chat) or a string 'text'", True)
+            )
+            continue
+        first.setdefault(kind, lineno)
+        report.kind = next(iter(first))
+        if kind != report.kind:  # each loader reads one kind: the other kind's records are bad there
+            other = "'messages'" if report.kind == "chat" else "a string 'text'"
+            message = f"a {kind} record in a {report.kind} file (line {first[report.kind]} has {other})"
+            report.problems.append(Problem(name, lineno, message, True))
+            continue
+        if kind == "chat":
             why = check_conversation(record["messages"])
             if why:
                 report.problems.append(Problem(name, lineno, why, True))
                 continue
             length = len(render(record["messages"], tok)[0]) if count_tokens else 0
-        elif isinstance(record.get("text"), str):
+        else:
             if not record["text"].strip():
                 report.problems.append(Problem(name, lineno, "empty text", False))
+            has_text = has_text or bool(record["text"].strip())
             length = len(tok.encode(record["text"])) + 1 if count_tokens else 0
-        else:
-            report.problems.append(
-                Problem(name, lineno, "expected 'messages' (chat) or a string 'text'", True)
-            )
-            continue
         digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
         if digest in seen:
             report.problems.append(Problem(name, lineno, f"duplicate of line {seen[digest]}", False))
@@ -108,6 +120,8 @@ def validate_file(path: Path, tok: Tokenizer, *, count_tokens: bool = True) -> F
         report.lengths.append(length)
     if not report.lengths and not report.errors:
         report.problems.append(Problem(name, None, "empty file: no records", True))
+    elif report.kind == "text" and report.lengths and not has_text:
+        report.problems.append(Problem(name, None, "no text: every record is empty", True))
     return report
 
 
@@ -126,19 +140,19 @@ def _validate_txt(path: Path, tok: Tokenizer, count_tokens: bool) -> FileReport:
         count[0] += len(ids)
 
     try:
-        if count_tokens:
+        # Whitespace alone is no document (training refuses it), though it has tokens: test the text.
+        has_text = check_utf8(path)
+        if has_text and count_tokens:
             stream_file(path, tok, counted)
-        else:
-            count[0] = check_utf8(path)
     except DataError as e:  # invalid UTF-8, with its line
         where, _, message = str(e).partition(": ")
         line = where.rsplit(":", 1)[-1]
         report.problems.append(Problem(name, int(line) if line.isdigit() else None, message, True))
         return report
-    if count[0] == 0:
+    if not has_text:
         report.problems.append(Problem(name, None, "empty file: no documents", True))
     else:
-        report.lengths.append(count[0] if count_tokens else 0)
+        report.lengths.append(count[0])
     return report
 
 

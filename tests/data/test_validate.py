@@ -1,12 +1,13 @@
 """The validator and the data policy against a corpus of malformed files."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 
-from lumina import run
+from lumina import presets, run
 from lumina.configure import load_config
 from lumina.data.mix import build_mix
 from lumina.data.text import DataError
@@ -126,3 +127,69 @@ def test_bom_only_file_is_empty_in_both_validation_modes(tmp_path):
     for count_tokens in (True, False):
         report = validate_file(path, get_tokenizer("gpt2"), count_tokens=count_tokens)
         assert [p.message for p in report.errors] == ["empty file: no documents"], count_tokens
+
+
+def config(**data):
+    """The debug preset with ``data`` fields replaced (no CLI parsing involved)."""
+    base = presets.get("debug")
+    return dataclasses.replace(base, data=dataclasses.replace(base.data, **data))
+
+
+TEXT_EVAL = "A held-out line of plain text for the eval split. " * 40
+# Files validate must call errors because training refuses them: name -> (content, role, fragment)
+REFUSED = {
+    "blank.txt": (" \n\t\n   \r\n", "text", "empty file: no documents"),
+    "empty.jsonl": ("\n\n", "text", "empty file: no records"),
+    "blank_records.jsonl": ('{"text": "  "}\n{"text": ""}\n', "text", "no text: every record is empty"),
+    "one_speaker.jsonl": (
+        '{"messages": [{"role": "user", "content": "anyone there?"}]}\n' * 3,
+        "chat",
+        "no assistant message",
+    ),
+    "mixed_as_chat.jsonl": (GOOD + '\n{"text": "plain"}\n', "chat", "a text record in a chat file"),
+    "mixed_as_text.jsonl": ('{"text": "plain"}\n' + GOOD + "\n", "text", "a chat record in a text file"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_validate_errors_exactly_where_training_refuses(tmp_path, capsys, name):
+    content, role, fragment = REFUSED[name]
+    path = write(tmp_path, name, content)
+    assert run.main(["validate", str(path)]) == 2
+    errors = [line.strip() for line in capsys.readouterr().out.splitlines() if ": error: " in line]
+    assert errors and errors[0].startswith(str(path)) and fragment in errors[0], errors
+    if role == "text":
+        evals = write(tmp_path, "eval.txt", TEXT_EVAL)
+        cfg = config(train_files=(str(path),), eval_files=(str(evals),))
+    else:
+        evals = write(tmp_path, "eval.jsonl", GOOD + "\n")
+        cfg = config(mode="finetuning_only", chat_files=(str(path),), chat_eval_files=(str(evals),))
+    with pytest.raises(DataError) as e:
+        build_mix(cfg, "train")
+    assert str(path) in str(e.value) and fragment in str(e.value)
+
+
+def test_a_file_in_the_wrong_role_is_one_line_naming_it(tmp_path):
+    chats = write(tmp_path, "chats.jsonl", GOOD + "\n")
+    prose = write(tmp_path, "prose.txt", TEXT_EVAL)
+    texts = write(tmp_path, "texts.jsonl", json.dumps({"text": TEXT_EVAL}) + "\n")
+    chat_mode = {"mode": "finetuning_only", "chat_eval_files": (str(chats),)}
+    for cfg, path, fragment in (
+        (config(train_files=(str(chats),), eval_files=(str(prose),)), chats, "is a chat file"),
+        (config(chat_files=(str(prose),), **chat_mode), prose, "is a text file"),
+        (config(chat_files=(str(texts),), **chat_mode), texts, "is a text file"),
+    ):
+        with pytest.raises(DataError) as e:
+            build_mix(cfg, "train")
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{path}: ") and fragment in msg, msg
+
+
+def test_skipping_every_record_names_the_files(tmp_path):
+    bad = write(tmp_path, "bad.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n' * 3)
+    evals = write(tmp_path, "eval.jsonl", GOOD + "\n")
+    cfg = config(
+        mode="finetuning_only", chat_files=(str(bad),), chat_eval_files=(str(evals),), on_bad_records="skip"
+    )
+    with pytest.raises(DataError, match=f"^data.chat_files: no usable conversations in {bad} "):
+        build_mix(cfg, "train")
