@@ -34,9 +34,11 @@ import torch
 from lumina.data.tokenizer import Tokenizer, default_cache_dir, package_file
 
 __all__ = [
+    "DATA_SUFFIXES",
     "DataError",
     "PackedText",
     "check_utf8",
+    "data_files_in",
     "expand_paths",
     "iter_json_lines",
     "sample_ids",
@@ -51,8 +53,25 @@ class DataError(ValueError):
     """Bad data input; the message is one line naming the file (and line)."""
 
 
+DATA_SUFFIXES = (".txt", ".jsonl")
+EMPTY_DIRECTORY = "a directory with no data files (.txt or .jsonl, searched recursively)"
+
+
+def data_files_in(directory: Path) -> list[Path]:
+    """The data files (``.txt``, ``.jsonl``) under ``directory``, recursively, sorted by their path
+    components (code-point order: the same on every machine). Other files are ignored, and so are
+    hidden files and directories (a leading ".": ``.git``, editor and notebook back-ups); symbolic
+    links to directories are not followed (no cycles), links to files are taken."""
+    found = []
+    for top, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top, f) for f in files if not f.startswith(".") and Path(f).suffix in DATA_SUFFIXES]
+    return sorted(found, key=lambda p: p.relative_to(directory).parts)
+
+
 def expand_paths(patterns: Sequence[str]) -> list[Path]:
-    """Paths and globs, in the given order (each glob sorted); a pattern matching nothing is an error."""
+    """Paths, globs and directories (their ``data_files_in``), in the given order (each glob
+    sorted); a pattern matching nothing, or a directory holding no data file, is an error."""
     out: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
@@ -60,9 +79,15 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
             raise DataError(f"{pattern}: no such file")
         for m in matches:
             p = Path(m)
-            if p.suffix not in (".txt", ".jsonl"):
+            if p.is_dir():
+                inside = data_files_in(p)
+                if not inside:
+                    raise DataError(f"{m}: {EMPTY_DIRECTORY}")
+                out += inside
+            elif p.suffix not in DATA_SUFFIXES:
                 raise DataError(f"{m}: unsupported file type (use .txt or .jsonl)")
-            out.append(p)
+            else:
+                out.append(p)
     return out
 
 

@@ -15,18 +15,27 @@ errors, one line each; ``skip`` drops the bad records and says how many.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lumina.data.chat import check_conversation, render
-from lumina.data.text import DataError, check_utf8, iter_json_lines, stream_file
+from lumina.data.text import (
+    EMPTY_DIRECTORY,
+    DataError,
+    check_utf8,
+    data_files_in,
+    iter_json_lines,
+    stream_file,
+)
 from lumina.data.tokenizer import Tokenizer
 
-__all__ = ["FileReport", "Problem", "print_reports", "validate_file", "validate_packaged"]
+__all__ = ["FileReport", "Problem", "print_reports", "validate_file", "validate_packaged", "validate_paths"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,24 @@ def validate_file(path: Path, tok: Tokenizer, *, count_tokens: bool = True) -> F
     elif report.kind == "text" and report.lengths and not has_text:
         report.problems.append(Problem(name, None, "no text: every record is empty", True))
     return report
+
+
+def validate_paths(paths: list[str], tok: Tokenizer, *, count_tokens: bool = True) -> list[FileReport]:
+    """Reports for files, globs and directories as training reads them (``expand_paths``: a
+    directory is its .txt / .jsonl files, recursively, sorted). A missing path, a glob matching
+    nothing or a directory without data files is a one-problem report; the others still get theirs."""
+    reports = []
+    for x in paths:
+        matches = sorted(glob.glob(os.path.expanduser(x), recursive=True)) if glob.has_magic(x) else [x]
+        for m in matches or [x]:
+            path = Path(m)
+            if not path.is_dir():
+                reports.append(validate_file(path, tok, count_tokens=count_tokens))
+            elif files := data_files_in(path):
+                reports += [validate_file(f, tok, count_tokens=count_tokens) for f in files]
+            else:
+                reports.append(FileReport(m, "text", problems=[Problem(m, None, EMPTY_DIRECTORY, True)]))
+    return reports
 
 
 def _validate_txt(path: Path, tok: Tokenizer, count_tokens: bool) -> FileReport:

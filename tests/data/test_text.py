@@ -159,3 +159,24 @@ def test_invalid_utf8_mid_stream_names_the_line(tmp_path, gpt2, monkeypatch):
     with pytest.raises(DataError, match="late.txt:5001: invalid UTF-8"):
         tokenize_files([path], gpt2, cache=False)
     assert not list((tmp_path).glob("*.tmp"))
+
+
+def test_a_directory_is_its_data_files_recursive_and_sorted(tmp_path, gpt2):
+    root = tmp_path / "corpus"
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / ".git").mkdir()
+    files = ["z.txt", "a.jsonl", "b/deep/c.txt", "b/a.txt", "B.txt", "notes.md", ".hidden.txt", ".git/x.txt"]
+    for rel in files:
+        (root / rel).write_text(json.dumps({"text": rel}) if rel.endswith(".jsonl") else rel)
+    got = expand_paths([f"{root}/"])
+    # .txt / .jsonl only, hidden entries skipped, sorted by path components (code points): deterministic
+    expected = ["B.txt", "a.jsonl", "b/a.txt", "b/deep/c.txt", "z.txt"]
+    assert [p.relative_to(root).as_posix() for p in got] == expected
+    documents = gpt2.decode(tokenize_files(got, gpt2, cache=False).tolist()).split("<|endoftext|>")
+    assert documents == [*expected, ""]
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.md").write_text("not data")
+    with pytest.raises(DataError) as e:
+        expand_paths([str(empty)])
+    assert str(e.value) == f"{empty}: a directory with no data files (.txt or .jsonl, searched recursively)"

@@ -193,3 +193,32 @@ def test_skipping_every_record_names_the_files(tmp_path):
     )
     with pytest.raises(DataError, match=f"^data.chat_files: no usable conversations in {bad} "):
         build_mix(cfg, "train")
+
+
+def test_directories_are_their_data_files_in_validate_and_training(tmp_path):
+    from lumina.data import get_tokenizer
+    from lumina.data.validate import validate_paths
+
+    chats, held_out, empty = tmp_path / "chats", tmp_path / "held_out", tmp_path / "empty"
+    (chats / "more").mkdir(parents=True)
+    held_out.mkdir()
+    empty.mkdir()
+    write(chats, "a.jsonl", GOOD + "\n")
+    write(chats / "more", "b.jsonl", GOOD.replace("hello", "hello there") + "\n" + GOOD + "\n")
+    write(chats, "readme.md", "not data")
+    write(held_out, "eval.jsonl", GOOD + "\n")
+    reports = validate_paths([str(chats), str(empty), str(tmp_path / "missing")], get_tokenizer("gpt2"))
+    nothing = [f"{empty}: error: a directory with no data files (.txt or .jsonl, searched recursively)"]
+    assert [(r.path, len(r.lengths), [str(p) for p in r.problems]) for r in reports] == [
+        (str(chats / "a.jsonl"), 1, []),
+        (str(chats / "more" / "b.jsonl"), 2, []),
+        (str(empty), 0, nothing),
+        (str(tmp_path / "missing"), 0, [f"{tmp_path / 'missing'}: error: no such file"]),
+    ]
+    cfg = config(mode="finetuning_only", chat_files=(str(chats),), chat_eval_files=(f"{held_out}/",))
+    assert len(build_mix(cfg, "train").chat.tokens) == 3 and len(build_mix(cfg, "eval").chat.tokens) == 1
+    with pytest.raises(DataError, match=f"^{empty}: a directory with no data files"):
+        build_mix(
+            dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chat_eval_files=(str(empty),))),
+            "eval",
+        )
