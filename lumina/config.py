@@ -55,6 +55,21 @@ def _positive(obj: Any, *names: str) -> None:
         _check(v > 0, f"{n} must be > 0, got {v}")
 
 
+def _non_negative(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _check(v >= 0, f"{n} must be >= 0, got {v}")
+
+
+def _within(obj: Any, name: str, interval: str) -> None:
+    """``interval`` as written in the message: "[0, 1)", "(0, 1]" ... (numeric bounds)."""
+    v = getattr(obj, name)
+    lo, hi = (float(b) for b in interval[1:-1].split(","))
+    above = v > lo if interval[0] == "(" else v >= lo
+    below = v < hi if interval[-1] == ")" else v <= hi
+    _check(above and below, f"{name} must be in {interval}, got {v}")
+
+
 # ----------------------------------------------------------------------------------------- model
 
 
@@ -82,21 +97,19 @@ class MoEConfig:
     z_loss_weight: float = 1e-3
 
     def __post_init__(self) -> None:
-        _check(self.num_experts >= 0, f"num_experts must be >= 0, got {self.num_experts}")
+        _non_negative(self, "num_experts", "num_shared_experts")
         if self.num_experts:
             _check(
                 1 <= self.top_k <= self.num_experts,
                 f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}",
             )
         _check(self.d_expert is None or self.d_expert > 0, f"d_expert must be > 0, got {self.d_expert}")
-        _check(self.num_shared_experts >= 0, "num_shared_experts must be >= 0")
         cf = self.capacity_factor
         _check(cf is None or cf > 0, f"capacity_factor must be > 0 or none (dropless), got {cf}")
         _check(self.every_n >= 1, f"every_n must be >= 1, got {self.every_n}")
-        _check(self.router_temperature > 0, "router_temperature must be > 0")
-        _check(self.router_jitter >= 0, "router_jitter must be >= 0")
-        _check(0 <= self.expert_dropout < 1, "expert_dropout must be in [0, 1)")
-        _check(self.aux_loss_weight >= 0 and self.z_loss_weight >= 0, "loss weights must be >= 0")
+        _positive(self, "router_temperature")
+        _non_negative(self, "router_jitter", "aux_loss_weight", "z_loss_weight", "bias_update_rate")
+        _within(self, "expert_dropout", "[0, 1)")
 
     @property
     def enabled(self) -> bool:
@@ -115,10 +128,10 @@ class MoDConfig:
     predictor_hidden: int = 64  # hidden width of that predictor MLP
 
     def __post_init__(self) -> None:
-        _check(0 < self.capacity <= 1, f"capacity must be in (0, 1], got {self.capacity}")
-        _check(self.predictor_hidden > 0, f"predictor_hidden must be > 0, got {self.predictor_hidden}")
+        _within(self, "capacity", "(0, 1]")
+        _positive(self, "predictor_hidden")
         _check(self.every_n >= 1, f"every_n must be >= 1, got {self.every_n}")
-        _check(self.predictor_loss_weight >= 0, "predictor_loss_weight must be >= 0")
+        _non_negative(self, "predictor_loss_weight")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,9 +165,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "ffn_multiple_of", "max_seq_len")
-        _check(self.rope_theta > 0, "rope_theta must be > 0")
-        _check(self.norm_eps > 0, "norm_eps must be > 0")
-        _check(self.init_std > 0, "init_std must be > 0")
+        _positive(self, "rope_theta", "norm_eps", "init_std")
         if self.head_dim is None:
             _check(
                 self.d_model % self.n_heads == 0,
@@ -238,7 +249,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "seq_len", "lr", "eps", "log_every", "eval_every")
-        _check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _within(self, "warmup_ratio", "[0, 1)")
+        _check(
+            self.optimizer != "adamw8bit",
+            "optimizer=adamw8bit is not implemented yet (8-bit AdamW state is planned); use optimizer=adamw",
+        )
         for name, value in self._derived().items():
             if getattr(self, name) is None:
                 _set(self, name, value)
@@ -249,14 +264,14 @@ class TrainConfig:
         )
         _check(0 <= self.min_lr <= self.lr, f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
         _check(0 <= self.warmup_steps <= self.steps, f"warmup_steps must be in [0, steps={self.steps}]")
-        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
-        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
-        _check(self.clip_norm >= 0, "clip_norm must be >= 0 (0 disables clipping)")
-        _check(self.eval_batches >= 0 and self.ckpt_every >= 0, "eval_batches, ckpt_every must be >= 0")
-        _check(self.keep_last >= 1, "keep_last must be >= 1")
-        _check(self.patience >= 0 and self.min_delta >= 0, "patience and min_delta must be >= 0")
+        _within(self, "beta1", "[0, 1)")
+        _within(self, "beta2", "[0, 1)")
+        _non_negative(self, "weight_decay", "clip_norm", "eval_batches", "ckpt_every")
+        _non_negative(self, "patience", "min_delta")
+        _check(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         _positive(self, "loss_scale_init", "loss_scale_window")
-        _check(self.peak_flops is None or self.peak_flops > 0, "peak_flops must be > 0")
+        pf = self.peak_flops
+        _check(pf is None or pf > 0, f"peak_flops must be > 0 or none, got {pf}")
         _check(self.lr_scale > 0, f"lr_scale must be > 0, got {self.lr_scale}")
 
     @property
@@ -280,9 +295,18 @@ class DataConfig:
     on_bad_records: Literal["stop", "skip"] = "stop"  # stop: list the first 10 errors; skip: drop them
 
     def __post_init__(self) -> None:
-        _check(0 <= self.interleave_ratio <= 1, "interleave_ratio must be in [0, 1]")
-        _check(0 < self.hybrid_base_fraction < 1, "hybrid_base_fraction must be in (0, 1)")
-        _check(0 < self.eval_fraction < 1, "eval_fraction must be in (0, 1)")
+        _within(self, "interleave_ratio", "[0, 1]")
+        _within(self, "hybrid_base_fraction", "(0, 1)")
+        _within(self, "eval_fraction", "(0, 1)")
+        # Held-out files alone would train on the packaged corpus and evaluate on the user's files:
+        # almost surely a forgotten --data, so refuse it (training files alone get a held-out split).
+        flags = {"train_files": "--data", "chat_files": "--data with --mode finetuning_only"}
+        for held_out, train in (("eval_files", "train_files"), ("chat_eval_files", "chat_files")):
+            _check(
+                not getattr(self, held_out) or bool(getattr(self, train)),
+                f"{held_out} without data.{train}: held-out files need training files "
+                f"(data.{train}, {flags[train]})",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -370,19 +394,25 @@ class OrchestratorConfig:
         _positive(
             self, "spike_z", "grad_abs", "grad_rel", "grad_persist", "capacity_step", "mod_capacity_step"
         )
-        _check(self.cooldown >= 0 and self.warmup >= 0, "cooldown and warmup must be >= 0")
-        _check(self.max_changes_per_window >= 1, "max_changes_per_window must be >= 1")
-        _check(self.max_rollbacks_per_window >= 0, "max_rollbacks_per_window must be >= 0")
+        _non_negative(self, "cooldown", "warmup", "max_rollbacks_per_window", "registry_max_distance")
+        _check(
+            self.max_changes_per_window >= 1,
+            f"max_changes_per_window must be >= 1, got {self.max_changes_per_window}",
+        )
         for n in ("conf_soft", "conf_medium", "conf_hard", "conf_critical"):
-            _check(0 <= getattr(self, n) <= 1, f"{n} must be in [0, 1]")
-        _check(0 <= self.persist_decay < 1, "persist_decay must be in [0, 1)")
+            _within(self, n, "[0, 1]")
+        _within(self, "persist_decay", "[0, 1)")
         _positive(self, "registry_min_runs", "registry_top")
-        _check(self.registry_max_distance >= 0, "registry_max_distance must be >= 0")
-        _check(0 < self.emergency_lr_factor < 1, "emergency_lr_factor must be in (0, 1): it must cut")
-        _check(0 < self.soft_lr_factor < 1, "soft_lr_factor must be in (0, 1)")
-        _check(2 <= self.min_experts <= self.max_experts, "need 2 <= min_experts <= max_experts")
-        _check(0 < self.mod_max_capacity <= 1, "mod_max_capacity must be in (0, 1]")
-        _check(self.memory_budget_mb is None or self.memory_budget_mb > 0, "memory_budget_mb must be > 0")
+        _within(self, "emergency_lr_factor", "(0, 1)")  # an emergency cut must cut
+        _within(self, "soft_lr_factor", "(0, 1)")
+        _check(self.min_experts >= 2, f"min_experts must be >= 2, got {self.min_experts}")
+        _check(
+            self.max_experts >= self.min_experts,
+            f"max_experts={self.max_experts} must be >= min_experts={self.min_experts}",
+        )
+        _within(self, "mod_max_capacity", "(0, 1]")
+        mb = self.memory_budget_mb
+        _check(mb is None or mb > 0, f"memory_budget_mb must be > 0 or none, got {mb}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,8 +7,10 @@ import pytest
 from lumina import presets
 from lumina.config import (
     ConfigError,
+    DataConfig,
     ModelConfig,
     MoEConfig,
+    OrchestratorConfig,
     RunConfig,
     TrainConfig,
     from_dict,
@@ -172,3 +174,70 @@ def test_cli_bad_input_is_one_line_exit_2(args, fragment):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_config_module_imports_neither_presets_nor_the_loader():
+    """presets builds configs and configure merges both: config importing either (even inside a
+    function) is the cycle the split removed."""
+    import ast
+    from pathlib import Path
+
+    import lumina.config
+
+    tree = ast.parse(Path(lumina.config.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported |= {node.module or ""} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+    assert not imported & {"lumina.presets", "lumina.configure"}, imported
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "message"),
+    [
+        (TrainConfig, dict(ckpt_every=-1), "ckpt_every must be >= 0, got -1"),
+        (TrainConfig, dict(eval_batches=-2), "eval_batches must be >= 0, got -2"),
+        (TrainConfig, dict(beta1=1.0), "beta1 must be in [0, 1), got 1.0"),
+        (TrainConfig, dict(beta2=-0.1), "beta2 must be in [0, 1), got -0.1"),
+        (TrainConfig, dict(patience=-1), "patience must be >= 0, got -1"),
+        (TrainConfig, dict(min_delta=-0.5), "min_delta must be >= 0, got -0.5"),
+        (MoEConfig, dict(aux_loss_weight=-1.0), "aux_loss_weight must be >= 0, got -1.0"),
+        (MoEConfig, dict(z_loss_weight=-1.0), "z_loss_weight must be >= 0, got -1.0"),
+        (OrchestratorConfig, dict(cooldown=-1), "cooldown must be >= 0, got -1"),
+        (OrchestratorConfig, dict(warmup=-3), "warmup must be >= 0, got -3"),
+        (OrchestratorConfig, dict(min_experts=1), "min_experts must be >= 2, got 1"),
+        (OrchestratorConfig, dict(max_experts=3, min_experts=4), "max_experts=3 must be >= min_experts=4"),
+    ],
+)
+def test_a_bad_value_names_exactly_its_field(cls, kwargs, message):
+    """Checks of two fields at once named both (``--train.ckpt_every=-1`` blamed eval_batches too)."""
+    with pytest.raises(ConfigError) as e:
+        cls(**kwargs)
+    assert str(e.value) == message
+    others = {"eval_batches", "ckpt_every", "beta1", "beta2", "patience", "min_delta", "cooldown", "warmup"}
+    others |= {"aux_loss_weight", "z_loss_weight", "loss weights"}
+    assert not {o for o in others - set(kwargs) if o in message}, message
+
+
+def test_adamw8bit_is_refused_until_implemented(tmp_path):
+    with pytest.raises(ConfigError, match=r"^optimizer=adamw8bit is not implemented yet"):
+        TrainConfig(optimizer="adamw8bit")
+    f = tmp_path / "q.toml"
+    f.write_text('[train]\noptimizer = "adamw8bit"\n')
+    with pytest.raises(ConfigError, match=r"q.toml: train: optimizer=adamw8bit is not implemented yet"):
+        load_config(config_file=str(f))
+
+
+def test_held_out_files_need_training_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"^eval_files without data.train_files"):
+        DataConfig(eval_files=("h.txt",))
+    with pytest.raises(ConfigError, match=r"^chat_eval_files without data.chat_files"):
+        DataConfig(chat_eval_files=("h.jsonl",))
+    assert DataConfig(train_files=("t.txt",), eval_files=("h.txt",)).eval_files == ("h.txt",)
+    assert DataConfig(train_files=("t.txt",)).train_files == ("t.txt",)  # alone: a held-out split
+    f = tmp_path / "d.toml"
+    f.write_text('[data]\neval_files = ["h.txt"]\n')
+    with pytest.raises(ConfigError, match=r"d.toml: data: eval_files without data.train_files"):
+        load_config(config_file=str(f))
