@@ -9,14 +9,19 @@ nothing allocated). *Active* = parameters a token's forward pass reads: everythi
 routed experts, plus ``top_k / num_experts`` of them (shared experts always count; the tied
 embedding counts once). MoD does not change it: every token may still pass through any block; MoD
 saves FLOPs, not parameters.
+
+``check_fits(cfg, device)`` refuses (``ConfigError``) a config whose train state cannot fit the
+device's memory, before anything is allocated. Importing this module does not import torch (the
+CLI lists the preset names in ``--help``); the counting functions import it when called.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
-from lumina import tree
 from lumina.config import (
     ConfigError,
     DataConfig,
@@ -27,7 +32,21 @@ from lumina.config import (
     TrainConfig,
 )
 
-__all__ = ["ParamCount", "count_params", "describe", "get", "names", "nominal_active", "table"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "ParamCount",
+    "check_fits",
+    "count_params",
+    "describe",
+    "device_memory",
+    "get",
+    "names",
+    "nominal_active",
+    "table",
+    "train_state_bytes",
+]
 
 _REGISTRY: dict[str, Callable[[], RunConfig]] = {}
 _NOMINAL: dict[str, float] = {}
@@ -185,11 +204,17 @@ class ParamCount(NamedTuple):
     total: int
 
 
-def count_params(cfg: ModelConfig) -> ParamCount:
-    """Active and total parameters, from the real shapes on the meta device (nothing allocated)."""
+def _meta_params(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The parameter tree's tensors by dotted name, on the meta device (shapes only)."""
+    from lumina import tree
     from lumina.model import init
 
-    params = tree.flatten(init(cfg, device="meta"))
+    return tree.flatten(init(cfg, device="meta"))
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    """Active and total parameters, from the real shapes on the meta device (nothing allocated)."""
+    params = _meta_params(cfg)
     total = active = 0
     E, k = cfg.moe.num_experts, cfg.moe.top_k
     for path, t in params.items():
@@ -244,3 +269,83 @@ def table(fmt: str = "text") -> str:
         return "  ".join(r[c].rjust(widths[c]) if i else r[c].ljust(widths[c]) for i, c in enumerate(cols))
 
     return "\n".join([line({c: c for c in cols}), *(line(r) for r in rows)])
+
+
+# ------------------------------------------------------------------------------- memory check
+
+
+def _bytes_per_param(cfg: RunConfig) -> int:
+    from lumina.step import COMPUTE_DTYPES
+
+    fp32 = 4
+    compute = COMPUTE_DTYPES[cfg.train.precision].itemsize
+    return fp32 * 4 + (compute if compute != fp32 else 0)  # weights, gradients, m, v (+ compute copy)
+
+
+def train_state_bytes(cfg: RunConfig) -> int:
+    """A floor on the device memory a training step needs, from the parameter shapes.
+
+    Counted (see ``lumina.step``): the fp32 master weights and AdamW's two fp32 moments that
+    ``init_train_state`` allocates, the fp32 gradients ``grad_and_value`` returns, and for bf16 /
+    fp16 the compute-dtype copy of the weights the forward reads: 16 bytes per parameter (18 in
+    bf16 / fp16). Not counted, so real use is higher: activations (batch x sequence x width, and
+    the routing buffers), the second gradient tree a step with gradient accumulation holds while
+    summing, the new weights and moments the functional update builds beside the old ones, the
+    orchestrator's snapshot ring (up to ``snapshot_ring`` + 1 copies of weights and moments),
+    eval batches, torch.compile workspaces and the allocator's fragmentation.
+    """
+    return count_params(cfg.model).total * _bytes_per_param(cfg)
+
+
+def _cgroup_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """This container's memory limit in bytes (cgroup v2 ``memory.max``, else v1's
+    ``memory/memory.limit_in_bytes``); None when unlimited or unreadable."""
+    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if not text.isdigit():
+            return None  # "max": no limit
+        limit = int(text)
+        return limit if limit < 2**60 else None  # v1 writes "unlimited" as ~2^63 rounded to a page
+    return None
+
+
+def device_memory(device: str | torch.device) -> tuple[int, str] | None:
+    """(bytes, what they are) the device can hold at most; None where unknown (mps ...).
+    CPU: physical RAM or the cgroup limit, whichever is smaller; CUDA: the device's total memory."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1], "total device memory"
+    if device.type == "cpu":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limit = _cgroup_limit()
+        return (limit, "cgroup memory limit") if limit is not None and limit < ram else (ram, "physical RAM")
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_fits(cfg: RunConfig, device: str | torch.device) -> int:
+    """Raise ``ConfigError`` (one line) when ``train_state_bytes(cfg)`` exceeds what ``device`` can
+    hold; else return that estimate. Allocates nothing (meta-device shapes); call it before
+    building the train state. A floor: passing does not promise the run fits (see
+    ``train_state_bytes``), failing means it cannot."""
+    params = _meta_params(cfg.model)
+    n, per = sum(t.numel() for t in params.values()), _bytes_per_param(cfg)
+    have = device_memory(device)
+    if have is None or n * per <= have[0]:
+        return n * per
+    name, largest = max(params.items(), key=lambda kv: kv[1].numel())
+    copy = f" and the {cfg.train.precision} copy of the weights" if per > 16 else ""
+    raise ConfigError(
+        f"model: the train state does not fit on {device}: {_human(n)} parameters (largest {name} "
+        f"{list(largest.shape)}) need at least {_gib(n * per)} ({per} bytes each: fp32 weights, "
+        f"gradients, two AdamW moments{copy}), but it has {_gib(have[0])} ({have[1]}); "
+        "shrink the model or use a device with more memory"
+    )

@@ -101,3 +101,57 @@ def test_presets_command_prints_the_table():
 def test_meta_init_honours_dtype():
     p = init(presets.get("debug").model, device="meta", dtype=torch.bfloat16)
     assert {t.dtype for t in p.values(True, True)} == {torch.bfloat16}
+
+
+def test_train_state_estimate_counts_what_the_train_state_holds():
+    """fp32 masters + AdamW m and v as ``init_train_state`` allocates them, + fp32 gradients, + the
+    compute-dtype copy of the weights the bf16 / fp16 forward reads."""
+    import dataclasses
+
+    from lumina import tree
+    from lumina.step import init_train_state
+
+    cfg = presets.get("debug")
+    flat = tree.flatten(init_train_state(cfg))
+    held = sum(t.numel() * t.element_size() for k, t in flat.items() if k.startswith(("params.", "opt.")))
+    n = presets.count_params(cfg.model).total
+    assert presets.train_state_bytes(cfg) == held + 4 * n
+    bf16 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="bf16"))
+    assert presets.train_state_bytes(bf16) == held + 4 * n + 2 * n
+
+
+def test_check_fits_refuses_what_the_device_cannot_hold(monkeypatch):
+    from lumina.config import ConfigError
+
+    cfg = presets.get("debug")
+    need = presets.check_fits(cfg, "cpu")
+    assert need == presets.train_state_bytes(cfg)
+    monkeypatch.setattr(presets, "device_memory", lambda device: (need, "a test limit"))
+    assert presets.check_fits(cfg, "cpu") == need  # exactly full still passes: it is a floor
+    monkeypatch.setattr(presets, "device_memory", lambda device: (need - 1, "a test limit"))
+    with pytest.raises(ConfigError) as e:
+        presets.check_fits(cfg, "cpu")
+    msg = str(e.value)
+    assert msg.startswith("model: the train state does not fit on cpu: ") and "a test limit" in msg
+    assert "largest embed.weight [50304, 128]" in msg and "\n" not in msg
+    monkeypatch.setattr(presets, "device_memory", lambda device: None)  # unknown capacity: no check
+    assert presets.check_fits(presets.get("b300"), "mps") > 10**12
+
+
+def test_cpu_memory_is_the_smaller_of_ram_and_the_cgroup_limit(tmp_path):
+    import os
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit, where = presets.device_memory("cpu")
+    cgroup = where == "cgroup memory limit" and limit < physical
+    assert (limit, where) == (physical, "physical RAM") or cgroup
+    (tmp_path / "memory.max").write_text("max\n")  # cgroup v2, unlimited
+    assert presets._cgroup_limit(tmp_path) is None
+    (tmp_path / "memory.max").write_text(f"{2**30}\n")
+    assert presets._cgroup_limit(tmp_path) == 2**30
+    (tmp_path / "memory.max").unlink()
+    (tmp_path / "memory").mkdir()  # cgroup v1: "unlimited" is a huge number
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert presets._cgroup_limit(tmp_path) is None
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{3 * 2**30}\n")
+    assert presets._cgroup_limit(tmp_path) == 3 * 2**30
