@@ -1,7 +1,7 @@
-"""``python -m lumina.run [COMMAND] [FLAGS] [--section.field=value ...]``
+"""usage: python -m lumina.run [COMMAND] [FLAGS] [--section.field=value ...]
 
 Commands:
-  train     (default) train the preset (``debug``: a small MoE + MoD hybrid on the packaged
+  train     (default) train the preset (debug: a small MoE + MoD hybrid on the packaged
             Shakespeare text, a few minutes on a laptop CPU) and leave runs/<name>/ with the
             resolved config, metrics.jsonl, TensorBoard events, checkpoints and report.png.
             --resume latest|RUN_DIR|CHECKPOINT_DIR continues a run exactly.
@@ -15,30 +15,27 @@ Commands:
             when identical to the decision log, 1 (and the first divergent decision) otherwise.
             --what-if orchestrator.KEY=VALUE (repeatable) lists the decisions that would differ.
 
-Bad input (unknown flag or key, wrong type, invalid value, unreadable config file) prints one line
-naming the problem and exits with status 2.
+"python -m lumina.run COMMAND --help" lists a command's flags. Any config field can be set with
+--section.field=value, e.g. --model.d_model=256 (see lumina/config.py for every field).
+
+Bad input (unknown flag or key, wrong type, invalid value, unreadable config file, a model too big
+for the device) prints one line naming the problem and exits with status 2.
 """
+
+# This docstring is the top-level --help, so it is plain text. torch takes seconds to import: it is
+# imported only after the arguments parse (inside the commands), so every --help is instant.
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from collections.abc import Callable, Sequence
 
-import torch
-
 from lumina import presets
-from lumina.checkpoint import CheckpointError
 from lumina.config import ConfigError, RunConfig
 from lumina.configure import load_config
-from lumina.data.text import DataError
-from lumina.data.tokenizer import TokenizerError
-from lumina.loop import OutOfMemory, resolve_device
-from lumina.orchestrator.replay import ReplayError
 
-__all__ = ["main", "parse_config_args", "resolve_device"]
+__all__ = ["main", "parse_config_args", "train_parser"]
 
 # Convenience flags that are shorthands for dotted overrides.
 _SHORTHANDS = {
@@ -53,12 +50,25 @@ _SHORTHANDS = {
 }
 
 
+class _Exit(Exception):
+    """argparse finished (--help printed): ``main`` returns ``status`` instead of exiting."""
+
+    def __init__(self, status: int):
+        self.status = status
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse would print the usage block too)
         raise ConfigError(f"{self.prog}: {message} (see --help)")
 
+    def exit(self, status: int = 0, message: str | None = None):
+        if message:
+            print(message, end="", file=sys.stderr)
+        raise _Exit(status)
+
 
 def _config_parser(prog: str, description: str) -> _Parser:
+    """The flags every command that resolves a config reads; ``train`` adds its own."""
     p = _Parser(
         prog=prog,
         description=description,
@@ -67,12 +77,9 @@ def _config_parser(prog: str, description: str) -> _Parser:
     )
     p.add_argument("--preset", help=f"one of: {', '.join(presets.names())} (default: debug)")
     p.add_argument("--config", metavar="FILE.toml", help="TOML file applied on top of the preset")
-    p.add_argument("--steps", help="shorthand for --train.steps")
-    p.add_argument("--seed", help="shorthand for --seed (run seed)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--run-dir", dest="run_dir", help="parent folder of run folders (default: runs)")
-    p.add_argument("--name", help="run name: the run folder is <run-dir>/<name> (default: the preset)")
-    p.add_argument("--precision", help="fp32 | tf32 | bf16 | fp16")
+    p.add_argument("--seed", help="run seed: initialisation, data order, routing noise (default: 0)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--precision", help="fp32 | tf32 | bf16 | fp16 (train.precision)")
     return p
 
 
@@ -96,8 +103,12 @@ def parse_config_args(
         "eval_data": ("eval_files", "chat_eval_files"),
     }.items():
         value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"--data.{chat_key if mode == 'finetuning_only' else base_key}={value}")
+        if value is None:
+            continue
+        if not any(part.strip() for part in value.split(",")):  # "" would mean the packaged data
+            name = "--" + flag.replace("_", "-")
+            raise ConfigError(f"{name}: no files given (leave out {name} to use the packaged data)")
+        overrides.append(f"--data.{chat_key if mode == 'finetuning_only' else base_key}={value}")
     start = base(args, overrides) if base else None
     return args, load_config(preset=args.preset, config_file=args.config, overrides=overrides, base=start)
 
@@ -112,6 +123,9 @@ def _cmd_presets(argv: Sequence[str]) -> int:
 
 def train_parser() -> _Parser:
     parser = _config_parser("lumina.run train", "Train a model; see README 'Training'.")
+    parser.add_argument("--steps", help="optimizer steps (train.steps)")
+    parser.add_argument("--run-dir", dest="run_dir", help="parent folder of run folders (default: runs)")
+    parser.add_argument("--name", help="run name: the run folder is <run-dir>/<name> (default: the preset)")
     parser.add_argument("--mode", help="base_only | finetuning_only | hybrid | interleaved (data.mode)")
     parser.add_argument(
         "--data", metavar="FILES", help="comma-separated training files (chat with --mode finetuning_only)"
@@ -129,30 +143,43 @@ def train_parser() -> _Parser:
 
 
 def _cmd_train(argv: Sequence[str]) -> int:
-    from lumina import checkpoint, loop
-
-    parser = train_parser()
-
     def resumed_config(args, overrides) -> dict | None:
         if not args.resume:
             return None
+        from lumina import checkpoint, loop
+
         probe = load_config(args.preset, args.config, overrides)  # where to look for "latest"
         path = loop.find_resume(args.resume, probe.run_dir, probe.name)
         args.resume = str(path)
         return checkpoint.read_meta(path)["config"]  # the state itself is loaded once, by the loop
 
-    args, cfg = parse_config_args(parser, argv, base=resumed_config)
+    args, cfg = parse_config_args(train_parser(), argv, base=resumed_config)
+    from lumina import loop
+
+    presets.check_fits(cfg, loop.resolve_device(cfg.device))  # before any data or state is built
     loop.train(cfg, resume=args.resume)
     return 0
 
 
 def _cmd_check(argv: Sequence[str]) -> int:
+    parser = _config_parser(
+        "lumina.run check",
+        "Build the model in the train precision and run one forward/backward pass on random tokens.\n"
+        "A model whose train state (weights, gradients, AdamW moments) cannot fit the device is\n"
+        "refused first, as train would refuse it.",
+    )
+    _, cfg = parse_config_args(parser, argv)
+    import math
+    import time
+
+    import torch
+
+    from lumina.loop import resolve_device
     from lumina.model import apply, default_knobs, init
     from lumina.step import COMPUTE_DTYPES
 
-    parser = _config_parser("lumina.run check", "Build the model and run one forward/backward pass.")
-    _, cfg = parse_config_args(parser, argv)
     device = resolve_device(cfg.device)
+    presets.check_fits(cfg, device)
     m, t = cfg.model, cfg.train
     count = presets.count_params(m)
     print(f"[lumina] preset={cfg.preset} device={device} torch={torch.__version__}")
@@ -197,11 +224,6 @@ def _cmd_check(argv: Sequence[str]) -> int:
 
 
 def _cmd_validate(argv: Sequence[str]) -> int:
-    from pathlib import Path
-
-    from lumina.data import get_tokenizer
-    from lumina.data.validate import print_reports, validate_file, validate_packaged
-
     p = _Parser(prog="lumina.run validate", description="Check data files (.txt, .jsonl text or chat).")
     p.add_argument("paths", nargs="*", help="files to check (default: the packaged Shakespeare and chitchat)")
     p.add_argument("--tokenizer", default="gpt2", help="tokenizer for the token counts (default: gpt2)")
@@ -209,14 +231,17 @@ def _cmd_validate(argv: Sequence[str]) -> int:
         "--strict", action="store_true", help="warnings (BOM, CRLF, duplicates) also fail (exit 2)"
     )
     args = p.parse_args(argv)
+    from pathlib import Path
+
+    from lumina.data import get_tokenizer
+    from lumina.data.validate import print_reports, validate_file, validate_packaged
+
     tok = get_tokenizer(args.tokenizer)
     reports = [validate_file(Path(x), tok) for x in args.paths] if args.paths else validate_packaged(tok)
     return print_reports(reports, strict=args.strict)
 
 
 def _cmd_replay(argv: Sequence[str]) -> int:
-    from lumina.orchestrator.replay import main_replay
-
     p = _Parser(prog="lumina.run replay", description="Re-derive a run's orchestrator decisions.")
     p.add_argument("run_dir", help="a run folder (runs/<name>)")
     p.add_argument(
@@ -224,6 +249,8 @@ def _cmd_replay(argv: Sequence[str]) -> int:
         help="replay under a changed orchestrator config and list the decisions that differ",
     )  # fmt: skip
     args = p.parse_args(argv)
+    from lumina.orchestrator.replay import main_replay
+
     return main_replay(args.run_dir, args.what_if, sys.stdout)
 
 
@@ -245,15 +272,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in _COMMANDS else _DEFAULT
     try:
         return _COMMANDS[command](argv)
-    except (ConfigError, DataError, TokenizerError, CheckpointError, ReplayError) as e:
+    except _Exit as e:
+        return e.status
+    except ConfigError as e:
         print(f"lumina: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lumina: interrupted", file=sys.stderr)
         return 130
-    except OutOfMemory as e:  # not bad input, but not a bug either: one line, exit 1
+    except Exception as e:
+        status = _known_failure(e)
+        if status is None:
+            raise
+        return status
+
+
+def _known_failure(e: Exception) -> int | None:
+    """Print one line and return the exit status for an error that is not a bug; None otherwise.
+    The error classes are imported here, not at the top: their modules import torch."""
+    from lumina.checkpoint import CheckpointError
+    from lumina.data.text import DataError
+    from lumina.data.tokenizer import TokenizerError
+    from lumina.loop import OutOfMemory
+    from lumina.orchestrator.replay import ReplayError
+
+    if isinstance(e, DataError | TokenizerError | CheckpointError | ReplayError):
+        print(f"lumina: error: {e}", file=sys.stderr)  # bad user input
+        return 2
+    if isinstance(e, OutOfMemory):  # not bad input, but not a bug either: one line, exit 1
         print(f"lumina: {e}", file=sys.stderr)
         return 1
+    return None
 
 
 if __name__ == "__main__":
