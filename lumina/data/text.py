@@ -3,8 +3,13 @@
 Legend: B batch, T sequence length, W number of windows.
 
 - Documents come from ``.txt`` files (a file is one document) and ``.jsonl`` files (one
-  ``{"text": ...}`` object per line), given as paths or globs; each is tokenised and followed by
-  ``<|endoftext|>``, and the documents are concatenated.
+  ``{"text": ...}`` object per line), given as paths, globs or directories (their .txt / .jsonl
+  files, recursively, sorted); each is tokenised and followed by ``<|endoftext|>``, and the
+  documents are concatenated.
+- A held-out split of such files (``Holdout``) works on finer documents: a .txt's paragraphs
+  (blocks between blank lines; its lines when it has fewer than two paragraphs) and a .jsonl's
+  records. A document goes to eval when the sha256 of its text falls below the cut, so the split
+  is the same on every machine and run, and a .txt's kept paragraphs stay one document per side.
 - The stream is cut into W = (n - 1) // T windows of T + 1 tokens that overlap by one token; a
   window gives ``inputs = w[:-1]`` and ``targets = w[1:]`` — shifted exactly once, no padding.
 - ``batch_at(position)`` is a pure function of (seed, position): batch p holds the windows
@@ -24,9 +29,11 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,15 +43,19 @@ from lumina.data.tokenizer import Tokenizer, default_cache_dir, package_file
 __all__ = [
     "DATA_SUFFIXES",
     "DataError",
+    "Holdout",
     "PackedText",
     "check_utf8",
     "data_files_in",
+    "document_unit",
     "expand_paths",
+    "holdout_cut",
     "iter_json_lines",
     "sample_ids",
     "shakespeare_split",
     "stable_uniform",
     "stream_file",
+    "text_holdout",
     "tokenize_files",
 ]
 
@@ -139,10 +150,10 @@ def _decoded_chunks(path: Path):
                 return
 
 
-def _stream_txt(path: Path, tokenizer: Tokenizer, sink) -> None:
-    """Encode a .txt as one document, chunk by chunk; ``sink(ids)`` receives uint32 arrays in order."""
+def _encode_chunks(chunks: Iterable[tuple[str, bool]], tokenizer: Tokenizer, sink) -> None:
+    """Encode (text, is_last) chunks as one document; ``sink(ids)`` receives uint32 arrays in order."""
     carry = ""
-    for chunk, final in _decoded_chunks(path):
+    for chunk, final in chunks:
         text = carry + chunk
         cut = len(text) if final else _safe_cut(text, len(text))
         ready, carry = text[:cut], text[cut:]
@@ -171,6 +182,119 @@ def _line_of(path: Path, byte_offset: int) -> int:
             line += block.count(b"\n")
             remaining -= len(block)
     return line
+
+
+# A document of a .txt, for a held-out split: a paragraph (a block between blank lines), or a line
+# when the file has fewer than two paragraphs (one sentence or one record per line is common too).
+_PARAGRAPH_END = re.compile(r"\n(?:[^\S\n]*\n)+")  # a newline, then one or more whitespace-only lines
+_LINE_END = re.compile(r"\n")
+
+
+def _pieces(path: Path, end: re.Pattern) -> Iterator[str]:
+    """The text of ``path`` (streamed, O(chunk) memory) cut after each match of ``end``: each piece
+    keeps its separator, so the pieces concatenate to the whole text."""
+    carry = ""
+    for chunk, final in _decoded_chunks(path):
+        text, start = carry + chunk, 0
+        for m in end.finditer(text):
+            if m.end() == len(text) and not final:
+                break  # the separator may go on in the next chunk
+            yield text[start : m.end()]
+            start = m.end()
+        carry = text[start:]
+    if carry:
+        yield carry
+
+
+def _txt_document_end(path: Path) -> re.Pattern:
+    found = 0
+    for piece in _pieces(path, _PARAGRAPH_END):
+        found += bool(piece.strip())
+        if found == 2:
+            return _PARAGRAPH_END
+    return _LINE_END
+
+
+def document_unit(path: Path) -> str:
+    """What one document of ``path`` is in a held-out split: "record" (.jsonl), else "paragraph", or
+    "line" for a .txt with fewer than two paragraphs."""
+    if path.suffix == ".jsonl":
+        return "record"
+    return "paragraph" if _txt_document_end(path) is _PARAGRAPH_END else "line"
+
+
+def _document_texts(path: Path, skip_bad: bool) -> Iterator[str]:
+    if path.suffix == ".jsonl":
+        yield from (text for _, text in _jsonl_records(path, skip_bad))
+    else:
+        yield from _pieces(path, _txt_document_end(path))
+
+
+def _regrouped(pieces: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """Pieces joined into (text, is_last) chunks of about ``CHUNK_BYTES`` characters."""
+    group: list[str] = []
+    size = 0
+    for piece in pieces:
+        group.append(piece)
+        size += len(piece)
+        if size >= CHUNK_BYTES:
+            yield "".join(group), False
+            group, size = [], 0
+    yield "".join(group), True
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """One side of a held-out split by content: a document is held out for eval when the hash of its
+    text (stripped) is below ``cut`` — the same answer on every machine and run, whatever the order
+    or number of the other documents. Whitespace-only pieces are no document: both sides drop them."""
+
+    cut: float
+    side: Literal["train", "eval"]
+
+    def keeps(self, text: str) -> bool:
+        key = text.strip()
+        return bool(key) and (stable_uniform(key) < self.cut) == (self.side == "eval")
+
+
+def holdout_cut(texts: Iterable[str], fraction: float) -> tuple[float | None, int, int]:
+    """(cut, documents, held out) of a split holding out the documents whose content hash
+    ``stable_uniform(text.strip())`` is below ``fraction`` — but neither side may be empty: with none
+    below, the lowest-hashing document (and its copies) is held out; with all below, the
+    highest-hashing one stays in train. The cut is None when the documents cannot be split (fewer
+    than two, or all the same text). Duplicates hash alike, so they never straddle the split."""
+    n = below = n_lo = n_hi = 0
+    lo, hi = 1.0, -1.0
+    for text in texts:
+        key = text.strip()
+        if not key:
+            continue
+        u = stable_uniform(key)
+        n += 1
+        below += u < fraction
+        if u < lo:
+            lo, n_lo = u, 1
+        elif u == lo:
+            n_lo += 1
+        if u > hi:
+            hi, n_hi = u, 1
+        elif u == hi:
+            n_hi += 1
+    if n < 2 or lo == hi:
+        return None, n, 0
+    if below == 0:
+        return math.nextafter(lo, 1.0), n, n_lo
+    if below == n:
+        return hi, n, n - n_hi
+    return fraction, n, below
+
+
+def text_holdout(paths: Sequence[Path], fraction: float, *, skip_bad: bool = False):
+    """``holdout_cut`` over the documents of text files (.txt paragraphs or lines, .jsonl records),
+    plus the name of one document: "paragraph", "line", "record", or "document" when they differ."""
+    cut, n, held = holdout_cut((t for p in paths for t in _document_texts(p, skip_bad)), fraction)
+    units = {document_unit(p) for p in paths}
+    return cut, n, held, units.pop() if len(units) == 1 else "document"
 
 
 def iter_json_lines(path: Path):
@@ -213,8 +337,12 @@ def _jsonl_records(path: Path, skip_bad: bool = False):
         yield lineno, record["text"]
 
 
-def stream_file(path: Path, tokenizer: Tokenizer, sink, *, skip_bad: bool = False) -> None:
-    """Stream a file's token ids (documents each followed by <|endoftext|>) into ``sink`` in order."""
+def stream_file(
+    path: Path, tokenizer: Tokenizer, sink, *, skip_bad: bool = False, holdout: Holdout | None = None
+) -> None:
+    """Stream a file's token ids (documents each followed by <|endoftext|>) into ``sink`` in order.
+    With ``holdout``, only the documents of its side: a .txt's kept paragraphs (or lines), joined as
+    they stand in the file, are one document; a .jsonl's kept records are a document each."""
     eot = np.array([tokenizer.eot_id], dtype=np.uint32)
     if path.suffix == ".txt":
         n = [0]
@@ -223,7 +351,11 @@ def stream_file(path: Path, tokenizer: Tokenizer, sink, *, skip_bad: bool = Fals
             n[0] += len(ids)
             sink(ids)
 
-        _stream_txt(path, tokenizer, counting)
+        if holdout is None:
+            _encode_chunks(_decoded_chunks(path), tokenizer, counting)
+        else:
+            kept = (piece for piece in _document_texts(path, skip_bad) if holdout.keeps(piece))
+            _encode_chunks(_regrouped(kept), tokenizer, counting)
         if n[0]:
             sink(eot)  # an empty file is no document
         return
@@ -237,6 +369,8 @@ def stream_file(path: Path, tokenizer: Tokenizer, sink, *, skip_bad: bool = Fals
         batch.clear()
 
     for _, text in _jsonl_records(path, skip_bad):
+        if holdout is not None and not holdout.keeps(text):
+            continue
         batch.append(text)
         size += len(text)
         if size >= CHUNK_BYTES:
@@ -245,35 +379,46 @@ def stream_file(path: Path, tokenizer: Tokenizer, sink, *, skip_bad: bool = Fals
     flush()
 
 
-def _content_key(path: Path, tokenizer: Tokenizer) -> str:
+def _content_key(path: Path, tokenizer: Tokenizer, holdout: Holdout | None = None) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(CHUNK_BYTES):
             h.update(block)
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in tokenizer.name)
+    split = "" if holdout is None else f"-{holdout.side}-{holdout.cut.hex()}"
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in tokenizer.name + split)
     return f"{h.hexdigest()[:32]}-{safe}.u32"
 
 
 def tokenize_file(
-    path: Path, tokenizer: Tokenizer, *, cache: bool = True, skip_bad: bool = False
+    path: Path,
+    tokenizer: Tokenizer,
+    *,
+    cache: bool = True,
+    skip_bad: bool = False,
+    holdout: Holdout | None = None,
 ) -> np.ndarray:
-    """The uint32 token stream of one file (each document followed by <|endoftext|>), streamed in
-    constant memory into a raw little-endian uint32 cache file keyed by (content sha256, tokenizer)
-    and returned memory-mapped. Without ``cache`` the stream is built in memory."""
+    """The uint32 token stream of one file (each document followed by <|endoftext|>; with
+    ``holdout``, those of its side), streamed in constant memory into a raw little-endian uint32
+    cache file keyed by (content sha256, tokenizer, split) and returned memory-mapped. Without
+    ``cache`` the stream is built in memory."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if not cache:
         parts: list[np.ndarray] = []
-        stream_file(path, tokenizer, parts.append, skip_bad=skip_bad)
+        stream_file(path, tokenizer, parts.append, skip_bad=skip_bad, holdout=holdout)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-    target = default_cache_dir().parent / "tokens" / _content_key(path, tokenizer)
+    target = default_cache_dir().parent / "tokens" / _content_key(path, tokenizer, holdout)
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         try:
             with tmp.open("wb") as out:
                 stream_file(
-                    path, tokenizer, lambda ids: out.write(ids.astype("<u4").tobytes()), skip_bad=skip_bad
+                    path,
+                    tokenizer,
+                    lambda ids: out.write(ids.astype("<u4").tobytes()),
+                    skip_bad=skip_bad,
+                    holdout=holdout,
                 )
             os.replace(tmp, target)  # atomic: a reader sees no file or the whole one
         finally:
@@ -284,11 +429,17 @@ def tokenize_file(
 
 
 def tokenize_files(
-    paths: Iterable[Path], tokenizer: Tokenizer, *, cache: bool = True, skip_bad: bool = False
+    paths: Iterable[Path],
+    tokenizer: Tokenizer,
+    *,
+    cache: bool = True,
+    skip_bad: bool = False,
+    holdout: Holdout | None = None,
 ) -> np.ndarray:
-    """One uint32 token stream: every document of every file, each followed by <|endoftext|>.
-    (A file with bad records is only ever cached with them dropped: under ``skip_bad``.)"""
-    parts = [tokenize_file(p, tokenizer, cache=cache, skip_bad=skip_bad) for p in paths]
+    """One uint32 token stream: every document of every file (with ``holdout``: of its side), each
+    followed by <|endoftext|>. (A file with bad records is only ever cached with them dropped: under
+    ``skip_bad``.)"""
+    parts = [tokenize_file(p, tokenizer, cache=cache, skip_bad=skip_bad, holdout=holdout) for p in paths]
     if len(parts) == 1:
         return parts[0]  # keep a single file memory-mapped
     # Several files are joined in memory: 4 bytes per token.

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from lumina.data import get_tokenizer
 from lumina.data import text as text_mod
 from lumina.data.text import (
     DataError,
+    Holdout,
     PackedText,
     expand_paths,
     shakespeare_split,
@@ -180,3 +182,23 @@ def test_a_directory_is_its_data_files_recursive_and_sorted(tmp_path, gpt2):
     with pytest.raises(DataError) as e:
         expand_paths([str(empty)])
     assert str(e.value) == f"{empty}: a directory with no data files (.txt or .jsonl, searched recursively)"
+
+
+def test_held_out_paragraphs_do_not_depend_on_the_chunk_size(gpt2, monkeypatch):
+    play = shakespeare_split()[0][1]
+
+    def sides():
+        cut, n, k, unit = text_mod.text_holdout([play], 0.05)
+        streams = [
+            gpt2.decode(tokenize_files([play], gpt2, cache=False, holdout=Holdout(cut, side)).tolist())
+            for side in ("train", "eval")
+        ]
+        assert all(s.count("<|endoftext|>") == 1 and s.endswith("<|endoftext|>") for s in streams)
+        streams = [s.removesuffix("<|endoftext|>") for s in streams]
+        return (cut, n, k, unit), [[b.strip() for b in re.split(r"\n\s*\n", s) if b.strip()] for s in streams]
+
+    whole = sides()
+    monkeypatch.setattr(text_mod, "CHUNK_BYTES", 4096)  # ~37 chunk boundaries, many inside separators
+    assert sides() == whole
+    (_, n, k, unit), (train, held_out) = whole
+    assert unit == "paragraph" and len(held_out) == k and len(train) + k == n
