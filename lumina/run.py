@@ -156,8 +156,7 @@ def _cmd_train(argv: Sequence[str]) -> int:
     args, cfg = parse_config_args(train_parser(), argv, base=resumed_config)
     from lumina import loop
 
-    presets.check_fits(cfg, loop.resolve_device(cfg.device))  # before any data or state is built
-    loop.train(cfg, resume=args.resume)
+    loop.train(cfg, resume=args.resume)  # (it refuses a model that cannot fit before building anything)
     return 0
 
 
@@ -231,13 +230,11 @@ def _cmd_validate(argv: Sequence[str]) -> int:
         "--strict", action="store_true", help="warnings (BOM, CRLF, duplicates) also fail (exit 2)"
     )
     args = p.parse_args(argv)
-    from pathlib import Path
-
     from lumina.data import get_tokenizer
-    from lumina.data.validate import print_reports, validate_file, validate_packaged
+    from lumina.data.validate import print_reports, validate_packaged, validate_paths
 
-    tok = get_tokenizer(args.tokenizer)
-    reports = [validate_file(Path(x), tok) for x in args.paths] if args.paths else validate_packaged(tok)
+    tok = get_tokenizer(args.tokenizer, field="--tokenizer")
+    reports = validate_paths(args.paths, tok) if args.paths else validate_packaged(tok)
     return print_reports(reports, strict=args.strict)
 
 

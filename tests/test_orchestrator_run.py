@@ -11,6 +11,7 @@ from test_run import TINY, records
 from lumina import checkpoint, loop, orchestrator, tree
 from lumina.config import ConfigError
 from lumina.configure import load_config
+from lumina.driver import prepare
 from lumina.inject import Injector, parse
 from lumina.orchestrator.replay import replay
 from lumina.run import main
@@ -28,7 +29,7 @@ def test_nan_grad_rolls_back_to_the_exact_snapshot_and_skips_the_batch(tmp_path,
     the state fed to the next step is bit for bit the state after step 6, except the data position,
     which goes on after the offending batch."""
     fed, after = [], {}
-    real = loop.make_train_step
+    real = prepare.make_train_step
 
     def spy_make(cfg, pad_id):
         step = real(cfg, pad_id)
@@ -39,7 +40,7 @@ def test_nan_grad_rolls_back_to_the_exact_snapshot_and_skips_the_batch(tmp_path,
 
         return spying
 
-    monkeypatch.setattr(loop, "make_train_step", spy_make)
+    monkeypatch.setattr(prepare, "make_train_step", spy_make)
     cfg = load_config(overrides=["--train.steps=12", f"--run_dir={tmp_path}", *TINY, *SNAP,
                                  "--train.inject=nan_grad@9"])  # fmt: skip
 

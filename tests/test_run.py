@@ -1,5 +1,8 @@
 """`python -m lumina.run` end to end on the packaged data, with a tiny model (seconds on 2 cores)."""
 
+import contextlib
+import dataclasses
+import io
 import json
 import pickle
 import subprocess
@@ -8,9 +11,10 @@ import sys
 import pytest
 import torch
 
-from lumina import checkpoint, loop, tree
+from lumina import checkpoint, loop, orchestrator, tree
 from lumina.config import to_dict
 from lumina.configure import load_config
+from lumina.driver.console import fmt_rate
 from lumina.run import main
 
 TINY = [
@@ -39,13 +43,19 @@ def records(run_dir, kind=None):
     return [r for r in recs if kind is None or r["kind"] == kind]
 
 
-def test_train_leaves_a_complete_run_folder(tmp_path, capsys):
-    assert main(["--steps", "4", "--run-dir", str(tmp_path), *TINY]) == 0
-    out = capsys.readouterr().out
-    run = tmp_path / "debug"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One 4-step run of the CLI shared by the run-folder tests: (run folder, stdout)."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--steps", "4", "--run-dir", str(root), *TINY]) == 0
+    return root / "debug", out.getvalue()
+
+
+def test_train_leaves_a_complete_run_folder(tiny_run):
+    run, out = tiny_run
     assert "[eval] step 4:" in out and "held-out loss" in out and f"run folder: {run}" in out
-    cfg = load_config(overrides=["--train.steps=4", f"--run_dir={tmp_path}", *TINY])
-    assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg)))
     train = records(run, "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert [r["step"] for r in records(run, "eval")] == [0, 2, 4]
@@ -61,11 +71,40 @@ def test_train_leaves_a_complete_run_folder(tmp_path, capsys):
     )
     assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the same name again starts a new folder instead of mixing two runs
-    assert main(["--steps", "1", "--run-dir", str(tmp_path), *TINY, "--train.eval_batches=0"]) == 0
-    assert (tmp_path / "debug-2" / "metrics.jsonl").exists()
+    assert main(["--steps", "1", "--run-dir", str(run.parent), *TINY, "--train.eval_batches=0"]) == 0
+    assert (run.parent / "debug-2" / "metrics.jsonl").exists()
 
 
-def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path):
+def test_config_json_is_the_resolved_config_with_derived_fields(tiny_run):
+    run, _ = tiny_run
+    cfg = load_config(overrides=["--train.steps=4", f"--run_dir={run.parent}", *TINY])
+    written = json.loads((run / "config.json").read_text())
+    assert written == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    assert written["model"]["head_dim"] == 16 and written["train"]["warmup_steps"] == 1
+    assert to_dict(cfg)["model"]["head_dim"] is None  # (checkpoints keep the re-derivable form)
+
+
+def test_an_orchestrated_run_without_decisions_has_both_logs(tiny_run):
+    run, _ = tiny_run
+    assert len(list(orchestrator.read_log(run / "observations.msgpack"))) == 4
+    assert (run / "decisions.msgpack").is_file()  # (read_log reads a missing file as empty)
+    assert list(orchestrator.read_log(run / "decisions.msgpack")) == []
+
+
+def test_progress_line_rates_count_the_steps_own_time(tiny_run):
+    """tok/s and MFU on the progress line: tokens over the steps' own seconds since the previous
+    line (evaluations excluded), both from the same window."""
+    run, out = tiny_run
+    train = records(run, "train")
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2
+    for line, window in zip(lines, (train[:2], train[2:]), strict=True):
+        rate = sum(r["tokens_per_s"] * r["step_s"] for r in window) / sum(r["step_s"] for r in window)
+        mfu = window[0]["mfu"] / window[0]["tokens_per_s"] * rate
+        assert f"| {fmt_rate(rate)} tok/s | MFU {mfu:.1%} |" in line, line
+
+
+def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, capsys):
     cfg = load_config(overrides=["--train.steps=6", *TINY])
     straight = loop.train(load_config(overrides=["--train.steps=6", f"--run_dir={tmp_path / 'a'}", *TINY]))
 
@@ -77,8 +116,12 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         loop.train(b_cfg, step_hook=stop_at_3)
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "b" / "debug")] == ["step_00000003"]
+    capsys.readouterr()
     # a fresh process resumes from the checkpoint alone (the CLI reads the config stored in it)
     assert main(["--resume", "latest", "--run-dir", str(tmp_path / "b")]) == 0
+    # its summary starts from the run's step-0 eval, not from this process's first eval
+    step0, last = records(straight.run_dir, "eval")[0]["loss"], records(straight.run_dir, "eval")[-1]["loss"]
+    assert f"held-out loss {step0:.4f} -> {last:.4f}" in capsys.readouterr().out
 
     a, _ = checkpoint.load_checkpoint(checkpoint.latest(straight.run_dir))
     b, meta = checkpoint.load_checkpoint(checkpoint.latest(tmp_path / "b" / "debug"))
@@ -176,18 +219,27 @@ def test_chat_modes_train_on_chitchat(tmp_path, mode):
     assert "loss_chat" in evals[-1] and ("loss_base" in evals[-1]) == (mode != "finetuning_only")
     sources = [r["source"] for r in records(result.run_dir, "train")]
     assert set(sources) == ({"chat"} if mode == "finetuning_only" else set(sources)) and "chat" in sources
+    switches = [r for r in records(result.run_dir, "event") if r["what"] == "phase_switch"]
     if mode == "hybrid":
         assert sources == ["base"] * 3 + ["chat"]  # the switch at ceil(0.7 * 4) = 3
-        assert any(r["what"] == "phase_switch" for r in records(result.run_dir, "event"))
+        assert [r["step"] for r in switches] == [3]
+    else:  # interleaved flips source at random steps: that is no phase
+        assert switches == []
+    if mode == "interleaved":
+        assert len(set(sources)) == 2
 
 
 @pytest.mark.parametrize(
     ("flags", "field", "value"),
     [
         (["--data", "a.txt,b.txt"], "train_files", ("a.txt", "b.txt")),
-        (["--eval-data", "h.txt"], "eval_files", ("h.txt",)),
+        (["--data", "a.txt", "--eval-data", "h.txt"], "eval_files", ("h.txt",)),
         (["--mode", "finetuning_only", "--data", "c.jsonl"], "chat_files", ("c.jsonl",)),
-        (["--mode", "finetuning_only", "--eval-data", "d.jsonl"], "chat_eval_files", ("d.jsonl",)),
+        (
+            ["--mode", "finetuning_only", "--data", "c.jsonl", "--eval-data", "d.jsonl"],
+            "chat_eval_files",
+            ("d.jsonl",),
+        ),  # fmt: skip
         (["--mode", "interleaved"], "mode", "interleaved"),
     ],
 )
