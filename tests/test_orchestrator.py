@@ -2,8 +2,10 @@
 action's effect on a real train state."""
 
 import dataclasses
+import inspect
 import math
 import random
+import re
 
 import msgpack
 import pytest
@@ -13,9 +15,10 @@ from lumina import tree
 from lumina.config import OrchestratorConfig
 from lumina.configure import load_config
 from lumina.optim import default_hp, lr_at
-from lumina.orchestrator import Decision, Observation, apply_decisions, decide, init_state
+from lumina.orchestrator import Decision, Observation, apply_decisions, decide, detect, init_state
 from lumina.orchestrator.detect import forecast, mad, median, robust_z
-from lumina.orchestrator.state import OrchestratorState
+from lumina.orchestrator.policy import CHRONIC, RESPONSES
+from lumina.orchestrator.state import OrchestratorState, Settings
 from lumina.step import init_train_state, make_train_step
 
 OCFG = OrchestratorConfig()
@@ -317,6 +320,50 @@ def test_decide_is_pure_deterministic_and_its_state_is_plain_data():
     assert again.to_dict() == a[0].to_dict()
     with pytest.raises(ValueError):
         OrchestratorState.from_dict({"bogus": 1})
+
+
+def test_settings_are_typed_and_logged_as_the_plain_dict_the_driver_always_wrote():
+    obs = Observation(step=1, loss=5.0, grad_norm=1.0, lr=1e-3, settings=MOE)
+    assert (
+        isinstance(obs.settings, Settings) and obs.settings.top_k == 2 and obs.settings.knobs == MOE["knobs"]
+    )
+    logged = msgpack.unpackb(msgpack.packb(obs.to_dict()))
+    assert list(logged["settings"].items()) == list(MOE.items())  # same keys, values and order
+    assert Observation.from_dict(logged) == obs
+    # a hand-written (or older) dict: missing keys take the defaults the policy assumed, values the
+    # declared types (1 -> 1.0), and an unknown key is refused
+    partial = Observation(step=1, loss=5.0, grad_norm=1.0, lr=1e-3, settings={"lr_scale": 1, "top_k": 2.0})
+    assert partial.settings == Settings(top_k=2) and type(partial.settings.lr_scale) is float
+    assert Settings() == Settings(lr_scale=1.0, weight_decay=0.0, micro_batch_size=1, batch_size=1,
+                                  grad_checkpointing="none", num_experts=0, top_k=1, balance=None,
+                                  capacity_factor=None, mod_capacity=1.0, mode="base_only",
+                                  interleave_ratio=0.5, knobs={})  # fmt: skip
+    with pytest.raises(ValueError, match="unexpected keys \\['lr'\\]"):
+        Observation.from_dict({**logged, "settings": {**MOE, "lr": 1.0}})
+
+
+def test_settings_of_a_run_config():
+    knobs = {"router_temperature": torch.tensor(2.0), "aux_loss_weight": 0.5}
+    moe = load_config(
+        preset="debug", overrides=["--model.moe.capacity_factor=1.5", "--train.micro_batch_size=2"]
+    )
+    assert Settings.of(moe, knobs) == Settings(
+        lr_scale=1.0, weight_decay=0.1, micro_batch_size=2, batch_size=8, grad_checkpointing="none",
+        num_experts=4, top_k=2, balance="aux_loss", capacity_factor=1.5, mod_capacity=0.25,
+        mode="base_only", interleave_ratio=0.5, knobs={"aux_loss_weight": 0.5, "router_temperature": 2.0},
+    )  # fmt: skip
+    assert list(Settings.of(moe, knobs).knobs) == ["aux_loss_weight", "router_temperature"]  # sorted
+    dense = Settings.of(load_config(preset="debug", overrides=["--model.moe.num_experts=0",
+                                                               "--model.mod.enabled=false"]), {})  # fmt: skip
+    assert (dense.top_k, dense.balance, dense.capacity_factor, dense.mod_capacity) == (0, None, None, None)
+
+
+def test_every_finding_kind_a_detector_reports_has_a_response():
+    """``RESPONSES`` is the table decide looks findings up in: a kind missing from it would raise."""
+    source = inspect.getsource(detect)
+    kinds = set(re.findall(r'Finding\(\s*"(\w+)"', source))
+    assert len(kinds) == 16 and kinds == set(RESPONSES)
+    assert set(CHRONIC) <= kinds
 
 
 def test_forecast_predicts_a_power_law_and_measures_its_error():

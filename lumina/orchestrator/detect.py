@@ -2,8 +2,9 @@
 
 Each detector looks at plain Python numbers only and returns a list of ``Finding`` — what it saw,
 how sure it is, and how serious it is (level 1 soft .. 4 critical). ``policy.decide`` turns findings
-into decisions. Statistics are robust where noise is heavy-tailed (median / MAD, as loss spikes are),
-and every threshold is a field of ``OrchestratorConfig``.
+into decisions, each kind through its entry in ``policy.RESPONSES``. Statistics are robust where
+noise is heavy-tailed (median / MAD, as loss spikes are), and every threshold is a field of
+``OrchestratorConfig``.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def experts(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
     if not obs.expert_load or _warming(ostate, cfg):
         return out
     worst = None
-    k = max(1, int(obs.settings.get("top_k", 1) or 1))
+    k = max(1, obs.settings.top_k)  # a dense model reports top_k 0
     for layer, shares in enumerate(obs.expert_load):
         n = len(shares)
         total = sum(shares)
@@ -360,7 +361,7 @@ def data_balance(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Find
     """Interleaved data: one source's eval loss got worse since the last evaluation while the other's
     improved — shift the ratio toward the lagging source."""
     ev = ostate.evals
-    if obs.eval_loss is None or len(ev) < 2 or obs.settings.get("mode") != "interleaved":
+    if obs.eval_loss is None or len(ev) < 2 or obs.settings.mode != "interleaved":
         return []
     before, now = ev[-2][2], ev[-1][2]
     if set(before) != {"base", "chat"} or set(now) != {"base", "chat"}:

@@ -4,11 +4,12 @@
 
 Pure and deterministic: no clocks, no randomness, no I/O; the input state is never mutated. It
 (1) updates the history windows and running statistics with ``obs``, (2) runs the detectors,
-(3) maps findings to candidate actions, (4) gates them — a finding acts only when its confidence
-reaches its level's threshold (``conf_soft`` .. ``conf_critical``), an action waits ``cooldown``
-steps before firing again, and at most ``max_changes_per_window`` non-critical changes happen per
-``window`` steps; rollbacks are exempt from both but capped at ``max_rollbacks_per_window`` —
-and (5) books the decisions (cooldowns, snapshots, rollbacks) into the new state.
+(3) maps each finding to candidate actions through ``RESPONSES`` (finding kind -> response),
+(4) gates them — a finding acts only when its confidence reaches its level's threshold
+(``conf_soft`` .. ``conf_critical``), an action waits ``cooldown`` steps before firing again, and
+at most ``max_changes_per_window`` non-critical changes happen per ``window`` steps; rollbacks
+are exempt from both but capped at ``max_rollbacks_per_window`` — and (5) books the decisions
+(cooldowns, snapshots, rollbacks) into the new state.
 
 Rollback targets: an observation at step ``a`` reports the loss of the state after step ``a - 1``;
 the state after step ``a - 1`` is therefore suspect when observation ``a`` is bad, and the newest
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 from lumina.config import OrchestratorConfig
@@ -27,7 +29,7 @@ from lumina.orchestrator import detect
 from lumina.orchestrator.detect import Finding
 from lumina.orchestrator.state import Decision, Observation, OrchestratorState
 
-__all__ = ["decide"]
+__all__ = ["RESPONSES", "decide"]
 
 # findings that persist rather than strike: they gain confidence while they last (persist_decay)
 CHRONIC = frozenset({"divergence", "expert_collapse", "dead_expert", "capacity_overflow", "mod_collapse",
@@ -96,7 +98,7 @@ def _clamp(x: float, lo: float, hi: float) -> float:
 
 
 def _lr(obs: Observation, factor: float, cfg: OrchestratorConfig) -> dict[str, Any] | None:
-    old = float(obs.settings.get("lr_scale", 1.0))
+    old = obs.settings.lr_scale
     new = max(cfg.min_lr_scale, old * factor)
     return {"from": old, "to": new} if new < old else None
 
@@ -106,103 +108,155 @@ def _rollback_target(s: OrchestratorState, latest_ok: int) -> int | None:
     return max(ok) if ok else None
 
 
+# ---------------------------------------------------------------------------------- responses
+# A response is (finding, state, observation, config) -> the candidate actions (name, args) that
+# answer the finding, most wanted first; args None (or no entry) when an action is at its bound.
+# ``decide`` gates them. ``RESPONSES`` below maps each finding kind to its response.
+
+Candidates = list[tuple[str, dict[str, Any] | None]]
+Response = Callable[[Finding, OrchestratorState, Observation, OrchestratorConfig], Candidates]
+
+
+def _recover(f, s, obs, cfg) -> Candidates:
+    """Back to the newest snapshot the bad observation leaves trustworthy; when that came back (or
+    there is nowhere to go) the LR must come down too."""
+    out: Candidates = []
+    target = _rollback_target(s, obs.step - 2)
+    if target is not None:
+        out.append(("rollback", {"to_step": target, "skip_data": True}))
+    if any(obs.step - r < cfg.window for r in s.rollbacks) or target is None:
+        out.append(("emergency_lr_cut", _lr(obs, cfg.emergency_lr_factor, cfg)))
+    return out
+
+
+def _oom(f, s, obs, cfg) -> Candidates:
+    mb = obs.settings.micro_batch_size
+    if mb > 1:
+        return [("micro_batch", {"from": mb, "to": mb // 2})]
+    return _checkpoint(f, s, obs, cfg)
+
+
+def _checkpoint(f, s, obs, cfg) -> Candidates:
+    gc = obs.settings.grad_checkpointing
+    return [("grad_checkpointing", {"from": gc, "to": "full"})] if gc != "full" else []
+
+
+def _emergency_lr(f, s, obs, cfg) -> Candidates:
+    return [("emergency_lr_cut", _lr(obs, cfg.emergency_lr_factor, cfg))]
+
+
+def _soft_lr(f, s, obs, cfg) -> Candidates:
+    return [("lr_scale", _lr(obs, cfg.soft_lr_factor, cfg))]
+
+
+def _loss_spike(f, s, obs, cfg) -> Candidates:
+    if f.data["z"] > cfg.spike_rollback_z and f.data["rel"] > cfg.spike_rollback_rel:
+        return _recover(f, s, obs, cfg)  # a big spike: as bad as a NaN
+    if f.data["repeat"]:  # a second spike within the window: the LR is too high for this data
+        return _soft_lr(f, s, obs, cfg)
+    return []
+
+
+def _divergence(f, s, obs, cfg) -> Candidates:
+    out: Candidates = []
+    target = _rollback_target(s, min(obs.step - 2, f.data["best_step"]))
+    if target is not None:
+        out.append(("rollback", {"to_step": target, "skip_data": True}))
+    return [*out, *_soft_lr(f, s, obs, cfg)]
+
+
+def _plateau(f, s, obs, cfg) -> Candidates:
+    n = obs.settings.num_experts
+    if n and cfg.allow_expert_changes and n < cfg.max_experts:
+        return [("add_expert", {"from": n, "to": n + 1})]
+    return _soft_lr(f, s, obs, cfg)
+
+
+def _expert_collapse(f, s, obs, cfg) -> Candidates:
+    if s.streaks.get("expert_collapse", 0) < cfg.collapse_patience:
+        return []  # the balance loss often heals an early collapse (default run, seed 0: by ~step 58)
+    knobs = obs.settings.knobs
+    w = knobs.get("aux_loss_weight", 0.0)
+    if obs.settings.balance == "aux_loss" and w < 0.1:
+        return [("set_knob", {"name": "aux_loss_weight", "from": w, "to": min(0.1, max(4 * w, 1e-3))})]
+    p = knobs.get("expert_dropout", 0.0)
+    if p < 0.1:
+        return [("set_knob", {"name": "expert_dropout", "from": p, "to": 0.1})]
+    t = knobs.get("router_temperature", 1.0)
+    if t < 4.0:
+        return [("set_knob", {"name": "router_temperature", "from": t, "to": min(4.0, 1.5 * t)})]
+    return []
+
+
+def _dead_expert(f, s, obs, cfg) -> Candidates:
+    n, k = obs.settings.num_experts, obs.settings.top_k
+    every_layer = {int(x.split(":")[0]) for x in f.data["dead"]} == set(range(len(obs.expert_load)))
+    if cfg.allow_expert_changes and n > max(cfg.min_experts, k) and every_layer:
+        # per layer, its least-loaded expert (ties: the lowest index)
+        prune = [min(range(n), key=lambda e, sh=sh: (sh[e], e)) for sh in obs.expert_load]
+        return [("prune_expert", {"from": n, "to": n - 1, "experts": prune})]
+    return []
+
+
+def _capacity_overflow(f, s, obs, cfg) -> Candidates:
+    cf = obs.settings.capacity_factor
+    if cf is not None and cf < cfg.max_capacity_factor:
+        return [("capacity_factor", {"from": cf, "to": min(cfg.max_capacity_factor, cf * cfg.capacity_step)})]
+    return []
+
+
+def _mod_collapse(f, s, obs, cfg) -> Candidates:
+    return [("reset_mod_router", {"layers": f.data["layers"], "seed": obs.step})]
+
+
+def _mod_capacity(f, s, obs, cfg) -> Candidates:
+    c = obs.settings.mod_capacity
+    if c < cfg.mod_max_capacity:
+        return [("mod_capacity", {"from": c, "to": min(cfg.mod_max_capacity, c * cfg.mod_capacity_step)})]
+    return []
+
+
+def _overfitting(f, s, obs, cfg) -> Candidates:
+    wd = obs.settings.weight_decay
+    return [("weight_decay", {"from": wd, "to": min(1.0, max(2 * wd, 0.01))})] if wd < 1.0 else []
+
+
+def _data_imbalance(f, s, obs, cfg) -> Candidates:
+    r = obs.settings.interleave_ratio  # fraction of base batches
+    to = _clamp(r + (0.1 if f.data["lagging"] == "base" else -0.1), 0.1, 0.9)
+    return [("interleave_ratio", {"from": r, "to": round(to, 6)})] if to != r else []
+
+
+def _report(f, s, obs, cfg) -> Candidates:
+    return []  # logged and counted (health, phase), but no action answers it
+
+
+# finding kind -> response, in the order of ``detect.DETECTORS`` (every kind a detector reports)
+RESPONSES: dict[str, Response] = {
+    "nonfinite": _recover,  # rollback (+ emergency LR cut when it recurs)
+    "oom": _oom,  # halve the micro-batch; at 1: gradient checkpointing
+    "memory_pressure": _checkpoint,  # gradient checkpointing
+    "grad_explosion": _emergency_lr,  # cut the LR
+    "loss_spike": _loss_spike,  # big: as nonfinite; repeated: lower the LR
+    "divergence": _divergence,  # rollback to before the EMA's minimum + lower the LR
+    "oscillation": _soft_lr,  # lower the LR
+    "plateau": _plateau,  # add an expert (MoE, when allowed), else lower the LR
+    "expert_collapse": _expert_collapse,  # after collapse_patience: aux weight, expert dropout, temperature
+    "dead_expert": _dead_expert,  # prune each layer's least-loaded expert
+    "capacity_overflow": _capacity_overflow,  # raise the capacity factor
+    "mod_collapse": _mod_collapse,  # re-initialise the collapsed MoD routers
+    "mod_too_aggressive": _mod_capacity,  # raise the MoD capacity
+    "throughput_drop": _report,
+    "overfitting": _overfitting,  # raise the weight decay
+    "data_imbalance": _data_imbalance,  # shift the interleave ratio toward the lagging source
+}
+
+
 def _candidates(
     f: Finding, s: OrchestratorState, obs: Observation, cfg: OrchestratorConfig
 ) -> list[tuple[str, dict[str, Any]]]:
     """The actions (name, args) that answer finding ``f``; empty when none applies (at a bound)."""
-    st = obs.settings
-    recent_rollback = any(obs.step - r < cfg.window for r in s.rollbacks)
-    out: list[tuple[str, dict[str, Any] | None]] = []
-    big_spike = (
-        f.kind == "loss_spike"
-        and f.data["z"] > cfg.spike_rollback_z
-        and f.data["rel"] > cfg.spike_rollback_rel
-    )
-    if f.kind == "nonfinite" or big_spike:
-        target = _rollback_target(s, obs.step - 2)
-        if target is not None:
-            out.append(("rollback", {"to_step": target, "skip_data": True}))
-        if recent_rollback or target is None:  # it came back (or nowhere to go): the LR must come down
-            out.append(("emergency_lr_cut", _lr(obs, cfg.emergency_lr_factor, cfg)))
-    elif f.kind == "oom":
-        mb = int(st.get("micro_batch_size", 1))
-        if mb > 1:
-            out.append(("micro_batch", {"from": mb, "to": mb // 2}))
-        elif st.get("grad_checkpointing", "none") != "full":
-            out.append(("grad_checkpointing", {"from": st.get("grad_checkpointing", "none"), "to": "full"}))
-    elif f.kind == "grad_explosion":
-        out.append(("emergency_lr_cut", _lr(obs, cfg.emergency_lr_factor, cfg)))
-    elif f.kind == "loss_spike":
-        if f.data["repeat"]:  # a second spike within the window: the LR is too high for this data
-            out.append(("lr_scale", _lr(obs, cfg.soft_lr_factor, cfg)))
-    elif f.kind == "divergence":
-        target = _rollback_target(s, min(obs.step - 2, f.data["best_step"]))
-        if target is not None:
-            out.append(("rollback", {"to_step": target, "skip_data": True}))
-        out.append(("lr_scale", _lr(obs, cfg.soft_lr_factor, cfg)))
-    elif f.kind == "oscillation":
-        out.append(("lr_scale", _lr(obs, cfg.soft_lr_factor, cfg)))
-    elif f.kind == "plateau":
-        n = int(st.get("num_experts", 0))
-        if n and cfg.allow_expert_changes and n < cfg.max_experts:
-            out.append(("add_expert", {"from": n, "to": n + 1}))
-        else:
-            out.append(("lr_scale", _lr(obs, cfg.soft_lr_factor, cfg)))
-    elif f.kind == "expert_collapse" and s.streaks.get("expert_collapse", 0) < cfg.collapse_patience:
-        pass  # the balance loss often heals an early collapse (default run, seed 0: by ~step 58)
-    elif f.kind == "expert_collapse":
-        knobs = st.get("knobs", {})
-        w = float(knobs.get("aux_loss_weight", 0.0))
-        if st.get("balance") == "aux_loss" and w < 0.1:
-            out.append(("set_knob", {"name": "aux_loss_weight", "from": w, "to": min(0.1, max(4 * w, 1e-3))}))
-        elif float(knobs.get("expert_dropout", 0.0)) < 0.1:
-            out.append(
-                (
-                    "set_knob",
-                    {"name": "expert_dropout", "from": float(knobs.get("expert_dropout", 0.0)), "to": 0.1},
-                )
-            )
-        elif float(knobs.get("router_temperature", 1.0)) < 4.0:
-            t = float(knobs.get("router_temperature", 1.0))
-            out.append(("set_knob", {"name": "router_temperature", "from": t, "to": min(4.0, 1.5 * t)}))
-    elif f.kind == "dead_expert":
-        n, k = int(st.get("num_experts", 0)), int(st.get("top_k", 1))
-        layers = {int(x.split(":")[0]) for x in f.data["dead"]}
-        if (
-            cfg.allow_expert_changes
-            and n > max(cfg.min_experts, k)
-            and layers == set(range(len(obs.expert_load)))
-        ):
-            # per layer, its least-loaded expert (ties: the lowest index)
-            prune = [min(range(n), key=lambda e, sh=sh: (sh[e], e)) for sh in obs.expert_load]
-            out.append(("prune_expert", {"from": n, "to": n - 1, "experts": prune}))
-    elif f.kind == "capacity_overflow":
-        cf = st.get("capacity_factor")
-        if cf is not None and cf < cfg.max_capacity_factor:
-            out.append(
-                ("capacity_factor", {"from": cf, "to": min(cfg.max_capacity_factor, cf * cfg.capacity_step)})
-            )
-    elif f.kind == "mod_collapse":
-        out.append(("reset_mod_router", {"layers": f.data["layers"], "seed": obs.step}))
-    elif f.kind == "mod_too_aggressive":
-        c = float(st.get("mod_capacity", 1.0))
-        if c < cfg.mod_max_capacity:
-            out.append(
-                ("mod_capacity", {"from": c, "to": min(cfg.mod_max_capacity, c * cfg.mod_capacity_step)})
-            )
-    elif f.kind == "memory_pressure":
-        if st.get("grad_checkpointing", "none") != "full":
-            out.append(("grad_checkpointing", {"from": st.get("grad_checkpointing", "none"), "to": "full"}))
-    elif f.kind == "overfitting":
-        wd = float(st.get("weight_decay", 0.0))
-        if wd < 1.0:
-            out.append(("weight_decay", {"from": wd, "to": min(1.0, max(2 * wd, 0.01))}))
-    elif f.kind == "data_imbalance":
-        r = float(st.get("interleave_ratio", 0.5))  # fraction of base batches
-        to = _clamp(r + (0.1 if f.data["lagging"] == "base" else -0.1), 0.1, 0.9)
-        if to != r:
-            out.append(("interleave_ratio", {"from": r, "to": round(to, 6)}))
-    return [(a, args) for a, args in out if args is not None]
+    return [(a, args) for a, args in RESPONSES[f.kind](f, s, obs, cfg) if args is not None]
 
 
 # ------------------------------------------------------------------------------------- decide

@@ -12,11 +12,14 @@ import copy
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
+
+if TYPE_CHECKING:
+    from lumina.config import RunConfig
 
 __all__ = [
     "LEVELS",
@@ -25,6 +28,7 @@ __all__ = [
     "Decision",
     "Observation",
     "OrchestratorState",
+    "Settings",
     "append_log",
     "init_state",
     "read_log",
@@ -37,13 +41,80 @@ LEVELS = {1: "soft", 2: "medium", 3: "hard", 4: "critical"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The current values of everything the orchestrator may change (and what bounds it), so decisions
+    can state absolute targets without reading the config. Built by the driver with ``Settings.of``.
+
+    A field missing from an older or hand-written observation takes its default: the value the
+    orchestrator assumed when it read settings with ``dict.get``. In the logs it is the plain dict
+    ``to_dict`` gives, in this field order (the dict the driver wrote before this class existed).
+    """
+
+    lr_scale: float = 1.0
+    weight_decay: float = 0.0
+    micro_batch_size: int = 1
+    batch_size: int = 1
+    grad_checkpointing: str = "none"  # "none" | "attention" | "full"
+    num_experts: int = 0  # 0: dense
+    top_k: int = 1  # the driver writes 0 for a dense model; detectors treat < 1 as 1
+    balance: str | None = None  # "aux_loss" | "bias"; None: dense
+    capacity_factor: float | None = None  # None: dropless (or dense)
+    mod_capacity: float | None = 1.0  # the fraction of tokens routed blocks process; None: no MoD
+    mode: str = "base_only"  # the data mode ("interleaved" mixes base and chat batches)
+    interleave_ratio: float = 0.5  # fraction of base batches
+    knobs: dict[str, float] = dataclasses.field(default_factory=dict)  # the live model knobs, by name
+
+    def __post_init__(self) -> None:
+        # hold the declared types (a hand-written dict says 1 for 1.0), so decisions' args have them too
+        for f in dataclasses.fields(self):
+            value, convert = getattr(self, f.name), _CONVERT.get(f.type)
+            if convert is not None and value is not None:
+                object.__setattr__(self, f.name, convert(value))
+        object.__setattr__(self, "knobs", {k: float(v) for k, v in self.knobs.items()})
+
+    @classmethod
+    def of(cls, cfg: RunConfig, knobs: Mapping[str, Any]) -> Settings:
+        """The settings of run config ``cfg`` with the live ``knobs`` (0-dim tensors or floats)."""
+        m, t = cfg.model, cfg.train
+        return cls(
+            lr_scale=t.lr_scale,
+            weight_decay=t.weight_decay,
+            micro_batch_size=t.micro_batch_size,
+            batch_size=t.batch_size,
+            grad_checkpointing=t.grad_checkpointing,
+            num_experts=m.moe.num_experts,
+            top_k=m.moe.top_k if m.moe.enabled else 0,
+            balance=m.moe.balance if m.moe.enabled else None,
+            capacity_factor=m.moe.capacity_factor if m.moe.enabled else None,
+            mod_capacity=m.mod.capacity if m.mod.enabled else None,
+            mode=cfg.data.mode,
+            interleave_ratio=cfg.data.interleave_ratio,
+            knobs={k: float(v) for k, v in sorted(knobs.items())},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Settings:
+        """From a logged (or hand-written) dict; missing keys take the defaults, unknown ones are a
+        ValueError."""
+        unknown = set(d) - _SETTINGS_FIELDS
+        if unknown:
+            raise ValueError(f"settings: unexpected keys {sorted(unknown)}")
+        return cls(**d)
+
+
+_CONVERT = {"float": float, "float | None": float, "int": int}  # by annotation (postponed: strings)
+_SETTINGS_FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Observation:
     """What the driver saw after optimizer step ``step`` (or, with an ``oom`` event, instead of it).
 
-    ``settings`` are the current values of everything the orchestrator may change (lr_scale,
-    weight_decay, capacity_factor, mod_capacity, micro_batch_size, batch_size, grad_checkpointing,
-    num_experts, interleave_ratio, mode, and the live knobs), so decisions can state absolute
-    targets and respect bounds without reading the config.
+    ``settings`` are the run's current ``Settings``; a plain dict (as the logs store them) is
+    accepted and converted, its missing keys taking the defaults.
     """
 
     step: int
@@ -59,10 +130,16 @@ class Observation:
     mod_weight: list[float] = dataclasses.field(default_factory=list)  # per MoD layer: mean sigmoid(r)
     mod_score_std: list[float] = dataclasses.field(default_factory=list)  # per MoD layer
     events: list[str] = dataclasses.field(default_factory=list)  # "oom", "phase_switch", ...
-    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    settings: Settings = dataclasses.field(default_factory=Settings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.settings, Mapping):
+            object.__setattr__(self, "settings", Settings.from_dict(self.settings))
+        elif not isinstance(self.settings, Settings):
+            raise TypeError(f"settings must be Settings or a dict, got {type(self.settings).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # settings as a plain dict: the log format
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Observation:
