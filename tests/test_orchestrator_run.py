@@ -4,6 +4,7 @@ and what-if on the logged observations, and the acceptance command on the debug 
 import json
 import math
 
+import msgpack
 import pytest
 import torch
 from test_run import TINY, records
@@ -147,8 +148,10 @@ def test_resume_carries_the_orchestrator_state_and_replay_spans_it(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         loop.train(load_config(overrides=overrides), step_hook=stop_at_4)
-    assert main(["--resume", "latest", "--run-dir", str(tmp_path)]) == 0
     run = tmp_path / "debug"
+    with open(run / orchestrator.OBSERVATIONS_FILE, "ab") as f:  # a kill -9 in the middle of a record
+        f.write(msgpack.packb({"step": 5, "loss": 1.0, "settings": {}})[:-4])
+    assert main(["--resume", "latest", "--run-dir", str(tmp_path)]) == 0
     assert [d["action"] for d in decisions(run)] == ["rollback"]  # the fault still fires after resuming
     r = replay(run)
     assert r.identical and r.observations == 8 + 2  # 8 steps + the two re-run after the rollback

@@ -16,30 +16,14 @@ from lumina.driver.evaluation import EvalResult
 from lumina.driver.prepare import Run, mix_state_of
 from lumina.driver.rollback import SnapshotRing, rolled_back
 from lumina.driver.stepping import OutOfMemory
-from lumina.orchestrator import Decision, Observation
+from lumina.orchestrator import Decision, Observation, Settings
 
 __all__ = ["Orchestration", "observation", "respond_to_oom", "settings"]
 
 
-def settings(run: Run) -> dict[str, Any]:
+def settings(run: Run) -> Settings:
     """What the orchestrator may change, as plain values (an observation's ``settings``)."""
-    cfg = run.cfg
-    m, t = cfg.model, cfg.train
-    return {
-        "lr_scale": t.lr_scale,
-        "weight_decay": t.weight_decay,
-        "micro_batch_size": t.micro_batch_size,
-        "batch_size": t.batch_size,
-        "grad_checkpointing": t.grad_checkpointing,
-        "num_experts": m.moe.num_experts,
-        "top_k": m.moe.top_k if m.moe.enabled else 0,
-        "balance": m.moe.balance if m.moe.enabled else None,
-        "capacity_factor": m.moe.capacity_factor if m.moe.enabled else None,
-        "mod_capacity": m.mod.capacity if m.mod.enabled else None,
-        "mode": cfg.data.mode,
-        "interleave_ratio": cfg.data.interleave_ratio,
-        "knobs": {k: float(v) for k, v in sorted(run.state["knobs"].items())},
-    }
+    return Settings.of(run.cfg, run.state["knobs"])
 
 
 def observation(

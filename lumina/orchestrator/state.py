@@ -246,8 +246,9 @@ def append_log(path: Path, records: list[dict[str, Any]]) -> None:
         f.flush()
 
 
-def read_log(path: Path) -> Iterator[dict[str, Any]]:
-    """The records of a log written by ``append_log`` (ValueError on a corrupt or truncated file)."""
+def read_log(path: Path, *, torn_tail_ok: bool = False) -> Iterator[dict[str, Any]]:
+    """The records of a log written by ``append_log`` (ValueError on a corrupt or truncated file;
+    with ``torn_tail_ok``, a partial last record — a process killed mid-write — is left out)."""
     if not Path(path).exists():
         return
     with open(path, "rb") as f:
@@ -260,18 +261,19 @@ def read_log(path: Path) -> Iterator[dict[str, Any]]:
         except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as e:
             raise ValueError(f"{path}: corrupt log ({e})") from None
         # A partial trailing record (a crash mid-write) stays buffered in the unpacker.
-        if unpacker.tell() != os.path.getsize(path):
+        if unpacker.tell() != os.path.getsize(path) and not torn_tail_ok:
             raise ValueError(f"{path}: truncated log (a partial record at byte {unpacker.tell()})")
 
 
 def truncate_log(path: Path, upto_step: int) -> None:
     """Keep the records up to the one that ends at ``upto_step`` (resuming from a checkpoint at
     that step): records are in order, and a rollback makes steps repeat, so this keeps the prefix up
-    to the last record stamped ``upto_step`` or earlier before any record after it in time."""
+    to the last record stamped ``upto_step`` or earlier before any record after it in time. A torn
+    last record (a kill mid-write, after the checkpoint) goes with the rest of the later ones."""
     path = Path(path)
     if not path.exists():
         return
-    records = list(read_log(path))
+    records = list(read_log(path, torn_tail_ok=True))
     keep = 0
     for i, r in enumerate(records):
         if r["step"] <= upto_step:
