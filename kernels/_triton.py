@@ -28,7 +28,15 @@ import triton.language as tl
 from triton import knobs
 from triton.runtime.jit import JITFunction
 
-__all__ = ["Kernel", "acc_dtype", "jit", "row_blocks"]
+__all__ = ["Kernel", "acc_dtype", "interpreted", "jit", "row_blocks"]
+
+
+def interpreted(device: torch.device) -> bool:
+    """Whether a launch on ``device``'s tensors runs in Triton's interpreter: always on CPU (the only way
+    Triton runs there), on CUDA only when ``TRITON_INTERPRET`` is set. Launchers and block heuristics
+    ask this, never the device type alone: an interpreted program is numpy work per Python iteration
+    (large tiles, few programs), a compiled one a GPU block (small tiles, many programs)."""
+    return device.type == "cpu" or knobs.runtime.interpret
 
 
 class Kernel:
@@ -39,20 +47,18 @@ class Kernel:
         functools.update_wrapper(self, fn)
 
     @functools.cached_property
-    def compiled(self) -> JITFunction:
+    def compiled_launcher(self) -> JITFunction:
         return JITFunction(self.fn)
 
     @functools.cached_property
-    def interpreted(self):
+    def interpreted_launcher(self):
         from triton.runtime.interpreter import InterpretedFunction
 
         return InterpretedFunction(self.fn)
 
     def on(self, device: torch.device):
         """The launcher for tensors on ``device``: index it with the grid, then call it."""
-        if device.type == "cpu" or knobs.runtime.interpret:
-            return self.interpreted
-        return self.compiled
+        return self.interpreted_launcher if interpreted(device) else self.compiled_launcher
 
 
 def jit(fn: Callable) -> Kernel:
@@ -74,8 +80,7 @@ def row_blocks(
     program is a Python-level loop iteration of numpy work, so tiles are as large as possible (64 Ki
     elements) to launch few programs. Either can be forced (tests force small blocks to exercise the
     column masks and several column blocks)."""
-    interpreted = device.type == "cpu" or knobs.runtime.interpret
-    max_d, max_tile = (4096, 1 << 16) if interpreted else (1024, 4096)
+    max_d, max_tile = (4096, 1 << 16) if interpreted(device) else (1024, 4096)
     bd = block_d or min(triton.next_power_of_2(max(D, 1)), max_d)
     br = block_r or max(1, min(triton.next_power_of_2(max(rows, 1)), max_tile // bd))
     return br, bd

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ._autograd import grouped_mm_grad, grouped_mm_weight_grad_grad, op_function, register
-from ._triton import jit
+from ._triton import acc_dtype, interpreted, jit
 
 __all__ = ["grouped_mm", "grouped_mm_weight_grad", "grouped_mm_launch", "grouped_mm_weight_grad_launch"]
 
@@ -177,14 +177,6 @@ def _weight_grad_kernel(
 
 
 # ------------------------------------------------------------------------------------ block heuristics
-def _interpreted(device: torch.device) -> bool:
-    return device.type == "cpu" or triton.knobs.runtime.interpret
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _p2(n: int, lo: int, hi: int) -> int:
     """next_power_of_2(n) clamped to [lo, hi]."""
     return max(lo, min(triton.next_power_of_2(max(n, 1)), hi))
@@ -214,7 +206,7 @@ def _mm_config(A: int, D: int, F: int, E: int, dtype: torch.dtype, device: torch
     Interpreted: each program is numpy work on whole tiles plus Python overhead per op, so blocks cover
     as much of the problem as possible (few programs) without padding far past the real extents
     (masked loads cost per padded element). BLOCK_M is sized to the mean non-empty segment."""
-    if _interpreted(device):
+    if interpreted(device):
         mean_rows = -(-A // max(1, min(E, A)))
         bm = _p2(mean_rows, 16, 128)
         return dict(BLOCK_M=bm, BLOCK_N=_p2(F, 16, 256), BLOCK_K=_p2(D, 16, 256), num_warps=4, num_stages=1)
@@ -230,7 +222,7 @@ def _mm_config(A: int, D: int, F: int, E: int, dtype: torch.dtype, device: torch
 
 def _wgrad_config(A: int, D: int, F: int, dtype: torch.dtype, device: torch.device) -> dict:
     """BLOCK_D/F/K (K: rows per step), num_warps, num_stages for the weight gradient; as ``_mm_config``."""
-    if _interpreted(device):
+    if interpreted(device):
         return dict(
             BLOCK_D=_p2(D, 16, 256),
             BLOCK_F=_p2(F, 16, 256),
@@ -296,7 +288,6 @@ def grouped_mm_launch(
     meta[:, 1:] = torch.stack([c, (c + bm - 1) // bm]).cumsum(1)
     num_pid_m = triton.cdiv(A, bm) + min(E, A)  # >= the real number of M tiles, whatever the counts
     grid = (num_pid_m * triton.cdiv(F, bn),)
-    interpreted = _interpreted(x.device)
     _grouped_mm_kernel.on(x.device)[grid](
         x,
         w,
@@ -320,8 +311,8 @@ def grouped_mm_launch(
         BLOCK_K=bk,
         BLOCK_E=block_e or _p2(E, 16, 1024),  # experts compared per step of the tile search
         GROUP_M=8,
-        ACC=_acc(x.dtype),
-        UPCAST=interpreted,
+        ACC=acc_dtype(x.dtype),
+        UPCAST=interpreted(x.device),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -371,8 +362,8 @@ def grouped_mm_weight_grad_launch(
         BLOCK_D=bd,
         BLOCK_F=bf,
         BLOCK_K=bk,
-        ACC=_acc(x.dtype),
-        UPCAST=_interpreted(x.device),
+        ACC=acc_dtype(x.dtype),
+        UPCAST=interpreted(x.device),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

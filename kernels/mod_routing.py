@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._autograd import op_function, register
-from ._triton import acc_dtype, jit, row_blocks
+from ._triton import acc_dtype, interpreted, jit, row_blocks
 
 __all__ = [
     "mod_gather",
@@ -423,7 +423,7 @@ def mod_topk_launch(
     if B and k:
         # Interpreted: the whole row in one block (each block is numpy work per sweep). Compiled: up to
         # 4096 positions per block (32 per thread of 4 warps). fp16/bf16 widen to fp32 exactly.
-        max_block = 1 << 16 if scores_BT.device.type == "cpu" or triton.knobs.runtime.interpret else 4096
+        max_block = 1 << 16 if interpreted(scores_BT.device) else 4096
         bt = block_t or min(triton.next_power_of_2(T), max_block)
         wide = scores_BT.dtype == torch.float64
         _topk_kernel.on(scores_BT.device)[(B,)](

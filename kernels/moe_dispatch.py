@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._autograd import op_function, register
-from ._triton import acc_dtype, jit, row_blocks
+from ._triton import acc_dtype, interpreted, jit, row_blocks
 
 __all__ = ["inverse_permutation", "moe_dispatch", "moe_dispatch_backward", "moe_routing"]
 
@@ -220,7 +220,7 @@ def inverse_permutation_launch(
     inv_A = torch.empty(size, dtype=torch.int64, device=perm_S.device) if out is None else out
     inv_A.fill_(-1)
     if S:
-        block = min(triton.next_power_of_2(S), 1 << 16 if perm_S.device.type == "cpu" else 1024)
+        block = min(triton.next_power_of_2(S), 1 << 16 if interpreted(perm_S.device) else 1024)
         _inverse_permutation_kernel.on(perm_S.device)[(triton.cdiv(S, block),)](
             perm_S, inv_A, S, size, BLOCK=block
         )
@@ -286,9 +286,8 @@ def moe_dispatch_backward_launch(
 def _routing_blocks(A: int, E: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_A, BLOCK_E): the one-hot tiles [BLOCK_A, BLOCK_E] hold every expert; at most 4096
     elements compiled (registers), 64 Ki interpreted (few programs)."""
-    interpreted = device.type == "cpu" or triton.knobs.runtime.interpret
     be = triton.next_power_of_2(max(E, 1))
-    ba = max(1, min(triton.next_power_of_2(max(A, 1)), (1 << 16 if interpreted else 4096) // be))
+    ba = max(1, min(triton.next_power_of_2(max(A, 1)), (1 << 16 if interpreted(device) else 4096) // be))
     return ba, be
 
 
@@ -327,9 +326,9 @@ def moe_routing_launch(
     _offsets_kernel.on(dev)[(1,)](hist, counts_E, offsets_E1, nblk, E, BLOCK_B=block_b, BLOCK_E=be)
     if A:
         _place_kernel.on(dev)[(nblk,)](ids_A, hist, offsets_E1, perm_A, A, E, BLOCK_A=ba, BLOCK_E=be)
-        interpreted = dev.type == "cpu" or triton.knobs.runtime.interpret
-        bi = block_i or min(triton.next_power_of_2(A), 256 if interpreted else 64)
-        bj = block_j or min(triton.next_power_of_2(A), 256 if interpreted else 64)
+        side = 256 if interpreted(dev) else 64
+        bi = block_i or min(triton.next_power_of_2(A), side)
+        bj = block_j or min(triton.next_power_of_2(A), side)
         _position_kernel.on(dev)[(triton.cdiv(A, bi),)](
             ids_A,
             w_A,

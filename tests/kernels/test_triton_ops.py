@@ -375,3 +375,15 @@ def test_gpu_routing_large_shapes(N, E, K, capacity_factor):
     ids_NK, w_NK = ids_NK.cuda(), w_NK.cuda()
     capacity = None if capacity_factor is None else int(capacity_factor * N * K / E) + 1
     _assert_routing_equal(moe_routing(ids_NK, w_NK, E, capacity), ids_NK, w_NK, E, capacity, f"seed {seed}")
+
+
+def test_interpreted_follows_the_device_and_the_knob(monkeypatch):
+    """One rule for "does this launch run in Triton's interpreter", used by every launcher and block
+    heuristic: CPU tensors always, CUDA tensors only when TRITON_INTERPRET (the knob) says so."""
+    from lumina_kernels._triton import interpreted
+
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    assert interpreted(torch.device("cpu"))
+    assert not interpreted(torch.device("cuda"))
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
+    assert interpreted(torch.device("cuda"))
