@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autograd import grouped_mm_grad, grouped_mm_weight_grad_grad, op_function, register
+from ._autograd import apply, op_functions
 from ._triton import acc_dtype, interpreted, jit
 
 __all__ = ["grouped_mm", "grouped_mm_weight_grad", "grouped_mm_launch", "grouped_mm_weight_grad_launch"]
@@ -392,34 +392,24 @@ def _(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ autograd wrappers
-# Functions from kernels/_autograd.py, with the grouped-matmul formulas every implementation shares
-# (torch.func.grad cannot use register_autograd in torch 2.13); the same formulas on the ops.
-GroupedMM = op_function(
-    "GroupedMM",
-    lambda x, w, c: _grouped_mm_op(x, w, c),
-    lambda inputs, g: grouped_mm_grad(GroupedMM, GroupedMMWeightGrad, inputs, g),
-    save=(0, 1, 2),
+# The Functions (torch.func.grad cannot use register_autograd in torch 2.13) with the grouped-matmul
+# formulas every implementation shares (kernels/_autograd.py), also registered on the ops.
+_ops = torch.ops.lumina_triton
+GroupedMM, GroupedMMWeightGrad = op_functions(
+    "lumina_triton",
+    grouped_mm=_ops.grouped_mm.default,
+    grouped_mm_weight_grad=_ops.grouped_mm_weight_grad.default,
 )
-GroupedMMWeightGrad = op_function(
-    "GroupedMMWeightGrad",
-    lambda x, g, c: _grouped_mm_weight_grad_op(x, g, c),
-    lambda inputs, g: grouped_mm_weight_grad_grad(GroupedMM, inputs, g),
-    save=(0, 1, 2),
-)
-register(_grouped_mm_op, GroupedMM)
-register(_grouped_mm_weight_grad_op, GroupedMMWeightGrad)
 
 
 # --------------------------------------------------------------------------------------------- public
 def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows [offsets[e], offsets[e+1]) of the expert-sorted ``x`` times ``w[e]``. [A, F]. No host sync;
     differentiable (twice) in x and w; ``counts_E`` must sum to A."""
-    # view_as: torch 2.13's compile of torch.func.grad fails ("must override setup_context") when a
-    # transform's own input goes straight into Function.apply; a free view avoids it (as lumina.ops).
-    return GroupedMM.apply(x_AD.view_as(x_AD), w_EDF.view_as(w_EDF), counts_E)
+    return apply(GroupedMM, x_AD, w_EDF, counts_E)
 
 
 def grouped_mm_weight_grad(x_AD: torch.Tensor, g_AF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """d(loss)/d(w) of ``grouped_mm`` for output gradient ``g``: per expert x_seg^T @ g_seg, zeros for an
     empty expert. [E, D, F]. Differentiable in x and g."""
-    return GroupedMMWeightGrad.apply(x_AD.view_as(x_AD), g_AF.view_as(g_AF), counts_E)
+    return apply(GroupedMMWeightGrad, x_AD, g_AF, counts_E)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autograd import op_function, register
+from ._autograd import apply, op_functions
 from ._triton import acc_dtype, interpreted, jit, row_blocks
 
 __all__ = [
@@ -498,84 +498,42 @@ def _(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ autograd wrappers
-# Functions from kernels/_autograd.py (torch.func.grad cannot use register_autograd in torch 2.13).
-# Each backward is built from the same Functions, so it is differentiable again. Gather and its
-# backward are adjoint. For the scatter backward (ddelta = w * G(g), dw = dot(G(g), delta), G = gather):
-#   d/dg = scatter(scatter(0, ggddelta, w), delta, ggdw);  d/ddelta = backward(g, delta, ggdw).ddelta;
-#   d/dw = backward(g, ggddelta, w).dw
-def _gather_grad(inputs, grad_BSD):
-    x_shape, idx_BS = inputs
-    return ModGatherBackward.apply(grad_BSD, idx_BS, x_shape[1]), None
-
-
-def _gather_backward_grad(inputs, grad_BTD):
-    _, idx_BS, _ = inputs
-    return ModGather.apply(grad_BTD, idx_BS), None, None
-
-
-def _scatter_grad(inputs, grad_BTD):
-    _, delta_BSD, weight_BS, idx_BS = inputs
-    grad_delta, grad_w = ModScatterBackward.apply(grad_BTD, delta_BSD, weight_BS, idx_BS)
-    return grad_BTD, grad_delta, grad_w, None  # d/dx: the identity
-
-
-def _scatter_backward_grad(inputs, gg_ddelta_BSD, gg_dw_BS):
-    g_BTD, delta_BSD, weight_BS, idx_BS = inputs
-    zeros = torch.zeros_like(g_BTD)
-    grad_g = ModScatter.apply(
-        ModScatter.apply(zeros, gg_ddelta_BSD, weight_BS, idx_BS), delta_BSD, gg_dw_BS, idx_BS
-    )
-    grad_delta = ModScatterBackward.apply(g_BTD, delta_BSD, gg_dw_BS, idx_BS)[0]
-    grad_w = ModScatterBackward.apply(g_BTD, gg_ddelta_BSD, weight_BS, idx_BS)[1]
-    return grad_g, grad_delta, grad_w, None
-
-
-ModGather = op_function("ModGather", lambda x, idx: _mod_gather_op(x, idx), _gather_grad, save=(1,))
-ModGatherBackward = op_function(
-    "ModGatherBackward",
-    lambda g, idx, t: _mod_gather_backward_op(g, idx, t),
-    _gather_backward_grad,
-    save=(1,),
+# The Functions (torch.func.grad cannot use register_autograd in torch 2.13) with the gather / scatter
+# formulas of kernels/_autograd.py, also registered on the ops. Each backward is built from the same
+# Functions, so it is differentiable again.
+_ops = torch.ops.lumina_triton
+ModGather, ModGatherBackward, ModScatter, ModScatterBackward = op_functions(
+    "lumina_triton",
+    mod_gather=_ops.mod_gather.default,
+    mod_gather_backward=_ops.mod_gather_backward.default,
+    mod_scatter=_ops.mod_scatter.default,
+    mod_scatter_backward=_ops.mod_scatter_backward.default,
 )
-ModScatter = op_function(
-    "ModScatter", lambda x, d, w, idx: _mod_scatter_op(x, d, w, idx), _scatter_grad, save=(1, 2, 3)
-)
-ModScatterBackward = op_function(
-    "ModScatterBackward",
-    lambda g, d, w, idx: _mod_scatter_backward_op(g, d, w, idx),
-    _scatter_backward_grad,
-    save=(0, 1, 2, 3),
-)
-# The same formulas on the ops themselves, for callers of the ops (and torch.library.opcheck).
-register(_mod_gather_op, ModGather)
-register(_mod_gather_backward_op, ModGatherBackward)
-register(_mod_scatter_op, ModScatter)
-register(_mod_scatter_backward_op, ModScatterBackward)
 
 
 # --------------------------------------------------------------------------------------------- public
 def mod_gather(x_BTD: torch.Tensor, idx_BS: torch.Tensor) -> torch.Tensor:
     """The selected rows of each sequence: out[b, s] = x[b, idx[b, s]]. [B, S, D]"""
-    return ModGather.apply(x_BTD, idx_BS)
+    return apply(ModGather, x_BTD, idx_BS)
 
 
 def mod_gather_backward(g_BSD: torch.Tensor, idx_BS: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The adjoint of ``mod_gather``: g's rows placed at idx in a zero [B, seq_len, D]."""
-    return ModGatherBackward.apply(g_BSD, idx_BS, seq_len)
+    return apply(ModGatherBackward, g_BSD, idx_BS, seq_len)
 
 
 def mod_scatter(
     x_BTD: torch.Tensor, delta_BSD: torch.Tensor, weight_BS: torch.Tensor, idx_BS: torch.Tensor
 ) -> torch.Tensor:
     """x with ``weight * delta`` added at the selected rows; the other rows pass through. [B, T, D]"""
-    return ModScatter.apply(x_BTD, delta_BSD, weight_BS, idx_BS)
+    return apply(ModScatter, x_BTD, delta_BSD, weight_BS, idx_BS)
 
 
 def mod_scatter_backward(
     g_BTD: torch.Tensor, delta_BSD: torch.Tensor, weight_BS: torch.Tensor, idx_BS: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d delta, d weight) of ``mod_scatter`` for the output gradient ``g`` (d x is g). ([B, S, D], [B, S])"""
-    return ModScatterBackward.apply(g_BTD, delta_BSD, weight_BS, idx_BS)
+    return apply(ModScatterBackward, g_BTD, delta_BSD, weight_BS, idx_BS)
 
 
 def mod_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:

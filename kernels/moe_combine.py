@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autograd import op_function, register
+from ._autograd import apply, op_functions
 from ._triton import acc_dtype, jit, row_blocks
 from .moe_dispatch import inverse_permutation_launch
 
@@ -212,45 +212,25 @@ def _(
 
 
 # ------------------------------------------------------------------------------------ autograd wrappers
-# Functions from kernels/_autograd.py (torch.func.grad cannot use register_autograd in torch 2.13).
-# The backward is built from the same Functions, so it is differentiable again:
-#   d/dg = combine(ggy, perm, w) + combine(y, perm, ggw);  d/dy = backward(g, y, perm, ggw).dy;
-#   d/dw = backward(g, ggy, perm, w).dw
-def _combine_grad(inputs, grad_ND):
-    y_AD, perm_A, weights_NK = inputs
-    grad_y, grad_w = MoeCombineBackward.apply(grad_ND, y_AD, perm_A, weights_NK)
-    return grad_y, None, grad_w
-
-
-def _combine_backward_grad(inputs, gg_dy_AD, gg_dw_NK):
-    g_ND, y_AD, perm_A, weights_NK = inputs
-    grad_g = MoeCombine.apply(gg_dy_AD, perm_A, weights_NK) + MoeCombine.apply(y_AD, perm_A, gg_dw_NK)
-    grad_y = MoeCombineBackward.apply(g_ND, y_AD, perm_A, gg_dw_NK)[0]
-    grad_w = MoeCombineBackward.apply(g_ND, gg_dy_AD, perm_A, weights_NK)[1]
-    return grad_g, grad_y, None, grad_w
-
-
-MoeCombine = op_function(
-    "MoeCombine", lambda y, p, w: _moe_combine_op(y, p, w), _combine_grad, save=(0, 1, 2)
+# The Functions (torch.func.grad cannot use register_autograd in torch 2.13) with the combine formulas
+# every provider shares (kernels/_autograd.py), also registered on the ops. The backward is built from
+# the same Functions, so it is differentiable again.
+_ops = torch.ops.lumina_triton
+MoeCombine, MoeCombineBackward = op_functions(
+    "lumina_triton",
+    moe_combine=_ops.moe_combine.default,
+    moe_combine_backward=_ops.moe_combine_backward.default,
 )
-MoeCombineBackward = op_function(
-    "MoeCombineBackward",
-    lambda g, y, p, w: _moe_combine_backward_op(g, y, p, w),
-    _combine_backward_grad,
-    save=(0, 1, 2, 3),
-)
-register(_moe_combine_op, MoeCombine)
-register(_moe_combine_backward_op, MoeCombineBackward)
 
 
 # --------------------------------------------------------------------------------------------- public
 def moe_combine(y_AD: torch.Tensor, perm_A: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """Each token's router-weighted sum of its K expert outputs (y in expert-sorted order). [N, D]"""
-    return MoeCombine.apply(y_AD, perm_A, weights_NK)
+    return apply(MoeCombine, y_AD, perm_A, weights_NK)
 
 
 def moe_combine_backward(
     g_ND: torch.Tensor, y_AD: torch.Tensor, perm_A: torch.Tensor, weights_NK: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d y, d weights) of ``moe_combine`` for the output gradient ``g``. ([A, D], [N, K])"""
-    return MoeCombineBackward.apply(g_ND, y_AD, perm_A, weights_NK)
+    return apply(MoeCombineBackward, g_ND, y_AD, perm_A, weights_NK)

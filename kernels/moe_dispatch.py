@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autograd import op_function, register
+from ._autograd import apply, op_functions
 from ._triton import acc_dtype, interpreted, jit, row_blocks
 
 __all__ = ["inverse_permutation", "moe_dispatch", "moe_dispatch_backward", "moe_routing"]
@@ -401,27 +401,14 @@ def _(
 
 
 # ------------------------------------------------------------------------------------ autograd wrappers
-# Functions from kernels/_autograd.py (torch.func.grad cannot use register_autograd in torch 2.13);
-# dispatch and its backward are adjoint, so each one's backward is the other.
-def _dispatch_grad(inputs, grad_AD):
-    x_shape, perm_A, top_k = inputs
-    return MoeDispatchBackward.apply(grad_AD, perm_A, top_k, x_shape[0]), None, None
-
-
-def _dispatch_backward_grad(inputs, grad_ND):
-    _, perm_A, top_k, _ = inputs
-    return MoeDispatch.apply(grad_ND, perm_A, top_k), None, None, None
-
-
-MoeDispatch = op_function("MoeDispatch", lambda x, p, k: _moe_dispatch_op(x, p, k), _dispatch_grad, save=(1,))
-MoeDispatchBackward = op_function(
-    "MoeDispatchBackward",
-    lambda g, p, k, n: _moe_dispatch_backward_op(g, p, k, n),
-    _dispatch_backward_grad,
-    save=(1,),
+# The Functions (torch.func.grad cannot use register_autograd in torch 2.13) with the dispatch formulas
+# every provider shares (kernels/_autograd.py), also registered on the ops.
+_ops = torch.ops.lumina_triton
+MoeDispatch, MoeDispatchBackward = op_functions(
+    "lumina_triton",
+    moe_dispatch=_ops.moe_dispatch.default,
+    moe_dispatch_backward=_ops.moe_dispatch_backward.default,
 )
-register(_moe_dispatch_op, MoeDispatch)
-register(_moe_dispatch_backward_op, MoeDispatchBackward)
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -433,7 +420,7 @@ def inverse_permutation(perm_S: torch.Tensor, size: int | None = None) -> torch.
 
 def moe_dispatch(x_ND: torch.Tensor, perm_A: torch.Tensor, top_k: int) -> torch.Tensor:
     """Token rows in expert-contiguous order: row i is token perm_A[i] // top_k (zero where -1). [S, D]"""
-    return MoeDispatch.apply(x_ND, perm_A, top_k)
+    return apply(MoeDispatch, x_ND, perm_A, top_k)
 
 
 def moe_dispatch_backward(
@@ -442,7 +429,7 @@ def moe_dispatch_backward(
     """The adjoint of ``moe_dispatch``: each token's K rows of ``g`` summed in k order. [N, D]
     (N = num_tokens, default len(perm_A) // top_k: the dropless case)."""
     N = perm_A.shape[0] // top_k if num_tokens is None else num_tokens
-    return MoeDispatchBackward.apply(g_AD, perm_A, top_k, N)
+    return apply(MoeDispatchBackward, g_AD, perm_A, top_k, N)
 
 
 def moe_routing(

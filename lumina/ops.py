@@ -34,7 +34,7 @@ import os
 import torch
 
 from lumina_kernels import native, native_status, reference
-from lumina_kernels._autograd import grouped_mm_grad, grouped_mm_weight_grad_grad, op_function, register
+from lumina_kernels._autograd import apply, op_functions
 
 try:  # Triton kernels: CUDA tensors only (on CPU, Triton's interpreter is far too slow to train with)
     from lumina_kernels import grouped_mm as _triton_gmm
@@ -82,27 +82,17 @@ def _(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 # Differentiated through autograd.Functions (lumina_kernels._autograd: torch.func.grad cannot use a
-# custom op's register_autograd formula in torch 2.13); the same formulas on the ops themselves.
-_GroupedMM = op_function(
-    "_GroupedMM",
-    lambda x, w, c: _grouped_mm(x, w, c),
-    lambda inputs, g: grouped_mm_grad(_GroupedMM, _GroupedMMWeightGrad, inputs, g),
-    save=(0, 1, 2),
+# custom op's register_autograd formula in torch 2.13) with the grouped-matmul formulas the Triton
+# kernel shares; the same formulas on the ops themselves.
+_GroupedMM, _GroupedMMWeightGrad = op_functions(
+    "lumina",
+    grouped_mm=torch.ops.lumina.grouped_mm.default,
+    grouped_mm_weight_grad=torch.ops.lumina.grouped_mm_weight_grad.default,
 )
-_GroupedMMWeightGrad = op_function(
-    "_GroupedMMWeightGrad",
-    lambda x, g, c: _grouped_mm_weight_grad(x, g, c),
-    lambda inputs, g: grouped_mm_weight_grad_grad(_GroupedMM, inputs, g),
-    save=(0, 1, 2),
-)
-register(_grouped_mm, _GroupedMM)
-register(_grouped_mm_weight_grad, _GroupedMMWeightGrad)
 
 
 def _reference_grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    # view_as: torch 2.13's compile of torch.func.grad fails ("must override setup_context") when a
-    # transform's own input goes straight into Function.apply; a free view avoids it.
-    return _GroupedMM.apply(x_AD.view_as(x_AD), w_EDF.view_as(w_EDF), counts_E)
+    return apply(_GroupedMM, x_AD, w_EDF, counts_E)
 
 
 # ------------------------------------------------------------------------------------ providers
