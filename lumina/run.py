@@ -137,7 +137,7 @@ def train_parser() -> _Parser:
     parser.add_argument(
         "--inject",
         metavar="FAULTS",
-        help="comma-separated faults, e.g. nan_grad@20,lr_spike@200x100 (README)",
+        help="comma-separated faults, e.g. nan_grad@20,lr_spike@200x100 (docs/orchestrator.md)",
     )
     return parser
 

@@ -25,8 +25,14 @@ ARGS = [
 ]
 
 
+def _env() -> dict[str, str]:
+    # as many intra-op threads as this process (the straight run) uses: under `pytest -n N` it has
+    # fewer than a fresh process would take, and a different split of a reduction changes the bits
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def _start(*args: str, cwd) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = _env()
     return subprocess.Popen(
         [sys.executable, "-m", "lumina.run", *args],
         cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -68,8 +74,9 @@ def test_kill_9_during_checkpointing_then_resume_latest_equals_a_straight_run(tm
         cmd = ["--resume", "latest", "--run-dir", str(root), "--name", "crash"]
     assert kills >= 2, f"only {kills} kills landed mid-run"
     done = subprocess.run(
-        [sys.executable, "-m", "lumina.run", *cmd], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-m", "lumina.run", *cmd],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     a, _ = checkpoint.load_checkpoint(checkpoint.latest(straight.run_dir))
     b, meta = checkpoint.load_checkpoint(checkpoint.latest(run))

@@ -216,6 +216,7 @@ def test_each_fault_changes_what_the_step_is_fed():
     assert fired == [] and sorted(inj.fired) == sorted(specs)
 
 
+@pytest.mark.slow  # 60 steps of the debug preset: ~75 s on 2 cores (the tiny runs above check the same path)
 def test_acceptance_nan_grad_on_the_debug_preset(tmp_path, capsys):
     """`python -m lumina.run --inject nan_grad@20 --steps 60` survives, logs the rollback, replays."""
     assert main(["--inject", "nan_grad@20", "--steps", "60", "--run-dir", str(tmp_path)]) == 0
