@@ -87,9 +87,23 @@ def test_capacity_buffer(provider, case, dtype):
     _close(got, want, dtype, msg)
     g = torch.randn_like(want)
     grads = torch.autograd.grad(got, (y, w), g.to(dtype))
-    for name, a, b in zip("yw", grads, torch.autograd.grad(want, (yr, wr), g), strict=True):
-        # dw of a dropped assignment is exactly zero (it had no effect), not merely small.
-        _close(a, b, dtype, f"{msg} d{name}")
+    want_dy, want_dw = torch.autograd.grad(want, (yr, wr), g)
+    _close(grads[0], want_dy, dtype, f"{msg} dy")
+    if dtype == torch.bfloat16:
+        # dw is a D-long dot product <g, y>; a provider may round each of its D products to bf16
+        # (the reference does: autograd of y * w in bf16), a random walk of D rounding errors of at
+        # most 2**-8 relative each: allow 6 standard deviations of it, u / sqrt(3) * ||g * y||, on
+        # top of the usual tolerance (that alone failed 19 of 400 seeds of the reference and 7 of 400
+        # native at D = 37; with the walk term: 0 of 400 for each provider and case).
+        y2, w2 = (yr.detach() ** 2).requires_grad_(), wr.detach().clone().requires_grad_()
+        combined = reference.capacity_combine(y2, ids_NK, position_A, keep_A, w2)
+        walk = torch.autograd.grad(combined, w2, g**2)[0].sqrt()  # ||g[n] * y[slot of a]|| per a
+        err, bound = (grads[1].float() - want_dw).abs(), 6 * 2**-8 / 3**0.5 * walk
+        bound += TOL[dtype]["atol"] + TOL[dtype]["rtol"] * want_dw.abs()
+        assert (err <= bound).all(), f"{msg} dw: error {err.max().item():.3g} over its bound"
+    else:
+        _close(grads[1], want_dw, dtype, f"{msg} dw")
+    # dw of a dropped assignment is exactly zero (it had no effect), not merely small.
     dw = grads[1].reshape(-1)
     assert (dw[~keep_A] == 0).all(), msg
 
