@@ -227,8 +227,23 @@ def test_public_functions_autograd(dtype):
     # bf16 also rounds the intermediate (and its gradient) that the fp32 reference keeps.
     tol = TOL[torch.float32] if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     _close(out, ref, dtype, f"forward, seed {seed}", **tol)
-    for name, a, b in zip(("x", "w_up", "w_down"), grads, ref_grads, strict=True):
+    for name, a, b in zip(("x", "w_down"), grads[::2], ref_grads[::2], strict=True):
         _close(a, b, dtype, f"d{name}, seed {seed}", **tol)
+    if dtype == torch.float32:
+        _close(grads[1], ref_grads[1], dtype, f"dw_up, seed {seed}", **tol)
+        return
+    # dw_up[e] sums, over the expert's rows, x * dt * tanh'(h) with dt = g @ w_down^T. bf16 rounds each
+    # term's dt and h (truncated in Triton's interpreter, whose bias, 2**-8 of the value, scales the sum
+    # and sits in rtol), tanh (which moves tanh' by up to 2u of dt's scale) and the tanh' product: in
+    # quadrature under 3u of |x * dt|, u = 2**-8, zero-mean. Over a segment's rows that is a random walk
+    # of standard deviation 3u / sqrt(3) * sqrt(sum of (x * dt)**2): allow 6 of them on top of the
+    # kernel's own tolerance (its final rounding). The flat rtol = atol = 3e-2 used before failed 2 of
+    # 1000 seeds, at entries whose terms cancel to near zero; this bound: 0 of 1000.
+    dt = reference.grouped_mm(g.float(), leaves32[2].detach().transpose(1, 2), counts)
+    walk = reference.grouped_mm_weight_grad(x.float() ** 2, dt**2, counts).sqrt()
+    err, want = (grads[1].float() - ref_grads[1]).abs(), ref_grads[1]
+    bound = TOL[dtype]["atol"] + TOL[dtype]["rtol"] * want.abs() + 6 * 3**0.5 * 2**-8 * walk
+    assert (err <= bound).all(), f"dw_up, seed {seed}: error {err.max().item():.3g} over its bound"
 
 
 @pytest.mark.parametrize("reduce", ["square_sum", "sum"])
