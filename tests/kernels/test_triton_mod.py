@@ -136,10 +136,23 @@ def test_public_functions_autograd(dtype):
     tol = TOL[torch.float32] if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
     torch.testing.assert_close(out.float(), ref, **tol, msg=lambda m: f"forward, seed {seed}: {m}")
     ref_grads = torch.autograd.grad(ref, (x32, w32), g.float())
-    for name, a, b in zip("xw", grads, ref_grads, strict=True):
-        torch.testing.assert_close(
-            a.float(), b.float(), **tol, msg=lambda m, n=name: f"d{n}, seed {seed}: {m}"
-        )
+    torch.testing.assert_close(grads[1], ref_grads[1], **tol, msg=lambda m: f"dw, seed {seed}: {m}")
+    if dtype == torch.float32:
+        torch.testing.assert_close(grads[0], ref_grads[0], **tol, msg=lambda m: f"dx, seed {seed}: {m}")
+        return
+    # dx = g + c at the selected rows, c = g * w * delta * tanh'(x). bf16 rounds c's factors: w * g
+    # (truncated in Triton's interpreter: up to 2**-7), then * delta and the tanh' product (2**-8
+    # each), and tanh' itself moves by up to 2**-7 of |g * w * delta| with tanh's rounding: at most
+    # 2**-6 of |g * w * delta| in all: an error of the terms, not of dx, which may cancel to near zero.
+    # That worst case comes on top of the kernel's own tolerance (the final rounding of g + c), instead
+    # of the flat rtol 3e-2, atol 5e-2 above, under which dx's error reached 0.95 of the bound in 2000
+    # seeds; under this bound 0 of 2000 failed, the largest error at 0.84 of it (a worst case, not a
+    # tail: no seed can exceed it).
+    g_delta = reference.mod_gather(g.float().abs(), idx_BS) * delta_BSD.float().abs()
+    mag = reference.mod_scatter(torch.zeros_like(x32), g_delta, w32, idx_BS)  # |g * w * delta| at the rows
+    err = (grads[0].float() - ref_grads[0]).abs()
+    bound = TOL[dtype]["atol"] + TOL[dtype]["rtol"] * ref_grads[0].abs() + 2**-6 * mag
+    assert (err <= bound).all(), f"dx, seed {seed}: error {err.max().item():.3g} over its bound"
 
 
 def test_torch_func_grad():
