@@ -153,13 +153,30 @@ def test_public_functions_autograd(dtype):
     ref = reference.moe_combine(torch.tanh(reference.moe_dispatch(x32, perm_A, K)) * y32, perm_A, w32)
     _close(out, ref, dtype, f"forward, seed {seed}")
     ref_grads = torch.autograd.grad(ref, (x32, y32, w32), g.float())
-    # bf16 also rounds the intermediates (tanh, the product, their grads) that the fp32 reference keeps,
-    # and dw sums D=70 such rounded terms: a few bf16 ulps more than a single kernel's tolerance.
+    # bf16 also rounds the intermediates (tanh, the product, their grads) that the fp32 reference keeps.
     tol = TOL[torch.float32] if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
-    for name, a, b in zip("xyw", grads, ref_grads, strict=True):
+    checked = 3 if dtype == torch.float32 else 2  # bf16 dw: below, with the walk of its D roundings
+    for name, a, b in zip("xyw"[:checked], grads[:checked], ref_grads[:checked], strict=True):
         torch.testing.assert_close(
             a.float(), b.float(), **tol, msg=lambda m, n=name: f"d{n}, seed {seed}: {m}"
         )
+    if dtype == torch.float32:
+        return
+    # dw sums D = 70 terms g * tanh(x) * y, each with two bf16 roundings (tanh, the product; 2**-8 each,
+    # to nearest: torch ops): a random walk of standard deviation sqrt(2) * 2**-8 / sqrt(3) * ||g * tanh(x)
+    # * y||. Allow 6 of them on top of a single kernel's tolerance, instead of the flat rtol 3e-2, atol
+    # 5e-2 above, which came to 0.89 of its bound in 1000 seeds (an error of the terms, not of dw);
+    # under this bound the largest error in 1000 seeds was 0.41 of it.
+    inner = (torch.tanh(reference.moe_dispatch(x32, perm_A, K)) * y32).detach()
+    w2 = w32.detach().clone().requires_grad_()
+    (walk,) = torch.autograd.grad(reference.moe_combine(inner**2, perm_A, w2), w2, g.float() ** 2)
+    err = (grads[2].float() - ref_grads[2]).abs()
+    bound = (
+        TOL[dtype]["atol"]
+        + TOL[dtype]["rtol"] * ref_grads[2].abs()
+        + 6 * 2**0.5 * 2**-8 / 3**0.5 * walk.sqrt()
+    )
+    assert (err <= bound).all(), f"dw, seed {seed}: error {err.max().item():.3g} over its bound"
 
 
 def test_torch_func_grad():
