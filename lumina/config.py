@@ -222,7 +222,8 @@ class TrainConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    precision: Literal["fp32", "tf32", "bf16", "fp16"] = "fp32"
+    # fp8: bf16 with the attention / FFN / expert matmuls in fp8 (lumina.fp8; CUDA sm89+ or CPU)
+    precision: Literal["fp32", "tf32", "bf16", "fp16", "fp8"] = "fp32"
     grad_checkpointing: Literal["none", "full", "attention"] = "none"
     compile: bool = True
     log_every: int = 10
@@ -441,8 +442,8 @@ class RunConfig:
         )
         moe = self.model.moe
         dropless_moe = moe.enabled and moe.capacity_factor is None  # where the grouped matmul runs
-        _check(
-            not dropless_moe or moe.grouped_mm != "torch" or self.train.precision == "bf16",
+        _check(  # fp8 runs its expert GEMMs in bf16 (lumina.fp8), so it qualifies too
+            not dropless_moe or moe.grouped_mm != "torch" or self.train.precision in ("bf16", "fp8"),
             "model.moe.grouped_mm=torch needs train.precision=bf16 (torch's grouped_mm is bf16-only), "
             f"got {self.train.precision}",
         )

@@ -79,7 +79,11 @@ def _config_parser(prog: str, description: str) -> _Parser:
     p.add_argument("--config", metavar="FILE.toml", help="TOML file applied on top of the preset")
     p.add_argument("--seed", help="run seed: initialisation, data order, routing noise (default: 0)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--precision", help="fp32 | tf32 | bf16 | fp16 (train.precision)")
+    p.add_argument(
+        "--precision",
+        help="fp32 | tf32 | bf16 | fp16 | fp8 (train.precision; fp8: bf16 with the attention, FFN and "
+        "expert matmuls in fp8, CUDA compute capability 8.9+ or CPU)",
+    )
     return p
 
 
@@ -180,6 +184,10 @@ def _cmd_check(argv: Sequence[str]) -> int:
     device = resolve_device(cfg.device)
     presets.check_fits(cfg, device)
     m, t = cfg.model, cfg.train
+    if t.precision == "fp8":
+        from lumina.fp8 import check_device
+
+        check_device(device)
     count = presets.count_params(m)
     print(f"[lumina] preset={cfg.preset} device={device} torch={torch.__version__}")
     print(
@@ -195,7 +203,7 @@ def _cmd_check(argv: Sequence[str]) -> int:
     tokens = torch.randint(0, m.vocab_size, (B, t.seq_len + 1), generator=g).to(device)
 
     def loss_fn(p):
-        logits, aux = apply(p, tokens[:, :-1], m, default_knobs(m, device))
+        logits, aux = apply(p, tokens[:, :-1], m, default_knobs(m, device), fp8=t.precision == "fp8")
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
         return ce + aux["loss"], (ce, aux)
 

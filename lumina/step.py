@@ -29,6 +29,8 @@ functional AdamW. Targets equal to the tokenizer's ``pad_id`` carry no loss (see
 Precision (``train.precision``): ``fp32``; ``tf32`` (fp32 step; the driver enables TF32 matmuls on
 CUDA, a no-op on CPU); ``bf16`` and ``fp16`` cast the fp32 master weights to the compute dtype
 inside the differentiated function, so gradients arrive in fp32 and AdamW updates fp32 masters.
+``fp8`` is ``bf16`` with the attention projections, FFN and expert matmuls in fp8 (``lumina.fp8``:
+e4m3 forward, e5m2 gradients, dynamic tensorwise scales); CUDA needs compute capability 8.9+.
 ``fp16`` multiplies the loss by ``loss_scale``, unscales the gradients, and when any gradient is
 not finite skips the update (params, moments and ``updates`` unchanged), halves the scale and
 resets ``good_steps``; after ``loss_scale_window`` finite steps in a row the scale doubles.
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
-from lumina import tree
+from lumina import fp8, tree
 from lumina.config import RunConfig
 from lumina.model import apply, default_knobs, init, random
 from lumina.model.moe import update_balance_bias
@@ -52,12 +54,21 @@ from lumina.optim import adamw_init, adamw_update, clip_by_global_norm
 
 __all__ = ["COMPUTE_DTYPES", "eval_step", "init_train_state", "loss_fn", "make_train_step", "train_step"]
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPUTE_DTYPES = {
+    "fp32": torch.float32,
+    "tf32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8": torch.bfloat16,  # bf16 everywhere but the big matmuls (lumina.fp8)
+}
 _DATA_FIELDS = ("step", "base", "chat")  # lumina.data.mix.MixState
 
 
 def init_train_state(cfg: RunConfig, device: torch.device | str = "cpu") -> TensorDict:
-    """Everything a step reads and writes, as one TensorDict (see the module docstring)."""
+    """Everything a step reads and writes, as one TensorDict (see the module docstring). Raises
+    ``ConfigError`` when ``train.precision=fp8`` cannot run on ``device`` (``lumina.fp8.check_device``)."""
+    if cfg.train.precision == "fp8":
+        fp8.check_device(device)
     params = init(cfg.model, seed=cfg.seed, device=device)
 
     def scalar(v, dtype=torch.int64):
@@ -108,6 +119,7 @@ def loss_fn(
         train=True,
         rng=rng,
         remat_mode=cfg.train.grad_checkpointing,
+        fp8=cfg.train.precision == "fp8",
     )
     ce_sum = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad_id, reduction="sum"
@@ -215,7 +227,10 @@ def eval_step(
     """Loss, perplexity and next-token accuracy over the non-pad targets (no dropout, no jitter).
     Pass the run's live ``knobs`` (``state["knobs"]``): a changed router temperature changes the
     model being evaluated. Default: the config's initial knob values."""
-    logits, _ = apply(_compute_params(params, cfg), batch["inputs"], cfg.model, knobs, train=False)
+    use_fp8 = cfg.train.precision == "fp8"  # evaluate the model as it trains
+    logits, _ = apply(
+        _compute_params(params, cfg), batch["inputs"], cfg.model, knobs, train=False, fp8=use_fp8
+    )
     targets = batch["targets"]
     mask = targets != pad_id
     n = mask.sum().clamp(min=1)

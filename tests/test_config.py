@@ -118,7 +118,7 @@ def test_cli_value_parsing():
     [
         ("--model.d_model=oops", "--model.d_model: expected an integer, got 'oops'"),
         ("--model.d_modle=3", "unknown key 'model.d_modle' (did you mean 'd_model'?)"),
-        ("--train.precision=fp8", "--train.precision: expected one of"),
+        ("--train.precision=fp4", "--train.precision: expected one of"),
         ("--model.tie_embeddings=maybe", "expected true or false"),
         ("--model.d_model.x=3", "'model.d_model' is a field, not a section"),
         ("--model", "overrides look like --section.field=value"),

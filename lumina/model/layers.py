@@ -2,12 +2,15 @@
 
 Legend: B batch, T positions, D d_model, H query heads, C head dim, F FFN hidden size.
 Weights are stored [in, out] so a projection is ``x @ w`` (experts stack on a leading E axis).
+``fp8=True`` (train.precision=fp8) sends a projection through ``lumina.fp8.fp8_linear``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from lumina.fp8 import fp8_linear
 
 __all__ = ["apply_rope", "at_least_fp32", "linear", "rms_norm", "rope_cos_sin", "swiglu"]
 
@@ -17,8 +20,8 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x @ w
+def linear(x: torch.Tensor, w: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+    return fp8_linear(x, w) if fp8 else x @ w
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,5 +52,7 @@ def apply_rope(x_BHTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return (xf * cos + rotated * sin).to(x_BHTC.dtype)
 
 
-def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+def swiglu(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, fp8: bool = False
+) -> torch.Tensor:
+    return linear(F.silu(linear(x, w_gate, fp8)) * linear(x, w_up, fp8), w_down, fp8)

@@ -27,8 +27,10 @@ from tensordict import TensorDict
 
 from lumina import ops
 from lumina.config import ModelConfig
+from lumina.fp8 import fp8_expert_mm
 from lumina.model import random
 from lumina.model.layers import at_least_fp32 as _at_least_fp32
+from lumina.model.layers import swiglu
 
 __all__ = ["MOE_STAT_KEYS", "moe_ffn", "moe_layer_loss", "update_balance_bias"]
 
@@ -54,6 +56,10 @@ def _swiglu_experts(x, w_gate, w_up, w_down, mm):
     return mm(F.silu(mm(x, w_gate)) * mm(x, w_up), w_down)
 
 
+def _expert_mm(mm, fp8: bool):
+    return (lambda a, w: fp8_expert_mm(a, w, mm)) if fp8 else mm
+
+
 def moe_ffn(
     x_BTD: torch.Tensor,
     p: TensorDict,
@@ -62,9 +68,11 @@ def moe_ffn(
     *,
     train: bool,
     rng: torch.Tensor | None = None,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MoE FFN output [B, T, D] and this layer's losses and stats. ``rng``: this layer's key for
-    jitter and expert dropout (see ``lumina.model.random``); None draws from torch's generator."""
+    jitter and expert dropout (see ``lumina.model.random``); None draws from torch's generator.
+    ``fp8``: expert and shared-expert matmuls with fp8 numerics (``lumina.fp8``); the router stays."""
     moe = cfg.moe
     B, T, D = x_BTD.shape
     N, E, K = B * T, moe.num_experts, moe.top_k
@@ -99,7 +107,7 @@ def moe_ffn(
             p["w_gate"],
             p["w_up"],
             p["w_down"],
-            lambda a, w: ops.grouped_mm(a, w, counts_E, moe.grouped_mm),
+            _expert_mm(lambda a, w: ops.grouped_mm(a, w, counts_E, moe.grouped_mm), fp8),
         )
         out_ND = ops.moe_combine(ys_AD, perm_A, weights_NK)
         load_E = counts_E
@@ -108,12 +116,12 @@ def moe_ffn(
         # it (empty slots zero) and the output a combine (dropped assignments contribute nothing).
         slots_S = ops.capacity_map(topk_ids_NK, position_A, keep_A, E, capacity)
         buf_ECD = ops.moe_dispatch(x_ND, slots_S, K).view(E, capacity, D)
-        y_ECD = _swiglu_experts(buf_ECD, p["w_gate"], p["w_up"], p["w_down"], torch.bmm)
+        y_ECD = _swiglu_experts(buf_ECD, p["w_gate"], p["w_up"], p["w_down"], _expert_mm(torch.bmm, fp8))
         out_ND = ops.moe_combine(y_ECD.reshape(E * capacity, D), slots_S, weights_NK)
         load_E = counts_E.clamp(max=capacity)
     if moe.num_shared_experts:
         s = p["shared"]
-        out_ND = out_ND + _swiglu_experts(x_ND, s["w_gate"], s["w_up"], s["w_down"], torch.matmul)
+        out_ND = out_ND + swiglu(x_ND, s["w_gate"], s["w_up"], s["w_down"], fp8)
 
     frac_routed_E = counts_E.float() / (N * K)  # decisions before drops; no gradient (as in Switch)
     balance_loss = E * (frac_routed_E * probs_NE.mean(dim=0)).sum()

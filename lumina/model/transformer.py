@@ -35,7 +35,7 @@ from lumina import tree
 from lumina.config import ModelConfig
 from lumina.model import random, remat
 from lumina.model.attention import attention
-from lumina.model.layers import apply_rope, rms_norm, rope_cos_sin, swiglu
+from lumina.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, swiglu
 from lumina.model.mod import mod_block
 from lumina.model.moe import MOE_STAT_KEYS, moe_ffn, moe_layer_loss
 
@@ -157,12 +157,13 @@ def _attn_block(
     sin: torch.Tensor,
     positions: torch.Tensor,
     cache: TensorDict | None,
+    fp8: bool = False,
 ) -> torch.Tensor:
     B, T, _ = h_BTD.shape
     H, G, C = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q_BHTC = (h_BTD @ p["wq"]).view(B, T, H, C).transpose(1, 2)
-    k_BGTC = (h_BTD @ p["wk"]).view(B, T, G, C).transpose(1, 2)
-    v_BGTC = (h_BTD @ p["wv"]).view(B, T, G, C).transpose(1, 2)
+    q_BHTC = linear(h_BTD, p["wq"], fp8).view(B, T, H, C).transpose(1, 2)
+    k_BGTC = linear(h_BTD, p["wk"], fp8).view(B, T, G, C).transpose(1, 2)
+    v_BGTC = linear(h_BTD, p["wv"], fp8).view(B, T, G, C).transpose(1, 2)
     q_BHTC, k_BGTC = apply_rope(q_BHTC, cos, sin), apply_rope(k_BGTC, cos, sin)
     if cache is None:
         o_BHTC = attention(q_BHTC, k_BGTC, v_BGTC, backend=cfg.attn_backend)
@@ -177,7 +178,7 @@ def _attn_block(
             backend=cfg.attn_backend,
             q_positions=positions,
         )
-    return o_BHTC.transpose(1, 2).reshape(B, T, H * C) @ p["wo"]
+    return linear(o_BHTC.transpose(1, 2).reshape(B, T, H * C), p["wo"], fp8)
 
 
 def _block(
@@ -193,14 +194,16 @@ def _block(
     train: bool,
     rng: torch.Tensor | None = None,
     remat_mode: str = "none",
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]:
     """One pre-norm block: (attention update, x + attention update, FFN update, MoE stats or None).
     ``remat_mode``: "full" recomputes the whole block in the backward pass, "attention" only the
-    attention sub-layer (see ``lumina.model.remat``)."""
+    attention sub-layer (see ``lumina.model.remat``). ``fp8``: the projections and FFN / expert
+    matmuls through ``lumina.fp8``."""
     cos, sin = rope
     if remat_mode == "full":
         p_flat, k_flat = tree.flatten(p), tree.flatten(knobs)
-        static = (cfg, moe, train, tuple(p_flat), tuple(k_flat), rng is not None)
+        static = (cfg, moe, train, tuple(p_flat), tuple(k_flat), rng is not None, fp8)
         others = (positions,) if rng is None else (positions, rng)
         outs = remat.remat("block", static, (x_BTD, cos, sin, *p_flat.values(), *k_flat.values()), others)
         stats = dict(zip(MOE_STAT_KEYS, outs[3:], strict=True)) if moe else None
@@ -209,32 +212,34 @@ def _block(
     if remat_mode == "attention":
         a = p["attn"]
         (attn_BTD,) = remat.remat(
-            "attn", cfg, (h_BTD, a["wq"], a["wk"], a["wv"], a["wo"], cos, sin), (positions,)
+            "attn", (cfg, fp8), (h_BTD, a["wq"], a["wk"], a["wv"], a["wo"], cos, sin), (positions,)
         )
     else:
-        attn_BTD = _attn_block(h_BTD, p["attn"], cfg, cos, sin, positions, cache)
+        attn_BTD = _attn_block(h_BTD, p["attn"], cfg, cos, sin, positions, cache, fp8)
     x1_BTD = x_BTD + attn_BTD
     h_BTD = rms_norm(x1_BTD, p["ffn_norm", "weight"], cfg.norm_eps)
     if moe:
-        ffn_BTD, stats = moe_ffn(h_BTD, p["moe"], cfg, knobs, train=train, rng=rng)
+        ffn_BTD, stats = moe_ffn(h_BTD, p["moe"], cfg, knobs, train=train, rng=rng, fp8=fp8)
         return attn_BTD, x1_BTD, ffn_BTD, stats
     f = p["ffn"]
-    return attn_BTD, x1_BTD, swiglu(h_BTD, f["w_gate"], f["w_up"], f["w_down"]), None
+    return attn_BTD, x1_BTD, swiglu(h_BTD, f["w_gate"], f["w_up"], f["w_down"], fp8), None
 
 
-def _attn_segment(cfg, h_BTD, wq, wk, wv, wo, cos, sin, positions):
-    return (_attn_block(h_BTD, {"wq": wq, "wk": wk, "wv": wv, "wo": wo}, cfg, cos, sin, positions, None),)
+def _attn_segment(static, h_BTD, wq, wk, wv, wo, cos, sin, positions):
+    cfg, fp8 = static
+    p = {"wq": wq, "wk": wk, "wv": wv, "wo": wo}
+    return (_attn_block(h_BTD, p, cfg, cos, sin, positions, None, fp8),)
 
 
 def _block_segment(static, x_BTD, cos, sin, *rest):
-    cfg, moe, train, p_keys, k_keys, has_rng = static
+    cfg, moe, train, p_keys, k_keys, has_rng, fp8 = static
     n_p, n_k = len(p_keys), len(k_keys)
     p = tree.unflatten(dict(zip(p_keys, rest[:n_p], strict=True)))
     knobs = tree.unflatten(dict(zip(k_keys, rest[n_p : n_p + n_k], strict=True)))
     positions = rest[n_p + n_k]
     rng = rest[n_p + n_k + 1] if has_rng else None
     attn, x1, ffn, stats = _block(
-        x_BTD, p, cfg, knobs, (cos, sin), positions, None, moe=moe, train=train, rng=rng
+        x_BTD, p, cfg, knobs, (cos, sin), positions, None, moe=moe, train=train, rng=rng, fp8=fp8
     )
     return (attn, x1, ffn, *(stats[k] for k in MOE_STAT_KEYS)) if moe else (attn, x1, ffn)
 
@@ -254,6 +259,7 @@ def apply(
     train: bool = True,
     rng: torch.Tensor | None = None,
     remat_mode: str = "none",
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, TensorDict]:
     """Logits [B, T, V] and ``aux``: ``aux["loss"]`` (the weighted aux losses to add to the training
     loss: mean over MoE layers of their balance + z losses, plus mean over MoD layers of the predictor
@@ -265,7 +271,9 @@ def apply(
     (``lumina.model.random``; per layer ``fold_in(rng, i)``) or, when None, from torch's global
     generator. ``remat_mode`` = "none" | "full" | "attention": activation recomputation in the
     backward pass (gradient checkpointing), training only; it needs ``rng`` when jitter or expert
-    dropout are on, so the recomputed forward draws the same numbers.
+    dropout are on, so the recomputed forward draws the same numbers. ``fp8`` (train.precision=fp8):
+    the attention projections, dense FFNs and experts multiply through ``lumina.fp8`` (e4m3 operands,
+    e5m2 gradients); embedding, head, norms, attention scores and routers stay in the params' dtype.
     """
     if remat_mode not in ("none", "full", "attention"):
         raise ValueError(f"remat_mode={remat_mode!r}: expected none, full or attention")
@@ -300,6 +308,7 @@ def apply(
             train=train,
             rng=None if rng is None else random.fold_in(rng, i),
             remat_mode=remat_mode,
+            fp8=fp8,
         )
         if mod_layers[i]:
 
