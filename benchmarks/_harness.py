@@ -258,5 +258,32 @@ def finish(
         print(f"measured copy bandwidth: {meta['copy_gbs']} GB/s")
     print(f"median of {repeats} after warm-up; vs ref = reference ms / provider ms")
     print_rows(rows)
+    print(headline(rows))
     if path is not None:
         append_csv(path, rows)
+
+
+def headline(rows: list[dict]) -> str:
+    """One ``[kernels]`` line of what the goals are judged by: each data-movement subject's best
+    forward GB/s (and its share of the measured copy, on CUDA), and the layer's forward+backward
+    against the torchtitan-style baseline per provider (the GPU check's summary reads this line)."""
+    parts = []
+    copy = float(rows[0]["copy_gbs"]) if rows and rows[0]["copy_gbs"] else None
+    for subject in dict.fromkeys(r["subject"] for r in rows if r["unit"] == "GB/s"):
+        cands = [
+            r
+            for r in rows
+            if r["subject"] == subject and r["unit"] == "GB/s" and r["provider"] != "reference"
+        ]
+        best = max(
+            cands or [r for r in rows if r["subject"] == subject and r["unit"] == "GB/s"],
+            key=lambda r: float(r["rate"]),
+        )
+        share = f" = {float(best['rate']) / copy:.0%} of copy" if copy else ""
+        parts.append(f"{subject} {best['provider']} {float(best['rate']):.3g} GB/s{share}")
+    both = {r["provider"]: float(r["ms"]) for r in rows if r["subject"] == "layer" and r["pass"] == "fwd+bwd"}
+    if "baseline" in both:
+        ratios = ", ".join(f"{p} {both['baseline'] / ms:.2f}x" for p, ms in both.items() if p != "baseline")
+        parts.append(f"layer fwd+bwd vs baseline: {ratios}")
+    shape = f"{rows[0]['shape']} {rows[0]['dtype']}" if rows else ""
+    return f"[kernels] {shape}: " + " | ".join(parts)
