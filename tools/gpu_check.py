@@ -624,9 +624,8 @@ def check(args: argparse.Namespace) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="lumina-gpu-check-"))
     mode = "quick" if args.quick else "full"
     budget = args.budget or BUDGET_S["dry" if args.dry_run else mode]
-    env = dict(
-        os.environ, PYTHONUNBUFFERED="1", PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1"
-    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # e.g. run from a test worker
+    env |= {"PYTHONUNBUFFERED": "1", "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     if args.dry_run:
         tree = scratch / "tree"
         copy_tree(tree)
