@@ -15,13 +15,19 @@ if ``TRITON_INTERPRET`` was unset then, they are compiled-only and the interpret
 ("Cannot call @triton.jit'd outside of the scope of a kernel"). Use ``tl.full(shape, 0.0, dtype)`` for
 ``tl.zeros`` and ``tl.reduce(x, axis, tl.standard._sum_combine)`` for ``tl.sum`` (the same combine
 function ``tl.sum`` uses, so the compiled code is identical and the interpreter maps it to np.sum).
+
+Triton 3.6 (torch 2.11's pin) needs one repair of its interpreter before any kernel with a runtime loop
+bound runs on numpy >= 2.4: see ``_repair_interpreter_loop_bounds``.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
+import types
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -54,11 +60,53 @@ class Kernel:
     def interpreted_launcher(self):
         from triton.runtime.interpreter import InterpretedFunction
 
+        _repair_interpreter_loop_bounds()
         return InterpretedFunction(self.fn)
 
     def on(self, device: torch.device):
         """The launcher for tensors on ``device``: index it with the grid, then call it."""
         return self.interpreted_launcher if interpreted(device) else self.compiled_launcher
+
+
+@functools.cache
+def _repair_interpreter_loop_bounds() -> None:
+    """Let triton 3.6's interpreter take a runtime loop bound (``for k in range(K)``, K a kernel
+    argument) under numpy >= 2.4.
+
+    The interpreter holds a scalar argument as a shape-(1,) array and its ``tensor.__index__`` is
+    ``int(self.handle.data)``; numpy 2.4 turned that conversion's deprecation into an error, so every
+    such kernel failed with ``InterpreterError: TypeError('only 0-dimensional arrays can be converted to
+    Python scalars')`` (measured: triton 3.6.0 + numpy 2.5.5; numpy 2.3.5 only warns). Triton 3.7
+    squeezes the array first. This probes the installed interpreter's ``__index__`` on such an array and,
+    only where it fails, wraps ``_patch_lang_tensor`` (a private function, looked up at each launch) to
+    install triton 3.7's version for the duration of the launch. Nothing changes where the probe passes."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    scope_cls = getattr(interpreter, "_LangPatchScope", None)
+    if patch is None or scope_cls is None:
+        return
+
+    class Probe:
+        pass
+
+    scope = scope_cls()
+    try:
+        patch(Probe, scope)
+        probe = Probe()
+        probe.handle = types.SimpleNamespace(data=np.ones(1, dtype=np.int32))
+        operator.index(probe)
+        return  # this interpreter converts a one-element array itself
+    except TypeError:
+        pass
+    finally:
+        scope.restore()
+
+    def patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 def jit(fn: Callable) -> Kernel:
