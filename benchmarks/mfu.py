@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         first = "first step" if args.eager else "compile"
         print(
             f"[mfu] {label}: {first} {got['compile_s']:.1f} s, step {got['step_ms']:.1f} ms "
-            f"(spread {got['spread_ms']:.1f}), {tps:,.0f} tok/s, MFU {mfu:.1%} of {peak / 1e12:.0f} "
+            f"(spread {got['spread_ms']:.1f}), {tps:,.0f} tok/s, MFU {mfu:.1%} of {peak / 1e12:.3g} "
             f"TFLOP/s ({peak_src}), peak memory {got['peak_mem_gib']:.2f} GiB, "
             f"loss {got['loss_first']:.3f} -> {got['loss_last']:.3f}"
         )

@@ -518,7 +518,7 @@ def compare_runs(a: Path, b: Path) -> int:
     curve = max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(ea, eb, strict=False))
     print(
         f"[run] {b.name} vs {a.name}: final held-out loss {lb:.4f} vs {la:.4f} ({(lb - la) / la:+.2%}), "
-        f"largest eval gap {curve:.2%}, step time {sa / sb:.2f}x faster"
+        f"largest eval gap {curve:.2%}, {b.name} runs at {sa / sb:.2f}x the speed of {a.name}"
     )
     return 0
 
