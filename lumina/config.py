@@ -221,6 +221,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_norm: float = 1.0
+    # adamw8bit: moments as uint8 codes + an fp32 absmax per 256 elements (lumina.optim; bitsandbytes)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     # fp8: bf16 with the attention / FFN / expert matmuls in fp8 (lumina.fp8; CUDA sm89+ or CPU)
     precision: Literal["fp32", "tf32", "bf16", "fp16", "fp8"] = "fp32"
@@ -251,10 +252,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "seq_len", "lr", "eps", "log_every", "eval_every")
         _within(self, "warmup_ratio", "[0, 1)")
-        _check(
-            self.optimizer != "adamw8bit",
-            "optimizer=adamw8bit is not implemented yet (8-bit AdamW state is planned); use optimizer=adamw",
-        )
         for name, value in self._derived().items():
             if getattr(self, name) is None:
                 _set(self, name, value)

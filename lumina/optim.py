@@ -7,19 +7,57 @@ with the same update order and bias corrections as ``torch.optim.AdamW`` (a test
 Weight decay applies to matrices only (``ndim >= 2``): norms, biases and the MoE balance bias are
 never decayed. Hyper-parameters that may change during a run (lr, weight decay, clip norm) are 0-dim
 tensors in ``hp``, so a compiled step never recompiles when they change.
+
+8-bit AdamW (``train.optimizer=adamw8bit``; Dettmers et al., "8-bit Optimizers via Block-wise
+Quantization", the format of ``bitsandbytes.optim.AdamW8bit``): the same arithmetic on moments
+stored as uint8 codes. A leaf of ``MIN_8BIT_SIZE`` (4096) elements or more keeps, per moment, uint8
+codes in the parameter's shape and one fp32 ``absmax`` per ``BLOCK`` (256) consecutive elements of
+the flattened leaf; a code indexes a 256-entry map (``m``: bitsandbytes' signed dynamic map, ``v``:
+its unsigned one, since v >= 0) scaled by its block's absmax. Smaller leaves (norms, biases, small
+routers) keep fp32 moments, as bitsandbytes does. Each step dequantizes, runs the fp32 AdamW
+arithmetic above (the parameter update uses the fresh fp32 moments) and quantizes the new moments,
+with bitsandbytes' pure custom ops ``torch.ops.bitsandbytes.{quantize,dequantize}_blockwise``
+(they have fake implementations: the step still compiles to one graph). State per 8-bit leaf:
+2 bytes + 8 bytes per 256 elements instead of AdamW's 8 bytes per element (0.254x).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
+import sys
+from pathlib import Path
 
 import torch
 from tensordict import TensorDict
 
 from lumina import tree
-from lumina.config import TrainConfig
+from lumina.config import ConfigError, TrainConfig
 
-__all__ = ["adamw_init", "adamw_update", "clip_by_global_norm", "default_hp", "global_norm", "lr_at"]
+__all__ = [
+    "BLOCK",
+    "MIN_8BIT_SIZE",
+    "adamw8bit_init",
+    "check_available",
+    "adamw8bit_update",
+    "adamw_init",
+    "adamw_update",
+    "clip_by_global_norm",
+    "default_hp",
+    "get_moments",
+    "global_norm",
+    "init_opt",
+    "lr_at",
+    "opt_state_bytes",
+    "opt_format_problem",
+    "put_moments",
+    "quant_maps",
+    "update",
+]
+
+BLOCK = 256  # elements per absmax (bitsandbytes' blockwise optimizers use 256)
+MIN_8BIT_SIZE = 4096  # smaller leaves keep fp32 moments (bitsandbytes' ``min_8bit_size`` default)
 
 
 def adamw_init(params: TensorDict) -> TensorDict:
@@ -45,6 +83,37 @@ def clip_by_global_norm(grads: TensorDict, clip_norm: torch.Tensor) -> tuple[Ten
     return grads.apply(lambda g: g * scale.to(g.dtype)), norm
 
 
+def _adamw_math(
+    p32: list[torch.Tensor],
+    g32: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    decay: list[int],
+    step: torch.Tensor,
+    hp: TensorDict,
+    cfg: TrainConfig,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The AdamW arithmetic on lists of fp32 tensors: (new params, new m, new v). ``decay``: the
+    indices of the leaves that take weight decay."""
+    b1, b2, eps = cfg.beta1, cfg.beta2, cfg.eps
+    lr, wd = hp["lr"], hp["weight_decay"]
+    t = step.to(torch.float32)
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    # The same arithmetic as torch.optim.AdamW, on whole lists of tensors (torch._foreach_*: one
+    # dispatch per op for all leaves instead of one per leaf; pure — every op returns new tensors).
+    m = torch._foreach_add(torch._foreach_mul(m, b1), torch._foreach_mul(g32, 1 - b1))
+    v = torch._foreach_add(
+        torch._foreach_mul(v, b2), torch._foreach_mul(torch._foreach_mul(g32, g32), 1 - b2)
+    )
+    p32 = list(p32)
+    if decay:
+        for i, d in zip(decay, torch._foreach_mul([p32[i] for i in decay], 1 - lr * wd), strict=True):
+            p32[i] = d
+    denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, bc2)), eps)
+    step_ = torch._foreach_div(torch._foreach_mul(torch._foreach_div(m, bc1), lr), denom)
+    return torch._foreach_sub(p32, step_), m, v
+
+
 def adamw_update(
     params: TensorDict,
     grads: TensorDict,
@@ -54,33 +123,221 @@ def adamw_update(
     cfg: TrainConfig,
 ) -> tuple[TensorDict, TensorDict]:
     """One AdamW step (``step`` counts from 1). Returns new params and moments."""
-    b1, b2, eps = cfg.beta1, cfg.beta2, cfg.eps
-    lr, wd = hp["lr"], hp["weight_decay"]
-    t = step.to(torch.float32)
-    bc1, bc2 = 1 - b1**t, 1 - b2**t
-
-    # The same arithmetic as torch.optim.AdamW, on whole lists of tensors (torch._foreach_*: one
-    # dispatch per op for all leaves instead of one per leaf; pure — every op returns new tensors).
     keys = list(tree.flatten(params))  # the input's order: a compiled step guards on key order
     flat_p, flat_g, flat_m, flat_v = (tree.flatten(x) for x in (params, grads, opt["m"], opt["v"]))
-    p32 = [flat_p[k].float() for k in keys]
-    g32 = [flat_g[k].float() for k in keys]
-    m = torch._foreach_add(torch._foreach_mul([flat_m[k] for k in keys], b1), torch._foreach_mul(g32, 1 - b1))
-    v = torch._foreach_add(
-        torch._foreach_mul([flat_v[k] for k in keys], b2),
-        torch._foreach_mul(torch._foreach_mul(g32, g32), 1 - b2),
+    p32, m, v = _adamw_math(
+        [flat_p[k].float() for k in keys],
+        [flat_g[k].float() for k in keys],
+        [flat_m[k] for k in keys],
+        [flat_v[k] for k in keys],
+        [i for i, k in enumerate(keys) if flat_p[k].ndim >= 2],  # matrices only
+        step,
+        hp,
+        cfg,
     )
-    decay = [i for i, k in enumerate(keys) if flat_p[k].ndim >= 2]  # matrices only
-    if decay:
-        for i, d in zip(decay, torch._foreach_mul([p32[i] for i in decay], 1 - lr * wd), strict=True):
-            p32[i] = d
-    denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, bc2)), eps)
-    step_ = torch._foreach_div(torch._foreach_mul(torch._foreach_div(m, bc1), lr), denom)
-    p32 = torch._foreach_sub(p32, step_)
     new_p = {k: p.to(flat_p[k].dtype) for k, p in zip(keys, p32, strict=True)}
     new_m, new_v = dict(zip(keys, m, strict=True)), dict(zip(keys, v, strict=True))
     opt = TensorDict({"m": tree.unflatten(new_m), "v": tree.unflatten(new_v)}, batch_size=[])
     return tree.unflatten(new_p), opt
+
+
+# ------------------------------------------------------------------------------- 8-bit AdamW
+
+
+_QMAPS: dict[str, torch.Tensor] = {}
+
+
+def _bnb_blocks_kernels_dir() -> bool:
+    """Whether ``import kernels`` would find Lumina's own ``kernels/`` source folder (the repo root
+    on ``sys.path``) instead of Hugging Face's ``kernels`` package, which bitsandbytes' CPU backend
+    tries to import at start-up for its 4-bit matmul (unused here)."""
+    if "kernels" in sys.modules:
+        return False
+    try:
+        spec = importlib.util.find_spec("kernels")
+    except (ImportError, ValueError):
+        return False
+    ours = Path(__file__).resolve().parent.parent / "kernels"
+    return spec is not None and spec.origin is not None and Path(spec.origin).resolve().parent == ours
+
+
+def _bitsandbytes():
+    """``bitsandbytes.functional`` (importing it registers ``torch.ops.bitsandbytes.*``); a
+    ``ConfigError`` naming the setting when it is not installed."""
+    if "bitsandbytes.functional" in sys.modules:
+        return sys.modules["bitsandbytes.functional"]
+    shadow = _bnb_blocks_kernels_dir()
+    if shadow:  # never import our kernels/ under the name ``kernels``
+        sys.modules["kernels"] = None  # type: ignore[assignment]  # ``import kernels`` -> ImportError
+    # its CPU backend warns at import when Hugging Face's ``kernels`` (for a 4-bit matmul we do not
+    # use) is missing: not ours to report
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as e:
+        raise ConfigError(
+            f"train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes==0.50.2): {e}"
+        ) from None
+    finally:
+        quiet.setLevel(level)
+        if shadow:
+            del sys.modules["kernels"]
+    return bnbf
+
+
+def check_available(optimizer: str) -> None:
+    """Raise ``ConfigError`` (one line) when ``train.optimizer`` needs a package that is missing."""
+    if optimizer == "adamw8bit":
+        _bitsandbytes()
+
+
+def quant_maps() -> tuple[torch.Tensor, torch.Tensor]:
+    """(signed, unsigned) 256-entry dynamic quantization maps of bitsandbytes (its 8-bit
+    optimizers' ``dynamic`` for the first moment and ``udynamic`` for the second), built once."""
+    if not _QMAPS:
+        bnbf = _bitsandbytes()
+        _QMAPS["m"] = bnbf.create_dynamic_map(signed=True)
+        _QMAPS["v"] = bnbf.create_dynamic_map(signed=False)
+    return _QMAPS["m"], _QMAPS["v"]
+
+
+def _quantize(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes in ``x``'s shape, fp32 absmax per ``BLOCK`` elements of the flattened ``x``)."""
+    return torch.ops.bitsandbytes.quantize_blockwise(x, qmap, BLOCK)
+
+
+def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+    return torch.ops.bitsandbytes.dequantize_blockwise(codes, absmax, qmap, BLOCK, torch.float32)
+
+
+def _is_8bit(flat_opt: dict[str, torch.Tensor]) -> bool:
+    return "qmap_m" in flat_opt
+
+
+def adamw8bit_init(params: TensorDict) -> TensorDict:
+    """8-bit AdamW state, all moments zero:
+
+        m_q, v_q            {leaf: uint8 codes, the leaf's shape}      leaves >= MIN_8BIT_SIZE elements
+        m_absmax, v_absmax  {leaf: fp32 [ceil(numel / BLOCK)]}
+        m, v                {leaf: fp32, the leaf's shape}             smaller leaves
+        qmap_m, qmap_v      fp32 [256]: the maps the codes index (signed for m, unsigned for v)
+        block_size          int64 0-dim: BLOCK
+
+    The maps and the block size live in the state so a checkpoint says by itself how to decode its
+    codes (m = qmap_m[m_q] * m_absmax[i // block_size], i the flat index) without bitsandbytes or
+    this module; in the compiled step they are ordinary inputs passed through unchanged (2 KB)."""
+    qm, qv = quant_maps()
+    flat_p = tree.flatten(params)
+    device = next(iter(flat_p.values())).device if flat_p else torch.device("cpu")
+    flat: dict[str, torch.Tensor] = {
+        "qmap_m": qm.to(device),
+        "qmap_v": qv.to(device),
+        "block_size": torch.tensor(BLOCK, dtype=torch.int64, device=device),
+    }
+    for k, p in flat_p.items():
+        zero = torch.zeros_like(p, dtype=torch.float32)
+        put_moments(flat, k, zero, zero)
+    return tree.unflatten(flat)
+
+
+def get_moments(flat_opt: dict[str, torch.Tensor], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 (m, v) of parameter ``key`` from a flattened optimizer state (either optimizer;
+    8-bit moments dequantized)."""
+    if f"m_q.{key}" in flat_opt:
+        m = _dequantize(flat_opt[f"m_q.{key}"], flat_opt[f"m_absmax.{key}"], flat_opt["qmap_m"])
+        v = _dequantize(flat_opt[f"v_q.{key}"], flat_opt[f"v_absmax.{key}"], flat_opt["qmap_v"])
+        return m, v
+    return flat_opt[f"m.{key}"], flat_opt[f"v.{key}"]
+
+
+def put_moments(flat_opt: dict[str, torch.Tensor], key: str, m: torch.Tensor, v: torch.Tensor) -> None:
+    """Store fp32 moments of parameter ``key`` into ``flat_opt`` (a new dict the caller builds), in
+    the layout ``init_opt`` gives a leaf of that size (quantized when the state is 8-bit and the leaf
+    has >= MIN_8BIT_SIZE elements); the leaf's old entries are replaced (in place when the layout is
+    unchanged: a compiled step guards on key order)."""
+    if v is m:  # two leaves sharing memory cannot be saved (safetensors refuses them)
+        v = v.clone()
+    quantized = _is_8bit(flat_opt) and m.numel() >= MIN_8BIT_SIZE
+    for n in ("m", "v") if quantized else ("m_q", "m_absmax", "v_q", "v_absmax"):
+        flat_opt.pop(f"{n}.{key}", None)  # the other layout's entries; same-layout ones keep their place
+    if quantized:
+        for n, x in (("m", m), ("v", v)):
+            codes, absmax = _quantize(x.float(), flat_opt[f"qmap_{n}"])
+            flat_opt[f"{n}_q.{key}"], flat_opt[f"{n}_absmax.{key}"] = codes, absmax
+    else:
+        flat_opt[f"m.{key}"], flat_opt[f"v.{key}"] = m.float(), v.float()
+
+
+def adamw8bit_update(
+    params: TensorDict,
+    grads: TensorDict,
+    opt: TensorDict,
+    step: torch.Tensor,
+    hp: TensorDict,
+    cfg: TrainConfig,
+) -> tuple[TensorDict, TensorDict]:
+    """One 8-bit AdamW step (``step`` counts from 1): dequantize, the AdamW arithmetic of
+    ``adamw_update`` in fp32, quantize the new moments. Returns new params and optimizer state."""
+    if not torch.compiler.is_compiling():
+        _bitsandbytes()  # registers the ops (a state loaded from a checkpoint may come first)
+    keys = list(tree.flatten(params))
+    flat_p, flat_g, flat_o = tree.flatten(params), tree.flatten(grads), tree.flatten(opt)
+    m, v = [], []
+    for k in keys:
+        mk, vk = get_moments(flat_o, k)
+        m.append(mk)
+        v.append(vk)
+    p32, m, v = _adamw_math(
+        [flat_p[k].float() for k in keys],
+        [flat_g[k].float() for k in keys],
+        m,
+        v,
+        [i for i, k in enumerate(keys) if flat_p[k].ndim >= 2],
+        step,
+        hp,
+        cfg,
+    )
+    new_o = {k: flat_o[k] for k in ("qmap_m", "qmap_v", "block_size")}
+    for k, mk, vk in zip(keys, m, v, strict=True):
+        put_moments(new_o, k, mk, vk)
+    new_p = {k: p.to(flat_p[k].dtype) for k, p in zip(keys, p32, strict=True)}
+    return tree.unflatten(new_p), tree.unflatten(new_o)
+
+
+def init_opt(params: TensorDict, optimizer: str) -> TensorDict:
+    """The optimizer state ``train.optimizer`` starts from."""
+    return adamw8bit_init(params) if optimizer == "adamw8bit" else adamw_init(params)
+
+
+def update(optimizer: str, *args, **kwargs) -> tuple[TensorDict, TensorDict]:
+    """``adamw_update`` or ``adamw8bit_update`` (same arguments) for ``train.optimizer``."""
+    return (adamw8bit_update if optimizer == "adamw8bit" else adamw_update)(*args, **kwargs)
+
+
+def opt_state_bytes(numels: list[int], optimizer: str) -> int:
+    """Bytes of the optimizer state ``init_opt`` allocates for leaves of these sizes: 8 per
+    element for AdamW's fp32 moments; for 8-bit AdamW, per leaf of >= MIN_8BIT_SIZE elements 2 per
+    element (two uint8 codes) + 8 per BLOCK (two fp32 absmax), 8 per element below, + the two maps
+    and the block size (2,056 bytes)."""
+    if optimizer != "adamw8bit":
+        return 8 * sum(numels)
+    total = 2 * 256 * 4 + 8
+    for n in numels:
+        total += 2 * (n + 4 * -(-n // BLOCK)) if n >= MIN_8BIT_SIZE else 8 * n
+    return total
+
+
+def opt_format_problem(opt: TensorDict) -> str | None:
+    """Why an 8-bit state (e.g. from a checkpoint) cannot be read by this module, or None."""
+    flat = tree.flatten(opt)
+    if not _is_8bit(flat):
+        return None
+    got = int(flat["block_size"]) if "block_size" in flat else None
+    if got != BLOCK:
+        return f"opt.block_size is {got}; this lumina reads 8-bit AdamW state of block size {BLOCK}"
+    return None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

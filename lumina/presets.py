@@ -274,27 +274,33 @@ def table(fmt: str = "text") -> str:
 # ------------------------------------------------------------------------------- memory check
 
 
-def _bytes_per_param(cfg: RunConfig) -> int:
+def _state_bytes(cfg: RunConfig, params: dict[str, torch.Tensor]) -> int:
+    from lumina.optim import opt_state_bytes
     from lumina.step import COMPUTE_DTYPES
 
+    numels = [t.numel() for t in params.values()]
     fp32 = 4
     compute = COMPUTE_DTYPES[cfg.train.precision].itemsize
-    return fp32 * 4 + (compute if compute != fp32 else 0)  # weights, gradients, m, v (+ compute copy)
+    per = fp32 * 2 + (compute if compute != fp32 else 0)  # weights, gradients (+ compute copy)
+    return per * sum(numels) + opt_state_bytes(numels, cfg.train.optimizer)
 
 
 def train_state_bytes(cfg: RunConfig) -> int:
     """A floor on the device memory a training step needs, from the parameter shapes.
 
-    Counted (see ``lumina.step``): the fp32 master weights and AdamW's two fp32 moments that
-    ``init_train_state`` allocates, the fp32 gradients ``grad_and_value`` returns, and for bf16 /
-    fp16 the compute-dtype copy of the weights the forward reads: 16 bytes per parameter (18 in
-    bf16 / fp16). Not counted, so real use is higher: activations (batch x sequence x width, and
-    the routing buffers), the second gradient tree a step with gradient accumulation holds while
-    summing, the new weights and moments the functional update builds beside the old ones, the
-    orchestrator's snapshot ring (up to ``snapshot_ring`` + 1 copies of weights and moments),
-    eval batches, torch.compile workspaces and the allocator's fragmentation.
+    Counted (see ``lumina.step``): the fp32 master weights and the optimizer state that
+    ``init_train_state`` allocates (AdamW: two fp32 moments; 8-bit AdamW: uint8 codes + an fp32
+    absmax per 256 elements, fp32 moments for leaves under 4096 elements —
+    ``lumina.optim.opt_state_bytes``), the fp32 gradients ``grad_and_value`` returns, and for bf16 /
+    fp16 the compute-dtype copy of the weights the forward reads: 16 bytes per parameter with AdamW
+    (18 in bf16 / fp16), ~10 with 8-bit AdamW. Not counted, so real use is higher: activations
+    (batch x sequence x width, and the routing buffers), the second gradient tree a step with
+    gradient accumulation holds while summing, the new weights and moments the functional update
+    builds beside the old ones (and 8-bit AdamW's dequantized fp32 moments inside the step), the
+    orchestrator's snapshot ring (up to ``snapshot_ring`` + 1 copies of weights and moments), eval
+    batches, torch.compile workspaces and the allocator's fragmentation.
     """
-    return count_params(cfg.model).total * _bytes_per_param(cfg)
+    return _state_bytes(cfg, _meta_params(cfg.model))
 
 
 def _cgroup_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -337,15 +343,22 @@ def check_fits(cfg: RunConfig, device: str | torch.device) -> int:
     building the train state. A floor: passing does not promise the run fits (see
     ``train_state_bytes``), failing means it cannot."""
     params = _meta_params(cfg.model)
-    n, per = sum(t.numel() for t in params.values()), _bytes_per_param(cfg)
+    n, need = sum(t.numel() for t in params.values()), _state_bytes(cfg, params)
     have = device_memory(device)
-    if have is None or n * per <= have[0]:
-        return n * per
+    if have is None or need <= have[0]:
+        return need
     name, largest = max(params.items(), key=lambda kv: kv[1].numel())
-    copy = f" and the {cfg.train.precision} copy of the weights" if per > 16 else ""
+    copy = (
+        ""
+        if cfg.train.precision in ("fp32", "tf32")
+        else f" and the {cfg.train.precision} copy of the weights"
+    )
+    per = need / n
+    each = f"{per:.0f}" if per == int(per) else f"~{per:.1f}"
+    moments = "two 8-bit AdamW moments" if cfg.train.optimizer == "adamw8bit" else "two AdamW moments"
     raise ConfigError(
         f"model: the train state does not fit on {device}: {_human(n)} parameters (largest {name} "
-        f"{list(largest.shape)}) need at least {_gib(n * per)} ({per} bytes each: fp32 weights, "
-        f"gradients, two AdamW moments{copy}), but it has {_gib(have[0])} ({have[1]}); "
+        f"{list(largest.shape)}) need at least {_gib(need)} ({each} bytes each: fp32 weights, "
+        f"gradients, {moments}{copy}), but it has {_gib(have[0])} ({have[1]}); "
         "shrink the model or use a device with more memory"
     )

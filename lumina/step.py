@@ -10,7 +10,8 @@ Legend: A micro-batches per step (gradient accumulation), B sequences per micro-
 returns a new state. The train state is one TensorDict:
 
     params       fp32 master weights (the tree of ``lumina.model.init``)
-    opt          AdamW moments {m, v}, fp32
+    opt          the optimizer state (``train.optimizer``): AdamW's fp32 moments {m, v}, or 8-bit
+                 AdamW's uint8 codes + block absmax (``lumina.optim.adamw8bit_init``)
     step         optimizer steps taken (int64); ``updates``: steps whose update was applied
     rng          a counter-based RNG key (``lumina.model.random``): jitter and expert dropout of
                  micro-batch a of this step draw from fold_in(rng, a); the key advances every step
@@ -23,8 +24,8 @@ Gradients come from ``torch.func.grad_and_value(loss_fn, has_aux=True)``, summed
 micro-batches so that the cross-entropy part equals the gradient of the whole batch's token-mean
 loss (aux losses are averaged over micro-batches; the MoE balance loss, a product of batch
 statistics, is computed per micro-batch as in Megatron-LM); then global-norm clipping and
-functional AdamW. Targets equal to the tokenizer's ``pad_id`` carry no loss (see
-``lumina.data.chat``).
+functional AdamW (or 8-bit AdamW, ``train.optimizer=adamw8bit``). Targets equal to the
+tokenizer's ``pad_id`` carry no loss (see ``lumina.data.chat``).
 
 Precision (``train.precision``): ``fp32``; ``tf32`` (fp32 step; the driver enables TF32 matmuls on
 CUDA, a no-op on CPU); ``bf16`` and ``fp16`` cast the fp32 master weights to the compute dtype
@@ -46,11 +47,11 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
-from lumina import fp8, tree
+from lumina import fp8, optim, tree
 from lumina.config import RunConfig
 from lumina.model import apply, default_knobs, init, random
 from lumina.model.moe import update_balance_bias
-from lumina.optim import adamw_init, adamw_update, clip_by_global_norm
+from lumina.optim import clip_by_global_norm
 
 __all__ = ["COMPUTE_DTYPES", "eval_step", "init_train_state", "loss_fn", "make_train_step", "train_step"]
 
@@ -78,7 +79,7 @@ def init_train_state(cfg: RunConfig, device: torch.device | str = "cpu") -> Tens
     return TensorDict(
         {
             "params": params,
-            "opt": adamw_init(params),
+            "opt": optim.init_opt(params, cfg.train.optimizer),
             "step": scalar(0),
             "updates": scalar(0),
             "rng": random.key_from_seed(cfg.seed, device),
@@ -176,7 +177,7 @@ def train_step(
     finite = torch.isfinite(grad_norm)
 
     step, updates = state["step"] + 1, state["updates"] + 1
-    params, opt = adamw_update(state["params"], grads, state["opt"], updates, hp, tc)
+    params, opt = optim.update(tc.optimizer, state["params"], grads, state["opt"], updates, hp, tc)
     stats = _layer_stats(per_micro)
     if "moe" in stats:
         params = update_balance_bias(params, stats, cfg.model)
@@ -245,5 +246,6 @@ def eval_step(
 def make_train_step(cfg: RunConfig, pad_id: int):
     """``train_step`` bound to this config, compiled once with ``torch.compile`` when
     ``train.compile`` (hp and knob *values* may change freely: they are tensors)."""
+    optim.check_available(cfg.train.optimizer)  # its custom ops must exist before tracing
     fn = functools.partial(train_step, cfg=cfg, pad_id=pad_id)
     return torch.compile(fn, fullgraph=True) if cfg.train.compile else fn

@@ -24,10 +24,9 @@ def one_line_error(capsys, argv: list[str]) -> str:
     return err.rstrip("\n")
 
 
-def test_adamw8bit_is_refused_until_implemented(tmp_path, capsys):
-    line = one_line_error(capsys, ["--train.optimizer=adamw8bit", "--run-dir", str(tmp_path), *TINY])
-    assert line.startswith("lumina: error: train: optimizer=adamw8bit")
-    assert "not implemented yet" in line
+def test_an_unknown_optimizer_is_refused_naming_the_flag(tmp_path, capsys):
+    line = one_line_error(capsys, ["--train.optimizer=sgd", "--run-dir", str(tmp_path), *TINY])
+    assert line == "lumina: error: --train.optimizer: expected one of 'adamw', 'adamw8bit', got 'sgd'"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import torch
 from tensordict import TensorDict
 
-from lumina import checkpoint, metrics, tree
+from lumina import checkpoint, metrics, optim, tree
 from lumina.checkpoint import CheckpointError
 from lumina.config import ConfigError, RunConfig
 from lumina.data.mix import DataMix, MixState, build_mix
@@ -137,7 +137,15 @@ def build_step(cfg: RunConfig, pad_id: int):
 def _resume(cfg: RunConfig, resume: str | Path, device: torch.device, template: TensorDict):
     ckpt = find_resume(str(resume), cfg.run_dir, cfg.name)
     loaded, meta = checkpoint.load_checkpoint(ckpt, device=str(device))
+    saved = (meta["config"].get("train") or {}).get("optimizer", "adamw")
+    if saved != cfg.train.optimizer:  # the states differ in kind, not only in shape
+        raise CheckpointError(
+            f"{ckpt}: saved with train.optimizer={saved}, this run uses {cfg.train.optimizer} "
+            "(optimizer states are not converted); resume with the same optimizer"
+        )
     checkpoint.check_compatible(loaded, template, ckpt)
+    if (problem := optim.opt_format_problem(loaded["opt"])) is not None:
+        raise CheckpointError(f"{ckpt}: {problem}")
     flat = tree.flatten(loaded)  # a fresh state's key order, or a compiled step recompiles once
     state = tree.unflatten({k: flat[k] for k in tree.flatten(template)})
     return ckpt, state, meta["extra"]

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from lumina import tree
+from lumina import optim, tree
 from lumina.config import RunConfig
 from lumina.model import random
 from lumina.orchestrator.state import Decision
@@ -69,11 +69,32 @@ def _moe_param_keys(param_keys: list[str], layer: int) -> list[str]:
     return [k for k in param_keys if k.startswith(prefix) and k[len(prefix) :] in _EXPERT_AXIS]
 
 
+def _split_opt(flat: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the state's entries outside ``opt``, the optimizer state's) from a flattened train state."""
+    rest = {k: v for k, v in flat.items() if not k.startswith("opt.")}
+    return rest, {k.removeprefix("opt."): v for k, v in flat.items() if k.startswith("opt.")}
+
+
+def _join_opt(flat: dict[str, torch.Tensor], rest: dict[str, torch.Tensor], opt: dict[str, torch.Tensor]):
+    """The train state of ``rest`` and ``opt`` with ``flat``'s key order (a compiled step guards on it)."""
+    out: dict[str, torch.Tensor] = {}
+    for k in flat:
+        if not k.startswith("opt."):
+            out[k] = rest[k]
+        elif f"opt.{next(iter(opt))}" not in out:  # the optimizer state goes where it was
+            out |= {f"opt.{o}": v for o, v in opt.items()}
+    return tree.unflatten(out)
+
+
 def _change_experts(state: TensorDict, cfg: RunConfig, d: Decision) -> TensorDict:
     """Params and moments with one expert added (the mean of the others plus noise) or removed, in
-    every MoE layer."""
+    every MoE layer. Moments are edited in fp32: 8-bit AdamW's are dequantized, edited and quantized
+    again in the layout a fresh state of the new shape has (``lumina.optim.put_moments``: a leaf
+    that crosses ``MIN_8BIT_SIZE`` changes between uint8 codes and fp32), so a checkpoint written
+    afterwards matches the new config's state."""
     flat = tree.flatten(state)
-    new = dict(flat)
+    new, opt = _split_opt(flat)
+    new_opt = dict(opt)
     add = d.action == "add_expert"
     key = random.fold_in(random.key_from_seed(cfg.seed, flat["rng"].device), d.step)
     layers = [i for i, m in enumerate(cfg.model.moe_layers()) if m]
@@ -86,25 +107,26 @@ def _change_experts(state: TensorDict, cfg: RunConfig, d: Decision) -> TensorDic
         for j, k in enumerate(_moe_param_keys(params, layer)):
             axis = _EXPERT_AXIS[k.rsplit(".", 1)[-1]]
             p = flat[f"params.{k}"]
+            moments = optim.get_moments(opt, k)
             if add:
                 mean = p.mean(dim=axis, keepdim=True)
                 scale = _NOISE * float(p.std()) if p.numel() > 1 else 0.0
                 u = random.uniform(random.fold_in(key, 64 * layer + j), mean.shape, dtype=p.dtype)
                 new[f"params.{k}"] = torch.cat([p, mean + scale * math.sqrt(3) * (2 * u - 1)], dim=axis)
-                for mom in ("opt.m", "opt.v"):
-                    x = flat[f"{mom}.{k}"]
-                    new[f"{mom}.{k}"] = torch.cat([x, torch.zeros_like(x.narrow(axis, 0, 1))], dim=axis)
+                m, v = (torch.cat([x, torch.zeros_like(x.narrow(axis, 0, 1))], dim=axis) for x in moments)
             else:
                 drop = d.args["experts"][n]
                 keep = torch.tensor([e for e in range(p.shape[axis]) if e != drop], device=p.device)
-                for full in (f"params.{k}", f"opt.m.{k}", f"opt.v.{k}"):
-                    new[full] = flat[full].index_select(axis, keep)
-    return tree.unflatten(new)
+                new[f"params.{k}"] = p.index_select(axis, keep)
+                m, v = (x.index_select(axis, keep) for x in moments)
+            optim.put_moments(new_opt, k, m, v)
+    return _join_opt(flat, new, new_opt)
 
 
 def _reset_mod_router(state: TensorDict, cfg: RunConfig, d: Decision) -> TensorDict:
     flat = tree.flatten(state)
-    new = dict(flat)
+    new, opt = _split_opt(flat)
+    new_opt = dict(opt)
     mod_layers = [i for i, m in enumerate(cfg.model.mod_layers()) if m]
     key = random.fold_in(random.key_from_seed(cfg.seed, flat["rng"].device), d.args["seed"])
     std = cfg.model.init_std
@@ -113,9 +135,9 @@ def _reset_mod_router(state: TensorDict, cfg: RunConfig, d: Decision) -> TensorD
         p = flat[f"params.{k}"]
         u = random.uniform(random.fold_in(key, ordinal), p.shape, dtype=p.dtype)
         new[f"params.{k}"] = std * math.sqrt(3) * (2 * u - 1)  # U(-a, a) with std ``init_std``
-        for mom in ("opt.m", "opt.v"):
-            new[f"{mom}.{k}"] = torch.zeros_like(flat[f"{mom}.{k}"])
-    return tree.unflatten(new)
+        zero = torch.zeros_like(p, dtype=torch.float32)
+        optim.put_moments(new_opt, k, zero, zero)
+    return _join_opt(flat, new, new_opt)
 
 
 def apply_decisions(
