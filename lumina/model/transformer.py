@@ -289,45 +289,98 @@ def apply(
     if knobs is None:
         knobs = default_knobs(cfg, tokens_BT.device)
     rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    moe_layers, mod_layers = cfg.moe_layers(), cfg.mod_layers()
-    if cache is not None and any(mod_layers):
+    if cache is not None and any(cfg.mod_layers()):
         raise ValueError("cached decoding of MoD-routed layers is not supported yet")
 
     moe_stats, mod_stats = {}, {}
-    x_BTD = F.embedding(tokens_BT, params["embed", "weight"])
+    x_BTD = embed(params, tokens_BT)
     for i in range(cfg.n_layers):
-        p = params["layers", str(i)]
-        layer_cache = None if cache is None else cache["layers", str(i)]
-        block = functools.partial(
-            _block,
-            p=p,
-            cfg=cfg,
-            knobs=knobs,
-            cache=layer_cache,
-            moe=moe_layers[i],
+        x_BTD, layer_mod, layer_moe = layer(
+            i,
+            x_BTD,
+            params["layers", str(i)],
+            cfg,
+            knobs,
+            rope,
+            positions,
+            cache=None if cache is None else cache["layers", str(i)],
             train=train,
-            rng=None if rng is None else random.fold_in(rng, i),
+            rng=rng,
             remat_mode=remat_mode,
             fp8=fp8,
         )
-        if mod_layers[i]:
-
-            def delta(x_sel_BSD, pos_BS, block=block):
-                rope_sel = rope_cos_sin(pos_BS, cfg.head_dim, cfg.rope_theta)
-                attn_BSD, _, ffn_BSD, stats = block(x_sel_BSD, rope=rope_sel, positions=pos_BS)
-                return attn_BSD + ffn_BSD, stats
-
-            x_BTD, mod_stats[str(i)], layer_moe = mod_block(x_BTD, p["mod"], delta, positions, cfg, knobs)
-        else:
-            _, x1_BTD, ffn_BTD, layer_moe = block(x_BTD, rope=rope, positions=positions)
-            x_BTD = x1_BTD + ffn_BTD  # (x + attn) + ffn: Llama's order, for bit-level parity
+        if layer_mod is not None:
+            mod_stats[str(i)] = layer_mod
         if layer_moe is not None:
             moe_stats[str(i)] = layer_moe
+    return head(params, x_BTD, cfg), aux_losses(moe_stats, mod_stats, cfg, knobs, tokens_BT.device)
+
+
+# The pieces ``apply`` composes, public so that a module view of the parameters (one nn.Module per
+# layer, as FSDP / DDP / DeepSpeed need: lumina.distributed) runs exactly the same functions.
+
+
+def embed(params: TensorDict, tokens_BT: torch.Tensor) -> torch.Tensor:
+    """The token embeddings [B, T, D]."""
+    return F.embedding(tokens_BT, params["embed", "weight"])
+
+
+def layer(
+    i: int,
+    x_BTD: torch.Tensor,
+    p: TensorDict,
+    cfg: ModelConfig,
+    knobs: TensorDict,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+    *,
+    cache: TensorDict | None = None,
+    train: bool = True,
+    rng: torch.Tensor | None = None,
+    remat_mode: str = "none",
+    fp8: bool = False,
+) -> tuple[torch.Tensor, dict | None, dict | None]:
+    """Layer ``i`` (its parameters ``p`` = ``params["layers", str(i)]``): the new residual stream, its
+    MoD stats (MoD layers) and its MoE stats (MoE layers), else None. ``rng`` is the model's key
+    (this layer folds in ``i``)."""
+    block = functools.partial(
+        _block,
+        p=p,
+        cfg=cfg,
+        knobs=knobs,
+        cache=cache,
+        moe=cfg.moe_layers()[i],
+        train=train,
+        rng=None if rng is None else random.fold_in(rng, i),
+        remat_mode=remat_mode,
+        fp8=fp8,
+    )
+    if cfg.mod_layers()[i]:
+
+        def delta(x_sel_BSD, pos_BS):
+            rope_sel = rope_cos_sin(pos_BS, cfg.head_dim, cfg.rope_theta)
+            attn_BSD, _, ffn_BSD, stats = block(x_sel_BSD, rope=rope_sel, positions=pos_BS)
+            return attn_BSD + ffn_BSD, stats
+
+        x_BTD, mod_stats, moe_stats = mod_block(x_BTD, p["mod"], delta, positions, cfg, knobs)
+        return x_BTD, mod_stats, moe_stats
+    _, x1_BTD, ffn_BTD, moe_stats = block(x_BTD, rope=rope, positions=positions)
+    return x1_BTD + ffn_BTD, None, moe_stats  # (x + attn) + ffn: Llama's order, for bit-level parity
+
+
+def head(params: TensorDict, x_BTD: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Final norm and the LM head (the embedding's transpose when tied): logits [B, T, V]."""
     x_BTD = rms_norm(x_BTD, params["final_norm", "weight"], cfg.norm_eps)
     head_DV = params["embed", "weight"].T if cfg.tie_embeddings else params["head", "weight"]
-    logits_BTV = x_BTD @ head_DV
+    return x_BTD @ head_DV
 
-    loss = torch.zeros((), device=tokens_BT.device)
+
+def aux_losses(
+    moe_stats: dict, mod_stats: dict, cfg: ModelConfig, knobs: TensorDict, device: torch.device
+) -> TensorDict:
+    """``apply``'s aux: the weighted aux loss (mean over MoE layers of balance + z losses, plus the
+    mean MoD predictor loss) and the per-layer stats."""
+    loss = torch.zeros((), device=device)
     if moe_stats:
         loss = loss + sum(moe_layer_loss(s, cfg, knobs) for s in moe_stats.values()) / len(moe_stats)
     if mod_stats:
@@ -338,4 +391,4 @@ def apply(
         aux["moe"] = moe_stats
     if mod_stats:
         aux["mod"] = mod_stats
-    return logits_BTV, aux
+    return aux
