@@ -1,0 +1,42 @@
+"""What the 2-rank worker and the single-process reference share: a small config and its batches."""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict
+
+from lumina.configure import load_config
+
+PAD_ID = -100
+
+
+def small_config(precision: str = "fp32", overrides: list[str] = ()):
+    """The debug preset, smaller: 2 layers (one MoE + MoD), 4 sequences of 32 tokens per step as
+    2 micro-batches of 2 (one per rank at W = 2), with router jitter and expert dropout."""
+    return load_config(
+        "debug",
+        overrides=[
+            "--model.n_layers=2",
+            "--model.vocab_size=512",
+            "--train.batch_size=4",
+            "--train.micro_batch_size=2",
+            "--train.seq_len=32",
+            f"--train.precision={precision}",
+            "--train.compile=false",
+            # random routing noise on, so every micro-batch's RNG key matters
+            "--model.moe.router_jitter=0.05",
+            "--model.moe.expert_dropout=0.1",
+            *overrides,
+        ],
+    )
+
+
+def batches(cfg, steps: int) -> list[TensorDict]:
+    """Fixed random global batches [A * b, T] (micro-batch a is rows a*b .. a*b+b-1)."""
+    g = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(steps):
+        x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len), generator=g)
+        y = torch.cat([x[:, 1:], torch.full((x.shape[0], 1), PAD_ID)], dim=1)
+        out.append(TensorDict({"inputs": x, "targets": y}, batch_size=[]))
+    return out

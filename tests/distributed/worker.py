@@ -1,0 +1,76 @@
+"""Run under torchrun: N data-parallel steps of a small config with a strategy, then rank 0 writes
+the parameters (safetensors) and the per-step metrics (JSON) for the test to compare with one
+process. Usage: torchrun --nproc_per_node=N tests/distributed/worker.py STRATEGY OUT_DIR STEPS [OVERRIDE ...]
+(the outputs are named STRATEGY-wN)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tensordict import TensorDict
+
+from lumina import tree
+from lumina.distributed.step import dist_train_step
+from lumina.distributed.view import ModelView
+from lumina.optim import default_hp, init_opt
+from lumina.step import COMPUTE_DTYPES, init_train_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PAD_ID, batches, small_config  # noqa: E402
+
+
+def wrap(view: ModelView, strategy: str) -> None:
+    if strategy == "ddp":
+        from torch.distributed._composable.replicate import replicate
+
+        replicate(view)
+    elif strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in view.layers:
+            fully_shard(module)
+        fully_shard(view)
+    else:
+        raise SystemExit(f"unknown strategy {strategy}")
+
+
+def main() -> None:
+    strategy, out, steps, overrides = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = small_config(overrides=overrides)
+    state = init_train_state(cfg)
+    view = ModelView(state["params"], cfg.model, COMPUTE_DTYPES[cfg.train.precision])
+    wrap(view, strategy)
+    state = state.exclude("params")
+    state["opt"] = init_opt(view.params().apply(lambda p: p.detach()), cfg.train.optimizer)
+    hp = default_hp(cfg.train)
+    records = []
+    for batch in batches(cfg, steps):
+        A_local = cfg.train.grad_accum // world
+        rows = batch["inputs"].shape[0] // world
+        local = TensorDict({k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}, batch_size=[])
+        assert local["inputs"].shape[0] == A_local * cfg.train.micro_batch_size
+        state, m = dist_train_step(view, state, local, hp, cfg=cfg, pad_id=PAD_ID)
+        records.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])})
+    params = view.params()
+    full = {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
+        for k, v in tree.flatten(params).items()
+    }
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(full, str(out / f"{strategy}-w{world}.safetensors"))
+        (out / f"{strategy}-w{world}.json").write_text(json.dumps(records))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
