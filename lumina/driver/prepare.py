@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import torch
 from tensordict import TensorDict
 
-from lumina import checkpoint, metrics, optim, tree
+from lumina import allocator, checkpoint, metrics, optim, tree
 from lumina.checkpoint import CheckpointError
 from lumina.config import ConfigError, RunConfig
 from lumina.data.mix import DataMix, MixState, build_mix
@@ -155,6 +155,7 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
     """Resolve, load and create everything; print the run's header. Bad input raises before the
     run folder exists (a config, fault spec, tokenizer or data problem leaves nothing behind)."""
     t_start = time.perf_counter()
+    allocator.tune()  # large CPU buffers stay with the process between steps (lumina.allocator)
     device = resolve_device(cfg.device)
     check_fits(cfg, device)  # from the parameter shapes, before anything is allocated
     if cfg.train.precision == "tf32":
