@@ -1,14 +1,24 @@
 """Training on several devices (in progress): a module view of the parameter tree for the engines
 (FSDP2, DDP; DeepSpeed next) and the data-parallel train step over it with plain autograd.
 
-Done so far: ``view.ModelView`` (one ``nn.Module`` per layer plus the root, running the model's own
+Done so far: ``engines`` (``init_from_env`` from torchrun's variables; ``wrap(view, "ddp" | "fsdp")``),
+``view.ModelView`` (one ``nn.Module`` per layer plus the root, running the model's own
 pure functions) and ``step.dist_train_step`` (W ranks x A/W micro-batches == one process with
 ``grad_accum = A``; tested at 2 gloo ranks under torchrun in ``tests/test_distributed.py``: DDP
 bit-identical, FSDP2 bit-identical with clipping off and within 1e-6 with it on). Not yet: the
 driver and CLI (``--dist``), sharded checkpoints, the orchestrator in lockstep, DeepSpeed ZeRO.
 """
 
+from lumina.distributed.engines import DistEnv, init_from_env, under_torchrun, wrap
 from lumina.distributed.step import dist_train_step, load_params_into
 from lumina.distributed.view import ModelView
 
-__all__ = ["ModelView", "dist_train_step", "load_params_into"]
+__all__ = [
+    "DistEnv",
+    "ModelView",
+    "dist_train_step",
+    "init_from_env",
+    "load_params_into",
+    "under_torchrun",
+    "wrap",
+]

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from tensordict import TensorDict
 
 from lumina import tree
+from lumina.distributed.engines import init_from_env, wrap
 from lumina.distributed.step import dist_train_step
 from lumina.distributed.view import ModelView
 from lumina.optim import default_hp, init_opt
@@ -24,26 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PAD_ID, batches, small_config  # noqa: E402
 
 
-def wrap(view: ModelView, strategy: str) -> None:
-    if strategy == "ddp":
-        from torch.distributed._composable.replicate import replicate
-
-        replicate(view)
-    elif strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for module in view.layers:
-            fully_shard(module)
-        fully_shard(view)
-    else:
-        raise SystemExit(f"unknown strategy {strategy}")
-
-
 def main() -> None:
     strategy, out, steps, overrides = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-    dist.init_process_group("gloo")
+    env = init_from_env("cpu")
     torch.set_num_threads(1)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = env.rank, env.world_size
     cfg = small_config(overrides=overrides)
     state = init_train_state(cfg)
     view = ModelView(state["params"], cfg.model, COMPUTE_DTYPES[cfg.train.precision])
