@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from lumina import tree
+from lumina.distributed.shards import INDEX, ShardError, load_sharded, save_sharded
 from lumina.optim import default_hp
 from lumina.step import init_train_state, make_train_step
 
@@ -25,8 +28,9 @@ STEPS = 3
 
 
 @functools.cache
-def _run(strategy: str, ranks: int, out: str, *overrides: str) -> dict[str, torch.Tensor]:
-    """The parameters after STEPS steps of ``strategy`` at ``ranks`` processes (torchrun, gloo)."""
+def _run(strategy: str, ranks: int, out: str, *args: str, steps: int = STEPS) -> dict[str, torch.Tensor]:
+    """The parameters after ``steps`` steps of ``strategy`` at ``ranks`` processes (torchrun, gloo);
+    ``args``: the worker's (config overrides, ``save``, ``load=DIR``)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
@@ -38,8 +42,8 @@ def _run(strategy: str, ranks: int, out: str, *overrides: str) -> dict[str, torc
         str(HERE / "worker.py"),
         strategy,
         out,
-        str(STEPS),
-        *overrides,
+        str(steps),
+        *args,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -81,3 +85,35 @@ def test_one_process_module_view_tracks_the_pure_step(out):
     for b in batches(cfg, STEPS):
         state, _ = step(state, b, hp)
     assert _max_diff(tree.flatten(state["params"]), _run("ddp", 1, out)) < 1e-6
+
+
+def test_sharded_checkpoint_resumes_exactly_and_loads_at_any_world_size(out):
+    straight = _run("fsdp", 2, out)  # 3 steps
+    saved = _run("fsdp", 2, out + "/a", "save", steps=2)
+    ckpt = Path(out) / "a" / "ckpt-fsdp-w2"
+    resumed = _run("fsdp", 2, out + "/b", f"load={ckpt}", steps=1)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight), _max_diff(straight, resumed)
+    full, meta = load_sharded(ckpt)  # 2 -> 1: this process, no process group
+    assert meta == {"step": 2} and all(torch.equal(full[k], saved[k]) for k in saved)
+    one = _run("ddp", 1, out + "/c", "save", steps=2)  # 1 -> 2
+    loaded = _run("fsdp", 2, out + "/d", f"load={Path(out) / 'c' / 'ckpt-ddp-w1'}", steps=0)
+    assert all(torch.equal(one[k], loaded[k]) for k in one)
+
+
+def test_a_planted_pickle_in_a_shard_or_the_index_is_refused_unexecuted(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    good = tmp_path / "good"
+    save_sharded(good, {"w": torch.arange(6.0).reshape(3, 2), "step": torch.tensor(3)}, {"step": 3})
+    full, _ = load_sharded(good)
+    assert torch.equal(full["w"], torch.arange(6.0).reshape(3, 2)) and int(full["step"]) == 3
+    for name in (INDEX, "shard_00000.safetensors"):
+        bad = tmp_path / f"bad-{name}"
+        shutil.copytree(good, bad)
+        (bad / name).write_bytes(pickle.dumps(Payload()))
+        with pytest.raises(ShardError, match=name.replace(".", r"\.")) as e:
+            load_sharded(bad)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "pwned").exists()

@@ -1,12 +1,18 @@
 """Training on several devices (in progress): a module view of the parameter tree for the engines
-(FSDP2, DDP; DeepSpeed next) and the data-parallel train step over it with plain autograd.
+(FSDP2, DDP; DeepSpeed next), the data-parallel train step over it with plain autograd, and sharded
+checkpoints.
 
-Done so far: ``engines`` (``init_from_env`` from torchrun's variables; ``wrap(view, "ddp" | "fsdp")``),
-``view.ModelView`` (one ``nn.Module`` per layer plus the root, running the model's own
-pure functions) and ``step.dist_train_step`` (W ranks x A/W micro-batches == one process with
-``grad_accum = A``; tested at 2 gloo ranks under torchrun in ``tests/test_distributed.py``: DDP
-bit-identical, FSDP2 bit-identical with clipping off and within 1e-6 with it on). Not yet: the
-driver and CLI (``--dist``), sharded checkpoints, the orchestrator in lockstep, DeepSpeed ZeRO.
+Done so far:
+- ``engines``: ``init_from_env`` from torchrun's variables; ``wrap(view, "ddp" | "fsdp")``.
+- ``view.ModelView``: one ``nn.Module`` per layer plus the root, running the model's own pure
+  functions.
+- ``step.dist_train_step``: W ranks x A/W micro-batches == one process with ``grad_accum = A``.
+  ``tests/test_distributed.py`` runs it at 2 gloo ranks under torchrun: DDP is bit-identical; FSDP2
+  is bit-identical with clipping off and within 1e-6 with it on.
+- ``shards``: a safetensors file per rank plus a msgpack index, loading at any world size. A 2-rank
+  FSDP run resumed from one is bit-identical to a straight run.
+
+Not yet: the driver and CLI (``--dist``), the orchestrator in lockstep, DeepSpeed ZeRO.
 """
 
 from lumina.distributed.engines import DistEnv, init_from_env, under_torchrun, wrap

@@ -1,7 +1,9 @@
 """Run under torchrun: N data-parallel steps of a small config with a strategy, then rank 0 writes
 the parameters (safetensors) and the per-step metrics (JSON) for the test to compare with one
-process. Usage: torchrun --nproc_per_node=N tests/distributed/worker.py STRATEGY OUT_DIR STEPS [OVERRIDE ...]
-(the outputs are named STRATEGY-wN)."""
+process. Usage: torchrun --nproc_per_node=N tests/distributed/worker.py STRATEGY OUT_DIR STEPS [ARG ...]
+(the outputs are named STRATEGY-wN). ARGs: config overrides (--a.b=c); ``save``: also write a sharded
+checkpoint of the whole train state to OUT_DIR/ckpt-STRATEGY-wN; ``load=DIR``: start from the
+sharded checkpoint DIR (it also skips the batches it was trained on)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from tensordict import TensorDict
 
 from lumina import tree
 from lumina.distributed.engines import init_from_env, wrap
+from lumina.distributed.shards import copy_into, load_sharded, save_sharded
 from lumina.distributed.step import dist_train_step
 from lumina.distributed.view import ModelView
 from lumina.optim import default_hp, init_opt
@@ -26,7 +29,9 @@ from common import PAD_ID, batches, small_config  # noqa: E402
 
 
 def main() -> None:
-    strategy, out, steps, overrides = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    strategy, out, steps, args = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    overrides = [a for a in args if a.startswith("--")]
+    load = next((a.removeprefix("load=") for a in args if a.startswith("load=")), None)
     env = init_from_env("cpu")
     torch.set_num_threads(1)
     rank, world = env.rank, env.world_size
@@ -37,14 +42,26 @@ def main() -> None:
     state = state.exclude("params")
     state["opt"] = init_opt(view.params().apply(lambda p: p.detach()), cfg.train.optimizer)
     hp = default_hp(cfg.train)
+    if load is not None:
+        full, _meta = load_sharded(load)
+        for k, leaf in tree.flatten(view.params()).items():
+            copy_into(leaf, full[k])
+        for k, leaf in tree.flatten(state).items():  # moments (DTensor shards under FSDP), counters, rng
+            copy_into(leaf, full["state." + k])
+        done = _meta["step"]
+    else:
+        done = 0
     records = []
-    for batch in batches(cfg, steps):
+    for batch in batches(cfg, done + steps)[done:]:
         A_local = cfg.train.grad_accum // world
         rows = batch["inputs"].shape[0] // world
         local = TensorDict({k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}, batch_size=[])
         assert local["inputs"].shape[0] == A_local * cfg.train.micro_batch_size
         state, m = dist_train_step(view, state, local, hp, cfg=cfg, pad_id=PAD_ID)
         records.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])})
+    if "save" in args:
+        flat = tree.flatten(view.params()) | {"state." + k: v for k, v in tree.flatten(state).items()}
+        save_sharded(out / f"ckpt-{strategy}-w{world}", flat, {"step": done + steps})
     params = view.params()
     full = {
         k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
