@@ -226,6 +226,9 @@ class TrainConfig:
     # fp8: bf16 with the attention / FFN / expert matmuls in fp8 (lumina.fp8; CUDA sm89+ or CPU)
     precision: Literal["fp32", "tf32", "bf16", "fp16", "fp8"] = "fp32"
     grad_checkpointing: Literal["none", "full", "attention"] = "none"
+    # tokens per chunk of the fused LM head + cross-entropy (lumina.model.loss): the [B*T, V] logits
+    # are never materialised whole; 0 = off (the plain full-logits path)
+    loss_chunk: int = 1024
     compile: bool = True
     log_every: int = 10
     eval_every: int = 100
@@ -265,7 +268,7 @@ class TrainConfig:
         _within(self, "beta1", "[0, 1)")
         _within(self, "beta2", "[0, 1)")
         _non_negative(self, "weight_decay", "clip_norm", "eval_batches", "ckpt_every")
-        _non_negative(self, "patience", "min_delta")
+        _non_negative(self, "patience", "min_delta", "loss_chunk")
         _check(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         _positive(self, "loss_scale_init", "loss_scale_window")
         pf = self.peak_flops

@@ -44,13 +44,14 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from tensordict import TensorDict
 
 from lumina import fp8, optim, tree
 from lumina.config import RunConfig
 from lumina.model import apply, default_knobs, init, random
+from lumina.model.loss import linear_cross_entropy, plain_cross_entropy
 from lumina.model.moe import update_balance_bias
+from lumina.model.transformer import head_weight
 from lumina.optim import clip_by_global_norm
 
 __all__ = ["COMPUTE_DTYPES", "eval_step", "init_train_state", "loss_fn", "make_train_step", "train_step"]
@@ -97,6 +98,26 @@ def _compute_params(params: TensorDict, cfg: RunConfig) -> TensorDict:
     return params if dtype == torch.float32 else tree.cast(params, dtype)
 
 
+def _head_loss(
+    params: TensorDict,
+    x_BTD: torch.Tensor,
+    targets_BT: torch.Tensor,
+    cfg: RunConfig,
+    pad_id: int,
+    differentiable: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, correct argmax count) of the LM head over the final hidden states,
+    ``train.loss_chunk`` tokens at a time (``lumina.model.loss``: the [B*T, V] logits never exist
+    whole), or through the full logits when it is 0."""
+    x_ND, head_DV, t_N = x_BTD.flatten(0, 1), head_weight(params, cfg.model), targets_BT.flatten()
+    if cfg.train.loss_chunk > 0:
+        chunk = cfg.train.loss_chunk
+        return linear_cross_entropy(
+            x_ND, head_DV, t_N, ignore_index=pad_id, chunk=chunk, differentiable=differentiable
+        )
+    return plain_cross_entropy(x_ND, head_DV, t_N, ignore_index=pad_id)
+
+
 def loss_fn(
     params: TensorDict,
     inputs: torch.Tensor,
@@ -112,8 +133,9 @@ def loss_fn(
 ) -> tuple[torch.Tensor, TensorDict]:
     """``loss_scale`` * (summed token cross-entropy / ``n_tokens`` + ``aux_scale`` * aux losses),
     and metrics (unscaled). ``params`` are fp32 masters; the forward runs in the compute dtype."""
-    logits, aux = apply(
-        _compute_params(params, cfg),
+    compute = _compute_params(params, cfg)
+    x_BTD, aux = apply(
+        compute,
         inputs,
         cfg.model,
         knobs,
@@ -121,12 +143,10 @@ def loss_fn(
         rng=rng,
         remat_mode=cfg.train.grad_checkpointing,
         fp8=cfg.train.precision == "fp8",
+        return_hidden=True,
     )
-    ce_sum = F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad_id, reduction="sum"
-    )
+    ce_sum, correct = _head_loss(compute, x_BTD, targets, cfg, pad_id)
     loss = ce_sum / n_tokens + aux_scale * aux["loss"]
-    correct = ((logits.detach().argmax(-1) == targets) & (targets != pad_id)).sum()
     metrics = {"ce_sum": ce_sum.detach(), "aux_loss": aux["loss"].detach(), "correct": correct}
     for group in ("moe", "mod"):
         if group in aux:
@@ -229,17 +249,12 @@ def eval_step(
     Pass the run's live ``knobs`` (``state["knobs"]``): a changed router temperature changes the
     model being evaluated. Default: the config's initial knob values."""
     use_fp8 = cfg.train.precision == "fp8"  # evaluate the model as it trains
-    logits, _ = apply(
-        _compute_params(params, cfg), batch["inputs"], cfg.model, knobs, train=False, fp8=use_fp8
-    )
+    compute = _compute_params(params, cfg)
+    x_BTD, _ = apply(compute, batch["inputs"], cfg.model, knobs, train=False, fp8=use_fp8, return_hidden=True)
     targets = batch["targets"]
-    mask = targets != pad_id
-    n = mask.sum().clamp(min=1)
-    loss = (
-        F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=pad_id, reduction="sum")
-        / n
-    )
-    correct = ((logits.argmax(-1) == targets) & mask).sum()
+    n = (targets != pad_id).sum().clamp(min=1)
+    ce_sum, correct = _head_loss(compute, x_BTD, targets, cfg, pad_id, differentiable=False)
+    loss = ce_sum / n
     return TensorDict({"loss": loss, "ppl": loss.exp(), "accuracy": correct / n, "tokens": n}, batch_size=[])
 
 

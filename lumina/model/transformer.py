@@ -260,6 +260,7 @@ def apply(
     rng: torch.Tensor | None = None,
     remat_mode: str = "none",
     fp8: bool = False,
+    return_hidden: bool = False,
 ) -> tuple[torch.Tensor, TensorDict]:
     """Logits [B, T, V] and ``aux``: ``aux["loss"]`` (the weighted aux losses to add to the training
     loss: mean over MoE layers of their balance + z losses, plus mean over MoD layers of the predictor
@@ -274,6 +275,9 @@ def apply(
     dropout are on, so the recomputed forward draws the same numbers. ``fp8`` (train.precision=fp8):
     the attention projections, dense FFNs and experts multiply through ``lumina.fp8`` (e4m3 operands,
     e5m2 gradients); embedding, head, norms, attention scores and routers stay in the params' dtype.
+    ``return_hidden``: return the final hidden states [B, T, D] (after the final norm) in place of the
+    logits, for a loss that applies the head itself (``lumina.model.loss.linear_cross_entropy`` with
+    ``head_weight(params, cfg)``: the train and eval steps, so the [B, T, V] logits never exist whole).
     """
     if remat_mode not in ("none", "full", "attention"):
         raise ValueError(f"remat_mode={remat_mode!r}: expected none, full or attention")
@@ -313,7 +317,10 @@ def apply(
             mod_stats[str(i)] = layer_mod
         if layer_moe is not None:
             moe_stats[str(i)] = layer_moe
-    return head(params, x_BTD, cfg), aux_losses(moe_stats, mod_stats, cfg, knobs, tokens_BT.device)
+    aux = aux_losses(moe_stats, mod_stats, cfg, knobs, tokens_BT.device)
+    if return_hidden:
+        return final_norm(params, x_BTD, cfg), aux
+    return head(params, x_BTD, cfg), aux
 
 
 # The pieces ``apply`` composes, public so that a module view of the parameters (one nn.Module per
@@ -370,9 +377,17 @@ def layer(
 
 def head(params: TensorDict, x_BTD: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Final norm and the LM head (the embedding's transpose when tied): logits [B, T, V]."""
-    x_BTD = rms_norm(x_BTD, params["final_norm", "weight"], cfg.norm_eps)
-    head_DV = params["embed", "weight"].T if cfg.tie_embeddings else params["head", "weight"]
-    return x_BTD @ head_DV
+    return final_norm(params, x_BTD, cfg) @ head_weight(params, cfg)
+
+
+def final_norm(params: TensorDict, x_BTD: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The residual stream after the final RMSNorm: what the LM head multiplies. [B, T, D]"""
+    return rms_norm(x_BTD, params["final_norm", "weight"], cfg.norm_eps)
+
+
+def head_weight(params: TensorDict, cfg: ModelConfig) -> torch.Tensor:
+    """The LM head matrix [D, V]: the embedding's transpose (a view) when tied, else ``head.weight``."""
+    return params["embed", "weight"].T if cfg.tie_embeddings else params["head", "weight"]
 
 
 def aux_losses(

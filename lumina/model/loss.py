@@ -1,0 +1,117 @@
+"""The LM head fused with the cross-entropy, chunked over tokens: the [N, V] logits never exist whole.
+
+Legend: N tokens (B * T flattened), D model dim, V vocabulary, C tokens per chunk.
+
+``linear_cross_entropy(x_ND, head_DV, targets_N, ignore_index=, chunk=)`` returns the summed token
+cross-entropy of ``x_ND @ head_DV`` and the number of correct argmax predictions, over the targets that
+are not ``ignore_index``. It walks N in chunks of ``chunk`` tokens; for each chunk the forward pass
+computes the logits (in the head's dtype, then fp32: what ``F.cross_entropy(logits.float())`` of the
+plain path sees), their log-sum-exp, the chunk's loss and correct count, and right away the chunk's
+gradients (the technique of Liger's fused linear cross-entropy; torchtune's chunked loss chunks the
+same way but leaves the backward to autograd, which keeps every chunk's logits):
+
+    dlogits_CV = softmax(logits_CV) - onehot(targets_C)      (0 on ignored rows; fp32)
+    grad_x_CD  = dlogits_CV @ head_DV^T                      (the chunk's rows of grad_x)
+    grad_head += x_CD^T @ dlogits_CV                         (fp32 accumulator [D, V])
+
+so what survives the forward is grad_x [N, D] and grad_head [D, V] (both fp32), never N x V: at the
+``debug`` preset's shapes (N = 1024, V = 50304) the plain path keeps the fp32 logits and builds their
+gradient, 206 MB each per micro-batch. The backward only multiplies the two saved gradients by the
+incoming (scalar) gradient of the loss sum and casts them to the inputs' dtypes. The matmuls run in
+the inputs' dtype (bf16 in bf16 training: tensor-core GEMMs, fp32 accumulation inside them), the
+softmax and the accumulators in fp32.
+
+Differentiation: an ``autograd.Function`` with ``setup_context`` (``torch.func.grad`` needs it, see
+``lumina_kernels._autograd``), reached through a module global and applied with ``_autograd.apply``
+(the view trick); its outputs are (ce_sum, correct, grad_x, grad_head), the last three
+non-differentiable, and ``linear_cross_entropy`` returns the first two. No second derivative. Works
+under ``torch.func.grad_and_value`` and ``torch.compile(fullgraph=True)`` (tests/test_loss.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lumina_kernels._autograd import apply as _apply
+
+__all__ = ["linear_cross_entropy", "plain_cross_entropy"]
+
+
+def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
+    N = x_ND.shape[0]
+    C = N if chunk <= 0 else chunk
+    ce_sum = torch.zeros((), dtype=torch.float32, device=x_ND.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x_ND.device)
+    grad_head_DV = torch.zeros(head_DV.shape, dtype=torch.float32, device=x_ND.device)
+    grad_x = []
+    for s in range(0, N, C):
+        x_CD, t_C = x_ND[s : s + C], targets_N[s : s + C]
+        logits_CV = (x_CD @ head_DV).float()  # as the plain path: matmul in the head's dtype, then fp32
+        keep_C = t_C != ignore_index
+        safe_C = torch.where(keep_C, t_C, torch.zeros_like(t_C))[:, None]  # ignored rows gather column 0
+        lse_C = torch.logsumexp(logits_CV, dim=-1)
+        ce_sum = ce_sum + torch.where(keep_C, lse_C - logits_CV.gather(1, safe_C)[:, 0], 0.0).sum()
+        correct = correct + ((logits_CV.argmax(-1) == t_C) & keep_C).sum()
+        if not grads:
+            continue
+        prob_CV = torch.exp(logits_CV - lse_C[:, None])
+        dlogits_CV = prob_CV.scatter_add(1, safe_C, -keep_C.float()[:, None]) * keep_C.float()[:, None]
+        d_CV = dlogits_CV.to(head_DV.dtype)
+        grad_x.append((d_CV @ head_DV.T).float())
+        grad_head_DV = grad_head_DV + (x_CD.T @ d_CV).float()
+    return ce_sum, correct, (torch.cat(grad_x) if grads else None), grad_head_DV
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(x_ND, head_DV, targets_N, ignore_index, chunk):
+        return _forward(x_ND, head_DV, targets_N, ignore_index, chunk)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x_ND, head_DV = inputs[0], inputs[1]
+        _, correct, grad_x_ND, grad_head_DV = output
+        ctx.mark_non_differentiable(correct, grad_x_ND, grad_head_DV)
+        ctx.save_for_backward(grad_x_ND, grad_head_DV)
+        ctx.dtypes = (x_ND.dtype, head_DV.dtype)
+
+    @staticmethod
+    def backward(ctx, g_ce, g_correct, g_grad_x, g_grad_head):
+        grad_x_ND, grad_head_DV = ctx.saved_tensors
+        x_dtype, head_dtype = ctx.dtypes
+        if g_ce is None:  # the loss sum unused: no gradient
+            return None, None, None, None, None
+        return (grad_x_ND * g_ce).to(x_dtype), (grad_head_DV * g_ce).to(head_dtype), None, None, None
+
+
+def linear_cross_entropy(
+    x_ND: torch.Tensor,
+    head_DV: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    ignore_index: int,
+    chunk: int,
+    differentiable: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ce_sum, correct): the summed cross-entropy of the logits ``x_ND @ head_DV`` (computed ``chunk``
+    tokens at a time, fp32 softmax) against ``targets_N``, and the count of rows whose argmax equals the
+    target; rows whose target is ``ignore_index`` count in neither. ce_sum is fp32 and differentiable
+    w.r.t. ``x_ND`` and ``head_DV``; correct is int64. ``chunk`` <= 0 means one chunk of all N rows.
+    ``differentiable=False`` (evaluation): no gradients are computed, ce_sum carries none."""
+    if not differentiable:
+        with torch.no_grad():
+            ce_sum, correct, _, _ = _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=False)
+        return ce_sum, correct
+    ce_sum, correct, _, _ = _apply(_LinearCrossEntropy, x_ND, head_DV, targets_N, ignore_index, chunk)
+    return ce_sum, correct
+
+
+def plain_cross_entropy(
+    x_ND: torch.Tensor, head_DV: torch.Tensor, targets_N: torch.Tensor, *, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same two numbers through the full [N, V] logits and autograd (``train.loss_chunk=0``)."""
+    logits_NV = x_ND @ head_DV
+    ce_sum = F.cross_entropy(logits_NV.float(), targets_N, ignore_index=ignore_index, reduction="sum")
+    correct = ((logits_NV.detach().argmax(-1) == targets_N) & (targets_N != ignore_index)).sum()
+    return ce_sum, correct
