@@ -227,7 +227,9 @@ class TrainConfig:
     precision: Literal["fp32", "tf32", "bf16", "fp16", "fp8"] = "fp32"
     grad_checkpointing: Literal["none", "full", "attention"] = "none"
     # tokens per chunk of the fused LM head + cross-entropy (lumina.model.loss): the [B*T, V] logits
-    # are never materialised whole; 0 = off (the plain full-logits path)
+    # are never materialised whole; 0 = off (the plain full-logits path). 1024: a [1024, V] fp32
+    # buffer per chunk (206 MB at V = 50304) and at most 32 chunks (unrolled when compiled) at 32k
+    # tokens per micro-batch; the CPU debug preset uses 128 (docs/training.md)
     loss_chunk: int = 1024
     compile: bool = True
     log_every: int = 10

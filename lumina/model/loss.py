@@ -55,11 +55,16 @@ def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
         correct = correct + ((logits_CV.argmax(-1) == t_C) & keep_C).sum()
         if not grads:
             continue
-        prob_CV = torch.exp(logits_CV - lse_C[:, None])
-        dlogits_CV = prob_CV.scatter_add(1, safe_C, -keep_C.float()[:, None]) * keep_C.float()[:, None]
+        # in place on the chunk's logits (nothing else reads them now): one [C, V] buffer, not four
+        keep_C1 = keep_C.float()[:, None]
+        dlogits_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax
+        dlogits_CV = dlogits_CV.scatter_add_(1, safe_C, -keep_C1).mul_(keep_C1)  # - onehot; 0 if ignored
         d_CV = dlogits_CV.to(head_DV.dtype)
         grad_x.append((d_CV @ head_DV.T).float())
-        grad_head_DV = grad_head_DV + (x_CD.T @ d_CV).float()
+        if head_DV.dtype == torch.float32:
+            grad_head_DV = grad_head_DV.addmm_(x_CD.T, d_CV)
+        else:
+            grad_head_DV = grad_head_DV.add_((x_CD.T @ d_CV).float())
     return ce_sum, correct, (torch.cat(grad_x) if grads else None), grad_head_DV
 
 
