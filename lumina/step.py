@@ -54,7 +54,15 @@ from lumina.model.moe import update_balance_bias
 from lumina.model.transformer import head_weight
 from lumina.optim import clip_by_global_norm
 
-__all__ = ["COMPUTE_DTYPES", "eval_step", "init_train_state", "loss_fn", "make_train_step", "train_step"]
+__all__ = [
+    "COMPUTE_DTYPES",
+    "eval_step",
+    "head_loss",
+    "init_train_state",
+    "loss_fn",
+    "make_train_step",
+    "train_step",
+]
 
 COMPUTE_DTYPES = {
     "fp32": torch.float32,
@@ -98,7 +106,7 @@ def _compute_params(params: TensorDict, cfg: RunConfig) -> TensorDict:
     return params if dtype == torch.float32 else tree.cast(params, dtype)
 
 
-def _head_loss(
+def head_loss(
     params: TensorDict,
     x_BTD: torch.Tensor,
     targets_BT: torch.Tensor,
@@ -145,7 +153,7 @@ def loss_fn(
         fp8=cfg.train.precision == "fp8",
         return_hidden=True,
     )
-    ce_sum, correct = _head_loss(compute, x_BTD, targets, cfg, pad_id)
+    ce_sum, correct = head_loss(compute, x_BTD, targets, cfg, pad_id)
     loss = ce_sum / n_tokens + aux_scale * aux["loss"]
     metrics = {"ce_sum": ce_sum.detach(), "aux_loss": aux["loss"].detach(), "correct": correct}
     for group in ("moe", "mod"):
@@ -253,7 +261,7 @@ def eval_step(
     x_BTD, _ = apply(compute, batch["inputs"], cfg.model, knobs, train=False, fp8=use_fp8, return_hidden=True)
     targets = batch["targets"]
     n = (targets != pad_id).sum().clamp(min=1)
-    ce_sum, correct = _head_loss(compute, x_BTD, targets, cfg, pad_id, differentiable=False)
+    ce_sum, correct = head_loss(compute, x_BTD, targets, cfg, pad_id, differentiable=False)
     loss = ce_sum / n
     return TensorDict({"loss": loss, "ppl": loss.exp(), "accuracy": correct / n, "tokens": n}, batch_size=[])
 

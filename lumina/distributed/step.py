@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tensordict import TensorDict
 
 from lumina import optim, tree
@@ -34,6 +33,7 @@ from lumina.config import RunConfig
 from lumina.distributed.view import ModelView
 from lumina.model import random
 from lumina.model.moe import update_balance_bias
+from lumina.step import head_loss
 
 __all__ = ["dist_train_step", "load_params_into"]
 
@@ -96,17 +96,20 @@ def dist_train_step(
     per_micro = []
     for a in range(A_local):
         key = random.fold_in(state["rng"], rank * A_local + a)
-        logits, aux = view(
-            inputs[a], state["knobs"], rng=key, train=True, remat_mode=tc.grad_checkpointing, fp8=fp8
-        )
-        ce_sum = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets[a].flatten(), ignore_index=pad_id, reduction="sum"
+        t_a = targets[a]
+        (ce_sum, correct), aux = view(
+            inputs[a],
+            state["knobs"],
+            rng=key,
+            train=True,
+            remat_mode=tc.grad_checkpointing,
+            fp8=fp8,
+            head_fn=lambda root, x_BTD, t_a=t_a: head_loss(root, x_BTD, t_a, cfg, pad_id),
         )
         loss = ce_sum / n_tokens + aux["loss"] / A
         (loss * W).backward()
-        correct = ((logits.detach().argmax(-1) == targets[a]) & (targets[a] != pad_id)).sum()
         per_micro.append(
-            {"ce_sum": ce_sum.detach(), "aux_loss": aux["loss"].detach(), "correct": correct}
+            {"ce_sum": ce_sum.detach(), "aux_loss": aux["loss"].detach(), "correct": correct.detach()}
             | {g: aux[g].detach().to_dict() for g in ("moe", "mod") if g in aux}
         )
     params, grads = view.params(), view.grads()

@@ -15,6 +15,9 @@ can shard that axis later without changing the names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from tensordict import TensorDict
 from torch import nn
@@ -22,7 +25,7 @@ from torch import nn
 from lumina import tree
 from lumina.config import ModelConfig
 from lumina.model.layers import rope_cos_sin
-from lumina.model.transformer import aux_losses, embed, head, layer
+from lumina.model.transformer import aux_losses, embed, final_norm, head, layer
 
 __all__ = ["LayerModule", "ModelView", "TreeModule"]
 
@@ -98,7 +101,11 @@ class ModelView(nn.Module):
         train: bool = True,
         remat_mode: str = "none",
         fp8: bool = False,
-    ) -> tuple[torch.Tensor, TensorDict]:
+        head_fn: Callable[[TensorDict, torch.Tensor], Any] | None = None,
+    ) -> tuple[Any, TensorDict]:
+        """(logits, aux); with ``head_fn``: (``head_fn(root params, final hidden states)``, aux) — the
+        head applied inside the forward, where an engine holds the root's parameters unsharded (the
+        train step passes ``lumina.step.head_loss``: the chunked loss, no full logits)."""
         root = _compute(self.root.tree(), self.dtype)
         positions = torch.arange(tokens_BT.shape[1], device=tokens_BT.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
@@ -112,9 +119,10 @@ class ModelView(nn.Module):
                 mod_stats[str(i)] = layer_mod
             if layer_moe is not None:
                 moe_stats[str(i)] = layer_moe
-        return head(root, x_BTD, self.cfg), aux_losses(
-            moe_stats, mod_stats, self.cfg, knobs, tokens_BT.device
-        )
+        aux = aux_losses(moe_stats, mod_stats, self.cfg, knobs, tokens_BT.device)
+        if head_fn is not None:
+            return head_fn(root, final_norm(root, x_BTD, self.cfg)), aux
+        return head(root, x_BTD, self.cfg), aux
 
     def params(self) -> TensorDict:
         """The parameter tree as the model's ``apply`` expects it (same leaves: no copy)."""
