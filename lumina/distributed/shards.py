@@ -37,6 +37,8 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
+from lumina.checkpoint import fsync_path
+
 __all__ = [
     "FORMAT",
     "INDEX",
@@ -70,14 +72,6 @@ def _is_sharded(t: torch.Tensor) -> bool:
 
 def _shard_file(rank: int) -> str:
     return f"shard_{rank:05d}.safetensors"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_sharded(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
@@ -121,13 +115,13 @@ def save_sharded(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
             mine[name] = t.detach().contiguous().cpu()
     shard = tmp / _shard_file(rank)
     safetensors.torch.save_file(mine, str(shard))
-    _fsync(shard)
+    fsync_path(shard)
     if on:
         dist.barrier()
     if rank == 0:
         body = {"format": FORMAT, "world_size": world, "tensors": index, "meta": meta}
         (tmp / INDEX).write_bytes(msgpack.packb(body, use_bin_type=True))
-        _fsync(tmp / INDEX)
+        fsync_path(tmp / INDEX)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

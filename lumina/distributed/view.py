@@ -124,17 +124,17 @@ class ModelView(nn.Module):
             return head_fn(root, final_norm(root, x_BTD, self.cfg)), aux
         return head(root, x_BTD, self.cfg), aux
 
+    def _leaves(self) -> dict[str, nn.Parameter]:
+        """The parameters under their tree names (``root.embed.weight`` -> ``embed.weight``,
+        ``layers.3.p.attn.wq`` -> ``layers.3.attn.wq``)."""
+        return {name.removeprefix("root.").replace(".p.", ".", 1): p for name, p in self.named_parameters()}
+
     def params(self) -> TensorDict:
         """The parameter tree as the model's ``apply`` expects it (same leaves: no copy)."""
-        flat = {name.removeprefix("root.").replace(".p.", ".", 1): p for name, p in self.named_parameters()}
-        return tree.unflatten(flat)
+        return tree.unflatten(self._leaves())
 
     def grads(self) -> TensorDict:
         """The parameters' ``.grad`` as a tree (zeros where none arrived)."""
-        flat = {
-            name.removeprefix("root.").replace(".p.", ".", 1): (
-                p.grad if p.grad is not None else torch.zeros_like(p)
-            )
-            for name, p in self.named_parameters()
-        }
-        return tree.unflatten(flat)
+        return tree.unflatten(
+            {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in self._leaves().items()}
+        )
