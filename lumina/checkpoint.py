@@ -2,9 +2,15 @@
 
     runs/<name>/checkpoints/step_00000300/     (newest ``keep_last`` kept)
     runs/<name>/checkpoints/best -> best_00000250/   (a symlink: the best eval loss so far)
-        state.safetensors   the train-state tree, flattened to dotted keys (safetensors: a JSON
-                            header plus raw tensor bytes)
-        meta.msgpack        {"format", "step", "config", "data", "extra"}: plain data only
+        shard_00000.safetensors   the train-state tree flattened to dotted keys, rank 0's part
+        shard_00001.safetensors   ... one file per rank of the run that wrote it (``lumina.shards``)
+        meta.msgpack        {"format", "step", "config", "data", "extra", "world_size", "tensors"}:
+                            plain data only; ``tensors`` indexes every tensor's flat chunks
+
+A checkpoint written at any world size loads at any other, 1 included (``lumina.shards``). Under a
+process group saving is collective: every rank writes its shard into the temporary folder, a
+barrier waits for all, then rank 0 writes the metadata, renames, and applies retention. Format
+``lumina.checkpoint/2`` (one ``state.safetensors``, written by older versions) still loads.
 
 Crash safety (a ``kill -9`` at any instant leaves every complete checkpoint loadable):
 - a checkpoint is written into a hidden ``.tmp-*`` directory, its files fsynced, and renamed into place,
@@ -34,9 +40,11 @@ from typing import Any
 
 import msgpack
 import safetensors.torch
+import torch
+import torch.distributed as dist
 from tensordict import TensorDict
 
-from lumina import tree
+from lumina import shards, tree
 
 __all__ = [
     "CheckpointError",
@@ -49,8 +57,9 @@ __all__ = [
     "save_checkpoint",
 ]
 
-FORMAT = "lumina.checkpoint/2"
-STATE_FILE, META_FILE = "state.safetensors", "meta.msgpack"
+FORMAT = "lumina.checkpoint/3"
+FORMAT_V2 = "lumina.checkpoint/2"  # one state.safetensors; still loaded
+STATE_FILE, META_FILE = "state.safetensors", "meta.msgpack"  # STATE_FILE: format /2 only
 BEST = "best"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 _BEST_DIR = re.compile(r"best_(\d{8,})(?:\.(\d+))?")
@@ -61,7 +70,8 @@ class CheckpointError(ValueError):
 
 
 def _complete(path: Path) -> bool:
-    return (path / META_FILE).is_file() and (path / STATE_FILE).is_file()
+    tensors = (path / shards.shard_file(0)).is_file() or (path / STATE_FILE).is_file()
+    return (path / META_FILE).is_file() and tensors
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -105,29 +115,52 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _write_dir(root: Path, name: str, state: TensorDict, meta: dict[str, Any]) -> Path:
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _shared_pid() -> int:
+    """Rank 0's process id on every rank (it names the temporary folder all ranks write into)."""
+    pid = torch.tensor([os.getpid()], dtype=torch.int64)
+    if shards.dist_info()[1] > 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        pid = pid.to(dev)
+        dist.broadcast(pid, src=0)
+    return int(pid.item())
+
+
+def _flat(state: TensorDict | dict[str, Any]) -> dict[str, Any]:
+    return tree.flatten(state) if isinstance(state, TensorDict) else dict(state)
+
+
+def _write_dir(root: Path, name: str, state: TensorDict | dict[str, Any], meta: dict[str, Any]) -> Path:
     """``root/name`` holding ``state`` and ``meta``, written into a temporary folder and renamed
-    into place (an existing ``root/name`` is discarded first)."""
+    into place (an existing ``root/name`` is discarded first). Collective under a process group."""
+    rank, world = shards.dist_info()
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = root / f".tmp-{name}-{_shared_pid()}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tree.flatten(state).items()}
-        for fname, payload in (
-            (STATE_FILE, safetensors.torch.save(tensors)),
-            (META_FILE, msgpack.packb(meta)),
-        ):
-            with open(tmp / fname, "wb") as f:
-                f.write(payload)
+        index = shards.write_shard(tmp, _flat(state))
+        _barrier()  # every shard is on disk
+        if rank == 0:
+            body = msgpack.packb(meta | {"world_size": world, "tensors": index})
+            with open(tmp / META_FILE, "wb") as f:
+                f.write(body)
                 f.flush()
                 os.fsync(f.fileno())
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
-        fsync_path(root)
+            fsync_path(tmp)
+            if final.exists():
+                _discard(final)
+            os.replace(tmp, final)
+            fsync_path(root)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -157,13 +190,17 @@ def save_checkpoint(
     keep_last: int = 3,
     name: str | None = None,
 ) -> Path:
-    """Write ``state`` and plain-data metadata atomically; keep the newest ``keep_last`` step
-    checkpoints. ``name="best"`` writes the best checkpoint instead (outside retention); the
-    returned path is then ``checkpoints/best``."""
+    """Write ``state`` (a train-state tree, or a flat mapping of dotted names to tensors, DTensor
+    shards or ``shards.Piece``s) and plain-data metadata atomically; keep the newest ``keep_last``
+    step checkpoints. ``name="best"`` writes the best checkpoint instead (outside retention); the
+    returned path is then ``checkpoints/best``. Under a process group every rank calls it; rank 0
+    alone touches the folder structure, and all ranks return once the checkpoint is in place."""
     if name not in (None, BEST):
         raise ValueError(f"checkpoint name must be None (a step checkpoint) or {BEST!r}, got {name!r}")
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+    rank = shards.dist_info()[0]
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "step": step, "config": config, "data": data, "extra": extra or {}}
     if name == BEST:
         base, n = f"best_{step:08d}", 0
@@ -172,11 +209,16 @@ def save_checkpoint(
         while (root / dirname).exists() and (root / dirname).resolve() == current:
             n += 1  # never overwrite the folder ``best`` points to: write beside it, then swap
             dirname = f"{base}.{n}"
-        _point_best(root, _write_dir(root, dirname, state, meta))
+        written = _write_dir(root, dirname, state, meta)
+        if rank == 0:
+            _point_best(root, written)
+        _barrier()
         return root / BEST
     final = _write_dir(root, f"step_{step:08d}", state, meta)
-    for old in checkpoints(run_dir)[:-keep_last]:
-        _discard(old)
+    if rank == 0:
+        for old in checkpoints(run_dir)[:-keep_last]:
+            _discard(old)
+    _barrier()
     return final
 
 
@@ -227,7 +269,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise
     except Exception as e:  # parsing executes nothing; any failure means "not our bytes"
         raise CheckpointError(f"{meta_file}: not lumina checkpoint metadata ({type(e).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_V2):
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(
             f"{meta_file}: not lumina checkpoint metadata (format {got!r}, want {FORMAT!r})"
@@ -241,15 +283,24 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TensorDict, 
     """(state, meta) of a checkpoint directory written by ``save_checkpoint``."""
     path = Path(path)
     meta = read_meta(path)
-    state_file = path / STATE_FILE
+    if meta["format"] == FORMAT_V2:
+        flat = _load_v2(path / STATE_FILE)
+    else:
+        try:
+            flat = shards.read_tensors(path, shards.read_index(meta.get("tensors"), path / META_FILE))
+        except shards.ShardError as e:
+            raise CheckpointError(str(e)) from None
+    if not flat:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tree.unflatten({k: v.to(device) for k, v in flat.items()}), meta
+
+
+def _load_v2(state_file: Path) -> dict[str, torch.Tensor]:
     raw = _read(state_file)
     try:  # safetensors parses a length-prefixed JSON header and raw bytes; it cannot run code
-        flat = safetensors.torch.load(raw)
+        return safetensors.torch.load(raw)
     except Exception as e:
         raise CheckpointError(f"{state_file}: not a safetensors state ({type(e).__name__}: {e})") from None
-    if not flat:
-        raise CheckpointError(f"{state_file}: holds no tensors")
-    return tree.unflatten({k: v.to(device) for k, v in flat.items()}), meta
 
 
 def check_compatible(state: TensorDict, template: TensorDict, where: str | Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "DistConfig",
     "MoDConfig",
     "MoEConfig",
     "ModelConfig",
@@ -313,6 +314,26 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistConfig:
+    """Training on several devices under torchrun (``lumina.distributed``; docs/distributed.md).
+
+    ``train.batch_size`` stays the global batch: W ranks each run ``grad_accum / W`` of the
+    micro-batches of one process with the same config, so ``grad_accum`` must divide by W."""
+
+    # none: one process; ddp: replicated parameters, gradients all-reduced (torch's replicate);
+    # fsdp: FSDP2 (parameters, gradients and moments sharded per layer); zero1/2/3: DeepSpeed ZeRO
+    strategy: Literal["none", "ddp", "fsdp", "zero1", "zero2", "zero3"] = "none"
+    offload: Literal["none", "cpu"] = "none"  # zero2/3: optimizer state (and zero3 params) in host memory
+    reshard_after_forward: bool = True  # fsdp: free gathered layers after the forward (less memory)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.offload == "none" or self.strategy in ("zero2", "zero3"),
+            f"dist.offload={self.offload} needs dist.strategy=zero2 or zero3, got {self.strategy}",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class OrchestratorConfig:
     """The adaptive orchestrator (``lumina.orchestrator``): every threshold it uses, with its default.
 
@@ -424,6 +445,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     preset: str = "custom"
     name: str | None = None  # None -> the preset name
     run_dir: str = "runs"

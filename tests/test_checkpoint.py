@@ -4,10 +4,11 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from tensordict import TensorDict
 
-from lumina import checkpoint, tree
+from lumina import checkpoint, shards, tree
 from lumina.checkpoint import CheckpointError, latest, load_checkpoint, save_checkpoint
 from lumina.config import MoDConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig, to_dict
 from lumina.data.mix import DataMix, MixState
@@ -83,7 +84,7 @@ def test_atomic_write_leaves_nothing_half_written(tmp_path, monkeypatch):
     cfg, _ = setup()
     state = init_train_state(cfg)
     monkeypatch.setattr(
-        checkpoint.safetensors.torch, "save", lambda s: (_ for _ in ()).throw(OSError("disk full"))
+        shards.safetensors.torch, "save_file", lambda *a: (_ for _ in ()).throw(OSError("disk full"))
     )
     with pytest.raises(OSError):
         save_checkpoint(tmp_path, state, step=1, config={}, data={})
@@ -107,7 +108,7 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.mark.parametrize("target", ["meta.msgpack", "state.safetensors"])
+@pytest.mark.parametrize("target", ["meta.msgpack", "shard_00000.safetensors"])
 def test_pickle_payloads_are_refused_and_never_run(tmp_path, target):
     path = save_checkpoint(tmp_path, TensorDict({"w": torch.ones(2)}, []), step=1, config={}, data={})
     marker = tmp_path / "pwned"
@@ -125,11 +126,11 @@ def test_foreign_or_broken_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="format 'someone-else/3'"):
         load_checkpoint(path)
     path = save_checkpoint(tmp_path, TensorDict({"w": torch.ones(2)}, []), step=2, config={}, data={})
-    (path / "state.safetensors").write_bytes((path / "state.safetensors").read_bytes()[:-5])
-    with pytest.raises(CheckpointError, match="state.safetensors"):
+    (path / "shard_00000.safetensors").write_bytes((path / "shard_00000.safetensors").read_bytes()[:-5])
+    with pytest.raises(CheckpointError, match="shard_00000.safetensors"):
         load_checkpoint(path)
-    (path / "state.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="state.safetensors: missing"):
+    (path / "shard_00000.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="shard_00000.safetensors: missing"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_checkpoint(tmp_path / "nope")
@@ -185,7 +186,7 @@ def test_checkpoints_and_latest_ignore_incomplete_folders_and_order_by_step(tmp_
     (torn / "meta.msgpack").write_bytes(b"")
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_00000010", "step_00000020"]
     older = tmp_path / "checkpoints" / "step_00000010"
-    (older / "state.safetensors").unlink()  # now torn, and the most recently touched folder
+    (older / "shard_00000.safetensors").unlink()  # now torn, and the most recently touched folder
     assert latest(tmp_path).name == "step_00000020"
     assert sorted(checkpoint.clean(tmp_path)) == [
         "step_00000005 (an incomplete checkpoint)",
@@ -229,6 +230,33 @@ def test_leftover_temporary_folders_are_cleaned(tmp_path):
     save_checkpoint(tmp_path, state, step=10, config={}, data={})
     tmp = tmp_path / "checkpoints" / ".tmp-step_00000020-4242"
     tmp.mkdir()
-    (tmp / "state.safetensors").write_bytes(b"partial")
+    (tmp / "shard_00000.safetensors").write_bytes(b"partial")
     assert checkpoint.clean(tmp_path) == [".tmp-step_00000020-4242 (an interrupted save)"]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000010"]
+
+
+def test_format_2_checkpoints_still_load(tmp_path):
+    """Checkpoints written before the sharded format: one state.safetensors, format /2."""
+    path = tmp_path / "checkpoints" / "step_00000005"
+    path.mkdir(parents=True)
+    state = {"params.w": torch.arange(6.0).reshape(2, 3), "step": torch.tensor(5)}
+    (path / "state.safetensors").write_bytes(safetensors.torch.save(state))
+    meta = {"format": "lumina.checkpoint/2", "step": 5, "config": {}, "data": {}, "extra": {}}
+    (path / "meta.msgpack").write_bytes(msgpack.packb(meta))
+    assert checkpoint.latest(tmp_path) == path
+    loaded, got = load_checkpoint(path)
+    assert torch.equal(loaded["params", "w"], state["params.w"]) and int(loaded["step"]) == 5
+    assert got["format"] == "lumina.checkpoint/2"
+
+
+def test_chunks_that_do_not_tile_a_tensor_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path, TensorDict({"w": torch.ones(2, 3)}, []), step=1, config={}, data={})
+    meta = msgpack.unpackb((path / "meta.msgpack").read_bytes())
+    meta["tensors"]["w"]["shape"] = [3, 3]  # 9 elements indexed, 6 stored
+    (path / "meta.msgpack").write_bytes(msgpack.packb(meta))
+    with pytest.raises(CheckpointError, match="w: its chunks hold 6 elements"):
+        load_checkpoint(path)
+    meta["tensors"]["w"]["chunks"][0]["file"] = "../../elsewhere.safetensors"
+    (path / "meta.msgpack").write_bytes(msgpack.packb(meta))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        load_checkpoint(path)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lumina import tree
-from lumina.distributed.shards import INDEX, ShardError, load_sharded, save_sharded
+from lumina import checkpoint, tree
+from lumina.checkpoint import CheckpointError, load_checkpoint
 from lumina.optim import default_hp
 from lumina.step import init_train_state, make_train_step
 
@@ -90,30 +90,37 @@ def test_one_process_module_view_tracks_the_pure_step(out):
 def test_sharded_checkpoint_resumes_exactly_and_loads_at_any_world_size(out):
     straight = _run("fsdp", 2, out)  # 3 steps
     saved = _run("fsdp", 2, out + "/a", "save", steps=2)
-    ckpt = Path(out) / "a" / "ckpt-fsdp-w2"
+    ckpt = checkpoint.latest(Path(out) / "a" / "ckpt-fsdp-w2")
     resumed = _run("fsdp", 2, out + "/b", f"load={ckpt}", steps=1)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight), _max_diff(straight, resumed)
-    full, meta = load_sharded(ckpt)  # 2 -> 1: this process, no process group
-    assert meta == {"step": 2} and all(torch.equal(full[k], saved[k]) for k in saved)
+    loaded, meta = load_checkpoint(ckpt)  # 2 -> 1: this process, no process group
+    full = tree.flatten(loaded["params"])
+    assert meta["step"] == 2 and meta["world_size"] == 2
+    assert all(torch.equal(full[k], saved[k]) for k in saved)
+    assert {c["file"] for c in meta["tensors"]["opt.m.layers.0.attn.wq"]["chunks"]} == {
+        "shard_00000.safetensors",
+        "shard_00001.safetensors",
+    }  # FSDP2's moments: one chunk per rank
     one = _run("ddp", 1, out + "/c", "save", steps=2)  # 1 -> 2
-    loaded = _run("fsdp", 2, out + "/d", f"load={Path(out) / 'c' / 'ckpt-ddp-w1'}", steps=0)
+    ckpt1 = checkpoint.latest(Path(out) / "c" / "ckpt-ddp-w1")
+    loaded = _run("fsdp", 2, out + "/d", f"load={ckpt1}", steps=0)
     assert all(torch.equal(one[k], loaded[k]) for k in one)
 
 
-def test_a_planted_pickle_in_a_shard_or_the_index_is_refused_unexecuted(tmp_path):
+def test_a_planted_pickle_in_a_shard_or_the_metadata_is_refused_unexecuted(tmp_path):
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
-    good = tmp_path / "good"
-    save_sharded(good, {"w": torch.arange(6.0).reshape(3, 2), "step": torch.tensor(3)}, {"step": 3})
-    full, _ = load_sharded(good)
+    state = {"w": torch.arange(6.0).reshape(3, 2), "step": torch.tensor(3)}
+    good = checkpoint.save_checkpoint(tmp_path / "run", state, step=3, config={}, data={})
+    full, _ = load_checkpoint(good)
     assert torch.equal(full["w"], torch.arange(6.0).reshape(3, 2)) and int(full["step"]) == 3
-    for name in (INDEX, "shard_00000.safetensors"):
+    for name in ("meta.msgpack", "shard_00000.safetensors"):
         bad = tmp_path / f"bad-{name}"
         shutil.copytree(good, bad)
         (bad / name).write_bytes(pickle.dumps(Payload()))
-        with pytest.raises(ShardError, match=name.replace(".", r"\.")) as e:
-            load_sharded(bad)
+        with pytest.raises(CheckpointError, match=name.replace(".", r"\.")) as e:
+            load_checkpoint(bad)
         assert "\n" not in str(e.value)
     assert not (tmp_path / "pwned").exists()

@@ -268,7 +268,7 @@ def test_layout_small_leaves_fp32_and_uint8_codes_in_a_saved_checkpoint(tmp_path
         "head.weight",
     ]
     path = save_checkpoint(tmp_path, state, step=1, config=to_dict(cfg), data={})
-    raw = (path / "state.safetensors").read_bytes()
+    raw = (path / "shard_00000.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
     assert (
         header["opt.m_q.embed.weight"]["dtype"] == "U8"

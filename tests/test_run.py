@@ -165,18 +165,18 @@ def test_corrupted_foreign_and_pickled_checkpoints_exit_2_with_one_line(tmp_path
     bad = tmp_path / "pickled"
     bad.mkdir()
     (bad / "meta.msgpack").write_bytes(pickle.dumps(_Payload()))
-    (bad / "state.safetensors").write_bytes(pickle.dumps(_Payload()))
+    (bad / "shard_00000.safetensors").write_bytes(pickle.dumps(_Payload()))
     cases["pickled meta"] = (bad, "meta.msgpack")
     bad2 = tmp_path / "pickled-state"
     bad2.mkdir()
     (bad2 / "meta.msgpack").write_bytes((ckpt / "meta.msgpack").read_bytes())
-    (bad2 / "state.safetensors").write_bytes(pickle.dumps(_Payload()))
-    cases["pickled state"] = (bad2, "state.safetensors")
+    (bad2 / "shard_00000.safetensors").write_bytes(pickle.dumps(_Payload()))
+    cases["pickled state"] = (bad2, "shard_00000.safetensors")
     torn = tmp_path / "torn"
     torn.mkdir()
     (torn / "meta.msgpack").write_bytes((ckpt / "meta.msgpack").read_bytes())
-    (torn / "state.safetensors").write_bytes((ckpt / "state.safetensors").read_bytes()[:-100])
-    cases["truncated"] = (torn, "state.safetensors")
+    (torn / "shard_00000.safetensors").write_bytes((ckpt / "shard_00000.safetensors").read_bytes()[:-100])
+    cases["truncated"] = (torn, "shard_00000.safetensors")
     cases["missing"] = (tmp_path / "nowhere", "nowhere")
     for name, (path, needle) in cases.items():
         r = _cli("--resume", str(path), cwd=tmp_path)

@@ -1,32 +1,59 @@
-"""Starting the process group from torchrun's environment and handing a module view to an engine.
+"""Starting the process group from torchrun's environment, and the engines the driver trains through.
 
-    torchrun --nproc_per_node=2 my_loop.py      # each process: init_from_env(), then wrap(view, "fsdp")
+    torchrun --nproc_per_node=2 -m lumina.run --dist fsdp      # the driver does what follows
 
 ``init_from_env`` reads torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and starts
-gloo on CPU or nccl on CUDA, one device per local rank. ``wrap`` applies an existing engine to a
-``ModelView``:
-- ``ddp``: ``torch.distributed._composable.replicate``; the gradients are all-reduced (averaged)
-  during the backward;
-- ``fsdp``: FSDP2's ``fully_shard`` on every layer module, then on the root; parameters become
-  DTensor shards, and gradients are reduce-scattered (averaged).
+gloo on CPU or nccl on CUDA, one device per local rank. ``make_engine`` hands the run's train state
+to the engine of ``dist.strategy``; the driver then calls only the ``Engine`` interface below, on
+every rank, in the same order:
 
-``lumina.distributed.step.dist_train_step`` then trains over the wrapped view. Lumina's own AdamW
-and clipping run on whatever gradients the engine leaves. DeepSpeed ZeRO is not here yet.
+- ``state``: the engine's run state: the single-process train-state tree whose ``params`` (and
+  moments) are the engine's own leaves — full tensors under DDP, DTensor shards under FSDP2;
+- ``step(state, batch, hp)``: one optimizer step on this rank's micro-batches (``lumina.distributed.
+  step``'s semantics: W ranks x A/W micro-batches == one process with ``grad_accum = A``);
+- ``eval_step(state, batch)``: loss / accuracy / tokens of a whole held-out batch, the same on every
+  rank (each rank evaluates every batch: the FSDP forward is collective anyway);
+- ``checkpoint_tensors(state)``: the flat tensors a checkpoint holds, under the single-process names
+  (``lumina.shards`` writes each rank's part), so checkpoints move between world sizes;
+- ``snapshot(state)`` / ``adopt(state)``: a detached copy for the rollback ring, and making such a
+  copy (or a state the fault injector changed) the live one;
+- ``full_state(state)``: the whole train state on every rank (collective), for changes of shape.
+
+Engines:
+- ``ddp``: ``torch.distributed._composable.replicate`` over the module view; gradients all-reduced
+  (averaged) during the backward;
+- ``fsdp``: FSDP2's ``fully_shard`` on every layer module, then the root; parameters, gradients and
+  the AdamW moments are DTensor shards on dim 0;
+- ``zero1`` / ``zero2`` / ``zero3``: DeepSpeed (``lumina.distributed.zero``), when present.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from tensordict import TensorDict
 
+from lumina import optim, tree
+from lumina.config import ConfigError, RunConfig
 from lumina.distributed.view import ModelView
+from lumina.shards import Piece, copy_into
 
-__all__ = ["STRATEGIES", "DistEnv", "init_from_env", "under_torchrun", "wrap"]
+__all__ = [
+    "STRATEGIES",
+    "DistEnv",
+    "Engine",
+    "ViewEngine",
+    "init_from_env",
+    "make_engine",
+    "under_torchrun",
+    "wrap",
+]
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp")  # the engines of torch itself; zero1..3 come from DeepSpeed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,3 +104,108 @@ def wrap(view: ModelView, strategy: str, *, reshard_after_forward: bool = True) 
     else:
         raise ValueError(f"strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
     return view
+
+
+class Engine(Protocol):
+    """What the driver calls on every rank (see the module docstring)."""
+
+    strategy: str
+    state: TensorDict
+
+    def step(self, state: TensorDict, batch: TensorDict, hp: TensorDict) -> tuple[TensorDict, TensorDict]: ...
+
+    def eval_step(self, state: TensorDict, batch: TensorDict) -> TensorDict: ...
+
+    def checkpoint_tensors(self, state: TensorDict) -> dict[str, torch.Tensor | Piece]: ...
+
+    def snapshot(self, state: TensorDict) -> TensorDict: ...
+
+    def adopt(self, state: TensorDict) -> TensorDict: ...
+
+    def full_state(self, state: TensorDict) -> TensorDict: ...
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class ViewEngine:
+    """DDP or FSDP2 over a ``ModelView``, with Lumina's own clipping and AdamW on the gradients the
+    engine leaves (``lumina.distributed.step``)."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv, full: TensorDict, pad_id: int):
+        from lumina.step import COMPUTE_DTYPES
+
+        if cfg.train.optimizer == "adamw8bit" and cfg.dist.strategy == "fsdp":
+            # its absmax blocks run over the flattened parameter; FSDP's row shards do not align
+            raise ConfigError("train.optimizer=adamw8bit with dist.strategy=fsdp: not supported; use ddp")
+        self.strategy, self.cfg, self.env, self.pad_id = cfg.dist.strategy, cfg, env, pad_id
+        full = full.to(env.device)
+        self.view = ModelView(full["params"], cfg.model, COMPUTE_DTYPES[cfg.train.precision])
+        wrap(self.view, self.strategy, reshard_after_forward=cfg.dist.reshard_after_forward)
+        live = self.view.params()
+        opt = optim.init_opt(live.apply(lambda p: p.detach()), cfg.train.optimizer)  # DTensors under FSDP
+        flat_opt, full_opt = tree.flatten(opt), tree.flatten(full["opt"])
+        for k, leaf in flat_opt.items():
+            copy_into(leaf, full_opt[k])
+        state = full.exclude("params", "opt")
+        state["params"], state["opt"] = live, tree.unflatten(flat_opt)
+        self.state = state
+
+    def step(self, state: TensorDict, batch: TensorDict, hp: TensorDict) -> tuple[TensorDict, TensorDict]:
+        from lumina.distributed.step import dist_train_step
+
+        new, metrics = dist_train_step(
+            self.view, state.exclude("params"), batch, hp, cfg=self.cfg, pad_id=self.pad_id
+        )
+        new["params"] = self.view.params()
+        return new, metrics
+
+    @torch.no_grad()
+    def eval_step(self, state: TensorDict, batch: TensorDict) -> TensorDict:
+        from lumina.step import head_loss
+
+        targets = batch["targets"]
+        (ce_sum, correct), _ = self.view(
+            batch["inputs"],
+            state["knobs"],
+            train=False,
+            fp8=self.cfg.train.precision == "fp8",
+            head_fn=lambda root, x: head_loss(root, x, targets, self.cfg, self.pad_id, differentiable=False),
+        )
+        n = (targets != self.pad_id).sum().clamp(min=1)
+        loss = ce_sum / n
+        return TensorDict(
+            {"loss": loss, "ppl": loss.exp(), "accuracy": correct / n, "tokens": n}, batch_size=[]
+        )
+
+    def checkpoint_tensors(self, state: TensorDict) -> dict[str, torch.Tensor | Piece]:
+        return tree.flatten(state)  # full tensors and dim-0 DTensor shards: lumina.shards reads both
+
+    def snapshot(self, state: TensorDict) -> TensorDict:
+        return state.apply(lambda t: t.detach().clone())
+
+    def adopt(self, state: TensorDict) -> TensorDict:
+        from lumina.distributed.step import load_params_into
+
+        load_params_into(self.view, state["params"])  # a no-op copy when they are the live leaves
+        new = state.clone(recurse=False)
+        new["params"] = self.view.params()
+        return new
+
+    def full_state(self, state: TensorDict) -> TensorDict:
+        return tree.unflatten({k: _full(v).detach().clone() for k, v in tree.flatten(state).items()})
+
+
+def make_engine(cfg: RunConfig, env: DistEnv, full: TensorDict, pad_id: int) -> Engine:
+    """The engine of ``cfg.dist.strategy`` over the full train state ``full`` (fresh or loaded)."""
+    if cfg.train.grad_accum % env.world_size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} / micro_batch_size={cfg.train.micro_batch_size} = "
+            f"{cfg.train.grad_accum} micro-batches cannot be split over {env.world_size} ranks"
+        )
+    if cfg.dist.strategy in STRATEGIES:
+        return ViewEngine(cfg, env, full, pad_id)
+    from lumina.distributed import zero  # DeepSpeed: imported only when asked for
+
+    return zero.ZeroEngine(cfg, env, full, pad_id)

@@ -3,7 +3,7 @@ the parameters (safetensors) and the per-step metrics (JSON) for the test to com
 process. Usage: torchrun --nproc_per_node=N tests/distributed/worker.py STRATEGY OUT_DIR STEPS [ARG ...]
 (the outputs are named STRATEGY-wN). ARGs: config overrides (--a.b=c); ``save``: also write a sharded
 checkpoint of the whole train state to OUT_DIR/ckpt-STRATEGY-wN; ``load=DIR``: start from the
-sharded checkpoint DIR (it also skips the batches it was trained on)."""
+checkpoint DIR (it also skips the batches it was trained on)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from safetensors.torch import save_file
 from tensordict import TensorDict
 
 from lumina import tree
+from lumina.checkpoint import load_checkpoint, save_checkpoint
 from lumina.distributed.engines import init_from_env, wrap
-from lumina.distributed.shards import copy_into, load_sharded, save_sharded
 from lumina.distributed.step import dist_train_step
 from lumina.distributed.view import ModelView
 from lumina.optim import default_hp, init_opt
+from lumina.shards import copy_into
 from lumina.step import COMPUTE_DTYPES, init_train_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,12 +44,13 @@ def main() -> None:
     state["opt"] = init_opt(view.params().apply(lambda p: p.detach()), cfg.train.optimizer)
     hp = default_hp(cfg.train)
     if load is not None:
-        full, _meta = load_sharded(load)
+        loaded, meta = load_checkpoint(load)
+        full = tree.flatten(loaded)
         for k, leaf in tree.flatten(view.params()).items():
-            copy_into(leaf, full[k])
+            copy_into(leaf, full["params." + k])
         for k, leaf in tree.flatten(state).items():  # moments (DTensor shards under FSDP), counters, rng
-            copy_into(leaf, full["state." + k])
-        done = _meta["step"]
+            copy_into(leaf, full[k])
+        done = meta["step"]
     else:
         done = 0
     records = []
@@ -60,8 +62,8 @@ def main() -> None:
         state, m = dist_train_step(view, state, local, hp, cfg=cfg, pad_id=PAD_ID)
         records.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])})
     if "save" in args:
-        flat = tree.flatten(view.params()) | {"state." + k: v for k, v in tree.flatten(state).items()}
-        save_sharded(out / f"ckpt-{strategy}-w{world}", flat, {"step": done + steps})
+        flat = {"params." + k: v for k, v in tree.flatten(view.params()).items()} | tree.flatten(state)
+        save_checkpoint(out / f"ckpt-{strategy}-w{world}", flat, step=done + steps, config={}, data={})
     params = view.params()
     full = {
         k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().contiguous()
