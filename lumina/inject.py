@@ -14,6 +14,8 @@ Each spec names a fault and the optimizer step it hits (steps as logged: the fir
     expert_collapse@S      before step S every MoE router column is set to column 0's: every expert
                            scores the same, so top-k sends every token to the same k experts
     mod_collapse@S         before step S every MoD router is zeroed: it cannot tell tokens apart
+    oom@.../rankR          under --dist: rank R alone runs out of memory (oom@5/rank1); every rank
+                           books the fault as fired, and all of them back off together
 
 One-shot faults fire once per run, also across a rollback that replays their step, and also across
 a resume (the fired ones are stored in the checkpoint). Noise is drawn from the counter-based RNG
@@ -37,7 +39,7 @@ __all__ = ["Fault", "Injector", "parse"]
 
 _KINDS = ("lr_spike", "nan_grad", "loss_spike", "bad_batch", "oom", "expert_collapse", "mod_collapse")
 _SPEC = re.compile(r"(?P<kind>[a-z_]+)@(?:(?P<step>\d+)(?:x(?P<factor>[0-9.e+-]+))?(?::(?P<n>\d+))?"
-                   r"|micro_batch>(?P<mb>\d+))")  # fmt: skip
+                   r"|micro_batch>(?P<mb>\d+))(?:/rank(?P<rank>\d+))?")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Fault:
     factor: float = 100.0
     steps: int = 1
     micro_batch_above: int | None = None
+    rank: int | None = None  # None: every rank
 
 
 def parse(specs: tuple[str, ...] | list[str]) -> list[Fault]:
@@ -62,6 +65,8 @@ def parse(specs: tuple[str, ...] | list[str]) -> list[Fault]:
             )
         if m["mb"] is not None and m["kind"] != "oom":
             raise ConfigError(f"train.inject: {spec!r}: only oom takes a micro_batch>N condition")
+        if m["rank"] is not None and m["kind"] != "oom":
+            raise ConfigError(f"train.inject: {spec!r}: only oom takes /rankR")
         if (m["factor"] or m["n"]) and m["kind"] != "lr_spike":
             raise ConfigError(f"train.inject: {spec!r}: only lr_spike takes xFACTOR and :STEPS")
         try:
@@ -73,7 +78,8 @@ def parse(specs: tuple[str, ...] | list[str]) -> list[Fault]:
             raise ConfigError(f"train.inject: {spec!r}: steps count from 1")
         out.append(
             Fault(spec.strip(), m["kind"], step=step, factor=factor, steps=int(m["n"] or 1),
-                  micro_batch_above=int(m["mb"]) if m["mb"] is not None else None)
+                  micro_batch_above=int(m["mb"]) if m["mb"] is not None else None,
+                  rank=int(m["rank"]) if m["rank"] is not None else None)
         )  # fmt: skip
     return out
 
@@ -85,9 +91,10 @@ class InjectedOOM(torch.OutOfMemoryError):
 class Injector:
     """Applies the faults to what the driver feeds the step. ``fired``: one-shot faults done."""
 
-    def __init__(self, specs, fired: list[str] | None = None):
+    def __init__(self, specs, fired: list[str] | None = None, rank: int = 0):
         self.faults = parse(specs)
         self.fired: list[str] = list(fired or [])
+        self.rank = rank  # this process's rank (faults with /rankR hit that rank only)
 
     def __bool__(self) -> bool:
         return bool(self.faults)
@@ -95,12 +102,21 @@ class Injector:
     def _due(self, f: Fault, step: int) -> bool:
         return f.step is not None and f.spec not in self.fired and f.step <= step
 
+    def corrupts(self, step: int) -> bool:
+        """Whether a fault that rewrites the state (not the batch or the LR) fires before ``step``."""
+        kinds = ("nan_grad", "loss_spike", "expert_collapse", "mod_collapse")
+        return any(f.kind in kinds and f.rank is None and self._due(f, step) for f in self.faults)
+
     def before_step(
         self, step: int, state: TensorDict, batch: TensorDict, hp: TensorDict, cfg: RunConfig, vocab: int
     ) -> tuple[TensorDict, TensorDict, TensorDict, list[str]]:
         """(state, batch, hp) to feed step ``step`` and the specs that fired. Raises InjectedOOM."""
         fired = []
         for f in self.faults:
+            if f.rank is not None and f.rank != self.rank:  # another rank's: booked, not applied
+                if f.step is not None and self._due(f, step):
+                    self.fired.append(f.spec)
+                continue
             if f.kind == "oom":
                 if f.micro_batch_above is not None and cfg.train.micro_batch_size > f.micro_batch_above:
                     raise InjectedOOM(f"injected {f.spec}: micro_batch_size={cfg.train.micro_batch_size}")

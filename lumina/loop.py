@@ -73,6 +73,7 @@ def train(
     saver = Checkpointer([evaluator, orch])
     flops = metrics.flops_per_token(run.cfg.model, run.cfg.train.seq_len)
     peak, _ = metrics.peak_flops(run.device, run.cfg.train.peak_flops)
+    peak *= run.env.world_size if run.env is not None else 1  # the ranks' tokens/s over all their devices
     progress = Progress(run.console, run.start, flops, peak)
     stopped_early = interrupted = False
     try:
@@ -109,7 +110,7 @@ def train(
 
 
 def _evaluate(run: Run, evaluator: Evaluator, saver: Checkpointer) -> EvalResult:
-    result = evaluator(run.step, run.state, run.cfg)
+    result = evaluator(run.step, run.state, run.cfg, run.engine)
     run.logs.write({"kind": "eval", "step": run.step, **result.metrics})
     saver.after_eval(run, result)
     run.console.line(evaluator.describe(result, run.cfg.train.patience))
@@ -130,7 +131,7 @@ def _finish(
     """The final checkpoint, the registry record, report.png and the summary."""
     saver.final(run)
     run.logs.close()
-    if not interrupted:
+    if not interrupted and run.is_main:
         run.registry.record(
             run.cfg, run.run_dir, run.step, counters=orch.ostate.counters if orch is not None else {},
             stopped_early=stopped_early, final_eval=evaluator.final, best_eval=evaluator.best,
@@ -139,7 +140,7 @@ def _finish(
     try:
         from lumina.report import write_report
 
-        report = write_report(run.run_dir)
+        report = write_report(run.run_dir) if run.is_main else None
     except (ImportError, ValueError, FileNotFoundError) as e:  # a missing plot must not fail a run
         run.console.line(f"[lumina] no report.png: {e}")
     seconds = time.perf_counter() - run.t_start

@@ -5,6 +5,8 @@ Commands:
             Shakespeare text, a few minutes on a laptop CPU) and leave runs/<name>/ with the
             resolved config, metrics.jsonl, TensorBoard events, checkpoints and report.png.
             --resume latest|RUN_DIR|CHECKPOINT_DIR continues a run exactly.
+            On several devices: torchrun --nproc_per_node=N -m lumina.run --dist fsdp
+            (or ddp, zero1, zero2, zero3); train.batch_size stays the global batch.
   check     resolve the config, build the model on the device, and run one forward/backward pass
             on a batch of random tokens, reporting shapes, parameter counts, the loss at init
             against ln(vocab) and timings.
@@ -47,6 +49,7 @@ _SHORTHANDS = {
     "mode": "data.mode",
     "inject": "train.inject",
     "name": "name",
+    "dist": "dist.strategy",
 }
 
 
@@ -139,6 +142,11 @@ def train_parser() -> _Parser:
         "--resume", metavar="latest|PATH", help="continue from the newest checkpoint, a run or a checkpoint"
     )
     parser.add_argument(
+        "--dist",
+        metavar="STRATEGY",
+        help="under torchrun: ddp | fsdp | zero1 | zero2 | zero3 (dist.strategy; docs/distributed.md)",
+    )
+    parser.add_argument(
         "--inject",
         metavar="FAULTS",
         help="comma-separated faults, e.g. nan_grad@20,lr_spike@200x100 (docs/orchestrator.md)",
@@ -155,12 +163,20 @@ def _cmd_train(argv: Sequence[str]) -> int:
         probe = load_config(args.preset, args.config, overrides)  # where to look for "latest"
         path = loop.find_resume(args.resume, probe.run_dir, probe.name)
         args.resume = str(path)
-        return checkpoint.read_meta(path)["config"]  # the state itself is loaded once, by the loop
+        saved = checkpoint.read_meta(path)["config"]  # the state itself is loaded once, by the loop
+        saved.pop("dist", None)  # how to run is this command's choice: a 2-rank run resumes on 1 and back
+        return saved
 
     args, cfg = parse_config_args(train_parser(), argv, base=resumed_config)
     from lumina import loop
 
-    loop.train(cfg, resume=args.resume)  # (it refuses a model that cannot fit before building anything)
+    try:
+        loop.train(cfg, resume=args.resume)  # (it refuses a model that cannot fit before building anything)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # --dist: leave the group cleanly
+            dist.destroy_process_group()
     return 0
 
 
@@ -298,13 +314,14 @@ def _known_failure(e: Exception) -> int | None:
     from lumina.checkpoint import CheckpointError
     from lumina.data.text import DataError
     from lumina.data.tokenizer import TokenizerError
+    from lumina.driver.ranks import LockstepError
     from lumina.loop import OutOfMemory
     from lumina.orchestrator.replay import ReplayError
 
     if isinstance(e, DataError | TokenizerError | CheckpointError | ReplayError):
         print(f"lumina: error: {e}", file=sys.stderr)  # bad user input
         return 2
-    if isinstance(e, OutOfMemory):  # not bad input, but not a bug either: one line, exit 1
+    if isinstance(e, OutOfMemory | LockstepError):  # not bad input, not a bug either: one line, exit 1
         print(f"lumina: {e}", file=sys.stderr)
         return 1
     return None

@@ -40,7 +40,7 @@ from tensordict import TensorDict
 from lumina import optim, tree
 from lumina.config import ConfigError, RunConfig
 from lumina.distributed.view import ModelView
-from lumina.shards import Piece, copy_into
+from lumina.shards import Piece, copy_into, local_rows
 
 __all__ = [
     "STRATEGIES",
@@ -129,6 +129,33 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh")
+
+
+@torch.no_grad()
+def _assign(target: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy ``src`` (the same layout as ``target``, or the full tensor) into ``target``."""
+    if _is_dtensor(src):
+        target.copy_(src)
+    else:
+        copy_into(target, src)
+
+
+def _like(target: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``src`` in ``target``'s layout: itself when it already is a DTensor or both are plain;
+    else this rank's rows of the full ``src`` as a DTensor placed like ``target`` (no collective:
+    every rank holds the full tensor)."""
+    if _is_dtensor(src) or not _is_dtensor(target):
+        return src.detach().clone()
+    from torch.distributed.tensor import DTensor
+
+    local = local_rows(src, target).detach().clone().to(target.to_local().device)
+    return DTensor.from_local(
+        local, target.device_mesh, target.placements, shape=target.shape, stride=target.stride()
+    )
+
+
 class ViewEngine:
     """DDP or FSDP2 over a ``ModelView``, with Lumina's own clipping and AdamW on the gradients the
     engine leaves (``lumina.distributed.step``)."""
@@ -159,6 +186,7 @@ class ViewEngine:
             self.view, state.exclude("params"), batch, hp, cfg=self.cfg, pad_id=self.pad_id
         )
         new["params"] = self.view.params()
+        self.state = new
         return new, metrics
 
     @torch.no_grad()
@@ -186,12 +214,19 @@ class ViewEngine:
         return state.apply(lambda t: t.detach().clone())
 
     def adopt(self, state: TensorDict) -> TensorDict:
-        from lumina.distributed.step import load_params_into
-
-        load_params_into(self.view, state["params"])  # a no-op copy when they are the live leaves
-        new = state.clone(recurse=False)
-        new["params"] = self.view.params()
-        return new
+        """Make ``state`` the live one: its parameters copied into the view's leaves, its other
+        tensors in this engine's layout. ``state`` may hold this engine's shards (a snapshot) or
+        full tensors (a state a fault rewrote, ``full_state``)."""
+        live, src = tree.flatten(self.state), tree.flatten(state)
+        out = {}
+        for k, target in live.items():
+            if k.startswith("params."):
+                _assign(target, src[k])
+                out[k] = target
+            else:
+                out[k] = _like(target, src[k])
+        self.state = tree.unflatten(out)
+        return self.state
 
     def full_state(self, state: TensorDict) -> TensorDict:
         return tree.unflatten({k: _full(v).detach().clone() for k, v in tree.flatten(state).items()})

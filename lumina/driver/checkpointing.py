@@ -27,8 +27,9 @@ class Checkpointer:
         extra: dict[str, Any] = {"injected": run.injector.fired}
         for part in self.parts:
             extra |= part.checkpoint_extra()
+        state = run.engine.checkpoint_tensors(run.state) if run.engine is not None else run.state
         return checkpoint.save_checkpoint(
-            run.run_dir, run.state, step=run.step, config=to_dict(run.cfg), data=run.mix_state.to_dict(),
+            run.run_dir, state, step=run.step, config=to_dict(run.cfg), data=run.mix_state.to_dict(),
             extra=extra, keep_last=run.cfg.train.keep_last, name=name,
         )  # fmt: skip
 

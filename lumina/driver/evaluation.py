@@ -12,6 +12,7 @@ from tensordict import TensorDict
 
 from lumina.config import RunConfig
 from lumina.data.mix import build_mix
+from lumina.distributed.engines import Engine
 from lumina.step import eval_step
 
 __all__ = ["EvalResult", "Evaluator", "eval_sets", "evaluate"]
@@ -29,14 +30,20 @@ def eval_sets(cfg: RunConfig) -> dict[str, list[TensorDict]]:
 
 
 def evaluate(
-    state: TensorDict, sets: dict[str, list[TensorDict]], cfg: RunConfig, pad_id: int, device: torch.device
-) -> dict[str, float]:
-    """Token-weighted loss / accuracy per source and overall (``loss``: the mean over sources)."""
+    state: TensorDict, sets: dict[str, list[TensorDict]], cfg: RunConfig, pad_id: int, device: torch.device,
+    engine: Engine | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Token-weighted loss / accuracy per source and overall (``loss``: the mean over sources).
+    With a distributed ``engine`` every rank evaluates every batch through it (the same figures on
+    every rank)."""
     out: dict[str, float] = {}
     for src, batches in sets.items():
         loss_sum = correct = tokens = 0.0
         for b in batches:
-            m = eval_step(state["params"], b.to(device), cfg=cfg, pad_id=pad_id, knobs=state["knobs"])
+            if engine is not None:
+                m = engine.eval_step(state, b.to(device))
+            else:
+                m = eval_step(state["params"], b.to(device), cfg=cfg, pad_id=pad_id, knobs=state["knobs"])
             n = m["tokens"].item()
             loss_sum += m["loss"].item() * n
             correct += m["accuracy"].item() * n
@@ -76,8 +83,10 @@ class Evaluator:
         t = cfg.train
         return bool(self.sets) and (step % t.eval_every == 0 or step == t.steps)
 
-    def __call__(self, step: int, state: TensorDict, cfg: RunConfig) -> EvalResult:
-        e = evaluate(state, self.sets, cfg, self.pad_id, self.device)
+    def __call__(
+        self, step: int, state: TensorDict, cfg: RunConfig, engine: Engine | None = None
+    ) -> EvalResult:
+        e = evaluate(state, self.sets, cfg, self.pad_id, self.device, engine)
         if step == 0:
             self.first = e["loss"]
         self.final = e["loss"]

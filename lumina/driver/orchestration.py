@@ -12,9 +12,10 @@ import torch
 
 from lumina import orchestrator
 from lumina.checkpoint import CheckpointError
+from lumina.driver import ranks
 from lumina.driver.evaluation import EvalResult
 from lumina.driver.prepare import Run, mix_state_of
-from lumina.driver.rollback import SnapshotRing, rolled_back
+from lumina.driver.rollback import FROM_CHECKPOINT, SnapshotRing, rolled_back
 from lumina.driver.stepping import OutOfMemory
 from lumina.orchestrator import Decision, Observation, Settings
 
@@ -53,9 +54,15 @@ def observation(
     )
 
 
+# decisions that rewrite parameters: under a distributed engine they apply to the full state, which a
+# new engine then shards again
+FULL_STATE_ACTIONS = ("add_expert", "prune_expert", "reset_mod_router")
+
+
 class Orchestration:
     def __init__(self, run: Run):
         self.ocfg = run.cfg.orchestrator
+        self.main, self.env = run.is_main, run.env  # only rank 0 writes the logs
         self.obs_log = run.run_dir / orchestrator.OBSERVATIONS_FILE
         self.dec_log = run.run_dir / orchestrator.DECISIONS_FILE
         saved = run.extra.get("orchestrator")
@@ -66,16 +73,17 @@ class Orchestration:
                 raise CheckpointError(
                     f"{run.run_dir}: bad orchestrator state in the checkpoint ({e})"
                 ) from None
-            for log_file in (self.obs_log, self.dec_log):  # steps after the checkpoint are redone
+            for log_file in (self.obs_log, self.dec_log) if self.main else ():  # later steps are redone
                 try:
                     orchestrator.truncate_log(log_file, run.start)
                 except ValueError as e:
                     raise CheckpointError(str(e)) from None
         else:
             self.ostate = orchestrator.init_state(run.start)
-        for log_file in (self.obs_log, self.dec_log):  # both logs exist in every orchestrated run
+        for log_file in (self.obs_log, self.dec_log) if self.main else ():  # both exist in every run
             log_file.touch()
-        self.ring = SnapshotRing()
+        # under an engine its own copy (detached shards), looked up on every use: engines get rebuilt
+        self.ring = SnapshotRing((lambda st: run.engine.snapshot(st)) if run.engine is not None else None)
         self.ring.snapshot(run.start, run.state, run.cfg)
         self.seconds = 0.0  # time spent deciding and acting (the orchestrator's cost)
 
@@ -83,8 +91,10 @@ class Orchestration:
         t0 = time.perf_counter()
         self.ostate, decisions = orchestrator.decide(self.ostate, obs, self.ocfg)
         self.seconds += time.perf_counter() - t0
-        orchestrator.append_log(self.obs_log, [obs.to_dict()])
-        orchestrator.append_log(self.dec_log, [d.to_dict() for d in decisions])
+        ranks.agree(self.env, [d.to_dict() for d in decisions], f"the decisions at step {obs.step}")
+        if self.main:
+            orchestrator.append_log(self.obs_log, [obs.to_dict()])
+            orchestrator.append_log(self.dec_log, [d.to_dict() for d in decisions])
         return decisions
 
     def observe(self, run: Run, record: dict[str, Any], evaluation: EvalResult | None) -> list[Decision]:
@@ -111,7 +121,8 @@ class Orchestration:
             run.console.line(str(d))
             run.logs.write({"kind": "decision", **d.to_dict()})
         for d in (d for d in decisions if d.action == "rollback"):
-            run.state, run.cfg, where = rolled_back(d, self.ring, run.run_dir, run.state, run.cfg, run.device)
+            state, run.cfg, where = rolled_back(d, self.ring, run.run_dir, run.state, run.cfg, run.device)
+            run.state = _live(run, state, full=where.startswith(FROM_CHECKPOINT), old=old)
             run.mix_state = mix_state_of(run.state)
             run.step = int(run.state["step"])
             run.logs.event(
@@ -119,7 +130,18 @@ class Orchestration:
             )
             run.console.line(f"[orch] rolled back to {where} (step {run.step})")
         if decisions:
+            gathered = run.engine is not None and any(d.action in FULL_STATE_ACTIONS for d in decisions)
+            if gathered:  # parameters are rewritten: on the full state, sharded again below
+                run.state = run.engine.full_state(run.state)
+            before = run.cfg
             run.state, run.hp, run.cfg = orchestrator.apply_decisions(decisions, run.state, run.hp, run.cfg)
+            if run.engine is not None and (gathered or run.cfg.model != before.model):
+                if not gathered:
+                    run.state = run.engine.full_state(run.state)
+                run.rebuild_engine()
+                run.logs.event(
+                    run.step, "rebuild_engine", "a decision changed the parameters or model shapes"
+                )
             if "step" in run.reconfigure(old):
                 run.logs.event(run.step, "rebuild_step", "a decision changed a shape or a step constant")
         self.seconds += time.perf_counter() - t0
@@ -127,6 +149,19 @@ class Orchestration:
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"orchestrator": self.ostate.to_dict()}
+
+
+def _live(run: Run, state, *, full: bool, old) -> Any:
+    """A restored state made the running one: as is in one process; under an engine adopted (a
+    snapshot of the same shapes) or sharded by a new engine (a checkpoint's full tensors, or a
+    snapshot taken before a change of shapes)."""
+    if run.engine is None:
+        return state
+    if not full and run.cfg.model == old.model:
+        return run.engine.adopt(state)
+    run.state = state if full else run.engine.full_state(state)
+    run.rebuild_engine()
+    return run.state
 
 
 def respond_to_oom(run: Run, orch: Orchestration | None, error: torch.OutOfMemoryError) -> None:

@@ -23,6 +23,8 @@ from lumina.checkpoint import CheckpointError
 from lumina.config import ConfigError, RunConfig
 from lumina.data.mix import DataMix, MixState, build_mix
 from lumina.data.tokenizer import Tokenizer, get_tokenizer
+from lumina.distributed.engines import DistEnv, Engine, make_engine
+from lumina.driver import ranks
 from lumina.driver.console import Console, Logs
 from lumina.driver.evaluation import eval_sets
 from lumina.driver.registry import RunRegistry
@@ -99,6 +101,20 @@ class Run:
     resumed_from: Path | None
     extra: dict[str, Any]  # the resumed checkpoint's bookkeeping ({} when fresh)
     t_start: float = dataclasses.field(default_factory=time.perf_counter)
+    env: DistEnv | None = None  # this rank's place under torchrun (None: one process)
+    engine: Engine | None = None  # the distributed engine the state lives in (None: one process)
+    interrupt_requested: bool = False  # under torchrun: a signal arrived; all ranks stop together
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files (rank 0, or the only process)."""
+        return self.env is None or self.env.is_main
+
+    def rebuild_engine(self) -> None:
+        """Hand the (full) ``self.state`` to a new engine of ``self.cfg`` (after a change of shapes
+        or a state that is not the engine's own: a checkpoint, a full-state decision)."""
+        self.engine = make_engine(self.cfg, self.env, self.state, self.tok.pad_id)
+        self.state, self.step_fn = self.engine.state, self.engine.step
 
     def set_mix_state(self, mix_state: MixState) -> None:
         self.mix_state = mix_state
@@ -111,7 +127,9 @@ class Run:
         returns what was rebuilt."""
         rebuilt = []
         new_t, old_t = self.cfg.train, old.train
-        if step_signature(self.cfg) != step_signature(old):
+        if self.engine is not None and self.cfg != old:
+            self.engine.cfg = self.cfg  # the engine's step reads the train settings from it
+        if self.engine is None and step_signature(self.cfg) != step_signature(old):
             self.step_fn = build_step(self.cfg, self.tok.pad_id)
             rebuilt.append("step")
         if new_t.micro_batch_size != old_t.micro_batch_size:  # the same place, counted in new units
@@ -156,7 +174,8 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
     run folder exists (a config, fault spec, tokenizer or data problem leaves nothing behind)."""
     t_start = time.perf_counter()
     allocator.tune()  # large CPU buffers stay with the process between steps (lumina.allocator)
-    device = resolve_device(cfg.device)
+    env = ranks.start(cfg)  # None for one process; refuses --dist without torchrun
+    device = env.device if env is not None else resolve_device(cfg.device)
     check_fits(cfg, device)  # from the parameter shapes, before anything is allocated
     if cfg.train.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -166,6 +185,8 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
     reg = RunRegistry(cfg)
     if resume is None:
         cfg = reg.suggest(cfg)
+    cfg, split_note = ranks.fit_micro_batch(cfg, env)
+    ranks.agree(env, ranks.config_payload(cfg), "the resolved config")
     mix = build_mix(cfg, "train")
     held_out = eval_sets(cfg) if cfg.train.eval_batches else {}
     state = init_train_state(cfg, device)
@@ -173,22 +194,33 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
     if resume is not None:
         resumed_from, state, extra = _resume(cfg, resume, device, state)
         run_dir = resumed_from.parent.parent
+    elif env is not None:
+        run_dir = ranks.shared_run_dir(env, lambda: _fresh_run_dir(cfg))
     else:
         run_dir = _fresh_run_dir(cfg)
-    cleaned = checkpoint.clean(run_dir)
-    # the resolved config, derived fields filled in (checkpoints keep the re-derivable form)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    logs, console = Logs(run_dir), Console(out, cfg.train.steps)
+    main = env is None or env.is_main
+    injector.rank = env.rank if env is not None else 0
+    cleaned = checkpoint.clean(run_dir) if main else []
+    if main:  # the resolved config, derived fields filled in (checkpoints keep the re-derivable form)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    logs = Logs(run_dir) if main else ranks.NullLogs()
+    console = Console(out if main else ranks.null_out(), cfg.train.steps)
     injector.fired = list(extra.get("injected") or [])  # one-shot faults a resumed run already had
     start = int(state["step"])
     run = Run(
         cfg=cfg, device=device, tok=tok, run_dir=run_dir, logs=logs, console=console, injector=injector,
         registry=reg, state=state, hp=default_hp(cfg.train, device), mix=mix, eval_sets=held_out,
         mix_state=mix_state_of(state),
-        step_fn=build_step(cfg, tok.pad_id), start=start, step=start, resumed_from=resumed_from,
-        extra=extra, t_start=t_start,
+        step_fn=build_step(cfg, tok.pad_id) if env is None else None, start=start, step=start,
+        resumed_from=resumed_from, extra=extra, t_start=t_start, env=env,
     )  # fmt: skip
-    reg.log_suggestion(run_dir, logs.write, console.line)
+    if env is not None:
+        run.rebuild_engine()
+        ranks.defer_interrupts(run)
+        if split_note:
+            console.line(f"[dist] {split_note}")
+    if main:
+        reg.log_suggestion(run_dir, logs.write, console.line)
     _header(run, cleaned)
     return run
 
@@ -201,6 +233,11 @@ def _header(run: Run, cleaned: list[str]) -> None:
         f"[lumina] run {run.run_dir} | preset {cfg.preset} | device {run.device} | precision {t.precision} | "
         f"compile {t.compile} | {n.active / 1e6:.2f}M active / {n.total / 1e6:.2f}M params"
     )
+    if run.env is not None:
+        line(
+            f"[lumina] dist: {cfg.dist.strategy} on {run.env.world_size} ranks | "
+            f"{t.grad_accum // run.env.world_size} micro-batches of {t.micro_batch_size} per rank per step"
+        )
     line(
         f"[lumina] data: {cfg.data.mode} | {t.steps} steps x {t.batch_size} x {t.seq_len} tokens "
         f"({t.grad_accum} micro-batches) | MFU peak {peak / 1e12:.2f} TFLOP/s ({peak_src})"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,19 +29,23 @@ from lumina import checkpoint
 from lumina.config import RunConfig, from_dict
 from lumina.orchestrator import Decision
 
-__all__ = ["SnapshotRing", "restore_state", "rolled_back"]
+__all__ = ["FROM_CHECKPOINT", "SnapshotRing", "restore_state", "rolled_back"]
+
+FROM_CHECKPOINT = "checkpoint "  # how ``restore_state`` names a source that is a checkpoint (full tensors)
 
 
 class SnapshotRing:
     """In-memory copies of healthy states keyed by step, with the config each ran under."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy: Callable[[TensorDict], TensorDict] | None = None) -> None:
         self.ring: dict[int, tuple[TensorDict, RunConfig]] = {}
         self.seconds = 0.0  # time spent copying states into the ring
+        # how a state is copied: a plain clone, or a distributed engine's own (its shards, detached)
+        self.copy = copy or (lambda s: s.clone())
 
     def snapshot(self, step: int, state: TensorDict, cfg: RunConfig) -> None:
         t0 = time.perf_counter()
-        self.ring[step] = (state.clone(), cfg)
+        self.ring[step] = (self.copy(state), cfg)
         self.seconds += time.perf_counter() - t0
 
     def sync(self, keep: set[int | None], step: int, state: TensorDict, cfg: RunConfig) -> None:
@@ -62,15 +67,15 @@ def restore_state(
     s = ring.newest_at_or_before(to_step)
     if s is not None:
         state, cfg = ring.ring[s]
-        return state.clone(), cfg, f"snapshot at step {s}"
+        return ring.copy(state), cfg, f"snapshot at step {s}"
     for ckpt in reversed(checkpoint.checkpoints(run_dir)):
         meta = checkpoint.read_meta(ckpt)
         if meta["step"] <= to_step:
             state, _ = checkpoint.load_checkpoint(ckpt, device=str(device))
-            return state, from_dict(RunConfig, meta["config"]), f"checkpoint {ckpt.name}"
+            return state, from_dict(RunConfig, meta["config"]), f"{FROM_CHECKPOINT}{ckpt.name}"
     s = min(ring.ring)
     state, cfg = ring.ring[s]
-    return state.clone(), cfg, f"snapshot at step {s} (nothing older is kept)"
+    return ring.copy(state), cfg, f"snapshot at step {s} (nothing older is kept)"
 
 
 def rolled_back(

@@ -13,6 +13,7 @@ from tensordict import TensorDict
 
 from lumina import metrics
 from lumina.data.mix import MixState
+from lumina.driver import ranks
 from lumina.driver.prepare import Run
 from lumina.optim import lr_at
 
@@ -37,10 +38,12 @@ def take_step(run: Run) -> StepOutput:
     injected); nothing has changed then (the step is pure)."""
     cfg, t = run.cfg, run.cfg.train
     xs, ys, sources, mix_state = [], [], [], run.mix_state
-    for _ in range(t.grad_accum):
+    mine = _my_micro_batches(run)
+    for a in range(t.grad_accum):  # the global order; each rank keeps its own share of it
         x, y, src, mix_state = run.mix.next_batch(mix_state, cfg.data.interleave_ratio)
-        xs.append(x)
-        ys.append(y)
+        if a in mine:
+            xs.append(x)
+            ys.append(y)
         sources.append(src)
     batch = TensorDict({"inputs": torch.cat(xs), "targets": torch.cat(ys)}, batch_size=[])
     run.hp["lr"] = torch.tensor(lr_at(run.step, t), device=run.device)
@@ -48,14 +51,40 @@ def take_step(run: Run) -> StepOutput:
         run.logs.event(run.step, "phase_switch", "data source base -> chat")
         run.console.line(f"[data] step {run.step}: source base -> chat")
     t0 = time.perf_counter()
-    state, batch, hp, fired = run.injector.before_step(
-        run.step + 1, run.state, batch.to(run.device), run.hp, cfg, run.tok.vocab_size
-    )
+    state = run.state
+    if run.engine is not None and run.injector.corrupts(run.step + 1):
+        state = run.engine.full_state(state)  # the fault rewrites whole tensors; sharded again below
+    try:
+        state, batch, hp, fired = run.injector.before_step(
+            run.step + 1, state, batch.to(run.device), run.hp, cfg, run.tok.vocab_size
+        )
+        oom = None
+    except torch.OutOfMemoryError as e:  # injected (a real one is raised by the step itself)
+        oom = e
+    if run.env is not None:  # one collective: every rank takes the same branch
+        any_oom, any_interrupt = ranks.any_flag(run.env, oom is not None, run.interrupt_requested)
+        if any_interrupt:
+            raise KeyboardInterrupt
+        if any_oom:
+            raise oom or torch.OutOfMemoryError("out of memory on another rank")
+    if oom is not None:
+        raise oom
     for spec in fired:
         run.logs.event(run.step + 1, "inject", spec)
         run.console.line(f"[inject] step {run.step + 1}: {spec}")
+    if run.engine is not None and state is not run.state:  # a fault changed the state: make it live
+        state = run.engine.adopt(state)
     new_state, m = run.step_fn(state, batch, hp)
     return StepOutput(new_state, m, sources, mix_state, t0)
+
+
+def _my_micro_batches(run: Run) -> range:
+    """The global micro-batch indices this rank runs (all of them in one process)."""
+    A = run.cfg.train.grad_accum
+    if run.env is None:
+        return range(A)
+    per = A // run.env.world_size
+    return range(run.env.rank * per, (run.env.rank + 1) * per)
 
 
 def routing_record(m: TensorDict) -> dict[str, Any]:
@@ -83,7 +112,7 @@ def train_record(run: Run, out: StepOutput, flops_per_token: float, peak_flops: 
     run.set_mix_state(out.next_mix)
     m = out.metrics
     loss = m["loss"].item()  # the sync point: one per step
-    dt = time.perf_counter() - out.t0
+    dt, memory_mb = ranks.max_over_ranks(run.env, time.perf_counter() - out.t0, metrics.memory_mb(run.device))
     run.step += 1
     tokens = m["tokens"].item()
     record = {
@@ -98,7 +127,7 @@ def train_record(run: Run, out: StepOutput, flops_per_token: float, peak_flops: 
         "tokens": tokens,
         "tokens_per_s": tokens / dt,
         "mfu": flops_per_token * tokens / dt / peak_flops,
-        "memory_mb": metrics.memory_mb(run.device),
+        "memory_mb": memory_mb,
         "step_s": dt,
         "source": out.sources[-1],
         **routing_record(m),
