@@ -219,6 +219,9 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
         ranks.defer_interrupts(run)
         if split_note:
             console.line(f"[dist] {split_note}")
+        state_mb = ranks.max_over_ranks(env, ranks.local_mb(run.state))[0]
+        logs.write({"kind": "dist", "step": start, "strategy": cfg.dist.strategy,
+                    "world_size": env.world_size, "state_mb_per_rank": state_mb})  # fmt: skip
     if main:
         reg.log_suggestion(run_dir, logs.write, console.line)
     _header(run, cleaned)
@@ -236,7 +239,8 @@ def _header(run: Run, cleaned: list[str]) -> None:
     if run.env is not None:
         line(
             f"[lumina] dist: {cfg.dist.strategy} on {run.env.world_size} ranks | "
-            f"{t.grad_accum // run.env.world_size} micro-batches of {t.micro_batch_size} per rank per step"
+            f"{t.grad_accum // run.env.world_size} micro-batches of {t.micro_batch_size} per rank per step | "
+            f"train state {ranks.local_mb(run.state):.0f} MB on rank {run.env.rank}"
         )
     line(
         f"[lumina] data: {cfg.data.mode} | {t.steps} steps x {t.batch_size} x {t.seq_len} tokens "

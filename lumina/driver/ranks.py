@@ -42,6 +42,7 @@ __all__ = [
     "defer_interrupts",
     "digest",
     "fit_micro_batch",
+    "local_mb",
     "max_over_ranks",
     "null_out",
     "shared_run_dir",
@@ -157,11 +158,22 @@ def config_payload(cfg: RunConfig) -> dict[str, Any]:
     return to_dict(cfg)
 
 
+def local_mb(state) -> float:
+    """MiB of train state this rank holds: its shards of DTensor leaves, plain leaves whole."""
+    from lumina import tree
+
+    total = 0
+    for t in tree.flatten(state).values():
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total / 2**20
+
+
 def defer_interrupts(run) -> None:
-    """Under torchrun a Ctrl-C (torchrun passes it on as SIGTERM) reaches the ranks at different
-    moments; each only notes it, and the ranks stop together at the next step boundary
-    (``lumina.driver.stepping``), where the interrupted run saves its checkpoint as one process
-    would."""
+    """Under torchrun a Ctrl-C (torchrun passes SIGINT on to every worker; SIGTERM is handled
+    alike) reaches the ranks at different moments; each only notes it, and the ranks stop together
+    at the next step boundary (``lumina.driver.stepping``), where the interrupted run saves its
+    checkpoint as one process would."""
 
     def note(signum, frame):
         run.interrupt_requested = True
