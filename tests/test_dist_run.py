@@ -136,6 +136,15 @@ def test_ddp_faults_take_the_same_branch_on_both_ranks_and_replay_exactly(runs, 
     assert "identical to the log" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # inductor compiles of every layer on 2 ranks: minutes on 2 cores
+def test_compiled_fsdp_run_equals_the_eager_one(runs):
+    small = ["--steps=3", "--train.eval_batches=1", "--model.n_layers=2", "--dist", "fsdp"]
+    _torchrun(f"--run-dir={runs / 'compiled'}", "--train.compile=true", *small)
+    _torchrun(f"--run-dir={runs / 'eager'}", "--train.compile=false", *small)
+    for a, b in zip(*(_records(runs / d / "debug", "train") for d in ("compiled", "eager")), strict=True):
+        assert abs(a["loss"] - b["loss"]) < TOL, (a, b)
+
+
 def test_dist_without_torchrun_is_one_line_and_exit_2(capsys, monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)

@@ -169,6 +169,9 @@ class ViewEngine:
         self.strategy, self.cfg, self.env, self.pad_id = cfg.dist.strategy, cfg, env, pad_id
         full = full.to(env.device)
         self.view = ModelView(full["params"], cfg.model, COMPUTE_DTYPES[cfg.train.precision])
+        if cfg.train.compile:  # per layer, before the engine wraps it (torchtitan's order)
+            for module in self.view.layers:
+                module.compile(fullgraph=True)
         wrap(self.view, self.strategy, reshard_after_forward=cfg.dist.reshard_after_forward)
         live = self.view.params()
         opt = optim.init_opt(live.apply(lambda p: p.detach()), cfg.train.optimizer)  # DTensors under FSDP
@@ -238,6 +241,11 @@ def make_engine(cfg: RunConfig, env: DistEnv, full: TensorDict, pad_id: int) -> 
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} / micro_batch_size={cfg.train.micro_batch_size} = "
             f"{cfg.train.grad_accum} micro-batches cannot be split over {env.world_size} ranks"
+        )
+    if cfg.train.precision == "fp16" and cfg.dist.strategy in STRATEGIES:
+        raise ConfigError(
+            f"train.precision=fp16 with dist.strategy={cfg.dist.strategy}: dynamic loss scaling is not "
+            "in the distributed step yet; use bf16"
         )
     if cfg.dist.strategy in STRATEGIES:
         return ViewEngine(cfg, env, full, pad_id)
