@@ -13,6 +13,7 @@ import csv
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -158,6 +159,20 @@ def copy_bandwidth_gbs(device: torch.device, mb: int = 1024, repeats: int = 10) 
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device, repeats)
     return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def commit() -> str:
+    """HEAD, with "+dirty" when lumina/ or kernels/ differ from it: the code these numbers measure."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--", "lumina", "kernels") else "")
 
 
 def stamp() -> str:

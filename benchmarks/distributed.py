@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script or with -m
+from benchmarks import _harness as h  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.csv"
 FIELDS = ["date", "commit", "device", "cpus", "torch", "preset", "batch", "seq_len", "steps", "world",
           "strategy", "tokens_per_s", "vs_one", "peak_mb_per_rank", "state_mb_per_rank", "state_vs_one",
@@ -41,16 +44,6 @@ FIELDS = ["date", "commit", "device", "cpus", "torch", "preset", "batch", "seq_l
 # debug_200m is ~200M parameters (114M active): 2 sequences of 128 tokens per step keep it to
 # seconds per step on 2 cores
 SHAPES = {"debug": ("8", "128"), "debug_200m": ("2", "128")}
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _run(preset: str, strategy: str, world: int, steps: int, root: Path) -> dict:
@@ -134,7 +127,7 @@ def main() -> None:
                 r["state_vs_one"] = round(r["state_mb_per_rank"] / base["state_mb_per_rank"], 3)
                 rows.append(r)
                 print(f"[bench] {preset} {strategy}: {r['tokens_per_s']} tok/s ({r['vs_one']}x)", flush=True)
-    common = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "commit": _commit(), "device": device,
+    common = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "commit": h.commit(), "device": device,
               "cpus": os.cpu_count(), "torch": torch.__version__}  # fmt: skip
     head = ["preset", "strategy", "ranks", "tokens/s", "vs one process", "peak MB / rank", "state MB / rank",
             "state vs one"]  # fmt: skip

@@ -27,13 +27,16 @@ import math
 import os
 import platform
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script or with -m
+from benchmarks import _harness as h  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "orchestrator.csv"
 CASES = {  # name -> spec template ({at}: the fault's step)
@@ -50,16 +53,6 @@ FIELDS = ["date", "commit", "device", "threads", "torch", "preset", "steps", "ca
           "orchestrator", "survived", "final_eval", "steps_run", "steps_lost", "decisions", "actions",
           "wall_s", "mean_step_s", "orch_ms_per_step", "orch_cost_pct", "snapshot_ms_per_step",
           "snapshot_mb"]  # fmt: skip
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def one_run(case: str, seed: int, on: bool, steps: int, at: int, root: Path) -> dict:
@@ -198,7 +191,7 @@ def main() -> int:
         seeds = [int(x) for x in args.seeds.split(",") if int(x) != 0] or [1]
         rows = registry_experiment(args.steps, seeds, [1e-3, 3e-3, 1e-2], [3e-3, 3e-2])
         if not args.no_save:
-            stamp = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
+            stamp = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": h.commit(),
                      "threads": torch.get_num_threads(), "steps": args.steps}  # fmt: skip
             new = not REGISTRY_RESULTS.exists()
             with open(REGISTRY_RESULTS, "a", newline="") as f:
@@ -214,7 +207,7 @@ def main() -> int:
         ap.error(f"unknown case(s) {sorted(unknown)}; known: {', '.join(CASES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     at = max(1, round(args.at * args.steps))
-    meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
+    meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": h.commit(),
             "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "preset": "debug", "steps": args.steps}  # fmt: skip
     rows = []

@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,9 +35,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script or with -m
 import transformers
 from tensordict import TensorDict
 
+from benchmarks import _harness as h  # noqa: E402
 from lumina.config import MoDConfig, RunConfig
 from lumina.configure import load_config
 from lumina.hf import to_hf
@@ -76,17 +78,6 @@ def cpu_name() -> str:
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
     return f"{name} ({os.cpu_count()} cpus)"
-
-
-def lumina_commit() -> str:
-    """HEAD, with "+dirty" when lumina/ or kernels/ differ from it: the code these numbers measure."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--", "lumina", "kernels") else "")
 
 
 def lumina_runner(cfg: RunConfig, batch: TensorDict, compile_: bool):
@@ -244,7 +235,7 @@ def main() -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "commit": lumina_commit(),
+        "commit": h.commit(),
     }
     t_start = time.perf_counter()
     rows = []
