@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lumina import checkpoint, tree
 from lumina.run import main
@@ -153,3 +154,21 @@ def test_dist_without_torchrun_is_one_line_and_exit_2(capsys, monkeypatch):
     assert err.count("\n") == 0 and "needs torchrun" in err and "--nproc_per_node" in err
     assert main(["--dist", "zero9", "--steps=1"]) == 2
     assert "dist.strategy" in capsys.readouterr().err
+
+
+def test_a_shape_changing_decision_reshards_and_trains_as_one_process(runs):
+    """add_expert under FSDP: applied to the full state, which a new engine shards again; 2 steps
+    later the parameters equal one process's (within the reduction-order tolerance)."""
+    worker = Path(__file__).resolve().parent / "distributed" / "act_worker.py"
+    common = ["2", "--train.micro_batch_size=4", "--model.n_layers=2"]
+    subprocess.run([sys.executable, str(worker), str(runs / "act-one"), *common], check=True, env=_env(),
+                   capture_output=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(worker),
+         str(runs / "act-two"), *common, "--dist.strategy=fsdp"],
+        capture_output=True, text=True, env=_env(), timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = (load_file(str(runs / d / "params.safetensors")) for d in ("act-one", "act-two"))
+    assert one["layers.0.moe.w_up"].shape[0] == 5  # debug: 4 experts + 1
+    assert _close(one, two), _max_diff(one, two)
