@@ -1,0 +1,111 @@
+"""Run under torchrun: N steps of a small config through the DeepSpeed ZeRO engine (the ``Engine``
+interface the driver calls), then rank 0 writes the whole parameters and moments (safetensors,
+from ``engine.full_state``) and the per-step metrics (JSON) for tests/test_zero.py.
+
+Usage: torchrun --nproc_per_node=N tests/distributed/zero_worker.py STRATEGY OUT_DIR STEPS [ARG ...]
+(outputs named STRATEGY-wN[-TAG]). ARGs: config overrides (--a.b=c); ``tag=T``: name suffix;
+``persist=N``: ZeRO-3 keeps leaves under N elements gathered (default 1000: the norms and small
+routers stay gathered, the matrices are partitioned); ``save=S``: after step S write a checkpoint of
+``engine.checkpoint_tensors`` to OUT_DIR/ckpt-<name> and the whole state at that point;
+``load=DIR``: start from that checkpoint (any world size; the state right after loading is written
+too, as <name>-at<step>); ``rollback=S``: snapshot after step S (or at the start, when loading
+step S), run step S+1, adopt the snapshot, and run on (step S+1 runs twice; the outputs must equal a
+straight run's); ``engine=make``: build through ``make_engine`` (DeepSpeed's defaults). The JSON also
+holds ``eval_step``'s loss on the first global batch after the last step."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tensordict import TensorDict
+
+from lumina import tree
+from lumina.checkpoint import load_checkpoint, save_checkpoint
+from lumina.distributed.engines import init_from_env, make_engine
+from lumina.distributed.zero import ZeroEngine
+from lumina.optim import default_hp
+from lumina.step import init_train_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PAD_ID, batches, small_config  # noqa: E402
+
+
+def _local(batch: TensorDict, rank: int, world: int) -> TensorDict:
+    rows = batch["inputs"].shape[0] // world
+    return TensorDict({k: v[rank * rows : (rank + 1) * rows] for k, v in batch.items()}, batch_size=[])
+
+
+def _dump(engine, state, path: Path, rank: int) -> None:
+    full = tree.flatten(engine.full_state(state))
+    if rank == 0:
+        keep = {k: v.contiguous() for k, v in full.items() if k.startswith(("params.", "opt."))}
+        save_file(keep | {"updates": full["updates"].reshape(1)}, str(path))
+
+
+def main() -> None:
+    strategy, out, steps, args = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    opts = dict(a.split("=", 1) for a in args if not a.startswith("--") and "=" in a)
+    overrides = [a for a in args if a.startswith("--")] + [f"--dist.strategy={strategy}"]
+    env = init_from_env("cpu")
+    torch.set_num_threads(1)
+    rank, world = env.rank, env.world_size
+    name = f"{strategy}-w{world}" + (f"-{opts['tag']}" if "tag" in opts else "")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = small_config(overrides=overrides)
+    if "load" in opts:
+        full, meta = load_checkpoint(opts["load"])
+        done = meta["step"]
+    else:
+        full, done = init_train_state(cfg), 0
+    t0 = time.perf_counter()
+    if opts.get("engine") == "make":
+        engine = make_engine(cfg, env, full, PAD_ID)
+    else:
+        engine = ZeroEngine(
+            cfg, env, full, PAD_ID, stage3_param_persistence_threshold=int(opts.get("persist", 1000))
+        )
+    init_s = time.perf_counter() - t0
+    state, hp = engine.state, default_hp(cfg.train)
+    records, todo = [], batches(cfg, done + steps)[done:]
+    save_at, rollback_at = int(opts.get("save", -1)), int(opts.get("rollback", -1))
+    i, snap = 0, None
+    if "load" in opts:  # what the engine holds right after loading
+        _dump(engine, state, out / f"{name}-at{done}.safetensors", rank)
+    if done == rollback_at:
+        snap = engine.snapshot(state)
+    while i < len(todo):
+        step_no = done + i + 1
+        state, m = engine.step(state, _local(todo[i], rank, world), hp)
+        records.append(
+            {k: float(m[k]) for k in ("loss", "aux_loss", "grad_norm", "skipped")} | {"step": step_no}
+        )
+        if step_no == save_at:
+            save_checkpoint(
+                out / f"ckpt-{name}", engine.checkpoint_tensors(state), step=step_no, config={}, data={}
+            )
+            _dump(engine, state, out / f"{name}-at{step_no}.safetensors", rank)
+        if step_no == rollback_at and snap is None:
+            snap = engine.snapshot(state)
+        elif step_no == rollback_at + 1 and isinstance(snap, TensorDict):
+            state = engine.adopt(snap)  # back to after step ``rollback_at``: replay the next step
+            records[-1]["rolled_back"] = True
+            snap = False
+            continue
+        i += 1
+    _dump(engine, state, out / f"{name}.safetensors", rank)
+    ev = engine.eval_step(state, batches(cfg, 1)[0])  # every rank evaluates the whole batch
+    if rank == 0:
+        result = {"steps": records, "init_s": init_s, "eval_loss": float(ev["loss"])}
+        (out / f"{name}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
