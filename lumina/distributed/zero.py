@@ -27,8 +27,9 @@ accumulation count (the loss already divides by the global token count). What di
 process: the global gradient norm is summed partition by partition and DeepSpeed clips with
 ``g / ((norm + 1e-6) / clip)`` where Lumina multiplies by ``clip / (norm + 1e-6)`` (an ulp);
 ``DeepSpeedCPUAdam`` (offload) evaluates the same AdamW with its own rounding; and a step whose
-gradients are not finite is skipped by DeepSpeed (``metrics["skipped"]`` = 1, ``updates`` unchanged)
-where the fp32 single-process step applies it.
+gradients are not finite is skipped by DeepSpeed (``metrics["skipped"]`` = 1; weights, moments,
+balance bias and ``updates`` unchanged; ``step`` and the RNG key advance) where the fp32
+single-process step applies it.
 
 The train state. ``state["params"]`` and ``state["opt"]["m" / "v"]`` hold, per leaf, this rank's
 part of DeepSpeed's fp32 master and moments: a 1-D view of the flat elements
@@ -429,7 +430,7 @@ class ZeroEngine:
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = torch.as_tensor(grad_norm if grad_norm is not None else float("nan"), dtype=torch.float32)
         stats = _reduce_stats(per_micro, A)
-        if "moe" in stats and cfg.model.moe.balance == "bias":
+        if applied and "moe" in stats and cfg.model.moe.balance == "bias":  # a skipped step changes nothing
             self._update_balance_bias(stats)
         totals = _all_reduce(
             torch.stack([sum(m[k].float() for m in per_micro) for k in ("ce_sum", "aux_loss", "correct")])

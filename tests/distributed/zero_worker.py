@@ -10,12 +10,15 @@ routers stay gathered, the matrices are partitioned); ``save=S``: after step S w
 ``load=DIR``: start from that checkpoint (any world size; the state right after loading is written
 too, as <name>-at<step>); ``rollback=S``: snapshot after step S (or at the start, when loading
 step S), run step S+1, adopt the snapshot, and run on (step S+1 runs twice; the outputs must equal a
-straight run's); ``engine=make``: build through ``make_engine`` (DeepSpeed's defaults). The JSON also
-holds ``eval_step``'s loss on the first global batch after the last step."""
+straight run's); ``engine=make``: build through ``make_engine`` (DeepSpeed's defaults); ``nan=1``:
+after the outputs, inject a NaN into the final norm's weight and run one more step (its metrics and
+the leaves it changed go to the JSON as ``nan_step``). The JSON also holds ``eval_step``'s loss on
+the first global batch after the last step."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -46,6 +49,25 @@ def _dump(engine, state, path: Path, rank: int) -> None:
     if rank == 0:
         keep = {k: v.contiguous() for k, v in full.items() if k.startswith(("params.", "opt."))}
         save_file(keep | {"updates": full["updates"].reshape(1)}, str(path))
+
+
+def _nan_step(engine, state, batch, hp) -> dict:
+    """What lumina.inject's nan_grad does (a NaN written into the final norm's weight of the whole
+    state, made live through ``adopt``), then one step: DeepSpeed finds the gradients non-finite
+    and skips it. Returns the step's metrics and the leaves it changed (NaN-aware)."""
+    full = engine.full_state(state)
+    w = full["params", "final_norm", "weight"].clone()
+    w[0] = math.nan
+    full["params", "final_norm", "weight"] = w
+    state = engine.adopt(full)
+    before = tree.flatten(engine.full_state(state))
+    state, m = engine.step(state, batch, hp)
+    after = tree.flatten(engine.full_state(state))
+    changed = [k for k in before if not torch.equal(before[k].nan_to_num(), after[k].nan_to_num())]
+    return {"loss": float(m["loss"]), "skipped": float(m["skipped"]), "updates": int(state["updates"])} | {
+        "changed": changed,
+        "nan_kept": bool(after["params.final_norm.weight"][0].isnan()),
+    }
 
 
 def main() -> None:
@@ -100,8 +122,12 @@ def main() -> None:
         i += 1
     _dump(engine, state, out / f"{name}.safetensors", rank)
     ev = engine.eval_step(state, batches(cfg, 1)[0])  # every rank evaluates the whole batch
+    result = {"steps": records, "init_s": init_s, "eval_loss": float(ev["loss"])}
+    if "nan" in opts:
+        result["nan_step"] = _nan_step(
+            engine, state, _local(batches(cfg, done + steps + 1)[-1], rank, world), hp
+        )
     if rank == 0:
-        result = {"steps": records, "init_s": init_s, "eval_loss": float(ev["loss"])}
         (out / f"{name}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
