@@ -23,9 +23,11 @@ decayed, the rest not, as ``lumina.optim.adamw_update``), the learning rate, wei
 norm read from ``hp`` every step, and the bias correction from the run's ``updates`` counter.
 DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by W, and
 ``engine.backward(loss, scale_wrt_gas=False)`` keeps DeepSpeed from dividing it by the local
-accumulation count (the loss already divides by the global token count). What differs from one
-process: the global gradient norm is summed partition by partition and DeepSpeed clips with
-``g / ((norm + 1e-6) / clip)`` where Lumina multiplies by ``clip / (norm + 1e-6)`` (an ulp);
+accumulation count (the loss already divides by the global token count). What differs from
+Lumina's module-view step (``lumina.distributed.step``, itself a few ulps off the pure step: plain
+autograd vs torch.func): DeepSpeed sums the gradient norm in fp64 (Lumina: fp32) and clips with
+``g / ((norm + 1e-6) / clip)`` where Lumina multiplies by ``clip / (norm + 1e-6)``; with several
+local micro-batches the fp32 gradient sums run in another order;
 ``DeepSpeedCPUAdam`` (offload) evaluates the same AdamW with its own rounding; and a step whose
 gradients are not finite is skipped by DeepSpeed (``metrics["skipped"]`` = 1; weights, moments,
 balance bias and ``updates`` unchanged; ``step`` and the RNG key advance) where the fp32
