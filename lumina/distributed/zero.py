@@ -81,7 +81,7 @@ __all__ = ["STAGES", "LuminaAdamW", "ZeroEngine", "ds_config"]
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
-def _import_deepspeed(device_type: str):
+def _import_deepspeed(device_type: str, strategy: str):
     """``deepspeed`` (its accelerator chosen from our device before the first import: it otherwise
     guesses, with a warning); a ``ConfigError`` naming the setting when it is not installed."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
@@ -89,7 +89,8 @@ def _import_deepspeed(device_type: str):
         import deepspeed
     except ImportError as e:
         raise ConfigError(
-            f"dist.strategy=zero1|zero2|zero3 needs deepspeed (pip install deepspeed==0.19.8): {e}"
+            f"dist.strategy={strategy} needs deepspeed (pip install 'lumina[deepspeed]', i.e. "
+            f"deepspeed==0.19.8): {e}"
         ) from None
     if device_type == "cpu":
         # Starting its comm backend on CPU, DeepSpeed JIT-compiles a shared-memory all-reduce used
@@ -203,7 +204,7 @@ class ZeroEngine:
                 f"train.optimizer={tc.optimizer} with dist.strategy={cfg.dist.strategy}: not supported "
                 "(ZeRO partitions flattened groups); use adamw"
             )
-        deepspeed = _import_deepspeed(env.device.type)
+        deepspeed = _import_deepspeed(env.device.type, cfg.dist.strategy)
         self.ds_mod = deepspeed
         self.strategy, self.cfg, self.env, self.pad_id = cfg.dist.strategy, cfg, env, pad_id
         self.stage, self.offload = STAGES[cfg.dist.strategy], cfg.dist.offload == "cpu"
