@@ -205,7 +205,6 @@ class ZeroEngine:
                 "(ZeRO partitions flattened groups); use adamw"
             )
         deepspeed = _import_deepspeed(env.device.type, cfg.dist.strategy)
-        self.ds_mod = deepspeed
         self.strategy, self.cfg, self.env, self.pad_id = cfg.dist.strategy, cfg, env, pad_id
         self.stage, self.offload = STAGES[cfg.dist.strategy], cfg.dist.offload == "cpu"
         full = full.to(env.device)
