@@ -137,6 +137,13 @@ def _check_close_to_pure(run: dict, overrides: tuple[str, ...] = BIAS, param_tol
     assert run["eval_loss"] == pytest.approx(ref_eval, rel=1e-6)
 
 
+def _check_against_deepspeeds_accessors(run: dict) -> None:
+    """The engine reads DeepSpeed's partitions through its own views; DeepSpeed's safe_get_full_*
+    (and, ZeRO-3, safe_get_local_*) accessors give the same tensors bit for bit."""
+    check = run["crosscheck"]
+    assert check["leaves"] == 27 and check["full_mismatch"] == [] and check["local_mismatch"] == []
+
+
 def _check_replayed(run: dict, step: int) -> None:
     """The step run before the rollback and its replay after ``adopt`` saw the same model."""
     first, replayed = (s for s in run["steps"] if s["step"] == step)
@@ -167,9 +174,10 @@ def test_zero1_and_zero2_match_one_process_and_each_other_through_a_rollback(out
     ``make_engine``, with a rollback: after step 1 a snapshot, step 2, adopt, step 2 again. The
     replayed step and the end state equal the straight ZeRO-2 run bit for bit (stages 1 and 2 reduce
     and step the same partitions)."""
-    zero2 = _run("zero2", 2, out, *BIAS, "save=2")
+    zero2 = _run("zero2", 2, out, *BIAS, "save=2", "crosscheck=1")
     _check_close_to_pure(zero2)
     _check_loads_in_one_process(zero2, "zero2", out, BIAS)
+    _check_against_deepspeeds_accessors(zero2)
     zero1 = _run("zero1", 2, out, *BIAS, "rollback=1", "engine=make")
     _check_close_to_pure(zero1)
     _check_replayed(zero1, step=2)
@@ -182,9 +190,10 @@ def test_zero3_matches_one_process_and_resumes_and_rolls_back_exactly(out):
     process; loaded at 2 ranks, then snapshot, step 3, adopt, step 3
     again: every tensor equals the straight run's."""
     overrides = (*BIAS, *ACCUM)
-    straight = _run("zero3", 2, out, *overrides, "save=2")
+    straight = _run("zero3", 2, out, *overrides, "save=2", "crosscheck=1")
     _check_close_to_pure(straight, overrides, PARAM_TOL_ACCUM)
     _check_loads_in_one_process(straight, "zero3", out, overrides)
+    _check_against_deepspeeds_accessors(straight)
     ckpt = checkpoint.latest(Path(out) / "ckpt-zero3-w2")
     resumed = _run("zero3", 2, out, *overrides, f"load={ckpt}", "rollback=2", "nan=1", "tag=resumed", steps=1)
     assert _same(resumed["at2"], straight["at2"])  # masters, moments, counters as saved

@@ -44,12 +44,24 @@ whole tensors (collective). Everything else in the state (counters, RNG key, kno
 is replicated, as in the other engines.
 
 The balance bias of aux-loss-free MoE (``model.moe.balance=bias``) is not a gradient update: after
-DeepSpeed's step the new bias (from all-reduced expert loads, identical on every rank) is written
-into both copies DeepSpeed keeps: the fp32 master (``safe_set_full_fp32_param``, this rank's part)
-and the module's working copy (ZeRO-1/2: the full tensor; ZeRO-3: this rank's partition
-``ds_tensor``, and the gathered data when the parameter is persistent — DeepSpeed keeps parameters
-under ``stage3_param_persistence_threshold`` elements gathered). No collective is needed. It stays
-in the optimizer (zero gradient: AdamW leaves it unchanged, as on one process).
+DeepSpeed's step the bias is read whole (one all-reduce of its E elements), the new bias (from
+all-reduced expert loads, identical on every rank) is written into both copies DeepSpeed keeps,
+without a collective: this rank's range of the fp32 master, and the module's working copy
+(ZeRO-1/2: the full tensor; ZeRO-3: this rank's partition ``ds_tensor``, and the gathered data when
+the parameter is persistent — DeepSpeed keeps leaves under ``stage3_param_persistence_threshold``
+elements gathered). A step DeepSpeed skips leaves it unchanged. It stays in the optimizer (zero
+gradient: AdamW leaves it unchanged, as on one process).
+
+DeepSpeed internals this relies on (deepspeed 0.19.8; tests/test_zero.py checks the views against
+``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` and, ZeRO-3,
+``safe_get_local_fp32_param`` / ``safe_get_local_optimizer_state`` bit for bit): ZeRO-1/2's
+``param._hp_mapping`` fragments (what those helpers read), ``single_partition_of_fp32_groups``,
+``_lazy_init_hp_params_optimizer_state`` and ``update_lp_params``; ZeRO-3's
+``fp32_partitioned_groups_flat``, ``_get_fp32_opt_state_partition`` and the parameters'
+``ds_tensor`` / ``ds_status`` / ``partition()`` / ``all_gather()``; both stages' ``clip_grad``.
+The engine does not call the ``safe_get_*`` helpers itself: a snapshot must be assembled from the
+state it is given, not from DeepSpeed's live buffers, and the local ones copy to the compute device
+when the state is offloaded.
 
 Not supported: ``train.precision=fp16`` (dynamic loss scaling) and ``train.optimizer=adamw8bit``
 (``ConfigError``), ``train.compile`` (the engine runs eager), DeepSpeed's own checkpoints (they

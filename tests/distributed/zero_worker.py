@@ -12,8 +12,9 @@ too, as <name>-at<step>); ``rollback=S``: snapshot after step S (or at the start
 step S), run step S+1, adopt the snapshot, and run on (step S+1 runs twice; the outputs must equal a
 straight run's); ``engine=make``: build through ``make_engine`` (DeepSpeed's defaults); ``nan=1``:
 after the outputs, inject a NaN into the final norm's weight and run one more step (its metrics and
-the leaves it changed go to the JSON as ``nan_step``). The JSON also holds ``eval_step``'s loss on
-the first global batch after the last step."""
+the leaves it changed go to the JSON as ``nan_step``); ``crosscheck=1``: compare the engine's whole
+and per-rank tensors with DeepSpeed's ``safe_get_*`` accessors (JSON ``crosscheck``). The JSON
+also holds ``eval_step``'s loss on the first global batch after the last step."""
 
 from __future__ import annotations
 
@@ -70,6 +71,45 @@ def _nan_step(engine, state, batch, hp) -> dict:
     }
 
 
+def _crosscheck(engine, state) -> dict:
+    """The engine's whole and per-rank tensors against DeepSpeed's own accessors on the live state:
+    ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` (every stage; collective) and,
+    for ZeRO-3, ``safe_get_local_fp32_param`` / ``safe_get_local_optimizer_state``. Returns the
+    names that differ (empty lists when all agree bit for bit) and how many were compared."""
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_full_optimizer_state,
+        safe_get_local_fp32_param,
+        safe_get_local_optimizer_state,
+    )
+
+    full = tree.flatten(engine.full_state(state))
+    flat = tree.flatten(state)
+    full_bad, local_bad = [], []
+    for leaf in engine.leaves:
+        p = leaf.param
+        theirs = {
+            "params.": safe_get_full_fp32_param(p),
+            "opt.m.": safe_get_full_optimizer_state(p, "exp_avg"),
+            "opt.v.": safe_get_full_optimizer_state(p, "exp_avg_sq"),
+        }
+        full_bad += [
+            k + leaf.name
+            for k, t in theirs.items()
+            if not torch.equal(t.reshape(leaf.shape), full[k + leaf.name])
+        ]
+        if engine.stage == 3:
+            local = {
+                "params.": safe_get_local_fp32_param(p),
+                "opt.m.": safe_get_local_optimizer_state(p, "exp_avg"),
+                "opt.v.": safe_get_local_optimizer_state(p, "exp_avg_sq"),
+            }
+            local_bad += [
+                k + leaf.name for k, t in local.items() if not torch.equal(t[: leaf.n], flat[k + leaf.name])
+            ]
+    return {"full_mismatch": full_bad, "local_mismatch": local_bad, "leaves": len(engine.leaves)}
+
+
 def main() -> None:
     strategy, out, steps, args = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
     opts = dict(a.split("=", 1) for a in args if not a.startswith("--") and "=" in a)
@@ -123,6 +163,8 @@ def main() -> None:
     _dump(engine, state, out / f"{name}.safetensors", rank)
     ev = engine.eval_step(state, batches(cfg, 1)[0])  # every rank evaluates the whole batch
     result = {"steps": records, "init_s": init_s, "eval_loss": float(ev["loss"])}
+    if "crosscheck" in opts:
+        result["crosscheck"] = _crosscheck(engine, state)
     if "nan" in opts:
         result["nan_step"] = _nan_step(
             engine, state, _local(batches(cfg, done + steps + 1)[-1], rank, world), hp
