@@ -5,7 +5,8 @@
 # the local CPU wheel on the CPU machines) unless the base interpreter already has a torch — e.g. a
 # CUDA torch on a GPU machine — in which case the venv is created with --system-site-packages and
 # reuses it. Every later pip call is constrained to that exact torch, and the package (with its
-# CMake-built native ops) is installed with --no-build-isolation, so nothing can pull a second torch.
+# CMake-built native ops) is installed with --no-build-isolation, so nothing can pull a second torch
+# (that flag also covers the sdists among the dev dependencies, e.g. deepspeed).
 
 PYTHON ?= python3
 VENV ?= .venv
