@@ -32,6 +32,7 @@ import torch.distributed as dist
 __all__ = [
     "Piece",
     "ShardError",
+    "assign",
     "copy_into",
     "dist_info",
     "local_rows",
@@ -216,3 +217,13 @@ def copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
     """Set ``target`` (a full tensor, or this rank's dim-0 shard of a DTensor) from the full tensor."""
     rows = local_rows(full, target)
     (target.to_local() if _is_sharded(target) else target).copy_(rows)
+
+
+@torch.no_grad()
+def assign(target: torch.Tensor, src: torch.Tensor) -> None:
+    """Set ``target`` from ``src``: a tensor of the same layout (a DTensor like it, or a plain one
+    like it) or the full tensor of a sharded ``target``."""
+    if hasattr(src, "device_mesh"):
+        target.copy_(src)
+    else:
+        copy_into(target, src)

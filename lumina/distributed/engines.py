@@ -40,7 +40,7 @@ from tensordict import TensorDict
 from lumina import optim, tree
 from lumina.config import ConfigError, RunConfig
 from lumina.distributed.view import ModelView
-from lumina.shards import Piece, copy_into, local_rows
+from lumina.shards import Piece, assign, copy_into, local_rows
 
 __all__ = [
     "STRATEGIES",
@@ -133,15 +133,6 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "device_mesh")
 
 
-@torch.no_grad()
-def _assign(target: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy ``src`` (the same layout as ``target``, or the full tensor) into ``target``."""
-    if _is_dtensor(src):
-        target.copy_(src)
-    else:
-        copy_into(target, src)
-
-
 def _like(target: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``src`` in ``target``'s layout: itself when it already is a DTensor or both are plain;
     else this rank's rows of the full ``src`` as a DTensor placed like ``target`` (no collective:
@@ -168,7 +159,11 @@ class ViewEngine:
             raise ConfigError("train.optimizer=adamw8bit with dist.strategy=fsdp: not supported; use ddp")
         self.strategy, self.cfg, self.env, self.pad_id = cfg.dist.strategy, cfg, env, pad_id
         full = full.to(env.device)
-        self.view = ModelView(full["params"], cfg.model, COMPUTE_DTYPES[cfg.train.precision])
+        # the MoE balance bias is set by a rule after the step, never by a gradient: DDP's reducer
+        # would wait for its gradient forever (DeepSpeed keeps it trainable: zero.py)
+        self.view = ModelView(
+            full["params"], cfg.model, COMPUTE_DTYPES[cfg.train.precision], frozen=frozenset({"balance_bias"})
+        )
         if cfg.train.compile:  # per layer, before the engine wraps it (torchtitan's order)
             for module in self.view.layers:
                 module.compile(fullgraph=True)
@@ -224,7 +219,7 @@ class ViewEngine:
         out = {}
         for k, target in live.items():
             if k.startswith("params."):
-                _assign(target, src[k])
+                assign(target, src[k])
                 out[k] = target
             else:
                 out[k] = _like(target, src[k])

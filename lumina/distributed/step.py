@@ -33,6 +33,7 @@ from lumina.config import RunConfig
 from lumina.distributed.view import ModelView
 from lumina.model import random
 from lumina.model.moe import update_balance_bias
+from lumina.shards import assign
 from lumina.step import head_loss
 
 __all__ = ["dist_train_step", "load_params_into"]
@@ -65,11 +66,21 @@ def _reduce_stats(per_micro: list[dict], A: int) -> TensorDict:
 
 @torch.no_grad()
 def load_params_into(view: ModelView, params: TensorDict) -> None:
-    """Copy a parameter tree into the view's leaves, one leaf at a time (DTensor leaves take the
-    matching local shard through ``copy_``)."""
+    """Copy a parameter tree (the view's layout, or full tensors) into the view's leaves, one leaf
+    at a time (``lumina.shards.assign``)."""
     flat_new = tree.flatten(params)
     for key, leaf in tree.flatten(view.params()).items():
-        leaf.copy_(flat_new[key])
+        assign(leaf, flat_new[key])
+
+
+def _full_bias(params: TensorDict) -> TensorDict:
+    """``params`` with every MoE balance bias as a full tensor (FSDP shards even these [E] vectors;
+    the bias update mixes them with the all-reduced loads, plain tensors). Collective under FSDP."""
+    flat = tree.flatten(params)
+    for k, v in flat.items():
+        if k.endswith(".balance_bias") and hasattr(v, "full_tensor"):
+            flat[k] = v.full_tensor()
+    return tree.unflatten(flat)
 
 
 def dist_train_step(
@@ -120,7 +131,7 @@ def dist_train_step(
     )
     stats = _reduce_stats(per_micro, A)
     if "moe" in stats:
-        new_params = update_balance_bias(new_params, stats, cfg.model)
+        new_params = update_balance_bias(_full_bias(new_params), stats, cfg.model)
     load_params_into(view, new_params)
     for p in view.parameters():
         p.grad = None

@@ -39,13 +39,14 @@ def _compute(params: TensorDict, dtype: torch.dtype) -> TensorDict:
 class TreeModule(nn.Module):
     """The tensors of a subtree as parameters, a child module per subtree, names unchanged."""
 
-    def __init__(self, td: TensorDict):
+    def __init__(self, td: TensorDict, frozen: frozenset[str] = frozenset()):
         super().__init__()
         for key, value in td.items():
             if isinstance(value, TensorDict):
-                self.add_module(key, TreeModule(value))
+                self.add_module(key, TreeModule(value, frozen))
             else:
-                self.register_parameter(key, nn.Parameter(value, requires_grad=value.is_floating_point()))
+                trained = value.is_floating_point() and key not in frozen
+                self.register_parameter(key, nn.Parameter(value, requires_grad=trained))
 
     def tree(self) -> TensorDict:
         """The subtree as a TensorDict of the current parameters (inside an FSDP forward: the
@@ -58,10 +59,10 @@ class TreeModule(nn.Module):
 class LayerModule(nn.Module):
     """Layer ``i``: ``params["layers", str(i)]`` under the attribute ``p``."""
 
-    def __init__(self, i: int, p: TensorDict, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, i: int, p: TensorDict, cfg: ModelConfig, dtype: torch.dtype, frozen=frozenset()):
         super().__init__()
         self.i, self.cfg, self.dtype = i, cfg, dtype
-        self.p = TreeModule(p)
+        self.p = TreeModule(p, frozen)
 
     def forward(self, x_BTD, cos, sin, positions, knobs, rng, train: bool, remat_mode: str, fp8: bool):
         return layer(
@@ -83,13 +84,17 @@ class ModelView(nn.Module):
     """The whole model over a parameter tree: ``forward`` equals ``lumina.model.apply`` (training,
     no KV cache) on the same parameters cast to ``dtype`` (the train precision's compute dtype)."""
 
-    def __init__(self, params: TensorDict, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, params: TensorDict, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+        frozen: frozenset[str] = frozenset(),
+    ):  # fmt: skip
+        """``frozen``: leaf names (e.g. ``balance_bias``) registered without ``requires_grad``."""
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         rest = {k: v for k, v in params.items() if k != "layers"}
-        self.root = TreeModule(TensorDict(rest, batch_size=[]))
+        self.root = TreeModule(TensorDict(rest, batch_size=[]), frozen)
         self.layers = nn.ModuleList(
-            LayerModule(i, params["layers", str(i)], cfg, dtype) for i in range(cfg.n_layers)
+            LayerModule(i, params["layers", str(i)], cfg, dtype, frozen) for i in range(cfg.n_layers)
         )
 
     def forward(

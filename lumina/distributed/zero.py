@@ -74,6 +74,7 @@ import dataclasses
 import logging
 import math
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -87,6 +88,9 @@ from lumina.distributed.view import ModelView
 from lumina.model import random
 from lumina.model.moe import update_balance_bias
 from lumina.shards import Piece
+
+# DeepSpeed 0.19.8 calls torch.distributed collectives torch 2.13 marks deprecated, once per call site
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 __all__ = ["STAGES", "LuminaAdamW", "ZeroEngine", "ds_config"]
 

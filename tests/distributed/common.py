@@ -12,7 +12,8 @@ PAD_ID = -100
 
 def small_config(precision: str = "fp32", overrides: list[str] = ()):
     """The debug preset, smaller: 2 layers (one MoE + MoD), 4 sequences of 32 tokens per step as
-    2 micro-batches of 2 (one per rank at W = 2), with router jitter and expert dropout."""
+    2 micro-batches of 2 (one per rank at W = 2), with router jitter, expert dropout and the MoE
+    balance bias."""
     return load_config(
         "debug",
         overrides=[
@@ -26,6 +27,9 @@ def small_config(precision: str = "fp32", overrides: list[str] = ()):
             # random routing noise on, so every micro-batch's RNG key matters
             "--model.moe.router_jitter=0.05",
             "--model.moe.expert_dropout=0.1",
+            # the aux-loss-free balance bias: set by a rule after the step, no gradient (the debug
+            # preset's aux-loss balancing runs in tests/test_dist_run.py)
+            "--model.moe.balance=bias",
             *overrides,
         ],
     )

@@ -38,7 +38,9 @@ def main() -> None:
     rank, world = env.rank, env.world_size
     cfg = small_config(overrides=overrides)
     state = init_train_state(cfg)
-    view = ModelView(state["params"], cfg.model, COMPUTE_DTYPES[cfg.train.precision])
+    view = ModelView(
+        state["params"], cfg.model, COMPUTE_DTYPES[cfg.train.precision], frozen=frozenset({"balance_bias"})
+    )
     wrap(view, strategy)
     state = state.exclude("params")
     state["opt"] = init_opt(view.params().apply(lambda p: p.detach()), cfg.train.optimizer)
