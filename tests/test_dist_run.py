@@ -91,6 +91,8 @@ def test_fsdp_run_equals_one_process_resumes_exactly_and_moves_between_world_siz
     assert [r["step"] for r in _records(two, "train")] == [1, 2, 3, 4]  # one line per step: rank 0's
     meta = checkpoint.read_meta(_step(two, 4))
     assert meta["world_size"] == 2 and meta["config"]["dist"]["strategy"] == "fsdp"
+    files = {c["file"] for c in meta["tensors"]["opt.m.layers.0.attn.wq"]["chunks"]}
+    assert files == {"shard_00000.safetensors", "shard_00001.safetensors"}  # FSDP's moments: a chunk per rank
     assert sorted(p.name for p in _step(two, 4).glob("shard_*")) == [
         "shard_00000.safetensors", "shard_00001.safetensors"
     ]  # fmt: skip

@@ -87,6 +87,7 @@ def test_one_process_module_view_tracks_the_pure_step(out):
     assert _max_diff(tree.flatten(state["params"]), _run("ddp", 1, out)) < 1e-6
 
 
+@pytest.mark.slow  # 4 launches; the CLI test (test_dist_run.py) covers 2 -> 2, 2 -> 1 and 1 -> 2 in CI
 def test_sharded_checkpoint_resumes_exactly_and_loads_at_any_world_size(out):
     straight = _run("fsdp", 2, out)  # 3 steps
     saved = _run("fsdp", 2, out + "/a", "save", steps=2)
