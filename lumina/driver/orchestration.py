@@ -135,7 +135,11 @@ class Orchestration:
                 run.state = run.engine.full_state(run.state)
             before = run.cfg
             run.state, run.hp, run.cfg = orchestrator.apply_decisions(decisions, run.state, run.hp, run.cfg)
-            if run.engine is not None and (gathered or run.cfg.model != before.model):
+            # a new engine for new shapes, and for a new micro-batch (DeepSpeed's config holds it; an
+            # out-of-memory step may have left an engine's gradient buffers half filled)
+            reshaped = run.cfg.model != before.model
+            rebatched = run.cfg.train.micro_batch_size != before.train.micro_batch_size
+            if run.engine is not None and (gathered or reshaped or rebatched):
                 if not gathered:
                     run.state = run.engine.full_state(run.state)
                 run.rebuild_engine()
