@@ -325,11 +325,22 @@ class DistConfig:
     strategy: Literal["none", "ddp", "fsdp", "zero1", "zero2", "zero3"] = "none"
     offload: Literal["none", "cpu"] = "none"  # zero2/3: optimizer state (and zero3 params) in host memory
     reshard_after_forward: bool = True  # fsdp: free gathered layers after the forward (less memory)
+    # fsdp mixed precision: the dtype parameters are all-gathered in (bf16 halves that traffic; the
+    # fp32 masters stay sharded) and the dtype gradients are reduce-scattered in. "fp32": as stored
+    # (the compute dtype of train.precision is applied after the gather, inside the forward)
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         _check(
             self.offload == "none" or self.strategy in ("zero2", "zero3"),
             f"dist.offload={self.offload} needs dist.strategy=zero2 or zero3, got {self.strategy}",
+        )
+        mixed = (self.param_dtype, self.reduce_dtype) != ("fp32", "fp32")
+        _check(
+            not mixed or self.strategy == "fsdp",
+            f"dist.param_dtype / reduce_dtype are FSDP's mixed precision: they need dist.strategy=fsdp, "
+            f"got {self.strategy}",
         )
 
 

@@ -156,6 +156,8 @@ def test_dist_without_torchrun_is_one_line_and_exit_2(capsys, monkeypatch):
     assert err.count("\n") == 0 and "needs torchrun" in err and "--nproc_per_node" in err
     assert main(["--dist", "zero9", "--steps=1"]) == 2
     assert "dist.strategy" in capsys.readouterr().err
+    assert main(["--dist", "ddp", "--dist.param_dtype=bf16", "--steps=1"]) == 2
+    assert "FSDP's mixed precision" in capsys.readouterr().err
 
 
 def test_a_shape_changing_decision_reshards_and_trains_as_one_process(runs):

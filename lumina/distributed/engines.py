@@ -89,18 +89,23 @@ def init_from_env(device_type: str | None = None) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def wrap(view: ModelView, strategy: str, *, reshard_after_forward: bool = True) -> ModelView:
-    """Hand ``view`` to the engine of ``strategy`` (in place; returned for chaining)."""
+def wrap(
+    view: ModelView, strategy: str, *, reshard_after_forward: bool = True,
+    param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
+) -> ModelView:  # fmt: skip
+    """Hand ``view`` to the engine of ``strategy`` (in place; returned for chaining). ``param_dtype`` /
+    ``reduce_dtype``: FSDP2's mixed precision (None: the parameters' own dtype)."""
     if strategy == "ddp":
         from torch.distributed._composable.replicate import replicate
 
         replicate(view)
     elif strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         for module in view.layers:  # the unit FSDP gathers and frees: one transformer layer
-            fully_shard(module, reshard_after_forward=reshard_after_forward)
-        fully_shard(view, reshard_after_forward=reshard_after_forward)
+            fully_shard(module, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+        fully_shard(view, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     else:
         raise ValueError(f"strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
     return view
@@ -167,7 +172,11 @@ class ViewEngine:
         if cfg.train.compile:  # per layer, before the engine wraps it (torchtitan's order)
             for module in self.view.layers:
                 module.compile(fullgraph=True)
-        wrap(self.view, self.strategy, reshard_after_forward=cfg.dist.reshard_after_forward)
+        dtypes = {"fp32": None, "bf16": torch.bfloat16}  # None: as stored (fp32 masters)
+        wrap(
+            self.view, self.strategy, reshard_after_forward=cfg.dist.reshard_after_forward,
+            param_dtype=dtypes[cfg.dist.param_dtype], reduce_dtype=dtypes[cfg.dist.reduce_dtype],
+        )  # fmt: skip
         live = self.view.params()
         opt = optim.init_opt(live.apply(lambda p: p.detach()), cfg.train.optimizer)  # DTensors under FSDP
         flat_opt, full_opt = tree.flatten(opt), tree.flatten(full["opt"])
