@@ -16,6 +16,9 @@ Commands:
   replay    RUN_DIR: re-derive every orchestrator decision from the run's observation log; exit 0
             when identical to the decision log, 1 (and the first divergent decision) otherwise.
             --what-if orchestrator.KEY=VALUE (repeatable) lists the decisions that would differ.
+  generate  RUN_DIR|CHECKPOINT_DIR --prompt TEXT: sample text from a trained model (its newest
+            checkpoint), streamed to the terminal; greedy, temperature, top-k, top-p, repetition
+            penalty, seeded (docs/generate.md).
 
 "python -m lumina.run COMMAND --help" lists a command's flags. Any config field can be set with
 --section.field=value, e.g. --model.d_model=256 (see lumina/config.py for every field).
@@ -275,12 +278,117 @@ def _cmd_replay(argv: Sequence[str]) -> int:
     return main_replay(args.run_dir, args.what_if, sys.stdout)
 
 
+def _number(kind: type, low: float, what: str) -> Callable[[str], int | float]:
+    """An argparse type: a finite ``kind`` >= ``low`` (> when ``kind`` is float and low is 0)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value != value or value in (float("inf"), float("-inf")) or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+def _cmd_generate(argv: Sequence[str]) -> int:
+    p = _Parser(
+        prog="lumina.run generate",
+        description="Sample text from a trained model: a run folder (its newest checkpoint) or a\n"
+        "checkpoint folder. Streams the text to the terminal (docs/generate.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", metavar="RUN|CHECKPOINT", help="a run folder (runs/<name>) or a checkpoint folder")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument(
+        "--max-new-tokens", dest="max_new_tokens", type=_number(int, 1, "an integer >= 1"), default=64
+    )
+    p.add_argument(
+        "--temperature",
+        type=_number(float, 0, "a number >= 0"),
+        default=1.0,
+        help="softmax temperature (0: greedy; default 1)",
+    )
+    p.add_argument(
+        "--top-k",
+        dest="top_k",
+        type=_number(int, 0, "an integer >= 0"),
+        default=0,
+        help="keep the k most likely tokens (0: off)",
+    )
+    p.add_argument(
+        "--top-p",
+        dest="top_p",
+        type=_number(float, 0, "a number in (0, 1]"),
+        default=1.0,
+        help="nucleus sampling: keep the most likely tokens up to this probability (1: off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        dest="repetition_penalty",
+        type=_number(float, 0, "a number > 0"),
+        default=1.0,
+        help="divide the logits of tokens already present (HF's; 1: off)",
+    )
+    p.add_argument(
+        "--seed", type=_number(int, 0, "an integer >= 0"), default=0, help="sampling seed (default 0)"
+    )
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (worth it on CUDA)")
+    args = p.parse_args(argv)
+    if not args.prompt.strip():
+        raise ConfigError("--prompt: empty prompt")
+    if args.top_p <= 0 or args.top_p > 1:
+        raise ConfigError(f"--top-p: {args.top_p} is not a number in (0, 1]")
+    if args.repetition_penalty <= 0:
+        raise ConfigError(f"--repetition-penalty: {args.repetition_penalty} is not a number > 0")
+    from lumina.generate import GenerateError, Generator, Sampling, load_model, stream_to
+
+    try:
+        sampling = Sampling(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            greedy=args.greedy,
+        )
+        model = load_model(args.path, device=args.device)
+        gen = Generator(model, compile=args.compile)
+        print(args.prompt, end="", flush=True)
+        result = gen.generate_ids(
+            gen.encode([args.prompt]),
+            max_new_tokens=args.max_new_tokens,
+            sampling=sampling,
+            seed=args.seed,
+            stop=args.stop,
+            on_text=stream_to(sys.stdout),
+        )
+    except GenerateError as e:
+        raise ConfigError(str(e)) from None
+    print()
+    n = len(result.tokens[0])
+    rate = result.decode_steps / result.decode_s if result.decode_s > 0 else float("nan")
+    print(
+        f"[lumina] {model.path} (step {model.step}): {n} tokens ({result.finish[0]}), first token "
+        f"{result.first_token_s * 1e3:.0f} ms, decode {rate:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train,
     "check": _cmd_check,
     "presets": _cmd_presets,
     "validate": _cmd_validate,
     "replay": _cmd_replay,
+    "generate": _cmd_generate,
 }
 _DEFAULT = "train"
 

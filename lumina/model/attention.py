@@ -59,16 +59,20 @@ def attention(
     *,
     backend: str = "sdpa",
     q_positions: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of T queries over S keys.
 
     Without ``q_positions`` queries and keys are the same positions (T == S, plain causal mask).
     With ``q_positions`` ([T] or [B, T] absolute positions; keys are positions 0..S-1 of a KV cache),
     a key is visible when its position is <= the query's: slots beyond what was written are masked.
+    An explicit boolean ``mask`` (broadcastable to [B, H, T, S], True = visible) overrides both.
     """
     B, H, T, C = q_BHTC.shape
     G, S = k_BGSC.shape[1], k_BGSC.shape[2]
-    if q_positions is None:
+    if mask is not None:
+        pass
+    elif q_positions is None:
         mask = None  # plain causal, T == S
     else:
         key_pos_S = torch.arange(S, device=q_BHTC.device)

@@ -36,7 +36,7 @@ from lumina.config import ModelConfig
 from lumina.model import random, remat
 from lumina.model.attention import attention
 from lumina.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, swiglu
-from lumina.model.mod import mod_block
+from lumina.model.mod import mod_block, mod_block_predicted
 from lumina.model.moe import MOE_STAT_KEYS, moe_ffn, moe_layer_loss
 
 __all__ = ["apply", "default_knobs", "init", "init_cache", "param_shapes"]
@@ -133,7 +133,9 @@ def init_cache(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> TensorDict:
-    """A static-shape KV cache: ``layers.<i>.{k,v}`` of shape [B, G, S, C] with S = max_len.
+    """A static-shape KV cache: ``layers.<i>.{k,v}`` of shape [B, G, S, C] with S = max_len, and
+    ``layers.<i>.valid`` [B, S] (bool): which slots hold a key later queries may see (False for a left
+    pad, and in a MoD layer for a token the predictor routed around the block).
 
     The cache is the one buffer ``apply`` writes in place (at ``positions``), as gpt-fast does, so a
     decoding step has fixed shapes and compiles once."""
@@ -143,6 +145,7 @@ def init_cache(
         str(i): {
             "k": torch.zeros(shape, device=device, dtype=dtype),
             "v": torch.zeros(shape, device=device, dtype=dtype),
+            "valid": torch.zeros(batch_size, S, device=device, dtype=torch.bool),
         }
         for i in range(cfg.n_layers)
     }
@@ -158,15 +161,41 @@ def _attn_block(
     positions: torch.Tensor,
     cache: TensorDict | None,
     fp8: bool = False,
+    key_valid_BT: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``key_valid_BT``: which of these tokens other queries may attend to; a query always sees its
+    own key, so a row with no other visible key (a pad, a skipped token) stays finite."""
     B, T, _ = h_BTD.shape
     H, G, C = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     q_BHTC = linear(h_BTD, p["wq"], fp8).view(B, T, H, C).transpose(1, 2)
     k_BGTC = linear(h_BTD, p["wk"], fp8).view(B, T, G, C).transpose(1, 2)
     v_BGTC = linear(h_BTD, p["wv"], fp8).view(B, T, G, C).transpose(1, 2)
     q_BHTC, k_BGTC = apply_rope(q_BHTC, cos, sin), apply_rope(k_BGTC, cos, sin)
-    if cache is None:
+    if cache is None and key_valid_BT is not None:
+        idx_T = torch.arange(T, device=h_BTD.device)
+        causal_TT = idx_T[None, :] <= idx_T[:, None]
+        self_TT = torch.eye(T, dtype=torch.bool, device=h_BTD.device)
+        mask_BTT = (causal_TT & key_valid_BT[:, None, :]) | self_TT
+        o_BHTC = attention(q_BHTC, k_BGTC, v_BGTC, backend=cfg.attn_backend, mask=mask_BTT[:, None])
+    elif cache is None:
         o_BHTC = attention(q_BHTC, k_BGTC, v_BGTC, backend=cfg.attn_backend)
+    elif "valid" in cache.keys():  # noqa: SIM118 (TensorDict has no `in`)
+        k_cache, v_cache, valid_BS = cache["k"], cache["v"], cache["valid"]
+        k_cache.index_copy_(2, positions, k_BGTC.to(k_cache.dtype))  # [B, G, S, C] written at positions
+        v_cache.index_copy_(2, positions, v_BGTC.to(v_cache.dtype))
+        if key_valid_BT is None:
+            key_valid_BT = torch.ones(B, T, dtype=torch.bool, device=h_BTD.device)
+        valid_BS.index_copy_(1, positions, key_valid_BT)
+        key_pos_S = torch.arange(valid_BS.shape[1], device=h_BTD.device)
+        q_pos_T1 = positions[:, None]
+        mask_BTS = ((key_pos_S <= q_pos_T1) & valid_BS[:, None, :]) | (key_pos_S == q_pos_T1)
+        o_BHTC = attention(
+            q_BHTC,
+            k_cache.to(q_BHTC.dtype),
+            v_cache.to(q_BHTC.dtype),
+            backend=cfg.attn_backend,
+            mask=mask_BTS[:, None],
+        )
     else:
         k_cache, v_cache = cache["k"], cache["v"]
         k_cache.index_copy_(2, positions, k_BGTC.to(k_cache.dtype))  # [B, G, S, C] written at positions
@@ -195,6 +224,7 @@ def _block(
     rng: torch.Tensor | None = None,
     remat_mode: str = "none",
     fp8: bool = False,
+    key_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]:
     """One pre-norm block: (attention update, x + attention update, FFN update, MoE stats or None).
     ``remat_mode``: "full" recomputes the whole block in the backward pass, "attention" only the
@@ -215,7 +245,7 @@ def _block(
             "attn", (cfg, fp8), (h_BTD, a["wq"], a["wk"], a["wv"], a["wo"], cos, sin), (positions,)
         )
     else:
-        attn_BTD = _attn_block(h_BTD, p["attn"], cfg, cos, sin, positions, cache, fp8)
+        attn_BTD = _attn_block(h_BTD, p["attn"], cfg, cos, sin, positions, cache, fp8, key_valid)
     x1_BTD = x_BTD + attn_BTD
     h_BTD = rms_norm(x1_BTD, p["ffn_norm", "weight"], cfg.norm_eps)
     if moe:
@@ -261,6 +291,8 @@ def apply(
     remat_mode: str = "none",
     fp8: bool = False,
     return_hidden: bool = False,
+    valid: torch.Tensor | None = None,
+    mod_routing: str = "topk",
 ) -> tuple[torch.Tensor, TensorDict]:
     """Logits [B, T, V] and ``aux``: ``aux["loss"]`` (the weighted aux losses to add to the training
     loss: mean over MoE layers of their balance + z losses, plus mean over MoD layers of the predictor
@@ -278,11 +310,19 @@ def apply(
     ``return_hidden``: return the final hidden states [B, T, D] (after the final norm) in place of the
     logits, for a loss that applies the head itself (``lumina.model.loss.linear_cross_entropy`` with
     ``head_weight(params, cfg)``: the train and eval steps, so the [B, T, V] logits never exist whole).
+
+    Inference (``lumina.generate``): ``valid`` [B, T] bool marks real tokens (False: a left pad, which
+    no other token attends to). ``mod_routing="predictor"`` routes each token of a MoD layer by the
+    causal predictor (``lumina.model.mod.mod_block_predicted``: no look-ahead, so prefill and decoding
+    over a cache agree with this no-cache forward); "topk" (training's per-sequence capacity top-k)
+    looks at the whole sequence and therefore refuses a cache.
     """
+    if mod_routing not in ("topk", "predictor"):
+        raise ValueError(f"mod_routing={mod_routing!r}: expected topk or predictor")
     if remat_mode not in ("none", "full", "attention"):
         raise ValueError(f"remat_mode={remat_mode!r}: expected none, full or attention")
-    if cache is not None:
-        remat_mode = "none"
+    if cache is not None or valid is not None or mod_routing == "predictor":
+        remat_mode = "none"  # inference paths
     B, T = tokens_BT.shape
     if positions is None:
         if cache is not None:
@@ -293,8 +333,10 @@ def apply(
     if knobs is None:
         knobs = default_knobs(cfg, tokens_BT.device)
     rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    if cache is not None and any(cfg.mod_layers()):
-        raise ValueError("cached decoding of MoD-routed layers is not supported yet")
+    if cache is not None and any(cfg.mod_layers()) and mod_routing != "predictor":
+        raise ValueError(
+            "cached decoding of MoD-routed layers needs mod_routing='predictor' (top-k routing looks ahead)"
+        )
 
     moe_stats, mod_stats = {}, {}
     x_BTD = embed(params, tokens_BT)
@@ -312,6 +354,8 @@ def apply(
             rng=rng,
             remat_mode=remat_mode,
             fp8=fp8,
+            valid=valid,
+            mod_routing=mod_routing,
         )
         if layer_mod is not None:
             mod_stats[str(i)] = layer_mod
@@ -346,6 +390,8 @@ def layer(
     rng: torch.Tensor | None = None,
     remat_mode: str = "none",
     fp8: bool = False,
+    valid: torch.Tensor | None = None,
+    mod_routing: str = "topk",
 ) -> tuple[torch.Tensor, dict | None, dict | None]:
     """Layer ``i`` (its parameters ``p`` = ``params["layers", str(i)]``): the new residual stream, its
     MoD stats (MoD layers) and its MoE stats (MoE layers), else None. ``rng`` is the model's key
@@ -362,6 +408,13 @@ def layer(
         remat_mode=remat_mode,
         fp8=fp8,
     )
+    if cfg.mod_layers()[i] and mod_routing == "predictor":
+
+        def dense_delta(route_BT):
+            attn_BTD, _, ffn_BTD, stats = block(x_BTD, rope=rope, positions=positions, key_valid=route_BT)
+            return attn_BTD + ffn_BTD, stats
+
+        return mod_block_predicted(x_BTD, p["mod"], dense_delta, valid)
     if cfg.mod_layers()[i]:
 
         def delta(x_sel_BSD, pos_BS):
@@ -371,7 +424,7 @@ def layer(
 
         x_BTD, mod_stats, moe_stats = mod_block(x_BTD, p["mod"], delta, positions, cfg, knobs)
         return x_BTD, mod_stats, moe_stats
-    _, x1_BTD, ffn_BTD, moe_stats = block(x_BTD, rope=rope, positions=positions)
+    _, x1_BTD, ffn_BTD, moe_stats = block(x_BTD, rope=rope, positions=positions, key_valid=valid)
     return x1_BTD + ffn_BTD, None, moe_stats  # (x + attn) + ffn: Llama's order, for bit-level parity
 
 
