@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
-from lumina import checkpoint
+from lumina import checkpoint, tree
 from lumina.config import ModelConfig, RunConfig, from_dict
 from lumina.model import apply, init_cache
 from lumina.model import random as lrandom
@@ -196,6 +196,18 @@ class Generation:
     texts: list[str] = field(default_factory=list)
 
 
+def decode_layout(params: TensorDict) -> TensorDict:
+    """The same parameters with every 2-D matrix stored column-major (``w.T.contiguous().T``: same
+    values and shape, other strides), except the embedding (a row lookup). Decoding multiplies one
+    row by each matrix, and on CPU ``x @ w`` with a row-major [in, out] ``w`` takes a slow path at
+    one row: 19.7 vs 7.9 ms for [1, 256] @ [256, 768] on the 2 loaded cores this was measured on
+    (torch 2.13), the same at 4 rows. Results differ only in rounding (1e-5)."""
+    flat = tree.flatten(params)
+    return tree.unflatten(
+        {k: v.T.contiguous().T if v.dim() == 2 and not k.startswith("embed.") else v for k, v in flat.items()}
+    )
+
+
 class Generator:
     """Batched generation for one model. ``compile``: compile the decode step (torch.compile;
     ``mode="reduce-overhead"`` on CUDA). ``eos_ids``: default the tokenizer's end-of-text."""
@@ -213,7 +225,7 @@ class Generator:
         if model is not None:
             params, cfg, tokenizer = model.params, model.cfg, tokenizer or model.get_tokenizer()
         assert params is not None and cfg is not None
-        self.params, self.cfg, self.tokenizer = params, inference_config(cfg), tokenizer
+        self.params, self.cfg, self.tokenizer = decode_layout(params), inference_config(cfg), tokenizer
         self.device = next(iter(params.values(True, True))).device
         self.cache_dtype = cache_dtype or next(iter(params.values(True, True))).dtype
         self.compile = compile

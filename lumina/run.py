@@ -371,7 +371,7 @@ def _cmd_generate(argv: Sequence[str]) -> int:
         )
     except GenerateError as e:
         raise ConfigError(str(e)) from None
-    print()
+    print(flush=True)  # the summary below goes to stderr: keep it after the text
     n = len(result.tokens[0])
     rate = result.decode_steps / result.decode_s if result.decode_s > 0 else float("nan")
     print(

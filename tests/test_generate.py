@@ -150,7 +150,7 @@ def test_logits_processors_match_hugging_face():
         torch.testing.assert_close(got[finite], want[finite])
 
 
-@pytest.mark.slow  # 330 s on 2 busy CPU cores: two compiled step variants
+@pytest.mark.slow  # 39 s to 330 s on 2 shared CPU cores: two compiled step variants
 def test_compiled_decode_step_gives_the_eager_tokens():
     torch._dynamo.reset()
     cfg = model_cfg("mod_moe")
