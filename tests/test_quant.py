@@ -5,6 +5,9 @@ step 0 = the base model, merging, checkpoints, the config and the CLI recipe fro
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +16,13 @@ from tensordict import TensorDict
 from torch._dynamo.backends.debugging import aot_eager
 
 from lumina import checkpoint, presets, quant, tree
+from lumina.checkpoint import CheckpointError
 from lumina.config import ConfigError, LoRAConfig, MoDConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
 from lumina.configure import load_config
 from lumina.model import apply, init
 from lumina.optim import default_hp
 from lumina.orchestrator import Settings, policy
+from lumina.run import main
 from lumina.step import eval_step, init_train_state, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -424,6 +429,82 @@ def test_the_orchestrator_never_edits_a_frozen_base():
         actions = [a for a, _ in policy._plateau(finding, init_state(0), obs, ocfg)]
         assert ("add_expert" in actions) is not frozen
         assert bool(policy._mod_collapse(finding, init_state(0), obs, ocfg)) is not frozen
+
+
+# -------------------------------------------------------------------------------------- the CLI
+
+TINY = [
+    "--model.d_model=32", "--model.n_heads=2", "--model.n_kv_heads=1", "--model.moe.d_expert=32",
+    "--model.max_seq_len=32", "--train.seq_len=32", "--train.batch_size=2", "--train.eval_batches=2",
+    "--train.eval_every=2", "--train.log_every=1", "--train.warmup_steps=0", "--train.compile=false",
+]  # fmt: skip
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's lumina, wherever it is installed
+    return subprocess.run(
+        [sys.executable, "-m", "lumina.run", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+
+
+def _eval_losses(run_dir):
+    import json
+
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r["kind"] == "eval"]
+
+
+def test_qlora_fine_tune_of_a_trained_run_from_the_cli(tmp_path, capsys):
+    """Train 2 steps; fine-tune from that run folder: with plain LoRA the step-0 held-out loss is
+    the trained model's final one (B = 0); the QLoRA recipe (nf4 + rank 8) runs 3 steps from the CLI
+    and saves uint8 codes; bad paths and a model that does not fit are one line, exit 2."""
+    assert main(["--steps", "2", "--run-dir", str(tmp_path), "--name", "base", *TINY]) == 0
+    source = tmp_path / "base"
+    assert main(["--steps", "1", "--run-dir", str(tmp_path), "--name", "lora", *TINY,
+                 f"--train.init_from={source}", "--train.lora.rank=4"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"weights from {checkpoint.latest(source)}" in out and "LoRA rank 4" in out
+    assert _eval_losses(tmp_path / "lora")[0] == pytest.approx(_eval_losses(source)[-1], abs=1e-6)
+
+    r = _cli("--steps", "3", "--run-dir", str(tmp_path), "--name", "qlora", *TINY, "--model.quant=nf4",
+             "--train.lora.rank=8", f"--train.init_from={tmp_path / 'lora'}", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "nf4-quantized base" in r.stdout and "step      3/3" in r.stdout
+    state, meta = checkpoint.load_checkpoint(checkpoint.latest(tmp_path / "qlora"))
+    assert meta["step"] == 3 and state["params", "layers", "0", "attn", "wq", "nf4"].dtype == torch.uint8
+    assert meta["config"]["train"]["init_from"] == str(tmp_path / "lora")
+
+    for bad, needle in (
+        (tmp_path / "nowhere", "does not exist"),
+        (tmp_path, "is neither a checkpoint folder"),
+    ):
+        assert main(["--steps", "1", "--run-dir", str(tmp_path), *TINY, "--train.lora.rank=4",
+                     f"--train.init_from={bad}"]) == 2  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"lumina: error: {bad}: {needle}"), err
+    assert main(["--steps", "1", "--run-dir", str(tmp_path), *TINY, "--model.d_model=48",
+                 f"--train.init_from={source}"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "do not fit this run's model (embed.weight is [50304, 32]" in err[0], err
+
+
+def test_init_from_loads_exactly_the_saved_params(tmp_path):
+    from lumina import weights
+
+    cfg = cfg_of("none", rank=0)
+    state = steps(cfg, init_train_state(cfg), 1)
+    path = checkpoint.save_checkpoint(tmp_path, state, step=1, config={}, data={})
+    params, where = weights.load_params(tmp_path, cfg.model)
+    assert where == path
+    for k, v in tree.flatten(state["params"]).items():
+        assert torch.equal(tree.flatten(params)[k], v), k
+    with pytest.raises(CheckpointError, match="do not fit"):
+        weights.load_params(path, dataclasses.replace(cfg.model, n_layers=3))
 
 
 def test_fp16_skips_an_overflowing_adapter_update():
