@@ -245,7 +245,7 @@ def quant_mm(
 
 def adapted_mm(x: torch.Tensor, w, mm=torch.matmul, *, counts=None, grouped_mm: str = "auto") -> torch.Tensor:
     """``mm(x, w)`` where ``w`` is a tensor or a quantized / adapted sub-tree (module docstring):
-    base (``quant_mm`` for codes, ``mm`` for a plain ``weight``) + lora_scale * mm(mm(x, A), B).
+    base (``quant_mm`` for codes, ``mm`` for a plain ``weight``) + mm(mm(x, lora_scale * A), B).
     ``counts`` / ``grouped_mm``: the expert segments when ``mm`` is the grouped matmul."""
     if not isinstance(w, TensorDict):
         return mm(x, w)
@@ -254,8 +254,8 @@ def adapted_mm(x: torch.Tensor, w, mm=torch.matmul, *, counts=None, grouped_mm: 
         y = mm(x, w["weight"])
     else:
         y = quant_mm(x, w[fmt], w["absmax"], fmt, counts=counts, grouped_mm=grouped_mm)
-    if "lora_a" in w:
-        y = y + mm(mm(x, w["lora_a"]), w["lora_b"]) * w["lora_scale"]
+    if "lora_a" in w:  # the scale folded into A ([I, R]), not applied to the [N, O] output
+        y = y + mm(mm(x, w["lora_a"] * w["lora_scale"]), w["lora_b"])
     return y
 
 
