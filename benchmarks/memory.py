@@ -155,7 +155,7 @@ def measure_memory(preset: str, config: str, args) -> dict:
     spec = {
         "preset": preset,
         "config": config,
-        "time_steps": args.time_steps,
+        "time_steps": args.time_steps if preset == "debug" else 1,  # debug_200m: ~10-20 s a step on CPU
         "extra": QUICK if args.quick else [],
     }
     proc = subprocess.run(
@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss-steps", type=int, default=100, help="steps of each (a) and (b) run")
     ap.add_argument("--base-steps", type=int, default=100, help="steps of the base model (b) fine-tunes")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the adamw vs adamw8bit loss runs")
-    ap.add_argument("--time-steps", type=int, default=3, help="timed steps per memory configuration")
+    ap.add_argument(
+        "--time-steps", type=int, default=3, help="timed steps per debug configuration (others: 1)"
+    )
     ap.add_argument("--skip-loss", action="store_true", help="memory rows only")
     ap.add_argument("--quick", action="store_true", help="tiny model, 2-step runs (smoke test)")
     ap.add_argument("--no-save", action="store_true", help="print only; append nothing to the CSV")
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                     "kind": "memory",
                     "preset": preset,
                     "config": config,
-                    "steps": 2 + args.time_steps,
+                    "steps": 2 + (args.time_steps if preset == "debug" else 1),
                     "method": method,
                     **r,
                 }
