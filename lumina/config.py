@@ -26,6 +26,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DistConfig",
+    "LoRAConfig",
     "MoDConfig",
     "MoEConfig",
     "ModelConfig",
@@ -153,6 +154,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     attn_backend: Literal["sdpa", "flash", "reference"] = "sdpa"
     init_std: float = 0.02
+    # a frozen base stored quantized (lumina.quant; bitsandbytes' formats): the attention, FFN and
+    # expert matrices as int8 (a scale per row) or 4-bit nf4 / fp4 codes (a scale per 64 elements);
+    # needs train.lora.rank > 0 (the adapters are what trains)
+    quant: Literal["none", "int8", "nf4", "fp4"] = "none"
     moe: MoEConfig = field(default_factory=MoEConfig)
     mod: MoDConfig = field(default_factory=MoDConfig)
 
@@ -206,6 +211,33 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- train/data/orch
 
 
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, arXiv 2106.09685) on a frozen base (``lumina.quant``): a
+    targeted matrix W [in, out] computes x W + (alpha / rank) (x A) B with A [in, rank] and B
+    [rank, out] (B starts at zero: step 0 is the base model). ``rank=0``: off (every parameter trains).
+    ``targets`` name matrices wherever they occur: wq/wk/wv/wo in attention, w_gate/w_up/w_down in
+    dense FFNs, shared experts and the stacked routed experts (A [E, in, rank], B [E, rank, out])."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "rank")
+        _positive(self, "alpha")
+        _check(bool(self.targets), "targets must name at least one matrix")
+        for t in self.targets:
+            _check(t in LORA_TARGETS, f"targets: unknown matrix {t!r}; choose from {', '.join(LORA_TARGETS)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     steps: int = 1000
@@ -224,6 +256,12 @@ class TrainConfig:
     clip_norm: float = 1.0
     # adamw8bit: moments as uint8 codes + an fp32 absmax per 256 elements (lumina.optim; bitsandbytes)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    # low-rank adapters on a frozen base (rank 0: off); with model.quant: QLoRA (lumina.quant)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # start from the weights of a Lumina checkpoint folder or run folder (its newest checkpoint): the
+    # params are loaded (a LoRA run's merged), then quantized / adapted as configured; the optimizer,
+    # step, schedule and data start fresh. (Issue 15 generalises this to Hugging Face folders.)
+    init_from: str | None = None
     # fp8: bf16 with the attention / FFN / expert matmuls in fp8 (lumina.fp8; CUDA sm89+ or CPU)
     precision: Literal["fp32", "tf32", "bf16", "fp16", "fp8"] = "fp32"
     grad_checkpointing: Literal["none", "full", "attention"] = "none"
@@ -481,6 +519,15 @@ class RunConfig:
             not dropless_moe or moe.grouped_mm != "torch" or self.train.precision in ("bf16", "fp8"),
             "model.moe.grouped_mm=torch needs train.precision=bf16 (torch's grouped_mm is bf16-only), "
             f"got {self.train.precision}",
+        )
+        quant, lora = self.model.quant, self.train.lora
+        _check(
+            quant == "none" or lora.enabled,
+            f"model.quant={quant} freezes the base weights: set train.lora.rank > 0 (the adapters train)",
+        )
+        _check(
+            quant == "none" or self.train.precision != "fp8",
+            f"model.quant={quant} does not combine with train.precision=fp8; use bf16",
         )
         _check(
             self.device == "auto" or re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", self.device) is not None,

@@ -161,9 +161,9 @@ def _bnb_blocks_kernels_dir() -> bool:
     return spec is not None and spec.origin is not None and Path(spec.origin).resolve().parent == ours
 
 
-def _bitsandbytes():
+def _bitsandbytes(setting: str = "train.optimizer=adamw8bit"):
     """``bitsandbytes.functional`` (importing it registers ``torch.ops.bitsandbytes.*``); a
-    ``ConfigError`` naming the setting when it is not installed."""
+    ``ConfigError`` naming the ``setting`` that needs it when it is not installed."""
     if "bitsandbytes.functional" in sys.modules:
         return sys.modules["bitsandbytes.functional"]
     shadow = _bnb_blocks_kernels_dir()
@@ -177,9 +177,7 @@ def _bitsandbytes():
     try:
         import bitsandbytes.functional as bnbf
     except ImportError as e:
-        raise ConfigError(
-            f"train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes==0.50.2): {e}"
-        ) from None
+        raise ConfigError(f"{setting} needs bitsandbytes (pip install bitsandbytes==0.50.2): {e}") from None
     finally:
         quiet.setLevel(level)
         if shadow:

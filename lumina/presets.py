@@ -292,6 +292,11 @@ def _state_bytes(cfg: RunConfig, params: dict[str, torch.Tensor]) -> int:
     fp32 = 4
     compute = COMPUTE_DTYPES[cfg.train.precision].itemsize
     per = fp32 * 2 + (compute if compute != fp32 else 0)  # weights, gradients (+ compute copy)
+    if cfg.train.lora.enabled:  # a frozen (quantized) base in the compute dtype; only adapters train
+        from lumina.quant import state_bytes
+
+        frozen, adapters = state_bytes(cfg, {k: tuple(t.shape) for k, t in params.items()}, compute)
+        return frozen + per * sum(adapters) + opt_state_bytes(adapters, cfg.train.optimizer)
     return per * sum(numels) + opt_state_bytes(numels, cfg.train.optimizer)
 
 
@@ -366,6 +371,9 @@ def check_fits(cfg: RunConfig, device: str | torch.device) -> int:
     per = need / n
     each = f"{per:.0f}" if per == int(per) else f"~{per:.1f}"
     moments = "two 8-bit AdamW moments" if cfg.train.optimizer == "adamw8bit" else "two AdamW moments"
+    if cfg.train.lora.enabled:
+        base = f"{cfg.model.quant} " if cfg.model.quant != "none" else ""
+        copy, moments = "", f"{moments} of the adapters; a frozen {base}base"
     raise ConfigError(
         f"model: the train state does not fit on {device}: {_human(n)} parameters (largest {name} "
         f"{list(largest.shape)}) need at least {_gib(need)} ({each} bytes each: fp32 weights, "

@@ -9,7 +9,9 @@ Legend: A micro-batches per step (gradient accumulation), B sequences per micro-
 ``train_step(state, batch, hp)`` is pure — no I/O, no globals, no ``.item()``, no global RNG: it
 returns a new state. The train state is one TensorDict:
 
-    params       fp32 master weights (the tree of ``lumina.model.init``)
+    params       fp32 master weights (the tree of ``lumina.model.init``); with ``train.lora`` a
+                 frozen base (quantized with ``model.quant``) plus fp32 adapters, the only leaves
+                 that are differentiated, updated and given optimizer state (``lumina.quant``)
     opt          the optimizer state (``train.optimizer``): AdamW's fp32 moments {m, v}, or 8-bit
                  AdamW's uint8 codes + block absmax (``lumina.optim.adamw8bit_init``)
     step         optimizer steps taken (int64); ``updates``: steps whose update was applied
@@ -46,7 +48,7 @@ import functools
 import torch
 from tensordict import TensorDict
 
-from lumina import fp8, optim, tree
+from lumina import fp8, optim, quant, tree
 from lumina.config import RunConfig
 from lumina.model import apply, default_knobs, init, random
 from lumina.model.loss import linear_cross_entropy, plain_cross_entropy
@@ -74,12 +76,20 @@ COMPUTE_DTYPES = {
 _DATA_FIELDS = ("step", "base", "chat")  # lumina.data.mix.MixState
 
 
-def init_train_state(cfg: RunConfig, device: torch.device | str = "cpu") -> TensorDict:
-    """Everything a step reads and writes, as one TensorDict (see the module docstring). Raises
-    ``ConfigError`` when ``train.precision=fp8`` cannot run on ``device`` (``lumina.fp8.check_device``)."""
+def init_train_state(
+    cfg: RunConfig, device: torch.device | str = "cpu", params: TensorDict | None = None
+) -> TensorDict:
+    """Everything a step reads and writes, as one TensorDict (see the module docstring), from a
+    fresh init or from full-precision ``params`` (``train.init_from``: ``lumina.weights``). With
+    ``train.lora`` the params are quantized / adapted (``lumina.quant.prepare``) and the optimizer
+    state covers the adapters only. Raises ``ConfigError`` when ``train.precision=fp8`` cannot run
+    on ``device`` (``lumina.fp8.check_device``)."""
     if cfg.train.precision == "fp8":
         fp8.check_device(device)
-    params = init(cfg.model, seed=cfg.seed, device=device)
+    if params is None:
+        params = init(cfg.model, seed=cfg.seed, device=device)
+    params = quant.prepare(params, cfg, base_dtype=COMPUTE_DTYPES[cfg.train.precision])
+    trainable = quant.split(params)[0] if quant.frozen_base(cfg) else params
 
     def scalar(v, dtype=torch.int64):
         return torch.tensor(v, dtype=dtype, device=device)
@@ -88,7 +98,7 @@ def init_train_state(cfg: RunConfig, device: torch.device | str = "cpu") -> Tens
     return TensorDict(
         {
             "params": params,
-            "opt": optim.init_opt(params, cfg.train.optimizer),
+            "opt": optim.init_opt(trainable, cfg.train.optimizer),
             "step": scalar(0),
             "updates": scalar(0),
             "rng": random.key_from_seed(cfg.seed, device),
@@ -102,8 +112,15 @@ def init_train_state(cfg: RunConfig, device: torch.device | str = "cpu") -> Tens
 
 
 def _compute_params(params: TensorDict, cfg: RunConfig) -> TensorDict:
+    """The params the forward reads: cast to the compute dtype. A frozen base is already stored in
+    it (``lumina.quant.prepare``) and its quantization scales must stay fp32: only adapters are cast."""
     dtype = COMPUTE_DTYPES[cfg.train.precision]
-    return params if dtype == torch.float32 else tree.cast(params, dtype)
+    if dtype == torch.float32:
+        return params
+    if quant.frozen_base(cfg):
+        trainable, frozen = quant.split(params)
+        return quant.join(tree.cast(trainable, dtype), frozen, params)
+    return tree.cast(params, dtype)
 
 
 def head_loss(
@@ -138,9 +155,13 @@ def loss_fn(
     n_tokens: torch.Tensor,
     pad_id: int,
     aux_scale: float = 1.0,
+    frozen: TensorDict | None = None,
 ) -> tuple[torch.Tensor, TensorDict]:
     """``loss_scale`` * (summed token cross-entropy / ``n_tokens`` + ``aux_scale`` * aux losses),
-    and metrics (unscaled). ``params`` are fp32 masters; the forward runs in the compute dtype."""
+    and metrics (unscaled). ``params`` are fp32 masters; the forward runs in the compute dtype.
+    ``frozen``: the rest of the model when ``params`` are the adapters alone (``lumina.quant.split``)."""
+    if frozen is not None:
+        params = quant.join(params, frozen)
     compute = _compute_params(params, cfg)
     x_BTD, aux = apply(
         compute,
@@ -190,13 +211,20 @@ def train_step(
     # the scale only multiplies fp16 losses (an fp32 step ignores a state's scale, e.g. after resuming
     # an fp16 run in fp32)
     scale = state["loss_scale"] if tc.precision == "fp16" else torch.ones_like(state["loss_scale"])
+    # a frozen base (train.lora): only the adapters are differentiated and updated; the rest of the
+    # params (quantized codes, scales, frozen floats) is closed over and passed through unchanged
+    frozen_base = quant.frozen_base(cfg)
+    trainable, frozen = quant.split(state["params"]) if frozen_base else (state["params"], None)
     grad_fn = torch.func.grad_and_value(
-        functools.partial(loss_fn, cfg=cfg, n_tokens=n_tokens, pad_id=pad_id, aux_scale=1.0 / A), has_aux=True
+        functools.partial(
+            loss_fn, cfg=cfg, n_tokens=n_tokens, pad_id=pad_id, aux_scale=1.0 / A, frozen=frozen
+        ),
+        has_aux=True,
     )
     grads, per_micro = None, []
     for a in range(A):  # unrolled: A is config, so the compiled graph is fixed
         key = random.fold_in(state["rng"], a)
-        g, (_, m) = grad_fn(state["params"], inputs[a], targets[a], state["knobs"], key, scale)
+        g, (_, m) = grad_fn(trainable, inputs[a], targets[a], state["knobs"], key, scale)
         grads = g if grads is None else grads + g
         per_micro.append(m)
     if tc.precision == "fp16":
@@ -205,21 +233,23 @@ def train_step(
     finite = torch.isfinite(grad_norm)
 
     step, updates = state["step"] + 1, state["updates"] + 1
-    params, opt = optim.update(tc.optimizer, state["params"], grads, state["opt"], updates, hp, tc)
+    params, opt = optim.update(tc.optimizer, trainable, grads, state["opt"], updates, hp, tc)
     stats = _layer_stats(per_micro)
-    if "moe" in stats:
+    if "moe" in stats and not frozen_base:  # a frozen base keeps its balance bias too
         params = update_balance_bias(params, stats, cfg.model)
     new = {"params": params, "opt": opt, "updates": updates}
     loss_scale, good_steps = state["loss_scale"], state["good_steps"]
     if tc.precision == "fp16":  # skip a non-finite update; adapt the scale (as torch.amp.GradScaler)
         new = {
-            "params": _where_tree(finite, params, state["params"]),
+            "params": _where_tree(finite, params, trainable),
             "opt": _where_tree(finite, opt, state["opt"]),
             "updates": torch.where(finite, updates, state["updates"]),
         }
         grown = (good_steps + 1) >= tc.loss_scale_window
         loss_scale = torch.where(finite, torch.where(grown, scale * 2, scale), scale / 2)
         good_steps = torch.where(finite & ~grown, good_steps + 1, torch.zeros_like(good_steps))
+    if frozen_base:  # the adapters back into the whole tree, in its key order
+        new["params"] = quant.join(new["params"], frozen, state["params"])
     new_state = TensorDict(
         {
             **new,
@@ -270,5 +300,7 @@ def make_train_step(cfg: RunConfig, pad_id: int):
     """``train_step`` bound to this config, compiled once with ``torch.compile`` when
     ``train.compile`` (hp and knob *values* may change freely: they are tensors)."""
     optim.check_available(cfg.train.optimizer)  # its custom ops must exist before tracing
+    if cfg.model.quant != "none":
+        quant.check_available()
     fn = functools.partial(train_step, cfg=cfg, pad_id=pad_id)
     return torch.compile(fn, fullgraph=True) if cfg.train.compile else fn

@@ -80,3 +80,20 @@ def test_help(module):
             [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
         ).stdout
     )
+
+
+@pytest.mark.slow  # ~4 min on 2 cores: five fresh worker processes and six short CLI runs
+def test_memory_benchmark_runs():
+    """``benchmarks/memory.py --quick``: every configuration's memory row and loss run completes."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/memory.py", "--quick", "--no-save"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for config in ("adamw", "adamw8bit", "full", "lora_bf16", "qlora_nf4"):
+        assert any(line.split()[:2] == ["debug", config] for line in proc.stdout.splitlines()), config
+    for run in ("(a) adamw seed 0", "(a) adamw8bit seed 0", "(b) base", "(b) qlora_nf4 (chat)"):
+        assert run in proc.stdout, run

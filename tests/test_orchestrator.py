@@ -25,7 +25,8 @@ OCFG = OrchestratorConfig()
 DENSE = {"lr_scale": 1.0, "weight_decay": 0.1, "micro_batch_size": 8, "batch_size": 8,
          "grad_checkpointing": "none", "num_experts": 0, "top_k": 0, "balance": None,
          "capacity_factor": None, "mod_capacity": None, "mode": "base_only", "interleave_ratio": 0.5,
-         "knobs": {"aux_loss_weight": 0.01, "expert_dropout": 0.0, "router_temperature": 1.0}}  # fmt: skip
+         "knobs": {"aux_loss_weight": 0.01, "expert_dropout": 0.0, "router_temperature": 1.0},
+         "frozen_base": False}  # fmt: skip
 MOE = DENSE | {"num_experts": 8, "top_k": 2, "balance": "aux_loss", "capacity_factor": 1.25}
 
 
@@ -337,7 +338,7 @@ def test_settings_are_typed_and_logged_as_the_plain_dict_the_driver_always_wrote
     assert Settings() == Settings(lr_scale=1.0, weight_decay=0.0, micro_batch_size=1, batch_size=1,
                                   grad_checkpointing="none", num_experts=0, top_k=1, balance=None,
                                   capacity_factor=None, mod_capacity=1.0, mode="base_only",
-                                  interleave_ratio=0.5, knobs={})  # fmt: skip
+                                  interleave_ratio=0.5, knobs={}, frozen_base=False)  # fmt: skip
     with pytest.raises(ValueError, match="unexpected keys \\['lr'\\]"):
         Observation.from_dict({**logged, "settings": {**MOE, "lr": 1.0}})
 

@@ -246,6 +246,11 @@ def make_engine(cfg: RunConfig, env: DistEnv, full: TensorDict, pad_id: int) -> 
             f"train.batch_size={cfg.train.batch_size} / micro_batch_size={cfg.train.micro_batch_size} = "
             f"{cfg.train.grad_accum} micro-batches cannot be split over {env.world_size} ranks"
         )
+    if cfg.model.quant != "none" or cfg.train.lora.enabled:
+        raise ConfigError(
+            f"model.quant / train.lora with dist.strategy={cfg.dist.strategy}: adapters on a frozen base "
+            "train on one device for now"
+        )
     if cfg.train.precision == "fp16" and cfg.dist.strategy in STRATEGIES:
         raise ConfigError(
             f"train.precision=fp16 with dist.strategy={cfg.dist.strategy}: dynamic loss scaling is not "

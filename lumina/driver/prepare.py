@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import torch
 from tensordict import TensorDict
 
-from lumina import allocator, checkpoint, metrics, optim, tree
+from lumina import allocator, checkpoint, metrics, optim, quant, tree, weights
 from lumina.checkpoint import CheckpointError
 from lumina.config import ConfigError, RunConfig
 from lumina.data.mix import DataMix, MixState, build_mix
@@ -189,7 +189,10 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
     ranks.agree(env, ranks.config_payload(cfg), "the resolved config")
     mix = build_mix(cfg, "train")
     held_out = eval_sets(cfg) if cfg.train.eval_batches else {}
-    state = init_train_state(cfg, device)
+    start_params, source = None, None
+    if resume is None and cfg.train.init_from:  # a fine-tune: trained weights, everything else fresh
+        start_params, source = weights.load_params(cfg.train.init_from, cfg.model, device)
+    state = init_train_state(cfg, device, params=start_params)
     resumed_from, extra = None, {}
     if resume is not None:
         resumed_from, state, extra = _resume(cfg, resume, device, state)
@@ -224,11 +227,11 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
                     "world_size": env.world_size, "state_mb_per_rank": state_mb})  # fmt: skip
     if main:
         reg.log_suggestion(run_dir, logs.write, console.line)
-    _header(run, cleaned)
+    _header(run, cleaned, source)
     return run
 
 
-def _header(run: Run, cleaned: list[str]) -> None:
+def _header(run: Run, cleaned: list[str], init_from: Path | None = None) -> None:
     cfg, t, line = run.cfg, run.cfg.train, run.console.line
     n = count_params(cfg.model)
     peak, peak_src = metrics.peak_flops(run.device, t.peak_flops)
@@ -251,6 +254,10 @@ def _header(run: Run, cleaned: list[str]) -> None:
     for what in cleaned:
         line(f"[lumina] removed checkpoints/{what}")
         run.logs.event(run.start, "cleanup", what)
+    if init_from is not None:
+        line(f"[lumina] weights from {init_from}")
+    if quant.frozen_base(cfg):
+        line(quant.summary(run.state["params"], cfg))
     if run.resumed_from is not None:
         line(f"[lumina] resumed from {run.resumed_from} at step {run.start}")
         run.logs.event(run.start, "resume", str(run.resumed_from))

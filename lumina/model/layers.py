@@ -2,15 +2,18 @@
 
 Legend: B batch, T positions, D d_model, H query heads, C head dim, F FFN hidden size.
 Weights are stored [in, out] so a projection is ``x @ w`` (experts stack on a leading E axis).
-``fp8=True`` (train.precision=fp8) sends a projection through ``lumina.fp8.fp8_linear``.
+``fp8=True`` (train.precision=fp8) sends a projection through ``lumina.fp8.fp8_linear``. A weight
+may also be a quantized / LoRA-adapted sub-tree (``lumina.quant``): ``linear`` computes it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tensordict import TensorDict
 
 from lumina.fp8 import fp8_linear
+from lumina.quant import adapted_mm
 
 __all__ = ["apply_rope", "at_least_fp32", "linear", "rms_norm", "rope_cos_sin", "swiglu"]
 
@@ -20,8 +23,9 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, fp8: bool = False) -> torch.Tensor:
-    return fp8_linear(x, w) if fp8 else x @ w
+def linear(x: torch.Tensor, w: torch.Tensor | TensorDict, fp8: bool = False) -> torch.Tensor:
+    mm = fp8_linear if fp8 else torch.matmul
+    return adapted_mm(x, w, mm) if isinstance(w, TensorDict) else mm(x, w)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

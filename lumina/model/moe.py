@@ -31,6 +31,7 @@ from lumina.fp8 import fp8_expert_mm
 from lumina.model import random
 from lumina.model.layers import at_least_fp32 as _at_least_fp32
 from lumina.model.layers import swiglu
+from lumina.quant import adapted_mm
 
 __all__ = ["MOE_STAT_KEYS", "moe_ffn", "moe_layer_loss", "update_balance_bias"]
 
@@ -56,8 +57,11 @@ def _swiglu_experts(x, w_gate, w_up, w_down, mm):
     return mm(F.silu(mm(x, w_gate)) * mm(x, w_up), w_down)
 
 
-def _expert_mm(mm, fp8: bool):
-    return (lambda a, w: fp8_expert_mm(a, w, mm)) if fp8 else mm
+def _expert_mm(mm, fp8: bool, counts: torch.Tensor | None = None, impl: str = "auto"):
+    """``mm`` for expert weights that may be quantized / adapted sub-trees (``lumina.quant``);
+    ``counts`` / ``impl``: the grouped matmul's expert segments and implementation."""
+    base = (lambda a, w: fp8_expert_mm(a, w, mm)) if fp8 else mm
+    return lambda a, w: adapted_mm(a, w, base, counts=counts, grouped_mm=impl)
 
 
 def moe_ffn(
@@ -107,7 +111,9 @@ def moe_ffn(
             p["w_gate"],
             p["w_up"],
             p["w_down"],
-            _expert_mm(lambda a, w: ops.grouped_mm(a, w, counts_E, moe.grouped_mm), fp8),
+            _expert_mm(
+                lambda a, w: ops.grouped_mm(a, w, counts_E, moe.grouped_mm), fp8, counts_E, moe.grouped_mm
+            ),
         )
         out_ND = ops.moe_combine(ys_AD, perm_A, weights_NK)
         load_E = counts_E

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
-from lumina import tree
+from lumina import quant, tree
 from lumina.config import ModelConfig
 from lumina.model import random, remat
 from lumina.model.attention import attention
@@ -232,17 +232,18 @@ def _block(
     matmuls through ``lumina.fp8``."""
     cos, sin = rope
     if remat_mode == "full":
-        p_flat, k_flat = tree.flatten(p), tree.flatten(knobs)
-        static = (cfg, moe, train, tuple(p_flat), tuple(k_flat), rng is not None, fp8)
-        others = (positions,) if rng is None else (positions, rng)
-        outs = remat.remat("block", static, (x_BTD, cos, sin, *p_flat.values(), *k_flat.values()), others)
+        (p_keys, p_vals), (f_keys, f_vals) = _remat_inputs(tree.flatten(p))
+        k_flat = tree.flatten(knobs)
+        static = (cfg, moe, train, p_keys, tuple(k_flat), rng is not None, fp8, f_keys)
+        others = ((positions,) if rng is None else (positions, rng)) + f_vals
+        outs = remat.remat("block", static, (x_BTD, cos, sin, *p_vals, *k_flat.values()), others)
         stats = dict(zip(MOE_STAT_KEYS, outs[3:], strict=True)) if moe else None
         return outs[0], outs[1], outs[2], stats
     h_BTD = rms_norm(x_BTD, p["attn_norm", "weight"], cfg.norm_eps)
     if remat_mode == "attention":
-        a = p["attn"]
+        (a_keys, a_vals), (f_keys, f_vals) = _remat_inputs(tree.flatten(p["attn"]), prefix="attn.")
         (attn_BTD,) = remat.remat(
-            "attn", (cfg, fp8), (h_BTD, a["wq"], a["wk"], a["wv"], a["wo"], cos, sin), (positions,)
+            "attn", (cfg, fp8, a_keys, f_keys), (h_BTD, cos, sin, *a_vals), (positions, *f_vals)
         )
     else:
         attn_BTD = _attn_block(h_BTD, p["attn"], cfg, cos, sin, positions, cache, fp8, key_valid)
@@ -255,19 +256,32 @@ def _block(
     return attn_BTD, x1_BTD, swiglu(h_BTD, f["w_gate"], f["w_up"], f["w_down"], fp8), None
 
 
-def _attn_segment(static, h_BTD, wq, wk, wv, wo, cos, sin, positions):
-    cfg, fp8 = static
-    p = {"wq": wq, "wk": wk, "wv": wv, "wo": wo}
-    return (_attn_block(h_BTD, p, cfg, cos, sin, positions, None, fp8),)
+def _remat_inputs(flat: dict[str, torch.Tensor], prefix: str = "") -> tuple[tuple, tuple]:
+    """((keys, tensors) a remat segment differentiates, (keys, tensors) it only reads): the second
+    holds the frozen parts of quantized / adapted weights (``lumina.quant``: codes, scales, a frozen
+    base matrix), so the recomputed backward never forms gradients for them."""
+    diff, frozen = {}, {}
+    for k, v in flat.items():
+        frozen_leaf = not v.is_floating_point() or quant.is_frozen_leaf(prefix + k)
+        (frozen if frozen_leaf else diff)[k] = v
+    return (tuple(diff), tuple(diff.values())), (tuple(frozen), tuple(frozen.values()))
+
+
+def _attn_segment(static, h_BTD, cos, sin, *rest):
+    cfg, fp8, a_keys, f_keys = static
+    n = len(a_keys)
+    flat = dict(zip(a_keys, rest[:n], strict=True)) | dict(zip(f_keys, rest[n + 1 :], strict=True))
+    return (_attn_block(h_BTD, tree.unflatten(flat), cfg, cos, sin, rest[n], None, fp8),)
 
 
 def _block_segment(static, x_BTD, cos, sin, *rest):
-    cfg, moe, train, p_keys, k_keys, has_rng, fp8 = static
+    cfg, moe, train, p_keys, k_keys, has_rng, fp8, f_keys = static
     n_p, n_k = len(p_keys), len(k_keys)
-    p = tree.unflatten(dict(zip(p_keys, rest[:n_p], strict=True)))
-    knobs = tree.unflatten(dict(zip(k_keys, rest[n_p : n_p + n_k], strict=True)))
     positions = rest[n_p + n_k]
     rng = rest[n_p + n_k + 1] if has_rng else None
+    frozen = rest[n_p + n_k + 1 + has_rng :]
+    p = tree.unflatten(dict(zip(p_keys, rest[:n_p], strict=True)) | dict(zip(f_keys, frozen, strict=True)))
+    knobs = tree.unflatten(dict(zip(k_keys, rest[n_p : n_p + n_k], strict=True)))
     attn, x1, ffn, stats = _block(
         x_BTD, p, cfg, knobs, (cos, sin), positions, None, moe=moe, train=train, rng=rng, fp8=fp8
     )

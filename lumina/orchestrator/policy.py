@@ -167,7 +167,7 @@ def _divergence(f, s, obs, cfg) -> Candidates:
 
 def _plateau(f, s, obs, cfg) -> Candidates:
     n = obs.settings.num_experts
-    if n and cfg.allow_expert_changes and n < cfg.max_experts:
+    if n and cfg.allow_expert_changes and not obs.settings.frozen_base and n < cfg.max_experts:
         return [("add_expert", {"from": n, "to": n + 1})]
     return _soft_lr(f, s, obs, cfg)
 
@@ -191,7 +191,8 @@ def _expert_collapse(f, s, obs, cfg) -> Candidates:
 def _dead_expert(f, s, obs, cfg) -> Candidates:
     n, k = obs.settings.num_experts, obs.settings.top_k
     every_layer = {int(x.split(":")[0]) for x in f.data["dead"]} == set(range(len(obs.expert_load)))
-    if cfg.allow_expert_changes and n > max(cfg.min_experts, k) and every_layer:
+    editable = cfg.allow_expert_changes and not obs.settings.frozen_base  # train.lora: the base is frozen
+    if editable and n > max(cfg.min_experts, k) and every_layer:
         # per layer, its least-loaded expert (ties: the lowest index)
         prune = [min(range(n), key=lambda e, sh=sh: (sh[e], e)) for sh in obs.expert_load]
         return [("prune_expert", {"from": n, "to": n - 1, "experts": prune})]
@@ -206,6 +207,8 @@ def _capacity_overflow(f, s, obs, cfg) -> Candidates:
 
 
 def _mod_collapse(f, s, obs, cfg) -> Candidates:
+    if obs.settings.frozen_base:  # the router is part of the frozen base (train.lora)
+        return []
     return [("reset_mod_router", {"layers": f.data["layers"], "seed": obs.step})]
 
 

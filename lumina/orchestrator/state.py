@@ -63,6 +63,7 @@ class Settings:
     mode: str = "base_only"  # the data mode ("interleaved" mixes base and chat batches)
     interleave_ratio: float = 0.5  # fraction of base batches
     knobs: dict[str, float] = dataclasses.field(default_factory=dict)  # the live model knobs, by name
+    frozen_base: bool = False  # train.lora: only adapters train, so no action may edit the base weights
 
     def __post_init__(self) -> None:
         # hold the declared types (a hand-written dict says 1 for 1.0), so decisions' args have them too
@@ -90,6 +91,7 @@ class Settings:
             mode=cfg.data.mode,
             interleave_ratio=cfg.data.interleave_ratio,
             knobs={k: float(v) for k, v in sorted(knobs.items())},
+            frozen_base=t.lora.enabled,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +107,8 @@ class Settings:
         return cls(**d)
 
 
-_CONVERT = {"float": float, "float | None": float, "int": int}  # by annotation (postponed: strings)
+# by annotation (postponed: strings)
+_CONVERT = {"float": float, "float | None": float, "int": int, "bool": bool}
 _SETTINGS_FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))
 
 
