@@ -279,15 +279,19 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TensorDict, dict[str, Any]]:
-    """(state, meta) of a checkpoint directory written by ``save_checkpoint``."""
+def load_checkpoint(
+    path: str | Path, device: str = "cpu", *, prefix: str = ""
+) -> tuple[TensorDict, dict[str, Any]]:
+    """(state, meta) of a checkpoint directory written by ``save_checkpoint``; with ``prefix`` (e.g.
+    ``"params."``) only the tensors whose names start with it (format /3 reads nothing else)."""
     path = Path(path)
     meta = read_meta(path)
     if meta["format"] == FORMAT_V2:
-        flat = _load_v2(path / STATE_FILE)
+        flat = {k: v for k, v in _load_v2(path / STATE_FILE).items() if k.startswith(prefix)}
     else:
         try:
-            flat = shards.read_tensors(path, shards.read_index(meta.get("tensors"), path / META_FILE))
+            index = shards.read_index(meta.get("tensors"), path / META_FILE)
+            flat = shards.read_tensors(path, {k: v for k, v in index.items() if k.startswith(prefix)})
         except shards.ShardError as e:
             raise CheckpointError(str(e)) from None
     if not flat:

@@ -1,7 +1,8 @@
 """Starting a run from trained weights: ``train.init_from=PATH`` (a Lumina checkpoint folder, or a run
 folder: its newest complete checkpoint).
 
-Only the checkpoint's ``params`` are read (safetensors: a JSON header and raw bytes, never pickle);
+Only the checkpoint's ``params`` are read (``lumina.checkpoint``: safetensors shards, any world
+size, never pickle);
 the optimizer, step, RNG, data position and schedule of the new run start fresh. Weights of a run
 that trained LoRA adapters on a (quantized) base are merged first (``lumina.quant.merge``), so a
 fine-tune's result is itself a starting point. The params must have exactly the shapes this run's
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import safetensors
 import torch
 from tensordict import TensorDict
 
@@ -45,17 +45,13 @@ def load_params(
 ) -> tuple[TensorDict, Path]:
     """(fp32 params in the layout ``lumina.model.init(cfg)`` makes, the checkpoint folder read)."""
     path = resolve(spec)
-    checkpoint.read_meta(path)  # a foreign or malformed folder fails here, naming its file
-    state_file = path / checkpoint.STATE_FILE
-    try:
-        with safetensors.safe_open(str(state_file), framework="pt") as f:
-            flat = {k.removeprefix("params."): f.get_tensor(k) for k in f.keys() if k.startswith("params.")}  # noqa: SIM118
-    except FileNotFoundError:
-        raise CheckpointError(f"{state_file}: missing (not a complete lumina checkpoint)") from None
-    except Exception as e:  # parsing executes nothing; any failure means "not our bytes"
-        raise CheckpointError(f"{state_file}: not a safetensors state ({type(e).__name__}: {e})") from None
-    if not flat:
-        raise CheckpointError(f"{state_file}: holds no params")
+    try:  # a foreign or malformed folder fails here, naming its file
+        loaded, _ = checkpoint.load_checkpoint(path, prefix="params.")
+    except CheckpointError as e:
+        if "holds no tensors" not in str(e):
+            raise
+        raise CheckpointError(f"{path}: holds no params") from None
+    flat = tree.flatten(loaded["params"])
     got = tree.flatten(quant.merge(tree.unflatten(flat)))
     want = tree.flatten(_meta_init(cfg))
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
