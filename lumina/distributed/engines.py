@@ -47,6 +47,7 @@ __all__ = [
     "DistEnv",
     "Engine",
     "ViewEngine",
+    "eval_through",
     "init_from_env",
     "make_engine",
     "under_torchrun",
@@ -130,6 +131,25 @@ class Engine(Protocol):
     def full_state(self, state: TensorDict) -> TensorDict: ...
 
 
+@torch.no_grad()
+def eval_through(module, state: TensorDict, batch: TensorDict, cfg: RunConfig, pad_id: int) -> TensorDict:
+    """``lumina.step.eval_step``'s figures for one held-out batch, through ``module`` (a wrapped
+    ``ModelView``, or DeepSpeed's engine around one): every engine evaluates the same way."""
+    from lumina.step import head_loss
+
+    targets = batch["targets"]
+    (ce_sum, correct), _ = module(
+        batch["inputs"],
+        state["knobs"],
+        train=False,
+        fp8=cfg.train.precision == "fp8",
+        head_fn=lambda root, x: head_loss(root, x, targets, cfg, pad_id, differentiable=False),
+    )
+    n = (targets != pad_id).sum().clamp(min=1)
+    loss = ce_sum / n
+    return TensorDict({"loss": loss, "ppl": loss.exp(), "accuracy": correct / n, "tokens": n}, batch_size=[])
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -196,23 +216,8 @@ class ViewEngine:
         self.state = new
         return new, metrics
 
-    @torch.no_grad()
     def eval_step(self, state: TensorDict, batch: TensorDict) -> TensorDict:
-        from lumina.step import head_loss
-
-        targets = batch["targets"]
-        (ce_sum, correct), _ = self.view(
-            batch["inputs"],
-            state["knobs"],
-            train=False,
-            fp8=self.cfg.train.precision == "fp8",
-            head_fn=lambda root, x: head_loss(root, x, targets, self.cfg, self.pad_id, differentiable=False),
-        )
-        n = (targets != self.pad_id).sum().clamp(min=1)
-        loss = ce_sum / n
-        return TensorDict(
-            {"loss": loss, "ppl": loss.exp(), "accuracy": correct / n, "tokens": n}, batch_size=[]
-        )
+        return eval_through(self.view, state, batch, self.cfg, self.pad_id)
 
     def checkpoint_tensors(self, state: TensorDict) -> dict[str, torch.Tensor | Piece]:
         return tree.flatten(state)  # full tensors and dim-0 DTensor shards: lumina.shards reads both

@@ -82,7 +82,7 @@ from tensordict import TensorDict
 
 from lumina import optim, tree
 from lumina.config import ConfigError, RunConfig, TrainConfig
-from lumina.distributed.engines import DistEnv
+from lumina.distributed.engines import DistEnv, eval_through
 from lumina.distributed.step import _all_reduce, _reduce_stats
 from lumina.distributed.view import ModelView
 from lumina.model import random
@@ -488,23 +488,8 @@ class ZeroEngine:
         for name, value in new.items():
             self._set_full(by_name[name], value)
 
-    @torch.no_grad()
     def eval_step(self, state: TensorDict, batch: TensorDict) -> TensorDict:
-        from lumina.step import head_loss
-
-        targets = batch["targets"]
-        (ce_sum, correct), _ = self.engine(
-            batch["inputs"],
-            state["knobs"],
-            train=False,
-            fp8=self.cfg.train.precision == "fp8",
-            head_fn=lambda root, x: head_loss(root, x, targets, self.cfg, self.pad_id, differentiable=False),
-        )
-        n = (targets != self.pad_id).sum().clamp(min=1)
-        loss = ce_sum / n
-        return TensorDict(
-            {"loss": loss, "ppl": loss.exp(), "accuracy": correct / n, "tokens": n}, batch_size=[]
-        )
+        return eval_through(self.engine, state, batch, self.cfg, self.pad_id)
 
     def checkpoint_tensors(self, state: TensorDict) -> dict[str, torch.Tensor | Piece]:
         """The single-process names; masters and moments as this rank's ``Piece`` of each leaf."""
