@@ -282,25 +282,20 @@ def adamw8bit_update(
         _bitsandbytes()  # registers the ops (a state loaded from a checkpoint may come first)
     keys = list(tree.flatten(params))
     flat_p, flat_g, flat_o = tree.flatten(params), tree.flatten(grads), tree.flatten(opt)
-    m, v = [], []
+    new_o = {k: flat_o[k] for k in ("qmap_m", "qmap_v", "block_size")}
+    new_p = {}
+    # One leaf at a time: its fp32 moments exist only while it is updated, so the step's peak holds
+    # one leaf's dequantized m and v (8 bytes per element of the largest leaf), not every leaf's —
+    # dequantizing all of them first (as adamw_update's foreach lists would) cost the whole fp32
+    # state the 8-bit format saves. Same arithmetic per element as the list form.
     for k in keys:
         mk, vk = get_moments(flat_o, k)
-        m.append(mk)
-        v.append(vk)
-    p32, m, v = _adamw_math(
-        [flat_p[k].float() for k in keys],
-        [flat_g[k].float() for k in keys],
-        m,
-        v,
-        [i for i, k in enumerate(keys) if flat_p[k].ndim >= 2],
-        step,
-        hp,
-        cfg,
-    )
-    new_o = {k: flat_o[k] for k in ("qmap_m", "qmap_v", "block_size")}
-    for k, mk, vk in zip(keys, m, v, strict=True):
+        (pk,), (mk,), (vk,) = _adamw_math(
+            [flat_p[k].float()], [flat_g[k].float()], [mk], [vk], [0] if flat_p[k].ndim >= 2 else [],
+            step, hp, cfg,
+        )  # fmt: skip
         put_moments(new_o, k, mk, vk)
-    new_p = {k: p.to(flat_p[k].dtype) for k, p in zip(keys, p32, strict=True)}
+        new_p[k] = pk.to(flat_p[k].dtype)
     return tree.unflatten(new_p), tree.unflatten(new_o)
 
 
