@@ -65,6 +65,7 @@ def test_ddp_on_two_ranks_equals_one_process_with_two_micro_batches_bit_for_bit(
     assert all(torch.equal(one[k], two[k]) for k in one), _max_diff(one, two)
 
 
+@pytest.mark.slow  # 4 launches, ~30 s; in CI the CLI test (test_dist_run.py) checks FSDP against one process
 def test_fsdp_on_two_ranks_equals_one_process(out):
     """FSDP2 shards each leaf: the global gradient norm is summed shard by shard, so with clipping on
     (the norm scales every gradient) the parameters differ from one process in the last bits; with

@@ -61,6 +61,7 @@ def test_wheelhouse_check_names_each_problem(tmp_path):
     assert not (tmp_path / "MANIFEST.txt").exists()
 
 
+@pytest.mark.slow  # ~150 s on 2 cores (every step of the check); `make gpu-check-dry` runs the same
 def test_dry_run_of_the_whole_check_passes(wheels, tmp_path):
     """Every step, offline, in the emulated image: what `make gpu-check` would do, at tiny sizes."""
     out = tmp_path / "out"

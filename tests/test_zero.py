@@ -169,6 +169,7 @@ def _check_loads_in_one_process(run: dict, strategy: str, out: str, overrides: t
         assert 0 < len(split) < len(files)
 
 
+@pytest.mark.slow  # 2 launches, ~50 s on 2 cores; CI runs ZeRO-3 (the stage that partitions the most)
 def test_zero1_and_zero2_match_one_process_and_each_other_through_a_rollback(out):
     """ZeRO-2 (with a checkpoint at step 2, read back by one process); ZeRO-1 built by
     ``make_engine``, with a rollback: after step 1 a snapshot, step 2, adopt, step 2 again. The
@@ -237,7 +238,7 @@ def _view_reference(cfg, run_dir: Path, steps: int) -> dict[str, torch.Tensor]:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])  # 20 s each
 def test_zero3_without_clipping_equals_the_one_process_view_step_bit_for_bit(out, tmp_path, precision):
     """Every leaf partitioned (persist=0), clip_norm=0; started from a one-process checkpoint of
     step 1 (1 -> 2 ranks), steps 2 and 3 equal the module-view step at one process bit for bit, in

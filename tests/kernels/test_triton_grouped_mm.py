@@ -264,6 +264,7 @@ def test_torch_func_grad(reduce):
         _close(a, b, torch.float32, f"d{name}, seed {seed}")
 
 
+@pytest.mark.slow  # ~45 s in Triton's interpreter on 2 cores
 def test_double_backward():
     """Both backwards are built from the same Functions: gradgradcheck in fp64 (tl.dot takes fp64),
     through grouped_mm and through grouped_mm_weight_grad (fast_mode there: the full check costs ~4 s
