@@ -46,7 +46,7 @@ from lumina.config import ModelConfig, RunConfig, from_dict
 from lumina.model import apply, init_cache
 from lumina.model import random as lrandom
 
-__all__ = ["GenerateError", "Generator", "LoadedModel", "Sampling", "load_model", "process_logits"]
+__all__ = ["Chat", "GenerateError", "Generator", "LoadedModel", "Sampling", "load_model", "process_logits"]
 
 
 class GenerateError(ValueError):
@@ -392,3 +392,72 @@ def stream_to(file=sys.stdout) -> Callable[[int, str], None]:
             file.flush()
 
     return on_text
+
+
+class Chat:
+    """A multi-turn ChatML conversation with one model, rendered exactly as chat training renders
+    it (``lumina.data.chat``: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message) and then
+    ``<|im_start|>assistant\\n`` for the reply, which ends at ``<|im_end|>`` (or end-of-text).
+
+    The history is kept within the model's context: before each reply the oldest turns after the
+    system prompt are dropped until the prompt plus ``max_new_tokens`` fits ``max_seq_len``
+    (``lumina.data.chat.truncate``, the rule chat training applies). Turn ``i`` samples with seed
+    ``seed + i``: a conversation is reproducible and its turns are not copies of each other."""
+
+    def __init__(self, gen: Generator, system: str | None = None, max_new_tokens: int = 256, seed: int = 0):
+        tok = gen.tokenizer
+        if tok is None:
+            raise GenerateError("chat needs the model's tokenizer")
+        if max(tok.im_start_id, tok.im_end_id) >= gen.n_allowed:
+            raise GenerateError(
+                f"the model's vocabulary ({gen.cfg.vocab_size}) has no room for the chat tokens "
+                f"<|im_start|>={tok.im_start_id} / <|im_end|>={tok.im_end_id}"
+            )
+        self.gen, self.tok = gen, tok
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.header = [tok.im_start_id, *tok.encode("assistant\n")]
+        self.last: Generation | None = None
+
+    def prompt_ids(self) -> list[int]:
+        """The conversation so far (ending with the user's turn) as the prompt of the next reply."""
+        from lumina.data.chat import render, truncate
+
+        budget = self.gen.cfg.max_seq_len - self.max_new_tokens - len(self.header)
+        kept = [m for m in self.messages[:1] if m["role"] == "system"] + self.messages[-1:]
+        need = len(render(kept, self.tok)[0])
+        if need > budget:
+            raise GenerateError(
+                f"this turn needs {need} tokens (with the system prompt) but the model's context "
+                f"({self.gen.cfg.max_seq_len}) less --max-new-tokens ({self.max_new_tokens}) leaves {budget}"
+            )
+        ids, _ = truncate(self.messages, self.tok, budget)
+        return ids + self.header
+
+    def say(
+        self,
+        text: str,
+        sampling: Sampling = Sampling(),
+        stop: Sequence[str] = (),
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> str:
+        """The model's reply to the user's ``text``; both join the history."""
+        self.messages.append({"role": "user", "content": text})
+        try:
+            prompt = self.prompt_ids()
+        except GenerateError:
+            self.messages.pop()
+            raise
+        turn = sum(m["role"] == "assistant" for m in self.messages)
+        self.last = self.gen.generate_ids(
+            [prompt],
+            max_new_tokens=self.max_new_tokens,
+            sampling=sampling,
+            seed=self.seed + turn,
+            eos_ids=[self.tok.im_end_id, self.tok.eot_id],
+            stop=stop,
+            on_text=on_text,
+        )
+        reply = self.last.texts[0]
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply

@@ -18,7 +18,8 @@ Commands:
             --what-if orchestrator.KEY=VALUE (repeatable) lists the decisions that would differ.
   generate  RUN_DIR|CHECKPOINT_DIR --prompt TEXT: sample text from a trained model (its newest
             checkpoint), streamed to the terminal; greedy, temperature, top-k, top-p, repetition
-            penalty, seeded (docs/generate.md).
+            penalty, seeded. --chat [--system TEXT]: a ChatML conversation, one user turn per
+            line of standard input (docs/generate.md).
 
 "python -m lumina.run COMMAND --help" lists a command's flags. Any config field can be set with
 --section.field=value, e.g. --model.d_model=256 (see lumina/config.py for every field).
@@ -301,7 +302,13 @@ def _cmd_generate(argv: Sequence[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", metavar="RUN|CHECKPOINT", help="a run folder (runs/<name>) or a checkpoint folder")
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", help="the text to continue (with --chat: the first user turn)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="a multi-turn ChatML conversation: one user turn per line of standard input",
+    )
+    p.add_argument("--system", metavar="TEXT", help="with --chat: the system prompt")
     p.add_argument(
         "--max-new-tokens", dest="max_new_tokens", type=_number(int, 1, "an integer >= 1"), default=64
     )
@@ -342,13 +349,17 @@ def _cmd_generate(argv: Sequence[str]) -> int:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (worth it on CUDA)")
     args = p.parse_args(argv)
-    if not args.prompt.strip():
+    if args.prompt is None and not args.chat:
+        raise ConfigError("--prompt: required (or --chat to read turns from standard input)")
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system: only with --chat")
+    if args.prompt is not None and not args.prompt.strip():
         raise ConfigError("--prompt: empty prompt")
     if args.top_p <= 0 or args.top_p > 1:
         raise ConfigError(f"--top-p: {args.top_p} is not a number in (0, 1]")
     if args.repetition_penalty <= 0:
         raise ConfigError(f"--repetition-penalty: {args.repetition_penalty} is not a number > 0")
-    from lumina.generate import GenerateError, Generator, Sampling, load_model, stream_to
+    from lumina.generate import Chat, GenerateError, Generator, Sampling, load_model, stream_to
 
     try:
         sampling = Sampling(
@@ -360,6 +371,9 @@ def _cmd_generate(argv: Sequence[str]) -> int:
         )
         model = load_model(args.path, device=args.device)
         gen = Generator(model, compile=args.compile)
+        if args.chat:
+            chat = Chat(gen, system=args.system, max_new_tokens=args.max_new_tokens, seed=args.seed)
+            return _chat_loop(chat, args.prompt, sampling, args.stop, f"{model.path} (step {model.step})")
         print(args.prompt, end="", flush=True)
         result = gen.generate_ids(
             gen.encode([args.prompt]),
@@ -380,6 +394,42 @@ def _cmd_generate(argv: Sequence[str]) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _chat_loop(chat, first: str | None, sampling, stop: list[str], what: str) -> int:
+    """Read user turns from standard input (one per line; an empty line or end of input ends the
+    conversation) and stream each reply. Piped input is echoed so the output reads as a transcript.
+    A turn that does not fit the context is refused with one line and the conversation goes on;
+    the exit status is then 2."""
+    from lumina.generate import GenerateError, stream_to
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"[lumina] chat with {what}: one turn per line, an empty line ends it", file=sys.stderr)
+    pending, status, stream = ([first] if first is not None else []), 0, stream_to(sys.stdout)
+    while True:
+        if pending:
+            line = pending.pop()
+            print(f"you> {line}")
+        else:
+            if interactive:
+                print("you> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            line = line.rstrip("\n")
+            if not interactive:
+                print(f"you> {line}")
+        print("assistant> ", end="", flush=True)
+        try:
+            chat.say(line, sampling, stop=stop, on_text=stream)
+        except GenerateError as e:
+            print("(refused)", flush=True)
+            print(f"lumina: error: {e}", file=sys.stderr)
+            status = 2
+            continue
+        print(flush=True)
+    return status
 
 
 _COMMANDS = {
