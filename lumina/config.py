@@ -449,7 +449,9 @@ class OrchestratorConfig:
     mod_capacity_step: float = 1.5
     mod_max_capacity: float = 0.5
     # resources
-    memory_budget_mb: float | None = None  # memory pressure above memory_high x budget
+    # memory pressure above memory_high x this budget; unset: x the device's memory (CUDA: its total;
+    # CPU: the cgroup or physical limit shared by the ranks on the machine; lumina.metrics)
+    memory_budget_mb: float | None = None
     memory_high: float = 0.9
     throughput_drop: float = 0.5  # tokens/s below this x the window median
     # run registry (lumina.orchestrator.registry): "auto" = <run_dir>/.registry, "none" = no registry

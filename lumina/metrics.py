@@ -9,7 +9,10 @@ parameters and attention term scaled by the routed fraction (capacity; capacity^
 Peak FLOP/s: a table of dense bf16 tensor-core peaks for common accelerators (the numbers
 torchtitan uses); on CPU an estimate, cores x clock x FLOPs per cycle (fp32 FMA: 64 with AVX-512,
 32 with AVX2, 8 otherwise), read from /proc/cpuinfo. ``train.peak_flops`` overrides either.
-MFU = achieved model FLOP/s / peak. Memory: CUDA max allocated on GPU, else the process's peak RSS.
+MFU = achieved model FLOP/s / peak. Memory: CUDA max allocated on GPU, else the process's peak RSS;
+the limit it is held against (``memory_limit_mb``): the device's total memory on CUDA, else the
+smallest of the cgroup limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) and the physical
+memory, shared evenly by the ranks torchrun started on this machine.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from lumina.config import ModelConfig
 
-__all__ = ["PEAK_FLOPS", "flops_per_token", "memory_mb", "peak_flops"]
+__all__ = ["PEAK_FLOPS", "flops_per_token", "memory_limit_mb", "memory_mb", "peak_flops"]
 
 # Dense bf16 peak FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {
@@ -85,6 +88,30 @@ def peak_flops(device: torch.device, override: float | None = None) -> tuple[flo
                 return value, f"{name} bf16 dense peak"
         return 312e12, f"{name} unknown: assumed A100 bf16 peak (set train.peak_flops)"
     return _cpu_peak_flops(), f"CPU estimate: {torch.get_num_threads()} threads x clock x FMA width"
+
+
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def _cpu_limit_bytes(cgroup_files=_CGROUP_LIMITS) -> int:
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for f in cgroup_files:
+        try:
+            text = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" / a huge number: no limit
+            limits.append(int(text))
+    return min(limits)
+
+
+def memory_limit_mb(device: torch.device) -> float:
+    """The memory this process may use, in MiB (what ``memory_mb`` is compared with): the CUDA
+    device's total, else the machine's (or its cgroup's) memory divided by the torchrun ranks on this
+    machine (``LOCAL_WORLD_SIZE``)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1] / 2**20
+    return _cpu_limit_bytes() / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) / 2**20
 
 
 def memory_mb(device: torch.device) -> float:

@@ -274,6 +274,24 @@ def test_memory_pressure_and_throughput_drop():
     assert s.health < 100
 
 
+def test_memory_pressure_against_the_device_limit_when_no_budget_is_set():
+    """Without memory_budget_mb the observation's memory_limit_mb is the limit; 0 (unknown, as in
+    logs written before it existed) finds nothing; a budget, when set, wins over the device."""
+    series = clean_series(40, 11)
+    for o in series:
+        o["memory_limit_mb"] = 1000.0
+    series[-1]["memory_mb"] = 950.0
+    s, decisions = run(series)
+    assert [(d.action, d.args["to"]) for d in decisions] == [("grad_checkpointing", "full")]
+    assert "of the 1000 MB device's memory" in decisions[0].reason
+    series[-1]["memory_mb"] = 850.0  # below 90 %
+    assert run(series)[1] == []
+    series[-1] |= {"memory_mb": 950.0, "memory_limit_mb": 0.0}
+    assert run(series)[1] == []
+    series[-1]["memory_limit_mb"] = 1000.0
+    assert run(series, dataclasses.replace(OCFG, memory_budget_mb=2000))[1] == []
+
+
 def test_overfitting_raises_weight_decay_and_imbalanced_sources_shift_the_ratio():
     series = clean_series(100, 12)
     for i, e in zip((39, 59, 79), (5.0, 5.1, 5.2), strict=True):

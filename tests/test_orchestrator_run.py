@@ -3,6 +3,7 @@ and what-if on the logged observations, and the acceptance command on the debug 
 
 import json
 import math
+import os
 
 import msgpack
 import pytest
@@ -266,3 +267,35 @@ def test_registry_records_runs_and_the_next_run_gets_a_replayable_suggestion(tmp
     path.unlink()
     orchestrator.append_log(path, [rec])
     assert main(["replay", str(tmp_path / "applied")]) == 1
+
+
+def test_memory_limits_from_cgroup_files_and_the_machine(tmp_path, monkeypatch):
+    from lumina import metrics
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    v2, v1 = tmp_path / "memory.max", tmp_path / "limit_in_bytes"
+    v2.write_text("max\n")  # cgroup v2 without a limit
+    v1.write_text(f"{2**63 - 4096}\n")  # cgroup v1 without a limit
+    assert metrics._cpu_limit_bytes((str(v2), str(v1), str(tmp_path / "absent"))) == physical
+    v2.write_text(f"{2**30}\n")
+    assert metrics._cpu_limit_bytes((str(v2), str(v1))) == min(2**30, physical)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks share the machine
+    monkeypatch.setattr(metrics, "_cpu_limit_bytes", lambda: 2**32)
+    assert metrics.memory_limit_mb(torch.device("cpu")) == 2**31 / 2**20
+
+
+def test_a_run_watches_memory_against_the_machine_without_a_budget(tmp_path):
+    """The observation log carries the machine's limit; with memory_high set below what the run
+    uses, memory pressure fires on a real run and turns on gradient checkpointing."""
+    from lumina import metrics
+
+    cfg = load_config(overrides=["--train.steps=3", f"--run_dir={tmp_path}", *TINY, *SNAP,
+                                 "--orchestrator.memory_high=1e-6"])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    obs = list(orchestrator.read_log(run / orchestrator.OBSERVATIONS_FILE))
+    limit = metrics.memory_limit_mb(torch.device("cpu"))
+    assert all(o["memory_limit_mb"] == limit > o["memory_mb"] > 0 for o in obs)
+    ds = decisions(run)
+    assert [(d["action"], d["args"]["to"]) for d in ds] == [("grad_checkpointing", "full")]
+    assert "device's memory" in ds[0]["reason"]
+    assert replay(run).identical

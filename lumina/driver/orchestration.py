@@ -43,6 +43,7 @@ def observation(
         lr=record["lr"],
         tokens_per_s=record["tokens_per_s"],
         memory_mb=record["memory_mb"],
+        memory_limit_mb=run.memory_limit_mb,
         eval_loss=None if e is None else e["loss"],
         eval_losses={} if e is None else {k[5:]: v for k, v in e.items() if k.startswith("loss_")},
         expert_load=record.get("expert_load", []),

@@ -104,6 +104,9 @@ class Run:
     env: DistEnv | None = None  # this rank's place under torchrun (None: one process)
     engine: Engine | None = None  # the distributed engine the state lives in (None: one process)
     interrupt_requested: bool = False  # under torchrun: a signal arrived; all ranks stop together
+    # what memory_mb may reach (metrics.memory_limit_mb; the smallest over the ranks): the
+    # orchestrator's memory-pressure limit when orchestrator.memory_budget_mb is unset
+    memory_limit_mb: float = 0.0
 
     @property
     def is_main(self) -> bool:
@@ -217,6 +220,7 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
         step_fn=build_step(cfg, tok.pad_id) if env is None else None, start=start, step=start,
         resumed_from=resumed_from, extra=extra, t_start=t_start, env=env,
     )  # fmt: skip
+    run.memory_limit_mb = -ranks.max_over_ranks(env, -metrics.memory_limit_mb(device))[0]
     if env is not None:
         run.rebuild_engine()
         ranks.defer_interrupts(run)

@@ -309,14 +309,17 @@ def mod(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
 def memory(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
     if "oom" in obs.events:
         return [Finding("oom", 4, 1.0, "out of memory in the step")]
-    budget = cfg.memory_budget_mb
+    # the configured budget, else the device's own limit as the driver measured it (0: unknown)
+    budget, what = cfg.memory_budget_mb, "budget"
+    if not budget:
+        budget, what = obs.memory_limit_mb, "device's memory"
     if budget and obs.memory_mb > cfg.memory_high * budget:
         return [
             Finding(
                 "memory_pressure",
                 2,
                 0.9,
-                f"memory {obs.memory_mb:.0f} MB > {cfg.memory_high:.0%} of the {budget:.0f} MB budget",
+                f"memory {obs.memory_mb:.0f} MB > {cfg.memory_high:.0%} of the {budget:.0f} MB {what}",
             )
         ]
     return []

@@ -126,6 +126,7 @@ class Observation:
     lr: float
     tokens_per_s: float = 0.0
     memory_mb: float = 0.0
+    memory_limit_mb: float = 0.0  # what memory_mb may reach (lumina.metrics.memory_limit_mb); 0: unknown
     eval_loss: float | None = None  # when an evaluation ran at this step
     eval_losses: dict[str, float] = dataclasses.field(default_factory=dict)  # per data source
     expert_load: list[list[float]] = dataclasses.field(default_factory=list)  # per MoE layer, shares
