@@ -437,8 +437,13 @@ class OrchestratorConfig:
     collapse_patience: int = 50  # observations in a row before acting on it
     dead_share: float = 0.02  # load share below this (x E: of a uniform share) is a dead expert
     dead_patience: int = 50  # steps an expert must stay dead before it is pruned
-    overflow_drop: float = 0.1  # dropped fraction above this -> raise the capacity factor
+    overflow_drop: float = 0.05  # mean dropped fraction above this -> raise the capacity factor
+    # ... below this for slack_patience observations in a row -> lower it (compute spent on padding
+    # slots); between the two nothing changes, so a lowered factor is not raised straight back
+    slack_drop: float = 0.01
+    slack_patience: int = 50
     capacity_step: float = 1.25
+    min_capacity_factor: float = 1.0
     max_capacity_factor: float = 4.0
     allow_expert_changes: bool = True  # add/prune experts (changes shapes: recompiles)
     min_experts: int = 2
@@ -477,7 +482,16 @@ class OrchestratorConfig:
         for n in ("conf_soft", "conf_medium", "conf_hard", "conf_critical"):
             _within(self, n, "[0, 1]")
         _within(self, "persist_decay", "[0, 1)")
-        _positive(self, "registry_min_runs", "registry_top")
+        _positive(self, "registry_min_runs", "registry_top", "slack_patience", "min_capacity_factor")
+        _check(
+            0 <= self.slack_drop < self.overflow_drop,
+            f"slack_drop must be in [0, overflow_drop={self.overflow_drop}), got {self.slack_drop}",
+        )
+        _check(
+            self.min_capacity_factor <= self.max_capacity_factor,
+            f"min_capacity_factor ({self.min_capacity_factor}) must be <= max_capacity_factor "
+            f"({self.max_capacity_factor})",
+        )
         _within(self, "emergency_lr_factor", "(0, 1)")  # an emergency cut must cut
         _within(self, "soft_lr_factor", "(0, 1)")
         _check(self.min_experts >= 2, f"min_experts must be >= 2, got {self.min_experts}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lumina import tree
-from lumina.config import OrchestratorConfig
+from lumina.config import ConfigError, OrchestratorConfig
 from lumina.configure import load_config
 from lumina.optim import default_hp, lr_at
 from lumina.orchestrator import Decision, Observation, apply_decisions, decide, detect, init_state
@@ -217,6 +217,30 @@ def test_capacity_overflow_raises_the_capacity_factor():
     assert run(clean_series(40, 9), settings=MOE | {"capacity_factor": None}, dropped=[0.3])[1] == []
 
 
+def test_capacity_factor_moves_both_ways_with_a_band_between():
+    """Drops above overflow_drop (5 %) raise the factor at once; drops below slack_drop (1 %) for
+    slack_patience observations lower it (not below min_capacity_factor); in between: nothing."""
+    cfg = dataclasses.replace(OCFG, slack_patience=10)
+    series = clean_series(40, 9)
+    s, decisions = run(series, cfg, settings=MOE, expert_load=balanced(), dropped=[0.06, 0.05])
+    assert [(d.action, d.args) for d in decisions] == [("capacity_factor", {"from": 1.25, "to": 1.5625})]
+    s, decisions = run(series, cfg, settings=MOE, expert_load=balanced(), dropped=[0.005, 0.0])
+    # warm-up (20 observations) then 10 in a row: the 30th lowers it; the cooldown holds the next one
+    assert [(d.step, d.action, d.args, d.level) for d in decisions] == [
+        (30, "capacity_factor", {"from": 1.25, "to": 1.0}, 1)
+    ]
+    assert "pays for slots that stay empty (10 observations in a row)" in decisions[0].reason
+    assert s.health == 100  # spare capacity is a chance to save compute, not trouble
+    assert run(series, cfg, settings=MOE, expert_load=balanced(), dropped=[0.03, 0.02])[1] == []  # the band
+    at_min = MOE | {"capacity_factor": 1.0}
+    assert run(series, cfg, settings=at_min, expert_load=balanced(), dropped=[0.0, 0.0])[1] == []
+    dropless = MOE | {"capacity_factor": None}
+    s, decisions = run(series, cfg, settings=dropless, expert_load=balanced(), dropped=[0.0, 0.0])
+    assert decisions == [] and found(s, "capacity_slack") == 0
+    with pytest.raises(ConfigError, match="slack_drop"):
+        dataclasses.replace(OCFG, slack_drop=0.05)
+
+
 def test_mod_collapse_and_too_aggressive():
     mod = DENSE | {"mod_capacity": 0.25}
     s, decisions = run(clean_series(30, 10), settings=mod, mod_weight=[0.6, 0.6], mod_score_std=[0.5, 0.0])
@@ -381,7 +405,7 @@ def test_every_finding_kind_a_detector_reports_has_a_response():
     """``RESPONSES`` is the table decide looks findings up in: a kind missing from it would raise."""
     source = inspect.getsource(detect)
     kinds = set(re.findall(r'Finding\(\s*"(\w+)"', source))
-    assert len(kinds) == 16 and kinds == set(RESPONSES)
+    assert len(kinds) == 17 and kinds == set(RESPONSES)
     assert set(CHRONIC) <= kinds
 
 

@@ -299,3 +299,18 @@ def test_a_run_watches_memory_against_the_machine_without_a_budget(tmp_path):
     assert [(d["action"], d["args"]["to"]) for d in ds] == [("grad_checkpointing", "full")]
     assert "device's memory" in ds[0]["reason"]
     assert replay(run).identical
+
+
+def test_spare_expert_capacity_is_lowered_on_a_real_run(tmp_path):
+    """A capacity factor of 4 drops nothing: after warm-up and slack_patience observations the
+    orchestrator lowers it (÷ 1.25), the run goes on with the new factor, and replay is exact."""
+    cfg = load_config(overrides=["--train.steps=8", f"--run_dir={tmp_path}", *TINY, *SNAP,
+                                 "--model.moe.capacity_factor=4", "--orchestrator.warmup=2",
+                                 "--orchestrator.slack_patience=3"])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    ds = [d for d in decisions(run) if d["action"] == "capacity_factor"]
+    assert [(d["step"], d["args"]) for d in ds] == [(5, {"from": 4.0, "to": 3.2})]
+    obs = list(orchestrator.read_log(run / orchestrator.OBSERVATIONS_FILE))
+    assert [o["settings"]["capacity_factor"] for o in obs][4:6] == [4.0, 3.2]
+    assert all(max(o["dropped"]) < 0.01 for o in obs)
+    assert replay(run).identical

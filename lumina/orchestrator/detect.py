@@ -269,6 +269,16 @@ def experts(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
                     f"{drop:.1%} of expert assignments dropped (> {cfg.overflow_drop:.0%})",
                 )
             )
+        elif drop < cfg.slack_drop and obs.settings.capacity_factor is not None:
+            out.append(
+                Finding(
+                    "capacity_slack",
+                    1,
+                    0.9,
+                    f"{drop:.2%} of expert assignments dropped (< {cfg.slack_drop:.0%}): the capacity "
+                    f"factor {obs.settings.capacity_factor:g} pays for slots that stay empty",
+                )
+            )
     return out
 
 

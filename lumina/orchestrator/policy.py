@@ -32,8 +32,10 @@ from lumina.orchestrator.state import Decision, Observation, OrchestratorState
 __all__ = ["RESPONSES", "decide"]
 
 # findings that persist rather than strike: they gain confidence while they last (persist_decay)
-CHRONIC = frozenset({"divergence", "expert_collapse", "dead_expert", "capacity_overflow", "mod_collapse",
-                     "mod_too_aggressive", "memory_pressure", "throughput_drop"})  # fmt: skip
+CHRONIC = frozenset({"divergence", "expert_collapse", "dead_expert", "capacity_overflow", "capacity_slack",
+                     "mod_collapse", "mod_too_aggressive", "memory_pressure", "throughput_drop"})  # fmt: skip
+# findings that are chances to save compute, not trouble: no cost to the health score
+_OPPORTUNITIES = frozenset({"capacity_slack"})
 # what makes a state unfit to roll back to: trouble with the loss or gradients (chronic routing
 # findings do not: a run whose experts are skewed for 50 steps must still get snapshots)
 _UNHEALTHY = frozenset({"nonfinite", "oom", "loss_spike", "grad_explosion", "divergence", "oscillation"})
@@ -206,6 +208,13 @@ def _capacity_overflow(f, s, obs, cfg) -> Candidates:
     return []
 
 
+def _capacity_slack(f, s, obs, cfg) -> Candidates:
+    cf = obs.settings.capacity_factor
+    if s.streaks.get("capacity_slack", 0) < cfg.slack_patience or cf is None or cf <= cfg.min_capacity_factor:
+        return []
+    return [("capacity_factor", {"from": cf, "to": max(cfg.min_capacity_factor, cf / cfg.capacity_step)})]
+
+
 def _mod_collapse(f, s, obs, cfg) -> Candidates:
     if obs.settings.frozen_base:  # the router is part of the frozen base (train.lora)
         return []
@@ -247,6 +256,7 @@ RESPONSES: dict[str, Response] = {
     "expert_collapse": _expert_collapse,  # after collapse_patience: aux weight, expert dropout, temperature
     "dead_expert": _dead_expert,  # prune each layer's least-loaded expert
     "capacity_overflow": _capacity_overflow,  # raise the capacity factor
+    "capacity_slack": _capacity_slack,  # after slack_patience: lower the capacity factor
     "mod_collapse": _mod_collapse,  # re-initialise the collapsed MoD routers
     "mod_too_aggressive": _mod_capacity,  # raise the MoD capacity
     "throughput_drop": _report,
@@ -315,7 +325,9 @@ def decide(
     s.changes = recent
 
     # health: instant penalty, slow recovery
-    instant = max(0.0, 100.0 - sum(_PENALTY[f.level] * f.confidence for f in findings))
+    instant = max(
+        0.0, 100.0 - sum(_PENALTY[f.level] * f.confidence for f in findings if f.kind not in _OPPORTUNITIES)
+    )
     s.health = round(min(instant, 0.9 * s.health + 0.1 * instant), 6)
     s.phase = detect.phase_of(s, findings, cfg)
 
