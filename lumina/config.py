@@ -453,6 +453,10 @@ class OrchestratorConfig:
     mod_min_score_std: float = 1e-4  # router scores this close together: collapsed -> reset the router
     mod_capacity_step: float = 1.5
     mod_max_capacity: float = 0.5
+    # every routed layer's selected-token weight below mod_low for slack_patience observations in a
+    # row: the blocks add little to the tokens they take -> lower the capacity (not below the min)
+    mod_low: float = 0.1
+    mod_min_capacity: float = 0.0625
     # resources
     # memory pressure above memory_high x this budget; unset: x the device's memory (CUDA: its total;
     # CPU: the cgroup or physical limit shared by the ranks on the machine; lumina.metrics)
@@ -486,6 +490,15 @@ class OrchestratorConfig:
         _check(
             0 <= self.slack_drop < self.overflow_drop,
             f"slack_drop must be in [0, overflow_drop={self.overflow_drop}), got {self.slack_drop}",
+        )
+        _check(
+            0 <= self.mod_low < self.mod_high,
+            f"mod_low must be in [0, mod_high={self.mod_high}), got {self.mod_low}",
+        )
+        _check(
+            0 < self.mod_min_capacity <= self.mod_max_capacity,
+            f"mod_min_capacity must be in (0, mod_max_capacity={self.mod_max_capacity}], "
+            f"got {self.mod_min_capacity}",
         )
         _check(
             self.min_capacity_factor <= self.max_capacity_factor,

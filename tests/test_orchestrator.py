@@ -258,7 +258,17 @@ def test_mod_collapse_and_too_aggressive():
     assert decisions == []
     # a layer that learned to skip its block (weights near 0, scores still spread) is left alone
     s, decisions = run(clean_series(60, 10), settings=mod, mod_weight=[0.001, 1.0], mod_score_std=[4.0, 9.0])
-    assert decisions == [] and found(s, "mod_collapse") == 0
+    assert decisions == [] and found(s, "mod_collapse") == 0 and found(s, "mod_underused") == 0
+    # every routed layer nearly skips its block: after slack_patience in a row, less capacity; while
+    # it lasts, again after each cooldown (25 steps; the settings here stay as they were)
+    cfg = dataclasses.replace(OCFG, slack_patience=10)
+    low = {"mod_weight": [0.05, 0.02], "mod_score_std": [4.0, 9.0]}
+    s, decisions = run(clean_series(60, 10), cfg, settings=mod, **low)
+    lower = ("mod_capacity", {"from": 0.25, "to": 0.25 / 1.5})
+    assert [(d.step, d.action, d.args) for d in decisions] == [(30, *lower), (55, *lower)]
+    assert s.health == 100 and found(s, "mod_underused") == 40
+    floor = mod | {"mod_capacity": cfg.mod_min_capacity}
+    assert run(clean_series(60, 10), cfg, settings=floor, **low)[1] == []
 
 
 def test_a_snapshot_counts_only_once_the_next_observation_is_healthy():
@@ -405,7 +415,7 @@ def test_every_finding_kind_a_detector_reports_has_a_response():
     """``RESPONSES`` is the table decide looks findings up in: a kind missing from it would raise."""
     source = inspect.getsource(detect)
     kinds = set(re.findall(r'Finding\(\s*"(\w+)"', source))
-    assert len(kinds) == 17 and kinds == set(RESPONSES)
+    assert len(kinds) == 18 and kinds == set(RESPONSES)
     assert set(CHRONIC) <= kinds
 
 

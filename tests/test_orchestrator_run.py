@@ -301,16 +301,21 @@ def test_a_run_watches_memory_against_the_machine_without_a_budget(tmp_path):
     assert replay(run).identical
 
 
-def test_spare_expert_capacity_is_lowered_on_a_real_run(tmp_path):
+def test_spare_expert_and_mod_capacity_are_lowered_on_a_real_run(tmp_path):
     """A capacity factor of 4 drops nothing: after warm-up and slack_patience observations the
-    orchestrator lowers it (÷ 1.25), the run goes on with the new factor, and replay is exact."""
+    orchestrator lowers it (÷ 1.25). With mod_low raised to 0.99 the MoD routers' weights (~0.5 at
+    init) count as underused: the MoD capacity falls too (÷ 1.5). The run goes on with the new
+    settings, and replay is exact."""
     cfg = load_config(overrides=["--train.steps=8", f"--run_dir={tmp_path}", *TINY, *SNAP,
                                  "--model.moe.capacity_factor=4", "--orchestrator.warmup=2",
-                                 "--orchestrator.slack_patience=3"])  # fmt: skip
+                                 "--orchestrator.slack_patience=3", "--orchestrator.mod_high=1",
+                                 "--orchestrator.mod_low=0.99"])  # fmt: skip
     run = loop.train(cfg).run_dir
-    ds = [d for d in decisions(run) if d["action"] == "capacity_factor"]
-    assert [(d["step"], d["args"]) for d in ds] == [(5, {"from": 4.0, "to": 3.2})]
+    ds = [(d["step"], d["action"], d["args"]) for d in decisions(run)]
+    assert ds == [(5, "capacity_factor", {"from": 4.0, "to": 3.2}),
+                  (5, "mod_capacity", {"from": 0.25, "to": 0.25 / 1.5})]  # fmt: skip
     obs = list(orchestrator.read_log(run / orchestrator.OBSERVATIONS_FILE))
     assert [o["settings"]["capacity_factor"] for o in obs][4:6] == [4.0, 3.2]
-    assert all(max(o["dropped"]) < 0.01 for o in obs)
+    assert [o["settings"]["mod_capacity"] for o in obs][4:6] == [0.25, 0.25 / 1.5]
+    assert all(max(o["dropped"]) < 0.01 and max(o["mod_weight"]) < 0.99 for o in obs)
     assert replay(run).identical

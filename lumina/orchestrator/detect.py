@@ -313,6 +313,16 @@ def mod(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
                 f"{cfg.mod_high:g}: the routed blocks may want more tokens than the capacity lets through",
             )
         ]
+    if max(obs.mod_weight) < cfg.mod_low:
+        return [
+            Finding(
+                "mod_underused",
+                1,
+                0.9,
+                f"every routed layer's selected tokens have a mean router weight below {cfg.mod_low:g} "
+                f"(at most {max(obs.mod_weight):.3f}): the blocks add little to the tokens they take",
+            )
+        ]
     return []
 
 

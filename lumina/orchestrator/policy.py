@@ -33,9 +33,10 @@ __all__ = ["RESPONSES", "decide"]
 
 # findings that persist rather than strike: they gain confidence while they last (persist_decay)
 CHRONIC = frozenset({"divergence", "expert_collapse", "dead_expert", "capacity_overflow", "capacity_slack",
-                     "mod_collapse", "mod_too_aggressive", "memory_pressure", "throughput_drop"})  # fmt: skip
+                     "mod_collapse", "mod_too_aggressive", "mod_underused", "memory_pressure",
+                     "throughput_drop"})  # fmt: skip
 # findings that are chances to save compute, not trouble: no cost to the health score
-_OPPORTUNITIES = frozenset({"capacity_slack"})
+_OPPORTUNITIES = frozenset({"capacity_slack", "mod_underused"})
 # what makes a state unfit to roll back to: trouble with the loss or gradients (chronic routing
 # findings do not: a run whose experts are skewed for 50 steps must still get snapshots)
 _UNHEALTHY = frozenset({"nonfinite", "oom", "loss_spike", "grad_explosion", "divergence", "oscillation"})
@@ -228,6 +229,13 @@ def _mod_capacity(f, s, obs, cfg) -> Candidates:
     return []
 
 
+def _mod_underused(f, s, obs, cfg) -> Candidates:
+    c = obs.settings.mod_capacity
+    if s.streaks.get("mod_underused", 0) < cfg.slack_patience or c <= cfg.mod_min_capacity:
+        return []
+    return [("mod_capacity", {"from": c, "to": max(cfg.mod_min_capacity, c / cfg.mod_capacity_step)})]
+
+
 def _overfitting(f, s, obs, cfg) -> Candidates:
     wd = obs.settings.weight_decay
     return [("weight_decay", {"from": wd, "to": min(1.0, max(2 * wd, 0.01))})] if wd < 1.0 else []
@@ -259,6 +267,7 @@ RESPONSES: dict[str, Response] = {
     "capacity_slack": _capacity_slack,  # after slack_patience: lower the capacity factor
     "mod_collapse": _mod_collapse,  # re-initialise the collapsed MoD routers
     "mod_too_aggressive": _mod_capacity,  # raise the MoD capacity
+    "mod_underused": _mod_underused,  # after slack_patience: lower the MoD capacity
     "throughput_drop": _report,
     "overfitting": _overfitting,  # raise the weight decay
     "data_imbalance": _data_imbalance,  # shift the interleave ratio toward the lagging source
