@@ -18,7 +18,10 @@ works on plain state dicts and config dicts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +30,7 @@ from tensordict import TensorDict
 from lumina import tree
 from lumina.config import ConfigError, ModelConfig, MoEConfig
 
-__all__ = ["from_hf", "to_hf"]
+__all__ = ["export_problem", "from_hf", "is_hf_dir", "load_dir", "read_dir", "to_hf", "tokenizer_json"]
 
 # (lumina path, HF path, transpose) per layer; "{i}" is the layer index.
 _LAYER_MAP = (
@@ -214,21 +217,25 @@ def from_hf(model_or_state_dict: Any, hf_config: Any = None) -> tuple[ModelConfi
     return cfg, tree.unflatten(flat)
 
 
-def _check_exportable(cfg: ModelConfig) -> None:
+def export_problem(cfg: ModelConfig) -> str | None:
+    """Why ``cfg`` has no exact transformers equivalent (Llama: dense; Mixtral: MoE), or None."""
     moe = cfg.moe
     problems = [
-        (cfg.mod.enabled, "Mixture-of-Depths has no transformers equivalent"),
-        (
-            moe.enabled and any(not m for m in cfg.moe_layers()),
-            "Mixtral needs MoE in every layer (pattern='all')",
-        ),
-        (moe.num_shared_experts > 0, "Mixtral has no shared experts"),
-        (moe.enabled and moe.balance != "aux_loss", "Mixtral has no balance bias (balance='bias')"),
-        (moe.enabled and not moe.renormalize, "Mixtral renormalises the top-k weights"),
-    ]
-    for bad, why in problems:
-        if bad:
-            raise ConfigError(f"to_hf: cannot export this model: {why}")
+        (cfg.mod.enabled, "Mixture-of-Depths has no transformers equivalent (dense models export as "
+         "Llama, MoE models as Mixtral)"),
+        (moe.enabled and any(not m for m in cfg.moe_layers()),
+         "Mixtral needs MoE in every layer (model.moe.pattern='all')"),
+        (moe.num_shared_experts > 0,
+         "Mixtral has no shared experts (and no other MoE architecture is exported)"),
+        (moe.enabled and moe.balance != "aux_loss", "Mixtral has no balance bias (model.moe.balance='bias')"),
+        (moe.enabled and not moe.renormalize, "Mixtral renormalises top-k weights (model.moe.renormalize)"),
+    ]  # fmt: skip
+    return next((why for bad, why in problems if bad), None)
+
+
+def _check_exportable(cfg: ModelConfig) -> None:
+    if (why := export_problem(cfg)) is not None:
+        raise ConfigError(f"to_hf: cannot export this model: {why}")
 
 
 def to_hf(
@@ -242,6 +249,10 @@ def to_hf(
     for ours, theirs, transpose in _name_map(cfg):
         t = flat[ours]
         state_dict[theirs] = (t.T if transpose else t).contiguous()
+    if cfg.moe.enabled and cfg.moe.router_temperature != 1.0:  # softmax(x W / t) = softmax(x (W / t))
+        flat = {**flat}
+        for i in range(cfg.n_layers):
+            flat[f"layers.{i}.moe.router"] = flat[f"layers.{i}.moe.router"] / cfg.moe.router_temperature
     if cfg.moe.enabled:
         layout = _installed_expert_layout() if expert_layout == "auto" else expert_layout
         if layout not in _ROUTER:
@@ -280,3 +291,292 @@ def to_hf(
         for key in ("attention_bias", "mlp_bias"):
             config.pop(key)
     return state_dict, config
+
+
+# ------------------------------------------------------------------ Hugging Face model folders
+#
+# A folder ``AutoModelForCausalLM.from_pretrained`` loads: config.json, model.safetensors (or
+# model-0000i-of-0000n.safetensors + model.safetensors.index.json, transformers' names), and
+# generation_config.json; our exports add tokenizer.json + tokenizer_config.json and lumina.json
+# (which tiktoken encoding the tokenizer is, so ``--init-from`` / ``generate`` pick it up again).
+# Reading is safetensors only: a pickle checkpoint (pytorch_model.bin) can execute code on load.
+
+CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+RECORD_FILE, RECORD_FORMAT = "lumina.json", "lumina.export/1"
+FILE_EXPERT_LAYOUT = "per_expert"  # what save_pretrained writes for Mixtral (transformers 4.x and 5.24)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """Whether ``path`` looks like a Hugging Face model folder: a config.json, and neither a Lumina
+    checkpoint (meta.msgpack) nor a run folder (checkpoints/; its config.json is the run's)."""
+    p = Path(path)
+    lumina = (p / "meta.msgpack").is_file() or (p / "checkpoints").is_dir()
+    return (p / CONFIG_FILE).is_file() and not lumina
+
+
+def _dir_error(message: str) -> Exception:
+    from lumina.checkpoint import CheckpointError  # (checkpoint imports torch.distributed: lazily)
+
+    return CheckpointError(message)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _dir_error(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise _dir_error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _weight_files(p: Path) -> list[Path]:
+    if (p / WEIGHTS_FILE).is_file():
+        return [p / WEIGHTS_FILE]
+    if (p / INDEX_FILE).is_file():
+        weight_map = _read_json(p / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise _dir_error(f"{p / INDEX_FILE}: no weight_map")
+        names = sorted(set(weight_map.values()))
+        bad = next((n for n in names if not isinstance(n, str) or Path(n).name != n), None)
+        if bad is not None:
+            raise _dir_error(f"{p / INDEX_FILE}: weight_map names {bad!r}, not a file in this folder")
+        missing = next((n for n in names if not (p / n).is_file()), None)
+        if missing is not None:
+            raise _dir_error(f"{p / missing}: missing (listed in {INDEX_FILE})")
+        return [p / n for n in names]
+    pickles = sorted(f.name for f in p.iterdir() if f.name.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise _dir_error(
+            f"{p / pickles[0]}: a pickle checkpoint, which Lumina never loads (unpickling can run code); "
+            "convert it to safetensors first (save_pretrained writes model.safetensors)"
+        )
+    raise _dir_error(f"{p}: no {WEIGHTS_FILE} or {INDEX_FILE} (not a Hugging Face model folder)")
+
+
+def read_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, config dict) of a Hugging Face model folder, read from safetensors only.
+    Every problem is one ``CheckpointError`` line naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_dir():
+        raise _dir_error(f"{p}: {'no such folder' if not p.exists() else 'not a folder'}")
+    if not (p / CONFIG_FILE).is_file():
+        raise _dir_error(f"{p}: no {CONFIG_FILE} (not a Hugging Face model folder)")
+    config = _read_json(p / CONFIG_FILE)
+    state_dict: dict[str, torch.Tensor] = {}
+    for f in _weight_files(p):
+        try:
+            state_dict.update(load_file(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _dir_error(f"{f}: not a readable safetensors file ({e})") from None
+    return state_dict, config
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """What a Lumina export recorded about itself (lumina.json), or None for a foreign folder."""
+    f = Path(path) / RECORD_FILE
+    if not f.is_file():
+        return None
+    record = _read_json(f)
+    if record.get("format") != RECORD_FORMAT:
+        raise _dir_error(f"{f}: format {record.get('format')!r}, expected {RECORD_FORMAT!r}")
+    return record
+
+
+def model_config_of_dir(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of a Hugging Face folder's config.json (no tensors read; a folder without
+    safetensors weights, e.g. only a pickle, is refused first)."""
+    f = Path(path) / CONFIG_FILE
+    _weight_files(Path(path))
+    try:
+        return _model_config(_read_json(f))
+    except ConfigError as e:
+        raise _dir_error(f"{f}: {str(e).removeprefix('hf config: ')}") from None
+    except KeyError as e:
+        raise _dir_error(f"{f}: missing field {e}") from None
+
+
+def load_dir(path: str | Path) -> tuple[ModelConfig, TensorDict]:
+    """(config, fp32 params in Lumina's layout) of a Hugging Face Llama / Mixtral folder."""
+    cfg = model_config_of_dir(path)
+    state_dict, config = read_dir(path)
+    try:
+        _, params = from_hf(state_dict, config)
+    except ConfigError as e:
+        raise _dir_error(f"{Path(path)}: {str(e).removeprefix('hf ')}") from None
+    return cfg, tree.cast(params, torch.float32)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size as transformers writes them: an int, or 5GB / 500MB / 10KB (powers of 10),
+    2GiB / 100MiB / 4KiB (powers of 2)."""
+    units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    s = text.strip().upper()
+    for unit, scale in units.items():
+        if s.endswith(unit) and s[: -len(unit)].strip().isdigit():
+            n = int(s[: -len(unit)]) * scale
+            break
+    else:
+        n = int(s) if s.isdigit() else 0
+    if n <= 0:
+        raise ConfigError(f"--max-shard-size: {text!r} is not a size such as 5GB, 500MB or 2GiB")
+    return n
+
+
+def _shards(state_dict: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    """Keys per shard, in order; a new shard when the next tensor would pass ``limit`` bytes (a
+    tensor larger than the limit gets a shard of its own), as save_pretrained splits."""
+    out: list[list[str]] = [[]]
+    size = 0
+    for k, t in state_dict.items():
+        n = t.numel() * t.element_size()
+        if out[-1] and size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(k)
+        size += n
+    return out
+
+
+def write_weights(
+    out: Path, state_dict: dict[str, torch.Tensor], max_shard_size: int, log: Callable[[str], None] = print
+) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above
+    ``max_shard_size`` bytes; returns the file names written."""
+    from safetensors.torch import save_file
+
+    groups = _shards(state_dict, max_shard_size)
+    n = len(groups)
+    names = [WEIGHTS_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    for i, (name, keys) in enumerate(zip(names, groups, strict=True), 1):
+        part = {k: state_dict[k].contiguous() for k in keys}
+        mb = sum(t.numel() * t.element_size() for t in part.values()) / 2**20
+        log(f"[export] writing {name} ({len(keys)} tensors, {mb:.1f} MiB){f' [{i}/{n}]' if n > 1 else ''}")
+        save_file(part, str(out / name), metadata={"format": "pt"})
+    if n > 1:
+        index = {
+            "metadata": {
+                "total_size": sum(t.numel() * t.element_size() for t in state_dict.values()),
+                "total_parameters": sum(t.numel() for t in state_dict.values()),
+            },
+            "weight_map": {k: name for name, keys in zip(names, groups, strict=True) for k in keys},
+        }
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+# ------------------------------------------------------------------ an exact tokenizer.json
+#
+# transformers' TikTokenConverter gives the specials consecutive ids after the ranks (cl100k's
+# <|endoftext|> becomes 100256, not 100257), and its regex engine (Oniguruma) reads tiktoken's
+# possessive ``{1,3}+`` as "one or more times {1,3}" ("2024" -> [508, 1187] instead of [2366, 19]).
+# So the specials go into the vocab (and added_tokens) at their own ids, and ``{n,m}+`` is written
+# ``{n,m}`` (possessive and greedy agree there: nothing in that alternative can backtrack into it).
+# tests/test_export.py checks ids equal tiktoken's on random strings for every packaged encoding.
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the alphabet of byte-level BPE vocabularies)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def hf_pattern(pat_str: str) -> str:
+    """tiktoken's split regex in the form Oniguruma (the tokenizers library) reads the same way."""
+    return re.sub(r"\{(\d+),(\d+)\}\+", r"{\1,\2}", pat_str)
+
+
+def tokenizer_json(encoding: Any) -> dict[str, Any]:
+    """tokenizer.json (the ``tokenizers`` library's format) of a ``tiktoken.Encoding``: byte-level
+    BPE with tiktoken's ranks as ids, every split of a token into two tokens as a merge ranked by the
+    token (as transformers' converter derives them), ``ignore_merges`` (tiktoken takes a whole
+    piece that is a token as it is), and the special tokens at their own ids."""
+    ranks: dict[bytes, int] = encoding._mergeable_ranks
+    specials: dict[str, int] = encoding._special_tokens
+    byte_chars = _bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(byte_chars[c] for c in b)
+
+    vocab = {text(tok): rank for tok, rank in ranks.items()}
+    merges = []  # (rank of the merged token, rank of left, rank of right, left, right)
+    for tok, rank in ranks.items():
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort(key=lambda m: m[:3])
+    vocab.update(specials)
+    added = [
+        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for s, i in sorted(specials.items(), key=lambda item: item[1])
+    ]  # fmt: skip
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": hf_pattern(encoding._pat_str)},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },  # fmt: skip
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": vocab,
+            "merges": [[text(a), text(b)] for *_, a, b in merges],
+        },
+    }
+
+
+# ChatML as lumina.data.chat renders it: <|im_start|>{role}\n{content}<|im_end|>\n per message.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tokenizer_config(tok: Any, max_len: int) -> dict[str, Any]:
+    """tokenizer_config.json for ``tokenizer_json``: the generic fast tokenizer (no BOS / EOS added,
+    no clean-up of spaces when decoding), <|endoftext|> as EOS and pad, the ChatML template."""
+    eot = tok.encoding.decode([tok.eot_id])
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_len,
+        "bos_token": None,
+        "eos_token": eot,
+        "pad_token": eot,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }

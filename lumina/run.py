@@ -53,6 +53,7 @@ _SHORTHANDS = {
     "inject": "train.inject",
     "name": "name",
     "dist": "dist.strategy",
+    "init_from": "train.init_from",
 }
 
 
@@ -145,6 +146,13 @@ def train_parser() -> _Parser:
         "--resume", metavar="latest|PATH", help="continue from the newest checkpoint, a run or a checkpoint"
     )
     parser.add_argument(
+        "--init-from",
+        dest="init_from",
+        metavar="HF_DIR|RUN|CHECKPOINT",
+        help="a new run from these weights (a Hugging Face folder: its model config and, when recorded, "
+        "tokenizer; docs/export.md); fresh optimizer, schedule and step",
+    )
+    parser.add_argument(
         "--dist",
         metavar="STRATEGY",
         help="under torchrun: ddp | fsdp | zero1 | zero2 | zero3 (dist.strategy; docs/distributed.md)",
@@ -159,11 +167,13 @@ def train_parser() -> _Parser:
 
 def _cmd_train(argv: Sequence[str]) -> int:
     def resumed_config(args, overrides) -> dict | None:
-        if not args.resume:
-            return None
+        probe = load_config(args.preset, args.config, overrides)  # where to look for "latest"
+        if not args.resume:  # a Hugging Face folder to start from supplies the model config
+            from lumina.weights import start_config
+
+            return start_config(probe)
         from lumina import checkpoint, loop
 
-        probe = load_config(args.preset, args.config, overrides)  # where to look for "latest"
         path = loop.find_resume(args.resume, probe.run_dir, probe.name)
         args.resume = str(path)
         saved = checkpoint.read_meta(path)["config"]  # the state itself is loaded once, by the loop
@@ -296,11 +306,12 @@ def _number(kind: type, low: float, what: str) -> Callable[[str], int | float]:
 def _cmd_generate(argv: Sequence[str]) -> int:
     p = _Parser(
         prog="lumina.run generate",
-        description="Sample text from a trained model: a run folder (its newest checkpoint) or a\n"
-        "checkpoint folder. Streams the text to the terminal (docs/generate.md).",
+        description="Sample text from a trained model: a run folder (its newest checkpoint), a\n"
+        "checkpoint folder or a Hugging Face Llama / Mixtral folder. Streams the text to the terminal\n"
+        "(docs/generate.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", metavar="RUN|CHECKPOINT", help="a run folder (runs/<name>) or a checkpoint folder")
+    p.add_argument("path", metavar="RUN|CHECKPOINT|HF_DIR", help="a run, checkpoint or Hugging Face folder")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument(
         "--max-new-tokens", dest="max_new_tokens", type=_number(int, 1, "an integer >= 1"), default=64
@@ -341,6 +352,9 @@ def _cmd_generate(argv: Sequence[str]) -> int:
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (worth it on CUDA)")
+    p.add_argument(
+        "--tokenizer", help="tiktoken encoding (default: the run's, or what a Hugging Face folder records)"
+    )
     args = p.parse_args(argv)
     if not args.prompt.strip():
         raise ConfigError("--prompt: empty prompt")
@@ -358,7 +372,7 @@ def _cmd_generate(argv: Sequence[str]) -> int:
             repetition_penalty=args.repetition_penalty,
             greedy=args.greedy,
         )
-        model = load_model(args.path, device=args.device)
+        model = load_model(args.path, device=args.device, tokenizer=args.tokenizer)
         gen = Generator(model, compile=args.compile)
         print(args.prompt, end="", flush=True)
         result = gen.generate_ids(
@@ -382,6 +396,44 @@ def _cmd_generate(argv: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_export(argv: Sequence[str]) -> int:
+    p = _Parser(
+        prog="lumina.run export",
+        description="Write a trained model as a folder transformers loads (AutoModelForCausalLM,\n"
+        "AutoTokenizer): dense models as Llama, MoE as Mixtral; tokenizer.json with tiktoken's exact\n"
+        "ids. Written atomically: nothing is left on error (docs/export.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "path", metavar="RUN|CHECKPOINT", help="a run folder (its newest checkpoint) or a checkpoint"
+    )
+    p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights dtype (default: fp32)")
+    p.add_argument(
+        "--verify", action="store_true", help="load the export with transformers: logits and tokenizer ids"
+    )
+    p.add_argument(
+        "--merge-lora", dest="merge_lora", action="store_true",
+        help="a run trained with train.lora (on a model.quant base too): write W + alpha/rank A B",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-shard-size", dest="max_shard_size", default="5GB",
+        help="larger weights are split into model-0000i-of-0000n.safetensors + index (default: 5GB)",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    from lumina.export import ExportError, export
+
+    try:
+        export(
+            args.path, args.out, dtype=args.dtype, verify_logits=args.verify, merge_lora=args.merge_lora,
+            max_shard_size=args.max_shard_size,
+        )  # fmt: skip
+    except ExportError as e:  # the export does not reproduce the model: a bug, not bad input
+        print(f"lumina: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train,
     "check": _cmd_check,
@@ -389,6 +441,7 @@ _COMMANDS = {
     "validate": _cmd_validate,
     "replay": _cmd_replay,
     "generate": _cmd_generate,
+    "export": _cmd_export,
 }
 _DEFAULT = "train"
 
