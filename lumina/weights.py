@@ -49,12 +49,9 @@ def resolve(spec: str | Path) -> Path:
         return path
     if (path / "checkpoints").is_dir():
         return checkpoint.latest(path)
-    what = (
-        "does not exist"
-        if not path.exists()
-        else "is neither a checkpoint folder nor a run folder nor a Hugging Face model folder (config.json)"
-    )
-    raise CheckpointError(f"{path}: {what}")
+    want = "a Hugging Face model folder (config.json + safetensors), a Lumina checkpoint or run folder"
+    what = "does not exist" if not path.exists() else "is neither a checkpoint folder nor a run folder"
+    raise CheckpointError(f"{path}: {what} (wanted: {want})")
 
 
 def load_params(

@@ -28,8 +28,9 @@ from lumina.config import (  # noqa: E402
     TrainConfig,
     to_dict,
 )
+from lumina.data.chat import chitchat_conversations, render  # noqa: E402
 from lumina.data.tokenizer import get_tokenizer  # noqa: E402
-from lumina.export import export  # noqa: E402
+from lumina.export import ExportError, export, verify  # noqa: E402
 from lumina.generate import inference_config, load_model  # noqa: E402
 from lumina.model import apply, init  # noqa: E402
 from lumina.run import main  # noqa: E402
@@ -80,7 +81,7 @@ def test_hf_llama_init_from_finetune_export_parity(tmp_path, capsys):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-5,
+        num_key_value_heads=2, max_position_embeddings=96, rope_theta=500.0, rms_norm_eps=1e-5,
     )  # fmt: skip
     source = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -91,7 +92,7 @@ def test_hf_llama_init_from_finetune_export_parity(tmp_path, capsys):
 
     args = ["--init-from", str(tmp_path / "hf"), "--mode", "finetuning_only", "--steps", "3",
             "--run-dir", str(tmp_path), "--name", "ft", "--device", "cpu", "--train.batch_size=2",
-            "--train.eval_batches=1", "--train.eval_every=3", "--train.log_every=1",
+            "--train.eval_batches=0", "--train.log_every=1",
             "--train.warmup_steps=0", "--train.compile=false", "--train.lr=1e-2"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -99,7 +100,12 @@ def test_hf_llama_init_from_finetune_export_parity(tmp_path, capsys):
     saved = checkpoint.read_meta(checkpoint.latest(tmp_path / "ft"))
     m = saved["config"]["model"]  # the model config came from config.json, not the preset
     assert (m["d_model"], m["n_layers"], m["rope_theta"], m["mod"]["enabled"]) == (32, 2, 500.0, False)
-    assert saved["config"]["train"]["seq_len"] == 64  # capped at max_position_embeddings
+    assert saved["config"]["train"]["seq_len"] == 96  # the preset's 128, capped at max_position_embeddings
+    records = [json.loads(r) for r in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "train"]
+    assert len(steps) == 3 and all(
+        r["grad_norm"] > 0 and r["tokens"] > 0 for r in steps
+    )  # chat tokens trained
 
     assert main(["export", str(tmp_path / "ft"), str(tmp_path / "out"), "--verify"]) == 0
     assert "verified with transformers" in capsys.readouterr().out
@@ -120,6 +126,11 @@ def test_hf_llama_init_from_finetune_export_parity(tmp_path, capsys):
     back = load_model(tmp_path / "out")
     assert back.run_cfg.data.tokenizer == "gpt2" and back.step == 3
     torch.testing.assert_close(apply(back.params, x, back.cfg, train=False)[0], mine, atol=1e-5, rtol=0)
+    # the tokenizer's chat template gives the ids Lumina trained on
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for conv in chitchat_conversations()[:50]:
+        text = hf_tok.apply_chat_template(conv, tokenize=False)
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == render(conv, back.get_tokenizer())[0]
     assert (
         main(["generate", str(tmp_path / "out"), "--prompt", "Hello", "--max-new-tokens", "3", "--greedy"])
         == 0
@@ -158,6 +169,11 @@ def test_mixtral_export_sharded_parity(tmp_path):
     mine, _ = apply(params, x, inference_config(model), train=False)
     torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
     assert theirs.abs().max() > 1
+    # --verify notices a model that is not the one written (here: one expert's weights changed)
+    other = params.clone()
+    other["layers", "1", "moe", "w_up"][2] += 0.05
+    with pytest.raises(ExportError, match="logits differ"):
+        verify(tmp_path / "out", other, model, get_tokenizer("gpt2"))
 
 
 def test_bf16_export(tmp_path):
