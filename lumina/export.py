@@ -2,7 +2,8 @@
 ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer.from_pretrained(OUT)``
 load (docs/export.md).
 
-    OUT/config.json                  LlamaForCausalLM (dense) or MixtralForCausalLM (MoE)
+    OUT/config.json                  LlamaForCausalLM (dense), MixtralForCausalLM (MoE) or
+                                     Qwen2MoeForCausalLM (MoE with shared experts; lumina.hf)
     OUT/model.safetensors            (above --max-shard-size: model-0000i-of-0000n.safetensors + index)
     OUT/generation_config.json       <|endoftext|> as EOS / pad
     OUT/tokenizer.json               byte-level BPE with exactly tiktoken's ids, specials included
@@ -10,10 +11,10 @@ load (docs/export.md).
     OUT/lumina.json                  which tiktoken encoding, source checkpoint, step (read back by
                                      --init-from / generate)
 
-Mixtral's experts are written per expert (``block_sparse_moe.experts.<e>.w1/w2/w3``), the key layout
+Experts are written per expert (Mixtral: ``block_sparse_moe.experts.<e>.w1/w2/w3``), the key layout
 ``save_pretrained`` writes (transformers 4.x and 5.x alike; 5.x fuses them when loading). A model
-with no exact transformers equivalent (Mixture-of-Depths, shared experts, a balance bias, MoE in only
-some layers) is refused with one line before anything is read. A run that trained LoRA adapters
+with no exact transformers equivalent (Mixture-of-Depths, a balance bias, MoE in only some layers
+without shared experts) is refused with one line before anything is read. A run that trained LoRA adapters
 needs ``--merge-lora`` (W + alpha/rank A B in full precision). MoE exports are dropless, as
 Mixtral is (and as Lumina generates); a router temperature is folded into the router weights.
 

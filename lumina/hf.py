@@ -1,19 +1,28 @@
-"""Hugging Face ``transformers`` interop for Llama and Mixtral (MoE) checkpoints.
+"""Hugging Face ``transformers`` interop: Llama (dense), Mixtral (MoE) and Qwen2-MoE (MoE with shared
+experts) checkpoints, in memory and as folders on disk.
 
     cfg, params = from_hf(LlamaForCausalLM.from_pretrained(...))      # or (state_dict, config)
     state_dict, config_dict = to_hf(cfg, params)
     LlamaForCausalLM(LlamaConfig(**config_dict)).load_state_dict(state_dict, strict=not cfg.tie_embeddings)
+    cfg, params = load_dir("out/model")                                # a folder: safetensors only
 
 HF stores projections as torch ``Linear`` weights [out, in]; Lumina stores [in, out], so every matrix
-is transposed on the way through. Mixtral experts are read in both layouts transformers has used
-(v5: fused ``mlp.experts.gate_up_proj [E, 2F, D]`` / ``down_proj [E, D, F]``; v4: per-expert
-``block_sparse_moe.experts.<e>.w1/w2/w3``) and written in the installed transformers' layout
-(``expert_layout="auto"``). Both use the half-split RoPE layout, so no head permutation is
-needed. A tied model's ``lm_head.weight`` is left out of the exported state dict (as
-``save_pretrained`` does); the HF model ties it to the embedding itself.
+is transposed on the way through. Routed experts are read in both layouts transformers has used
+(v5 in memory: fused ``mlp.experts.gate_up_proj [E, 2F, D]`` / ``down_proj [E, D, F]``; files and
+v4: per expert, Mixtral's ``block_sparse_moe.experts.<e>.w1/w2/w3``, Qwen2-MoE's
+``mlp.experts.<e>.gate_proj/up_proj/down_proj``) and written in the installed transformers' in-memory
+layout (``expert_layout="auto"``) or, for files, per expert (what ``save_pretrained`` writes). All
+three use the half-split RoPE layout, so no head permutation is needed. A tied model's
+``lm_head.weight`` is left out of the exported state dict (as ``save_pretrained`` does); the HF model
+ties it to the embedding itself.
+
+Qwen2-MoE's shared expert is gated, sigmoid(x g) * FFN(x); Lumina's is not. With g = 0 the factor is
+exactly 1/2, so an export writes g = 0 and the shared w_down doubled (exact: a power of two), and an
+import requires g = 0 (a trained gate has no Lumina equivalent). Its q/k/v biases are written as zeros
+and must be zero on import.
 
 ``transformers`` is only needed by the caller (it is a dev/test dependency of Lumina): this module
-works on plain state dicts and config dicts.
+works on plain state dicts, config dicts, JSON and safetensors files.
 """
 
 from __future__ import annotations
@@ -46,16 +55,29 @@ _DENSE_FFN_MAP = (
     ("layers.{i}.ffn.w_up", "model.layers.{i}.mlp.up_proj.weight", True),
     ("layers.{i}.ffn.w_down", "model.layers.{i}.mlp.down_proj.weight", True),
 )
-# Mixtral router and the two expert layouts.
-_ROUTER = {
-    "fused": "model.layers.{i}.mlp.gate.weight",
-    "per_expert": "model.layers.{i}.block_sparse_moe.gate.weight",
-}
-_FUSED_GATE_UP = "model.layers.{i}.mlp.experts.gate_up_proj"  # [E, 2F, D]: gate rows, then up rows
-_FUSED_DOWN = "model.layers.{i}.mlp.experts.down_proj"  # [E, D, F]
-_PER_EXPERT = (
-    "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"  # w1 gate, w3 up [F, D]; w2 down [D, F]
-)
+# The routed experts, per architecture: the router and the two layouts (fused: v5 in memory,
+# gate_up_proj [E, 2F, D] = gate rows then up rows, down_proj [E, D, F]; per_expert: what files hold).
+_EXPERTS = {
+    "mixtral": {
+        "router": {
+            "fused": "model.layers.{i}.mlp.gate.weight",
+            "per_expert": "model.layers.{i}.block_sparse_moe.gate.weight",
+        },
+        "per_expert": "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight",  # w1 gate, w3 up, w2 down
+        "names": ("w1", "w3", "w2"),
+    },
+    "qwen2_moe": {
+        "router": dict.fromkeys(("fused", "per_expert"), "model.layers.{i}.mlp.gate.weight"),
+        "per_expert": "model.layers.{i}.mlp.experts.{e}.{w}.weight",
+        "names": ("gate_proj", "up_proj", "down_proj"),
+    },
+}  # fmt: skip
+_FUSED_GATE_UP = "model.layers.{i}.mlp.experts.gate_up_proj"
+_FUSED_DOWN = "model.layers.{i}.mlp.experts.down_proj"
+# Qwen2-MoE's always-on shared expert, its sigmoid gate, and the q/k/v biases (written as zeros).
+_SHARED = "model.layers.{i}.mlp.shared_expert.{w}.weight"
+_SHARED_GATE = "model.layers.{i}.mlp.shared_expert_gate.weight"
+_QKV_BIAS = "model.layers.{i}.self_attn.{w}_proj.bias"
 _GLOBAL_MAP = (
     ("embed.weight", "model.embed_tokens.weight", False),
     ("final_norm.weight", "model.norm.weight", False),
@@ -64,11 +86,19 @@ _HEAD = ("head.weight", "lm_head.weight", True)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older transformers versions saved
 
 
+def _arch(cfg: ModelConfig) -> str:
+    """The transformers architecture a model exports as: llama (dense), mixtral (MoE), qwen2_moe
+    (MoE with shared experts; MoE on some layers too)."""
+    if not cfg.moe.enabled:
+        return "llama"
+    return "qwen2_moe" if cfg.moe.num_shared_experts else "mixtral"
+
+
 def _name_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
-    """The 1:1 rows (everything except Mixtral's experts)."""
+    """The 1:1 rows (everything except the routed and shared experts)."""
     rows = list(_GLOBAL_MAP)
-    layer_rows = _LAYER_MAP if cfg.moe.enabled else _LAYER_MAP + _DENSE_FFN_MAP
-    for i in range(cfg.n_layers):
+    for i, moe in enumerate(cfg.moe_layers()):
+        layer_rows = _LAYER_MAP if moe else _LAYER_MAP + _DENSE_FFN_MAP
         rows += [(ours.format(i=i), theirs.format(i=i), t) for ours, theirs, t in layer_rows]
     if not cfg.tie_embeddings:
         rows.append(_HEAD)
@@ -81,12 +111,18 @@ def _take(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return sd.pop(key).detach()
 
 
+def _moe_indices(cfg: ModelConfig) -> list[int]:
+    return [i for i, moe in enumerate(cfg.moe_layers()) if moe]
+
+
 def _experts_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, flat: dict[str, torch.Tensor]) -> None:
     E, F = cfg.moe.num_experts, cfg.expert_dim
-    layout = "fused" if _ROUTER["fused"].format(i=0) in sd else "per_expert"
-    for i in range(cfg.n_layers):
+    names = _EXPERTS[_arch(cfg)]
+    moe_layers = _moe_indices(cfg)
+    layout = "fused" if _FUSED_GATE_UP.format(i=moe_layers[0]) in sd else "per_expert"
+    for i in moe_layers:
         p = f"layers.{i}.moe"
-        flat[f"{p}.router"] = _take(sd, _ROUTER[layout].format(i=i)).T.contiguous()
+        flat[f"{p}.router"] = _take(sd, names["router"][layout].format(i=i)).T.contiguous()
         if layout == "fused":
             gate_up = _take(sd, _FUSED_GATE_UP.format(i=i))  # [E, 2F, D]
             flat[f"{p}.w_gate"] = gate_up[:, :F].transpose(1, 2).contiguous()
@@ -95,19 +131,17 @@ def _experts_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, flat: dict[s
         else:
 
             def stack(w: str, i: int = i) -> torch.Tensor:
-                return torch.stack([_take(sd, _PER_EXPERT.format(i=i, e=e, w=w)).T for e in range(E)])
+                return torch.stack([_take(sd, names["per_expert"].format(i=i, e=e, w=w)).T for e in range(E)])
 
-            flat[f"{p}.w_gate"], flat[f"{p}.w_up"], flat[f"{p}.w_down"] = (
-                stack("w1"),
-                stack("w3"),
-                stack("w2"),
-            )
+            for ours, w in zip(("w_gate", "w_up", "w_down"), names["names"], strict=True):
+                flat[f"{p}.{ours}"] = stack(w)
 
 
 def _experts_to_hf(flat, cfg: ModelConfig, layout: str, sd: dict[str, torch.Tensor]) -> None:
-    for i in range(cfg.n_layers):
+    names = _EXPERTS[_arch(cfg)]
+    for i in _moe_indices(cfg):
         p = f"layers.{i}.moe"
-        sd[_ROUTER[layout].format(i=i)] = flat[f"{p}.router"].T.contiguous()
+        sd[names["router"][layout].format(i=i)] = flat[f"{p}.router"].T.contiguous()
         gate, up, down = (
             flat[f"{p}.w_gate"],
             flat[f"{p}.w_up"],
@@ -118,8 +152,45 @@ def _experts_to_hf(flat, cfg: ModelConfig, layout: str, sd: dict[str, torch.Tens
             sd[_FUSED_DOWN.format(i=i)] = down.transpose(1, 2).contiguous()
         else:
             for e in range(cfg.moe.num_experts):
-                for w, t in (("w1", gate[e]), ("w3", up[e]), ("w2", down[e])):
-                    sd[_PER_EXPERT.format(i=i, e=e, w=w)] = t.T.contiguous()
+                for w, t in zip(names["names"], (gate[e], up[e], down[e]), strict=True):
+                    sd[names["per_expert"].format(i=i, e=e, w=w)] = t.T.contiguous()
+
+
+# Qwen2-MoE adds sigmoid(x g) * shared_expert(x) to the routed experts: with g = 0 the factor is
+# exactly 0.5, so Lumina's ungated shared FFN exports exactly with w_down doubled (a power of two:
+# no rounding) and reads back halved. Its q/k/v projections have biases: written as zeros.
+def _shared_to_hf(flat, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> None:
+    for i in range(cfg.n_layers):
+        for w in ("q", "k", "v"):
+            width = flat[f"layers.{i}.attn.w{w}"].shape[1]
+            sd[_QKV_BIAS.format(i=i, w=w)] = torch.zeros(width, dtype=flat["embed.weight"].dtype)
+    for i in _moe_indices(cfg):
+        s = f"layers.{i}.moe.shared"
+        sd[_SHARED.format(i=i, w="gate_proj")] = flat[f"{s}.w_gate"].T.contiguous()
+        sd[_SHARED.format(i=i, w="up_proj")] = flat[f"{s}.w_up"].T.contiguous()
+        sd[_SHARED.format(i=i, w="down_proj")] = (2 * flat[f"{s}.w_down"]).T.contiguous()
+        sd[_SHARED_GATE.format(i=i)] = torch.zeros(1, cfg.d_model, dtype=flat[f"{s}.w_gate"].dtype)
+
+
+def _shared_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, flat: dict[str, torch.Tensor]) -> None:
+    for i in range(cfg.n_layers):
+        for w in ("q", "k", "v"):
+            bias = sd.pop(_QKV_BIAS.format(i=i, w=w), None)
+            if bias is not None and bias.any():
+                raise ConfigError(
+                    f"hf state dict: {_QKV_BIAS.format(i=i, w=w)} is not zero (Lumina has no biases)"
+                )
+    for i in _moe_indices(cfg):
+        gate = _take(sd, _SHARED_GATE.format(i=i))
+        if gate.any():
+            raise ConfigError(
+                f"hf state dict: {_SHARED_GATE.format(i=i)} is not zero (a gated shared expert has no Lumina "
+                "equivalent)"
+            )
+        s = f"layers.{i}.moe.shared"
+        flat[f"{s}.w_gate"] = _take(sd, _SHARED.format(i=i, w="gate_proj")).T.contiguous()
+        flat[f"{s}.w_up"] = _take(sd, _SHARED.format(i=i, w="up_proj")).T.contiguous()
+        flat[f"{s}.w_down"] = (_take(sd, _SHARED.format(i=i, w="down_proj")) / 2).T.contiguous()
 
 
 def _installed_expert_layout() -> str:
@@ -147,26 +218,65 @@ def _rope_theta(c: Mapping[str, Any]) -> float:
     return float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
 
 
+def _moe_pattern(moe_layers: list[bool]) -> dict[str, Any]:
+    """Lumina's ``pattern`` / ``every_n`` that gives these MoE layers, or ConfigError."""
+    L = len(moe_layers)
+    candidates = [{"pattern": "all"}, {"pattern": "sandwich"}]
+    candidates += [{"pattern": "every_n", "every_n": n} for n in range(2, L + 1)]
+    for c in candidates:
+        probe = ModelConfig(
+            vocab_size=1, d_model=2, n_layers=L, n_heads=1, moe=MoEConfig(num_experts=1, top_k=1, **c)
+        )
+        if probe.moe_layers() == moe_layers:
+            return c
+    moe = [i for i, m in enumerate(moe_layers) if m]
+    raise ConfigError(f"hf config: MoE on layers {moe} matches no model.moe.pattern (all, every_n, sandwich)")
+
+
 def _model_config(c: Mapping[str, Any]) -> ModelConfig:
     kind = c.get("model_type")
-    if kind not in ("llama", "mixtral"):
-        raise ConfigError(f"hf config: model_type {kind!r} is not supported (supported: 'llama', 'mixtral')")
+    if kind not in ("llama", "mixtral", "qwen2_moe"):
+        raise ConfigError(
+            f"hf config: model_type {kind!r} is not supported (supported: 'llama', 'mixtral', 'qwen2_moe')"
+        )
     moe = MoEConfig()
+    window = c.get("sliding_window")
+    if (
+        kind != "llama"
+        and window
+        and window < c.get("max_position_embeddings", 0)
+        and c.get("use_sliding_window", True)
+    ):
+        raise ConfigError(f"hf config: sliding_window={window} is not supported (full causal attention only)")
+    # transformers' balance loss sums the expert shares over the k slots, so it is top_k x ours
+    # (ours is 1.0 when balanced, theirs top_k): the same gradient needs top_k x the weight.
     if kind == "mixtral":
-        window = c.get("sliding_window")
-        if window is not None and window < c.get("max_position_embeddings", 0):
-            raise ConfigError(
-                f"hf config: sliding_window={window} is not supported (full causal attention only)"
-            )
         moe = MoEConfig(
             num_experts=c["num_local_experts"],
             top_k=c["num_experts_per_tok"],
             d_expert=c["intermediate_size"],
             renormalize=True,
             router_jitter=float(c.get("router_jitter_noise") or 0.0),
-            # transformers' balance loss sums the expert shares over the k slots, so it is top_k x ours
-            # (ours is 1.0 when balanced, theirs top_k): the same gradient needs top_k x the weight.
             aux_loss_weight=float(c.get("router_aux_loss_coef", 1e-2)) * c["num_experts_per_tok"],
+        )
+    elif kind == "qwen2_moe":
+        L, E, F = c["num_hidden_layers"], c["num_experts"], c["moe_intermediate_size"]
+        step, dense = c.get("decoder_sparse_step", 1), set(c.get("mlp_only_layers") or ())
+        layers = [E > 0 and i not in dense and (i + 1) % step == 0 for i in range(L)]
+        shared = c.get("shared_expert_intermediate_size", 0)
+        if not shared or shared % F:
+            raise ConfigError(
+                f"hf config: shared_expert_intermediate_size={shared} is not a positive multiple of "
+                f"moe_intermediate_size={F} (Lumina's shared experts are num_shared_experts x d_expert wide)"
+            )
+        moe = MoEConfig(
+            num_experts=E,
+            top_k=c["num_experts_per_tok"],
+            d_expert=F,
+            num_shared_experts=shared // F,
+            renormalize=bool(c.get("norm_topk_prob", False)),
+            aux_loss_weight=float(c.get("router_aux_loss_coef", 1e-3)) * c["num_experts_per_tok"],
+            **_moe_pattern(layers),
         )
     for flag in ("attention_bias", "mlp_bias"):
         if c.get(flag):
@@ -210,6 +320,8 @@ def from_hf(model_or_state_dict: Any, hf_config: Any = None) -> tuple[ModelConfi
         flat[ours] = (t.T if transpose else t).contiguous()
     if cfg.moe.enabled:
         _experts_from_hf(sd, cfg, flat)
+    if _arch(cfg) == "qwen2_moe":
+        _shared_from_hf(sd, cfg, flat)
     sd.pop(_HEAD[1], None)  # tied: lm_head aliases the embedding
     unexpected = [k for k in sd if not k.endswith(_IGNORED_SUFFIXES)]
     if unexpected:
@@ -218,17 +330,19 @@ def from_hf(model_or_state_dict: Any, hf_config: Any = None) -> tuple[ModelConfi
 
 
 def export_problem(cfg: ModelConfig) -> str | None:
-    """Why ``cfg`` has no exact transformers equivalent (Llama: dense; Mixtral: MoE), or None."""
+    """Why ``cfg`` has no exact transformers equivalent (Llama: dense; Mixtral: MoE; Qwen2-MoE: MoE
+    with shared experts), or None."""
     moe = cfg.moe
     problems = [
         (cfg.mod.enabled, "Mixture-of-Depths has no transformers equivalent (dense models export as "
-         "Llama, MoE models as Mixtral)"),
-        (moe.enabled and any(not m for m in cfg.moe_layers()),
-         "Mixtral needs MoE in every layer (model.moe.pattern='all')"),
-        (moe.num_shared_experts > 0,
-         "Mixtral has no shared experts (and no other MoE architecture is exported)"),
-        (moe.enabled and moe.balance != "aux_loss", "Mixtral has no balance bias (model.moe.balance='bias')"),
-        (moe.enabled and not moe.renormalize, "Mixtral renormalises top-k weights (model.moe.renormalize)"),
+         "Llama, MoE models as Mixtral, MoE with shared experts as Qwen2-MoE)"),
+        (moe.enabled and not moe.num_shared_experts and any(not m for m in cfg.moe_layers()),
+         "Mixtral needs MoE in every layer (model.moe.pattern='all'; with shared experts, Qwen2-MoE "
+         "takes any pattern)"),
+        (moe.enabled and moe.balance != "aux_loss",
+         "Mixtral has no balance bias, nor has Qwen2-MoE (model.moe.balance='bias')"),
+        (moe.enabled and not moe.num_shared_experts and not moe.renormalize,
+         "Mixtral renormalises top-k weights (model.moe.renormalize)"),
     ]  # fmt: skip
     return next((why for bad, why in problems if bad), None)
 
@@ -241,8 +355,9 @@ def _check_exportable(cfg: ModelConfig) -> None:
 def to_hf(
     cfg: ModelConfig, params: TensorDict, *, expert_layout: str = "auto"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Export ``(state_dict, config_dict)``: a dense model as Llama, an MoE model as Mixtral
-    (``LlamaForCausalLM(LlamaConfig(**config_dict))`` / ``MixtralForCausalLM(MixtralConfig(...))``)."""
+    """Export ``(state_dict, config_dict)``: a dense model as Llama, an MoE model as Mixtral, an MoE
+    model with shared experts as Qwen2-MoE (``LlamaForCausalLM(LlamaConfig(**config_dict))``,
+    ``MixtralForCausalLM(MixtralConfig(...))``, ``Qwen2MoeForCausalLM(Qwen2MoeConfig(...))``)."""
     _check_exportable(cfg)
     flat = tree.flatten(params)
     state_dict = {}
@@ -255,9 +370,11 @@ def to_hf(
             flat[f"layers.{i}.moe.router"] = flat[f"layers.{i}.moe.router"] / cfg.moe.router_temperature
     if cfg.moe.enabled:
         layout = _installed_expert_layout() if expert_layout == "auto" else expert_layout
-        if layout not in _ROUTER:
+        if layout not in ("fused", "per_expert"):
             raise ValueError(f"expert_layout must be 'auto', 'fused' or 'per_expert', got {expert_layout!r}")
         _experts_to_hf(flat, cfg, layout, state_dict)
+    if _arch(cfg) == "qwen2_moe":
+        _shared_to_hf(flat, cfg, state_dict)
     dtype = flat["embed.weight"].dtype
     config = {
         "architectures": ["MixtralForCausalLM" if cfg.moe.enabled else "LlamaForCausalLM"],
@@ -279,7 +396,7 @@ def to_hf(
         "initializer_range": cfg.init_std,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    if cfg.moe.enabled:
+    if _arch(cfg) == "mixtral":
         config.update(
             intermediate_size=cfg.expert_dim,
             num_local_experts=cfg.moe.num_experts,
@@ -287,6 +404,25 @@ def to_hf(
             router_jitter_noise=cfg.moe.router_jitter,
             router_aux_loss_coef=cfg.moe.aux_loss_weight / cfg.moe.top_k,  # see from_hf
             sliding_window=None,
+        )
+        for key in ("attention_bias", "mlp_bias"):
+            config.pop(key)
+    elif _arch(cfg) == "qwen2_moe":
+        config.update(
+            architectures=["Qwen2MoeForCausalLM"],
+            model_type="qwen2_moe",
+            moe_intermediate_size=cfg.expert_dim,
+            shared_expert_intermediate_size=cfg.moe.num_shared_experts * cfg.expert_dim,
+            num_experts=cfg.moe.num_experts,
+            num_experts_per_tok=cfg.moe.top_k,
+            norm_topk_prob=cfg.moe.renormalize,
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i, moe in enumerate(cfg.moe_layers()) if not moe],
+            qkv_bias=True,  # zeros; transformers < 5 always builds the biases
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=cfg.n_layers,
+            router_aux_loss_coef=cfg.moe.aux_loss_weight / cfg.moe.top_k,
         )
         for key in ("attention_bias", "mlp_bias"):
             config.pop(key)

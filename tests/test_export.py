@@ -19,6 +19,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from lumina import checkpoint, hf, quant, tree  # noqa: E402
 from lumina.config import (  # noqa: E402
+    ConfigError,
     DataConfig,
     LoRAConfig,
     MoDConfig,
@@ -174,6 +175,35 @@ def test_mixtral_export_sharded_parity(tmp_path):
     other["layers", "1", "moe", "w_up"][2] += 0.05
     with pytest.raises(ExportError, match="logits differ"):
         verify(tmp_path / "out", other, model, get_tokenizer("gpt2"))
+
+
+def test_shared_experts_export_as_qwen2_moe(tmp_path):
+    """Shared experts (2 x d_expert wide) on every other layer -> Qwen2-MoE with a zero shared-expert
+    gate and w_down doubled: logits equal Lumina's, the keys are save_pretrained's, the folder reads
+    back to the same params; a trained (non-zero) gate is refused on import."""
+    moe = MoEConfig(num_experts=4, top_k=2, d_expert=24, num_shared_experts=2, pattern="every_n", every_n=2)
+    model = ModelConfig(**{**tiny().__dict__, "n_layers": 4, "moe": moe})
+    params = randomised(init(model, seed=5))
+    save_run(tmp_path / "run", model, params)
+    export(tmp_path / "run", tmp_path / "out", verify_logits=True, log=lambda s: None)
+
+    x = tokens()
+    theirs, hf_model = hf_logits(tmp_path / "out", x)
+    assert type(hf_model).__name__ == "Qwen2MoeForCausalLM" and hf_model.config.mlp_only_layers == [0, 2]
+    mine, _ = apply(params, x, inference_config(model), train=False)
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    sd, _ = hf.read_dir(tmp_path / "out")
+    type(hf_model)(hf_model.config).save_pretrained(tmp_path / "ref")
+    assert set(sd) == set(hf.read_dir(tmp_path / "ref")[0])
+
+    cfg2, params2 = hf.load_dir(tmp_path / "out")
+    assert (cfg2.moe.num_shared_experts, cfg2.moe.pattern, cfg2.moe.every_n) == (2, "every_n", 2)
+    for k, v in tree.flatten(params).items():
+        assert torch.equal(tree.flatten(params2)[k], v), k  # w_down doubled and halved exactly
+    with torch.no_grad():
+        hf_model.model.layers[1].mlp.shared_expert_gate.weight.fill_(0.1)
+    with pytest.raises(ConfigError, match="gated shared expert has no Lumina equivalent"):
+        hf.from_hf(hf_model)
 
 
 def test_bf16_export(tmp_path):
