@@ -248,6 +248,11 @@ def _model_config(c: Mapping[str, Any]) -> ModelConfig:
         and c.get("use_sliding_window", True)
     ):
         raise ConfigError(f"hf config: sliding_window={window} is not supported (full causal attention only)")
+    kinds = set(c.get("layer_types") or ()) - {"full_attention"}
+    if kinds:
+        raise ConfigError(
+            f"hf config: layer_types {sorted(kinds)} are not supported (full causal attention only)"
+        )
     # transformers' balance loss sums the expert shares over the k slots, so it is top_k x ours
     # (ours is 1.0 when balanced, theirs top_k): the same gradient needs top_k x the weight.
     if kind == "mixtral":
