@@ -146,6 +146,10 @@ class LoadedModel:
                     f"{self.path}: tokenizer {name} needs {tok.vocab_size} embedding rows, the model has "
                     f"{self.cfg.vocab_size} (name the model's tiktoken encoding with --tokenizer)"
                 )
+            if hf.is_hf_dir(self.path):
+                from lumina.weights import check_tokenizer
+
+                check_tokenizer(self.path, tok, "--tokenizer")
             self.tokenizer = tok
         return self.tokenizer
 

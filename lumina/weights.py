@@ -17,9 +17,9 @@ its config.json (``lumina.hf.from_hf``: dimensions, RoPE theta, norm eps, tied e
 experts) in place of the preset's model; ``--model.*`` flags still apply on top (``model.quant``, the
 attention backend); ``train.seq_len`` is capped at the model's context. **Which tokenizer**: a
 folder ``lumina.run export`` wrote records its tiktoken encoding (lumina.json), which becomes
-``data.tokenizer``; for any other folder ``data.tokenizer`` is what you set (default gpt2) — Lumina
-cannot check that a foreign vocabulary means the same tokens, only that the ids fit the embedding
-(one line otherwise).
+``data.tokenizer``; for any other folder ``data.tokenizer`` is what you set (default gpt2). Its ids
+must fit the embedding, and when the folder has a tokenizer.json, it must encode sample text exactly
+as that encoding does (``check_tokenizer``); each is one line otherwise.
 
 Every problem with the path or its contents is a ``CheckpointError``: one line naming the file,
 exit status 2 from the CLI.
@@ -38,7 +38,7 @@ from lumina import checkpoint, hf, quant, tree
 from lumina.checkpoint import CheckpointError
 from lumina.config import ModelConfig, RunConfig, to_dict
 
-__all__ = ["hf_run_config", "load_params", "resolve", "start_config"]
+__all__ = ["check_tokenizer", "hf_run_config", "load_params", "resolve", "start_config"]
 
 
 def resolve(spec: str | Path) -> Path:
@@ -85,6 +85,38 @@ def load_params(
     if problem is not None:
         raise CheckpointError(f"{path}: its params do not fit this run's model ({problem}); {hint}")
     return tree.unflatten({k: got[k].to(device) for k in want}), path
+
+
+# Plain text (no special tokens) a foreign tokenizer.json must encode as the chosen tiktoken encoding.
+_PROBE_TEXTS = (
+    "ROMEO: But, soft! what light through yonder window breaks? It is the east.",
+    "In 2024, 1234567 people paid $3.50; naïve café 日本語 🙂\n\n  indented\tcode()",
+)
+
+
+def check_tokenizer(spec: str | Path, tok, field: str = "data.tokenizer") -> None:
+    """For a Hugging Face folder that does not record its tiktoken encoding but has a tokenizer.json:
+    refuse (one line) when that tokenizer encodes sample text differently from ``tok``, the one this
+    run would use — training a model on another vocabulary's ids is silent garbage. Needs the
+    ``tokenizers`` library (a transformers dependency); without it, or without tokenizer.json,
+    nothing can be checked."""
+    path = Path(spec)
+    if not hf.is_hf_dir(path) or hf.read_record(path) is not None or not (path / "tokenizer.json").is_file():
+        return
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return
+    try:
+        theirs = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # the library's errors are plain Exceptions
+        raise CheckpointError(f"{path / 'tokenizer.json'}: not readable ({str(e).splitlines()[0]})") from None
+    for text in _PROBE_TEXTS:
+        if theirs.encode(text, add_special_tokens=False).ids != tok.encode(text):
+            raise CheckpointError(
+                f"{path / 'tokenizer.json'}: encodes text differently from {field}={tok.name} (Lumina uses "
+                f"tiktoken encodings only); set {field} to the encoding this model was trained with"
+            )
 
 
 def _meta_init(cfg: ModelConfig) -> TensorDict:

@@ -17,7 +17,7 @@ from tensordict import TensorDict
 transformers = pytest.importorskip("transformers")  # a dev dependency; `make test` installs it
 tokenizers = pytest.importorskip("tokenizers")
 
-from lumina import checkpoint, hf, quant, tree  # noqa: E402
+from lumina import checkpoint, hf, quant, tree, weights  # noqa: E402
 from lumina.config import (  # noqa: E402
     ConfigError,
     DataConfig,
@@ -319,6 +319,34 @@ def test_foreign_vocab_that_does_not_fit_is_one_line(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "hf"), "--prompt", "hi"]) == 2
     assert "--tokenizer" in one_line_error(capsys)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_foreign_tokenizer_json_must_match_data_tokenizer(tmp_path, capsys):
+    """A Hugging Face folder without lumina.json but with a tokenizer.json: --init-from / generate
+    refuse (one line) when it encodes text differently from the tiktoken encoding in use."""
+    import tiktoken
+
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2)  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    bytes_only = tiktoken.Encoding(
+        "bytes", pat_str=get_tokenizer("gpt2").encoding._pat_str,
+        mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={},
+    )  # fmt: skip
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(hf.tokenizer_json(bytes_only)))
+    capsys.readouterr()
+    assert (
+        main(["--init-from", str(tmp_path / "hf"), "--run-dir", str(tmp_path / "runs"), "--steps", "1"]) == 2
+    )
+    assert "tokenizer.json: encodes text differently from data.tokenizer=gpt2" in one_line_error(capsys)
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", "hi"]) == 2
+    assert "encodes text differently from --tokenizer=gpt2" in one_line_error(capsys)
+    assert not (tmp_path / "runs").exists()
+    # the same folder with gpt2's own tokenizer.json passes the check
+    (tmp_path / "hf" / "tokenizer.json").write_text(
+        json.dumps(hf.tokenizer_json(get_tokenizer("gpt2").encoding))
+    )
+    weights.check_tokenizer(tmp_path / "hf", get_tokenizer("gpt2"))
 
 
 def test_an_interrupted_export_leaves_nothing(tmp_path):
