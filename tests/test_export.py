@@ -246,6 +246,32 @@ def test_merge_lora_export_equals_the_adapted_model(tmp_path, capsys):
     assert (plain - theirs).abs().max() > 1e-2  # the adapters are in the export
 
 
+@pytest.mark.slow
+def test_qlora_from_an_export_then_merged_export(tmp_path, capsys):
+    """Issue 16's recipe from the CLI: an exported folder -> --init-from with an nf4 base and rank-4
+    adapters (the tokenizer from lumina.json) -> export --merge-lora -> transformers' logits equal
+    the adapted model's."""
+    pytest.importorskip("bitsandbytes")
+    model = tiny()
+    save_run(tmp_path / "run", model, randomised(init(model, seed=4)))
+    export(tmp_path / "run", tmp_path / "base", log=lambda s: None)
+    args = ["--init-from", str(tmp_path / "base"), "--model.quant=nf4", "--train.lora.rank=4",
+            "--steps", "2", "--run-dir", str(tmp_path), "--name", "qlora", "--device", "cpu",
+            "--train.batch_size=2", "--train.eval_batches=0", "--train.warmup_steps=0",
+            "--train.compile=false", "--train.lr=3e-2"]  # fmt: skip
+    assert main(args) == 0
+    assert "nf4-quantized base" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "qlora"), str(tmp_path / "out"), "--merge-lora", "--verify"]) == 0
+    adapted = load_model(tmp_path / "qlora")
+    assert any(v.abs().max() > 0 for k, v in tree.flatten(adapted.params).items() if k.endswith("lora_b"))
+    x = tokens()
+    theirs, _ = hf_logits(tmp_path / "out", x)
+    torch.testing.assert_close(
+        apply(adapted.params, x, adapted.cfg, train=False)[0], theirs, atol=1e-4, rtol=0
+    )
+    assert json.loads((tmp_path / "out" / "lumina.json").read_text())["merged_lora"] is True
+
+
 _ALPHABET = [*"abcXYZ \n\t\r0123456789.,'!?-_/$éü中文日本🙂"] + [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "'s", "'LL", "2024", "   ", "\r\n", " 12345",
 ]  # fmt: skip
