@@ -90,10 +90,14 @@ def test_hf_llama_init_from_finetune_export_parity(tmp_path, capsys):
             p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
     source.save_pretrained(tmp_path / "hf")  # model.safetensors + config.json, no tokenizer
     before = {k: v.clone() for k, v in source.state_dict().items()}
+    # 300 of the packaged chitchat conversations as a chat file (tokenizing all 7,168 twice, for the
+    # train and held-out split, would be most of this test's time)
+    chats = chitchat_conversations()[:300]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
 
     args = ["--init-from", str(tmp_path / "hf"), "--mode", "finetuning_only", "--steps", "3",
-            "--run-dir", str(tmp_path), "--name", "ft", "--device", "cpu", "--train.batch_size=2",
-            "--train.eval_batches=0", "--train.log_every=1",
+            "--data", str(tmp_path / "chat.jsonl"), "--run-dir", str(tmp_path), "--name", "ft",
+            "--device", "cpu", "--train.batch_size=2", "--train.eval_batches=0", "--train.log_every=1",
             "--train.warmup_steps=0", "--train.compile=false", "--train.lr=1e-2"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -129,7 +133,7 @@ def test_hf_llama_init_from_finetune_export_parity(tmp_path, capsys):
     torch.testing.assert_close(apply(back.params, x, back.cfg, train=False)[0], mine, atol=1e-5, rtol=0)
     # the tokenizer's chat template gives the ids Lumina trained on
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
-    for conv in chitchat_conversations()[:50]:
+    for conv in chats[:50]:
         text = hf_tok.apply_chat_template(conv, tokenize=False)
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == render(conv, back.get_tokenizer())[0]
     assert (
