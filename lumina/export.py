@@ -79,6 +79,16 @@ def _source(spec: str | Path) -> tuple[Path, ModelConfig, str | None, int | None
     return path, run_cfg.model, run_cfg.data.tokenizer, int(meta["step"]), run_cfg
 
 
+def _refuse_adapters(path: Path, run_cfg: RunConfig | None) -> None:
+    lora = f"train.lora.rank={run_cfg.train.lora.rank}" if run_cfg else "LoRA"
+    q = run_cfg.model.quant if run_cfg else "none"
+    base = f" on a model.quant={q} base" if q != "none" else ""
+    raise ConfigError(
+        f"{path}: trained LoRA adapters ({lora}{base}); add --merge-lora to export the merged "
+        "full-precision weights W + (alpha/rank) A B"
+    )
+
+
 def export(
     spec: str | Path,
     out: str | Path,
@@ -101,6 +111,9 @@ def export(
         raise ConfigError(f"{path}: cannot export: {problem}")
     if tok_name is None:
         raise CheckpointError(f"{path}: records no tokenizer (not a Lumina checkpoint or export)")
+    lora_run = run_cfg is not None and quant.frozen_base(run_cfg)
+    if lora_run and not merge_lora:  # refused from the config, before reading any tensor
+        _refuse_adapters(path, run_cfg)
     t0 = time.perf_counter()
     log(f"[export] reading {path}")
     if run_cfg is None:
@@ -109,16 +122,7 @@ def export(
         params = checkpoint.load_checkpoint(path, prefix="params.")[0]["params"]
     adapted = _adapted(params)
     if adapted and not merge_lora:
-        lora = f"train.lora.rank={run_cfg.train.lora.rank}" if run_cfg else "LoRA"
-        base = (
-            f" on a model.quant={run_cfg.model.quant} base"
-            if run_cfg and run_cfg.model.quant != "none"
-            else ""
-        )
-        raise ConfigError(
-            f"{path}: trained LoRA adapters ({lora}{base}); add --merge-lora to export the merged "
-            "full-precision weights W + (alpha/rank) A B"
-        )
+        _refuse_adapters(path, run_cfg)
     if adapted:
         log("[export] merging the LoRA adapters into full-precision weights")
     params = quant.merge(params) if adapted else tree.cast(params, torch.float32)
