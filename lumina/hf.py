@@ -450,10 +450,15 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def is_hf_dir(path: str | Path) -> bool:
     """Whether ``path`` looks like a Hugging Face model folder: a config.json, and neither a Lumina
-    checkpoint (meta.msgpack) nor a run folder (checkpoints/; its config.json is the run's)."""
+    checkpoint (meta.msgpack) nor a run folder (checkpoints/, or a config.json that is a run's)."""
     p = Path(path)
-    lumina = (p / "meta.msgpack").is_file() or (p / "checkpoints").is_dir()
-    return (p / CONFIG_FILE).is_file() and not lumina
+    if not (p / CONFIG_FILE).is_file() or (p / "meta.msgpack").is_file() or (p / "checkpoints").is_dir():
+        return False
+    try:
+        data = json.loads((p / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True  # read_dir names the problem
+    return not (isinstance(data, dict) and "model" in data and "train" in data)  # a run's resolved config
 
 
 def _dir_error(message: str) -> Exception:
