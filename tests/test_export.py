@@ -316,6 +316,16 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("hi")
+    llama = {"model_type": "llama", "vocab_size": 64, "hidden_size": 8, "intermediate_size": 16,
+             "num_hidden_layers": 1, "num_attention_heads": 2}  # fmt: skip
+    broken = tmp_path / "broken"  # a valid config.json, a truncated safetensors file
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps(llama))
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00")
+    gpt2 = tmp_path / "gpt2"  # another architecture
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({**llama, "model_type": "gpt2"}))
+    (gpt2 / "model.safetensors").write_bytes(b"")
     for argv, needle in [
         (["export", str(tmp_path / "nowhere"), str(out)], "does not exist"),
         (["export", str(foreign), str(out)], "is neither a checkpoint folder"),
@@ -330,10 +340,13 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
             "is neither a checkpoint",
         ),
         (["generate", str(pickled), "--prompt", "hi"], "pytorch_model.bin: a pickle"),
+        (["generate", str(broken), "--prompt", "hi"], "model.safetensors: not a readable safetensors file"),
+        (["generate", str(gpt2), "--prompt", "hi"], "config.json: model_type 'gpt2' is not supported"),
     ]:
         assert main(argv) == 2, argv
         assert needle in one_line_error(capsys), argv
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "mod", "pickled"]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "foreign", "gpt2", "mod", "pickled"]
 
 
 def test_foreign_vocab_that_does_not_fit_is_one_line(tmp_path, capsys):
