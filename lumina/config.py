@@ -258,9 +258,10 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     # low-rank adapters on a frozen base (rank 0: off); with model.quant: QLoRA (lumina.quant)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    # start from the weights of a Lumina checkpoint folder or run folder (its newest checkpoint): the
-    # params are loaded (a LoRA run's merged), then quantized / adapted as configured; the optimizer,
-    # step, schedule and data start fresh. (Issue 15 generalises this to Hugging Face folders.)
+    # (--init-from) start from the weights of a Hugging Face Llama / Mixtral / Qwen2-MoE folder (its
+    # config.json is then the model config), a Lumina checkpoint folder or run folder (its newest
+    # checkpoint): the params are loaded (a LoRA run's merged), then quantized / adapted as configured;
+    # the optimizer, step, schedule and data start fresh (lumina.weights, docs/export.md)
     init_from: str | None = None
     # fp8: bf16 with the attention / FFN / expert matmuls in fp8 (lumina.fp8; CUDA sm89+ or CPU)
     precision: Literal["fp32", "tf32", "bf16", "fp16", "fp8"] = "fp32"

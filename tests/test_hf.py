@@ -121,7 +121,7 @@ def test_unsupported_inputs_are_clear_errors():
     for kwargs, why in [
         (dict(mod=MoDConfig(enabled=True)), "Mixture-of-Depths has no transformers equivalent"),
         (dict(moe=MoEConfig(num_experts=4, pattern="sandwich")), "Mixtral needs MoE in every layer"),
-        (dict(moe=MoEConfig(num_experts=4, num_shared_experts=1)), "Mixtral has no shared experts"),
+        (dict(moe=MoEConfig(num_experts=4, renormalize=False)), "Mixtral renormalises top-k weights"),
         (dict(moe=MoEConfig(num_experts=4, balance="bias")), "Mixtral has no balance bias"),
     ]:
         cfg = ModelConfig(**base, **kwargs)

@@ -185,6 +185,8 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
         torch.backends.cudnn.allow_tf32 = True
     injector = Injector(cfg.train.inject)  # bad fault specs fail here
     tok = get_tokenizer(cfg.data.tokenizer)
+    if resume is None and cfg.train.init_from:  # a foreign Hugging Face folder's own tokenizer.json
+        weights.check_tokenizer(cfg.train.init_from, tok)
     reg = RunRegistry(cfg)
     if resume is None:
         cfg = reg.suggest(cfg)
