@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 from lumina import checkpoint, tree
 from lumina.run import main
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
+from common import torchrun  # noqa: E402
+
 # 4 steps of the debug preset, evaluated at 0, 2 and 4 on 2 held-out batches; the global batch of 8
 # is 2 micro-batches of 4: one per rank on 2 ranks, both in turn in one process
 COMMON = [
@@ -40,11 +43,7 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "lumina.run", *args]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return torchrun(["-m", "lumina.run", *args])
 
 
 def _one(*args: str) -> subprocess.CompletedProcess:
@@ -167,12 +166,7 @@ def test_a_shape_changing_decision_reshards_and_trains_as_one_process(runs):
     common = ["2", "--train.micro_batch_size=4", "--model.n_layers=2"]
     subprocess.run([sys.executable, str(worker), str(runs / "act-one"), *common], check=True, env=_env(),
                    capture_output=True, timeout=600)  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(worker),
-         str(runs / "act-two"), *common, "--dist.strategy=fsdp"],
-        capture_output=True, text=True, env=_env(), timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun([str(worker), str(runs / "act-two"), *common, "--dist.strategy=fsdp"])
     one, two = (load_file(str(runs / d / "params.safetensors")) for d in ("act-one", "act-two"))
     assert one["layers.0.moe.w_up"].shape[0] == 5  # debug: 4 experts + 1
     assert _close(one, two), _max_diff(one, two)

@@ -7,7 +7,6 @@ import functools
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from lumina.step import init_train_state, make_train_step
 
 HERE = Path(__file__).resolve().parent / "distributed"
 sys.path.insert(0, str(HERE))
-from common import PAD_ID, batches, small_config  # noqa: E402
+from common import PAD_ID, batches, small_config, torchrun  # noqa: E402
 
 STEPS = 3
 
@@ -31,22 +30,7 @@ STEPS = 3
 def _run(strategy: str, ranks: int, out: str, *args: str, steps: int = STEPS) -> dict[str, torch.Tensor]:
     """The parameters after ``steps`` steps of ``strategy`` at ``ranks`` processes (torchrun, gloo);
     ``args``: the worker's (config overrides, ``save``, ``load=DIR``)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(ranks),
-        "--standalone",  # a free port of this machine for the rendezvous
-        str(HERE / "worker.py"),
-        strategy,
-        out,
-        str(steps),
-        *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun([str(HERE / "worker.py"), strategy, out, str(steps), *args], ranks, timeout=300)
     return load_file(str(Path(out) / f"{strategy}-w{ranks}.safetensors"))
 
 

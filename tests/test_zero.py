@@ -27,7 +27,6 @@ import functools
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,7 +38,6 @@ pytest.importorskip("deepspeed", exc_type=ImportError)  # not installed, or brok
 
 from safetensors.torch import load_file  # noqa: E402
 
-import lumina  # noqa: E402
 from lumina import checkpoint, tree  # noqa: E402
 from lumina.checkpoint import check_compatible, load_checkpoint  # noqa: E402
 from lumina.optim import default_hp  # noqa: E402
@@ -47,7 +45,7 @@ from lumina.step import COMPUTE_DTYPES, eval_step, init_train_state, make_train_
 
 HERE = Path(__file__).resolve().parent / "distributed"
 sys.path.insert(0, str(HERE))
-from common import PAD_ID, batches, small_config  # noqa: E402
+from common import PAD_ID, batches, small_config, torchrun  # noqa: E402
 
 STEPS = 3
 BIAS = ("--model.moe.balance=bias",)  # the aux-loss-free balance bias: updated after DeepSpeed's step
@@ -64,24 +62,7 @@ PARAM_TOL_ACCUM = 2e-5
 def _run(strategy: str, ranks: int, out: str, *args: str, steps: int = STEPS) -> dict:
     """Run tests/distributed/zero_worker.py at ``ranks`` processes; its outputs (the JSON, the
     final whole state ``final`` and any ``-at<step>`` dump) as a dict."""
-    root = str(Path(lumina.__file__).resolve().parent.parent)  # the workers import this lumina
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(ranks),
-        "--standalone",
-        str(HERE / "zero_worker.py"),
-        strategy,
-        out,
-        str(steps),
-        *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun([str(HERE / "zero_worker.py"), strategy, out, str(steps), *args], ranks)
     tag = next((a.removeprefix("tag=") for a in args if a.startswith("tag=")), None)
     name = f"{strategy}-w{ranks}" + (f"-{tag}" if tag else "")
     result = json.loads((Path(out) / f"{name}.json").read_text())

@@ -1,6 +1,12 @@
-"""What the 2-rank worker and the single-process reference share: a small config and its batches."""
+"""What the 2-rank workers, the single-process reference and the tests that launch them share: a
+small config, its batches, and the torchrun launcher."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from tensordict import TensorDict
@@ -44,3 +50,25 @@ def batches(cfg, steps: int) -> list[TensorDict]:
         y = torch.cat([x[:, 1:], torch.full((x.shape[0], 1), PAD_ID)], dim=1)
         out.append(TensorDict({"inputs": x, "targets": y}, batch_size=[]))
     return out
+
+
+ROOT = Path(__file__).resolve().parent.parent.parent  # the workers import this checkout's lumina
+
+
+def torchrun(target: list[str], ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node=RANKS --standalone TARGET...`` (a script and
+    its arguments, or ``-m module ...``) on gloo with one thread per rank; asserts exit 0, showing
+    the output's tail otherwise."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        "--standalone",
+        *target,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
