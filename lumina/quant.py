@@ -151,6 +151,9 @@ def _shape(codes: torch.Tensor, fmt: str) -> list[int]:
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
     """The matrix ``quantize`` encoded, in ``dtype``."""
     _bitsandbytes()
+    # bitsandbytes' kernels read the codes as flat memory: a non-contiguous view (e.g. the
+    # column-major copy generate.decode_layout once made of every matrix) decodes to garbage
+    codes = codes.contiguous()
     if fmt == "int8":
         rows = torch.ops.bitsandbytes.int8_vectorwise_dequant(
             codes.reshape(-1, codes.shape[-1]), absmax.reshape(-1)
