@@ -3,6 +3,7 @@ a bf16 base vs QLoRA on an nf4 base — in one run.
 
     python benchmarks/memory.py                        # ~20 min on 2 CPU cores
     python benchmarks/memory.py --quick --no-save      # smoke test (tiny runs, nothing saved)
+    python benchmarks/memory.py --skip-memory --skip-finetune --loss-steps 200   # (a) only
 
 Configurations (``--presets``, default ``debug`` and ``debug_200m``, the ~100M preset: 114M active /
 199M total parameters; on CPU ``debug_200m`` runs at 2 x 256 tokens, ``debug`` at its own 8 x 128):
@@ -219,6 +220,8 @@ def loss_runs(args, common: list[str]) -> list[dict]:
                 rows.append(
                     row(opt, "fp32", seed, run(root, f"{opt}-{seed}", flags, f"(a) {opt} seed {seed}"))
                 )
+        if args.skip_finetune:
+            return rows
         base = [f"--steps={args.base_steps}", f"--train.eval_every={args.base_steps}", "--seed=0"]
         run(
             root,
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "--time-steps", type=int, default=3, help="timed steps per debug configuration (others: 1)"
     )
     ap.add_argument("--skip-loss", action="store_true", help="memory rows only")
+    ap.add_argument("--skip-memory", action="store_true", help="loss rows only")
+    ap.add_argument("--skip-finetune", action="store_true", help="no (b) runs: adamw vs adamw8bit only")
     ap.add_argument("--quick", action="store_true", help="tiny model, 2-step runs (smoke test)")
     ap.add_argument("--no-save", action="store_true", help="print only; append nothing to the CSV")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -304,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     info = meta()
     rows: list[dict] = []
     method = "VmHWM - RSS before the step (fresh process, clear_refs reset, malloc_trim, default glibc)"
-    for preset in presets:
+    for preset in [] if args.skip_memory else presets:
         for config in (*OPTIMIZERS, *FINE_TUNES):
             t0 = time.perf_counter()
             r = measure_memory(preset, config, args)
