@@ -134,6 +134,7 @@ class LoadedModel:
     path: Path  # the checkpoint folder
     step: int
     tokenizer: object = None  # lumina.data.tokenizer.Tokenizer, loaded lazily
+    knobs: TensorDict | None = None  # the checkpoint's live routing knobs (None: the config's defaults)
 
     def get_tokenizer(self):
         if self.tokenizer is None:
@@ -178,7 +179,12 @@ def load_model(
     if dtype is not None:
         params = params.apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
     return LoadedModel(
-        params=params, cfg=inference_config(run_cfg.model), run_cfg=run_cfg, path=ckpt, step=int(meta["step"])
+        params=params,
+        cfg=inference_config(run_cfg.model),
+        run_cfg=run_cfg,
+        path=ckpt,
+        step=int(meta["step"]),
+        knobs=state["knobs"] if "knobs" in state.keys() else None,  # noqa: SIM118
     )
 
 
