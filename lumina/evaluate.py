@@ -3,7 +3,7 @@
 Legend: B rows per batch, T positions per row, N tokens, D model dim, V vocab, R resamples.
 
     model = load_model("runs/debug")                  # lumina.generate: a run folder or a checkpoint
-    sets = default_sets(model)                        # the run's held-out data (or data_sets(paths, tok))
+    sets, note = default_sets(model)                  # the run's held-out data (or data_sets(paths, tok))
     result = evaluate(model, sets)                    # per file and overall; result.docs per document
     write_per_doc("a.jsonl", result)                  # read_per_doc reads it back
     stats = paired(docs_a, docs_b)                    # bootstrap CI, paired t, permutation p, verdict
@@ -173,7 +173,7 @@ def default_sets(model: LoadedModel) -> tuple[list[EvalSet], str]:
             cut, _, held, unit = text_holdout(paths, d.eval_fraction, skip_bad=d.on_bad_records == "skip")
             if cut is None:
                 raise EvalError("data.train_files: too few documents for a held-out split; pass --data")
-            sets += [EvalSet(str(p), "text", p, holdout=Holdout(cut, "eval")) for p in paths]
+            sets += [EvalSet(f"{p}:held-out", "text", p, holdout=Holdout(cut, "eval")) for p in paths]
             said.append(f"the held-out {held} {unit}s of data.train_files")
     if d.mode != "base_only":
         if not d.chat_files:
@@ -218,6 +218,8 @@ def load(path: str | Path, device: str = "cpu") -> LoadedModel:
         dev = torch.device(device)
     except RuntimeError:
         raise EvalError(f"--device: {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device: {device}: CUDA is not available on this machine")
     return load_model(path, device=dev)
 
 
@@ -803,7 +805,7 @@ def _verdict(*, diff, ci_low, ci_high, level, t_p, perm_p, documents, b_better, 
     if ci_low <= 0 <= ci_high:
         return (
             f"no difference: B - A = {diff:+.4f} nats/token, {ci} includes 0 "
-            f"over {documents:,} documents (permutation p = {perm_p:.3g})"
+            f"over {documents:,} documents (permutation p = {perm_p:.3g})" + _few(documents)
         )
     better, worse, wins = ("B", "A", b_better) if diff < 0 else ("A", "B", a_better)
     line = (
@@ -813,7 +815,12 @@ def _verdict(*, diff, ci_low, ci_high, level, t_p, perm_p, documents, b_better, 
     alpha = 1 - level
     if perm_p > alpha or t_p > alpha:
         line += f" (borderline: paired t p = {t_p:.3g}, permutation p = {perm_p:.3g})"
-    return line
+    return line + _few(documents)
+
+
+def _few(documents: int) -> str:
+    # below ~20 documents a percentile bootstrap interval is rough (it is too narrow on average)
+    return f" (only {documents} documents: a rough interval)" if documents < 20 else ""
 
 
 # ---------------------------------------------------------------------------------------- printing

@@ -33,6 +33,7 @@ The three request types, as lm_eval's own Hugging Face model (``HFLM``) defines 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 __all__ = ["LuminaLM", "main", "register"]  # noqa: F822 (LuminaLM: defined on first use)
@@ -91,7 +92,12 @@ def _define():
             super().__init__()
             if routing not in ("inference", "train"):
                 raise EvalError(f"routing={routing!r}: expected inference or train")
-            self.model = load(path, device or "cpu")
+            device = device or "cpu"
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                # lm_eval's command line passes --device cuda unless told otherwise (as HFLM does)
+                logging.getLogger(__name__).warning("CUDA is not available: running on the CPU")
+                device = "cpu"
+            self.model = load(path, device)
             self.tok = self.model.get_tokenizer()
             self.routing = routing
             self.scorer = Scorer(self.model, routing)  # type: ignore[arg-type]
