@@ -194,8 +194,9 @@ def default_sets(model: LoadedModel) -> tuple[list[EvalSet], str]:
             for path, convs, lines in read:
                 keep = [i for i, c in enumerate(convs) if side.keeps(json.dumps(c, sort_keys=True))]
                 held = [convs[i] for i in keep]
-                name = f"{path}:held-out"
-                sets.append(EvalSet(name, "chat", path, conversations=held, lines=[lines[i] for i in keep]))
+                if held:  # (a file may hold none of the held-out conversations)
+                    name, kept_lines = f"{path}:held-out", [lines[i] for i in keep]
+                    sets.append(EvalSet(name, "chat", path, conversations=held, lines=kept_lines))
             said.append("the held-out conversations of data.chat_files")
     return sets, "; ".join(said)
 

@@ -70,9 +70,12 @@ def __getattr__(name: str):
 
 
 def _define():
-    import torch
-    from lm_eval import utils as lm_utils
+    # isort: off
+    from lm_eval import utils as lm_utils  # first: without lm_eval this fails before torch loads
     from lm_eval.api.model import LM
+    import torch
+
+    # isort: on
 
     from lumina.evaluate import EvalError, Scorer, load
     from lumina.generate import Generator, Sampling

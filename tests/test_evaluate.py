@@ -176,8 +176,11 @@ def test_eval_equals_training_eval_step_per_document_and_overall(runs, data, tmp
     assert [d.id for d in result.docs] == list(ref)  # 6 paragraphs, 4 records, in order
     assert len(result.docs) == 10
     for d in result.docs:
-        assert d.loss_sum == pytest.approx(ref[d.id], rel=2e-5, abs=1e-3), d.id
+        # fp32 sums of ~80 tokens agree to ~1e-4; scoring one target in a different window (other context)
+        # moves a sum by ~4e-3 with this little-trained model
+        assert d.loss_sum == pytest.approx(ref[d.id], rel=0, abs=5e-4), d.id
     stream, _ = reference_stream(files, model.get_tokenizer())
+    assert (len(stream) - 1) % 32 > 0  # so the tail window (overlapping the last full one) is exercised
     overall = result.overall
     assert overall.tokens == len(stream) - 1 and sum(t.documents for t in result.files) == 10
     assert overall.loss == pytest.approx(sum(ref.values()) / (len(stream) - 1), rel=2e-5)
