@@ -396,8 +396,17 @@ def _eval_flags(p: _Parser) -> None:
         help="comma-separated .txt / .jsonl files, globs or folders, text or chat (default: the "
         "held-out data the run trained with)",
     )
-    p.add_argument("--seq-len", dest="seq_len", type=_number(int, 2, "an integer >= 2"), help="row length")
-    p.add_argument("--batch-size", dest="batch_size", type=_number(int, 1, "an integer >= 1"), help="rows")
+    p.add_argument(
+        "--seq-len",
+        dest="seq_len",
+        metavar="T",
+        type=_number(int, 2, "an integer >= 2"),
+        help="tokens per row (default: the run's train.seq_len)",
+    )
+    p.add_argument(
+        "--batch-size", dest="batch_size", metavar="B", type=_number(int, 1, "an integer >= 1"),
+        help="rows per forward pass (default: the run's train.micro_batch_size)",
+    )  # fmt: skip
     p.add_argument(
         "--routing",
         choices=("train", "inference"),
@@ -430,7 +439,7 @@ def _cmd_eval(argv: Sequence[str]) -> int:
         description="Evaluate a trained model: loss, perplexity and next-token accuracy per file and\n"
         "overall, and per document (text: documents; chat: conversations, assistant tokens only).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="docs/eval.md",
+        epilog="Details: docs/eval.md",
     )
     p.add_argument("path", metavar="RUN|CHECKPOINT", help="a run folder (runs/<name>) or a checkpoint folder")
     _eval_flags(p)
@@ -469,14 +478,17 @@ def _cmd_compare(argv: Sequence[str]) -> int:
         "difference B - A with a paired bootstrap CI, paired t and sign-flip permutation p, win\n"
         "rate and a verdict. A and B: two model folders (evaluated here) or two --per-doc files.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="docs/eval.md",
+        epilog="Details: docs/eval.md",
     )
     p.add_argument(
         "a", metavar="A", help="a run or checkpoint folder, or a per-document file (eval --per-doc)"
     )
     p.add_argument("b", metavar="B", help="as A")
     _eval_flags(p)
-    p.add_argument("--resamples", type=_number(int, 100, "an integer >= 100"), default=10_000)
+    p.add_argument(
+        "--resamples", metavar="R", type=_number(int, 100, "an integer >= 100"), default=10_000,
+        help="bootstrap resamples and permutation draws (default 10000)",
+    )  # fmt: skip
     p.add_argument("--seed", type=_number(int, 0, "an integer >= 0"), default=0, help="resampling seed")
     args = p.parse_args(argv)
     import json
