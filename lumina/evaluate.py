@@ -552,7 +552,7 @@ def evaluate(
     return EvalResult(meta, docs)
 
 
-def stderr_progress(label: str = "", every_s: float = 5.0, file=None) -> Progress:
+def stderr_progress(label: str = "", every_s: float = 15.0, file=None) -> Progress:
     """A ``progress`` callback printing at most one line per ``every_s`` seconds (and at 100%)."""
     last = [time.perf_counter()]
     t0 = last[0]
@@ -831,17 +831,24 @@ def format_table(result: EvalResult) -> str:
     """The summary table: one row per file and the overall row."""
     rows = [*result.files]
     rows.append(result.overall)
-    width = max(12, *(len(_short(t.name)) for t in rows))
+    # file names alone when they tell the files apart (the ids in --per-doc keep the whole path)
+    bases = [Path(t.name).name for t in rows[:-1]]
+    shown = [*(bases if len(set(bases)) == len(bases) else (_short(t.name) for t in rows[:-1])), "overall"]
+    width = max(12, *map(len, shown))
     head = f"{'file':<{width}}  {'kind':<5} {'docs':>7} {'tokens':>11} {'loss':>8} {'ppl':>10} {'acc':>7}"
     lines = [head, "-" * len(head)]
-    for t in rows:
+    for t, name in zip(rows, shown, strict=True):
         if t is result.overall:
             lines.append("-" * len(head))
         lines.append(
-            f"{_short(t.name):<{width}}  {t.kind:<5} {t.documents:>7,} {t.tokens:>11,} "
+            f"{name:<{width}}  {t.kind:<5} {t.documents:>7,} {t.tokens:>11,} "
             f"{t.loss:>8.4f} {t.ppl:>10.2f} {t.accuracy:>7.2%}"
         )
     return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    return "< 1e-300" if p == 0 else f"= {p:.3g}"  # (a float underflows below ~1e-308)
 
 
 def _short(name: str, keep: int = 48) -> str:
@@ -858,7 +865,7 @@ def format_paired(p: Paired, label_a: str, label_b: str) -> str:
         f"{'B':<6}{p.loss_b:>9.4f} {math.exp(min(p.loss_b, 700)):>10.2f} {p.accuracy_b:>8.2%}",
         f"B - A {p.diff:>+9.4f} nats/token, {p.level:.0%} paired bootstrap CI "
         f"[{p.ci_low:+.4f}, {p.ci_high:+.4f}] ({p.resamples:,} resamples of the documents, seed {p.seed})",
-        f"paired t = {p.t:.3f} (df {p.documents - 1:,}), p = {p.t_p:.3g}; sign-flip permutation p = "
+        f"paired t = {p.t:.3f} (df {p.documents - 1:,}), p {_p(p.t_p)}; sign-flip permutation p = "
         f"{p.perm_p:.3g} ({p.resamples:,} permutations, seed {p.seed})",
         f"win rate: B lower loss on {p.b_better / p.documents:.1%} of documents, A on "
         f"{p.a_better / p.documents:.1%}, ties {p.ties:,}",
