@@ -134,6 +134,7 @@ class LoadedModel:
     path: Path  # the checkpoint folder
     step: int
     tokenizer: object = None  # lumina.data.tokenizer.Tokenizer, loaded lazily
+    knobs: TensorDict | None = None  # the checkpoint's live routing knobs (None: the config's defaults)
 
     def get_tokenizer(self):
         if self.tokenizer is None:
@@ -192,6 +193,7 @@ def load_model(
         run_cfg = hf_run_config(ckpt, tokenizer)
         params = hf.load_dir(ckpt)[1].to(device)
         meta = {"step": (hf.read_record(ckpt) or {}).get("step") or 0}
+        knobs = None  # a Hugging Face model has no live routing knobs: the config's defaults
     else:
         state, meta = checkpoint.load_checkpoint(ckpt, device=str(device))
         try:
@@ -203,10 +205,16 @@ def load_model(
                 run_cfg, data=dataclasses.replace(run_cfg.data, tokenizer=tokenizer)
             )
         params = state["params"] if "params" in state.keys() else state  # noqa: SIM118
+        knobs = state["knobs"] if "knobs" in state.keys() else None  # noqa: SIM118
     if dtype is not None:
         params = params.apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
     return LoadedModel(
-        params=params, cfg=inference_config(run_cfg.model), run_cfg=run_cfg, path=ckpt, step=int(meta["step"])
+        params=params,
+        cfg=inference_config(run_cfg.model),
+        run_cfg=run_cfg,
+        path=ckpt,
+        step=int(meta["step"]),
+        knobs=knobs,
     )
 
 

@@ -25,6 +25,11 @@ Commands:
   export    RUN_DIR|CHECKPOINT_DIR OUT [--dtype fp32|bf16] [--verify] [--merge-lora]
             [--max-shard-size 5GB]: write a folder transformers loads (dense: Llama, MoE: Mixtral;
             tokenizer.json with tiktoken's exact ids); MoD has no equivalent (exit 2) (docs/export.md).
+  eval      RUN_DIR|CHECKPOINT_DIR [--data FILES] [--per-doc OUT.jsonl]: loss, perplexity and
+            next-token accuracy per file and overall (default data: the run's held-out data), per
+            document with --per-doc (docs/eval.md).
+  compare   A B [--data FILES]: two models (or two --per-doc files) paired over documents: the
+            loss difference with a bootstrap CI, paired t and permutation p, win rate, a verdict.
 
 "python -m lumina.run COMMAND --help" lists a command's flags. Any config field can be set with
 --section.field=value, e.g. --model.d_model=256 (see lumina/config.py for every field).
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from lumina import presets
 from lumina.config import ConfigError, RunConfig
@@ -489,6 +495,149 @@ def _cmd_export(argv: Sequence[str]) -> int:
     return 0
 
 
+def _eval_flags(p: _Parser) -> None:
+    """The flags eval and compare share (how a model is evaluated)."""
+    p.add_argument(
+        "--data",
+        metavar="FILES",
+        help="comma-separated .txt / .jsonl files, globs or folders, text or chat (default: the "
+        "held-out data the run trained with)",
+    )
+    p.add_argument(
+        "--seq-len",
+        dest="seq_len",
+        metavar="T",
+        type=_number(int, 2, "an integer >= 2"),
+        help="tokens per row (default: the run's train.seq_len)",
+    )
+    p.add_argument(
+        "--batch-size", dest="batch_size", metavar="B", type=_number(int, 1, "an integer >= 1"),
+        help="rows per forward pass (default: the run's train.micro_batch_size)",
+    )  # fmt: skip
+    p.add_argument(
+        "--routing",
+        choices=("train", "inference"),
+        default="train",
+        help="train: as training evaluates (MoD top-k, MoE trained capacity); inference: as generate "
+        "runs (MoD predictor, MoE dropless)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_eval(model, sets_note: tuple[list, str], args, label: str = ""):
+    from lumina import evaluate as ev
+
+    sets, note = sets_note
+    return ev.evaluate(
+        model,
+        sets,
+        routing=args.routing,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        progress=ev.stderr_progress(label),
+        data_note=note,
+    )
+
+
+def _cmd_eval(argv: Sequence[str]) -> int:
+    p = _Parser(
+        prog="lumina.run eval",
+        description="Evaluate a trained model: loss, perplexity and next-token accuracy per file and\n"
+        "overall, and per document (text: documents; chat: conversations, assistant tokens only).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Details: docs/eval.md",
+    )
+    p.add_argument("path", metavar="RUN|CHECKPOINT", help="a run folder (runs/<name>) or a checkpoint folder")
+    _eval_flags(p)
+    p.add_argument("--per-doc", dest="per_doc", metavar="OUT.jsonl", help="write one record per document")
+    args = p.parse_args(argv)
+    if args.per_doc and not Path(args.per_doc).resolve().parent.is_dir():
+        raise ConfigError(f"--per-doc: {Path(args.per_doc).parent}: no such directory")
+    import json
+
+    from lumina import evaluate as ev
+    from lumina.generate import GenerateError
+
+    try:
+        model = ev.load(args.path, args.device)
+        result = _run_eval(model, ev.sets_for(model, args.data), args)
+        if args.per_doc:
+            ev.write_per_doc(args.per_doc, result)
+    except (GenerateError, ev.EvalError) as e:
+        raise ConfigError(str(e)) from None
+    m = result.meta
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+        return 0
+    print(f"[lumina] eval {m['model']} (step {m['step']}), routing: {m['routing']} ({m['routing_note']})")
+    print(f"[lumina] seq_len {m['seq_len']}, batch {m['batch_size']}, {m['precision']}; data: {m['data']}")
+    print(ev.format_table(result))
+    if args.per_doc:
+        print(f"[lumina] per-document records: {args.per_doc}")
+    return 0
+
+
+def _cmd_compare(argv: Sequence[str]) -> int:
+    p = _Parser(
+        prog="lumina.run compare",
+        description="Compare two models paired over the same documents: the token-weighted loss\n"
+        "difference B - A with a paired bootstrap CI, paired t and sign-flip permutation p, win\n"
+        "rate and a verdict. A and B: two model folders (evaluated here) or two --per-doc files.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Details: docs/eval.md",
+    )
+    p.add_argument(
+        "a", metavar="A", help="a run or checkpoint folder, or a per-document file (eval --per-doc)"
+    )
+    p.add_argument("b", metavar="B", help="as A")
+    _eval_flags(p)
+    p.add_argument(
+        "--resamples", metavar="R", type=_number(int, 100, "an integer >= 100"), default=10_000,
+        help="bootstrap resamples and permutation draws (default 10000)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=_number(int, 0, "an integer >= 0"), default=0, help="resampling seed")
+    args = p.parse_args(argv)
+    import json
+
+    from lumina import evaluate as ev
+    from lumina.generate import GenerateError
+
+    files = [Path(x).is_file() for x in (args.a, args.b)]
+    try:
+        if all(files):
+            given = [f for f in ("data", "seq_len", "batch_size") if getattr(args, f) is not None]
+            if given or args.routing != "train":
+                flag = "--" + (given[0] if given else "routing").replace("_", "-")
+                raise ConfigError(f"{flag}: applies to models, not to per-document files")
+            a, b = ev.read_per_doc(args.a), ev.read_per_doc(args.b)
+        elif any(files):
+            raise ConfigError("compare: give two model folders or two per-document files, not one of each")
+        else:
+            model_a, model_b = ev.load(args.a, args.device), ev.load(args.b, args.device)
+            sets = ev.sets_for(model_a, args.data)
+            if args.data is None and ev.sets_for(model_b, None)[0] != sets[0]:
+                raise ConfigError("compare: A and B were trained on different data: pass --data")
+            if args.seq_len is None:  # the same rows for both
+                args.seq_len = model_a.run_cfg.train.seq_len
+            res_a = _run_eval(model_a, sets, args, "A ")
+            res_b = _run_eval(model_b, sets, args, "B ")
+            a = ev.PerDoc(res_a.meta, res_a.docs, args.a)
+            b = ev.PerDoc(res_b.meta, res_b.docs, args.b)
+        stats = ev.paired(a.docs, b.docs, resamples=args.resamples, seed=args.seed)
+    except (GenerateError, ev.EvalError) as e:
+        raise ConfigError(str(e)) from None
+    if args.json:
+        print(json.dumps({"a": a.meta, "b": b.meta, **stats.to_dict()}, indent=1))
+        return 0
+
+    def label(x) -> str:
+        return f"{x.meta.get('model', x.path)} (step {x.meta.get('step')}, routing {x.meta.get('routing')})"
+
+    print(ev.format_paired(stats, label(a), label(b)))
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train,
     "check": _cmd_check,
@@ -497,6 +646,8 @@ _COMMANDS = {
     "replay": _cmd_replay,
     "generate": _cmd_generate,
     "export": _cmd_export,
+    "eval": _cmd_eval,
+    "compare": _cmd_compare,
 }
 _DEFAULT = "train"
 

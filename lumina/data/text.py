@@ -48,6 +48,7 @@ __all__ = [
     "check_utf8",
     "data_files_in",
     "document_unit",
+    "documents",
     "expand_paths",
     "holdout_cut",
     "iter_json_lines",
@@ -228,6 +229,19 @@ def _document_texts(path: Path, skip_bad: bool) -> Iterator[str]:
         yield from (text for _, text in _jsonl_records(path, skip_bad))
     else:
         yield from _pieces(path, _txt_document_end(path))
+
+
+def documents(path: Path, *, skip_bad: bool = False) -> Iterator[tuple[int, str]]:
+    """(first line, text) of each document of ``path``, the unit of a held-out split: a .jsonl's
+    records, a .txt's paragraphs or lines (``document_unit``). A .txt's pieces keep their separators
+    and concatenate to the file's text (whitespace-only pieces included: they are no document)."""
+    if path.suffix == ".jsonl":
+        yield from _jsonl_records(path, skip_bad)
+        return
+    line = 1
+    for piece in _pieces(path, _txt_document_end(path)):
+        yield line, piece
+        line += piece.count("\n")
 
 
 def _regrouped(pieces: Iterable[str]) -> Iterator[tuple[str, bool]]:
