@@ -12,7 +12,7 @@ from lumina.run import main
 # test_run's tiny model for one step, so a run that wrongly starts training ends in seconds (these
 # tests then fail fast rather than hang when a check is missing).
 TINY = [*RUN_TINY, "--train.eval_batches=0", "--steps", "1"]
-COMMANDS = ["train", "check", "presets", "validate", "replay"]
+COMMANDS = ["train", "check", "presets", "validate", "replay", "generate", "export", "eval", "compare"]
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
