@@ -6,7 +6,9 @@ train state per rank.
 
 Per preset, each configuration is a real ``lumina.run`` (the packaged text, the orchestrator and
 evaluation off): one process (``none``), then ``torchrun --nproc_per_node=W`` per strategy, all with
-the same global batch split into the same micro-batches (W of them: one per rank). Per run, from
+the same global batch split into the same micro-batches (W of them: one per rank), eager (a
+compiled step would time compilation: debug_200m compiles for minutes on 2 cores) and in fp32 on
+CPU (bf16 on CUDA). Per run, from
 its ``metrics.jsonl``: the median tokens/s of the steps after the first two (the first includes
 warm-up), the peak memory (the peak resident set on CPU, the allocator's peak on CUDA; the maximum
 over ranks), and the train state each rank holds (parameters + AdamW moments + counters: its
@@ -46,12 +48,17 @@ FIELDS = ["date", "commit", "device", "cpus", "torch", "preset", "batch", "seq_l
 SHAPES = {"debug": ("8", "128"), "debug_200m": ("2", "128")}
 
 
+def _on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
 def _run(preset: str, strategy: str, world: int, steps: int, root: Path) -> dict:
     """One run; ``world``: the number of micro-batches per step (the ranks, for a strategy)."""
     batch, seq = SHAPES.get(preset, ("8", "128"))
     args = [f"--preset={preset}", f"--steps={steps}", f"--train.batch_size={batch}", f"--train.seq_len={seq}",
             f"--train.micro_batch_size={int(batch) // world}", "--train.eval_batches=0",
-            "--orchestrator.enabled=false", "--train.log_every=1000", f"--run-dir={root}",
+            "--orchestrator.enabled=false", "--train.log_every=1000", "--train.compile=false",
+            f"--train.precision={'fp32' if _on_cpu() else 'bf16'}", f"--run-dir={root}",
             f"--name={preset}-{strategy}"]  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // (1 if strategy == "none" else world))
     env = dict(
