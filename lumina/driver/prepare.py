@@ -221,14 +221,16 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
         mix_state=mix_state_of(state),
         step_fn=build_step(cfg, tok.pad_id) if env is None else None, start=start, step=start,
         resumed_from=resumed_from, extra=extra, t_start=t_start, env=env,
+        memory_limit_mb=metrics.memory_limit_mb(device),
     )  # fmt: skip
-    run.memory_limit_mb = -ranks.max_over_ranks(env, -metrics.memory_limit_mb(device))[0]
     if env is not None:
         run.rebuild_engine()
         ranks.defer_interrupts(run)
         if split_note:
             console.line(f"[dist] {split_note}")
-        state_mb = ranks.max_over_ranks(env, ranks.local_mb(run.state))[0]
+        # one collective: the largest train state and the smallest memory limit over the ranks
+        state_mb, neg_limit = ranks.max_over_ranks(env, ranks.local_mb(run.state), -run.memory_limit_mb)
+        run.memory_limit_mb = -neg_limit
         logs.write({"kind": "dist", "step": start, "strategy": cfg.dist.strategy,
                     "world_size": env.world_size, "state_mb_per_rank": state_mb})  # fmt: skip
     if main:
