@@ -7,13 +7,14 @@ import io
 
 import pytest
 import torch
+from test_cli import one_line_error
+from test_generate import save_tiny
 
 from lumina.data.chat import render
 from lumina.data.tokenizer import get_tokenizer
 from lumina.generate import Chat, GenerateError, Generator, Sampling, load_model
 from lumina.model import apply
 from lumina.run import main
-from tests.test_generate import one_line_error, save_tiny
 
 GREEDY = Sampling(greedy=True)
 

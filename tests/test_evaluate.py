@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from tensordict import TensorDict
+from test_cli import one_line_error
 
 from lumina import checkpoint
 from lumina import evaluate as ev
@@ -346,14 +347,6 @@ def test_bootstrap_interval_covers_the_true_difference():
 
 
 # ---------------------------------------------------------------------------------------- bad input
-
-
-def one_line_error(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err.rstrip("\n")
 
 
 def test_bad_input_is_one_line(runs, data, tmp_path, capsys):

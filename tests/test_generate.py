@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from tensordict import TensorDict
+from test_cli import one_line_error
 
 from lumina.checkpoint import save_checkpoint
 from lumina.config import DataConfig, MoDConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig, to_dict
@@ -174,14 +175,6 @@ def gpt2_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     save_tiny(root, "mod_moe", vocab=50304)
     return root
-
-
-def one_line_error(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err.rstrip("\n")
 
 
 def test_cli_prints_text_and_stops_at_a_stop_string(gpt2_run, capsys):
