@@ -272,6 +272,10 @@ class TrainConfig:
     # tokens per micro-batch; the CPU debug preset uses 128 (docs/training.md)
     loss_chunk: int = 1024
     compile: bool = True
+    # what train.compile compiles: "regional" — each kind of transformer layer once (every layer of the
+    # kind reuses it) and the optimizer update on its own; "step" — the whole step as one graph
+    # (longer compiles; no Python between the pieces). lumina.step, docs/training.md
+    compile_mode: Literal["regional", "step"] = "regional"
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8

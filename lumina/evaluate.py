@@ -69,6 +69,7 @@ from lumina.data.text import (
 from lumina.data.tokenizer import Tokenizer
 from lumina.generate import LoadedModel
 from lumina.model import apply, default_knobs
+from lumina.model.loss import hits
 from lumina.model.transformer import head_weight
 
 __all__ = [
@@ -363,9 +364,9 @@ class Scorer:
             t_C = t_N[s : s + self.chunk]
             keep_C = t_C != self.pad_id
             safe_C1 = torch.where(keep_C, t_C, torch.zeros_like(t_C))[:, None]
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
-            nll.append(torch.where(keep_C, lse_C - logits_CV.gather(1, safe_C1)[:, 0], 0.0))
-            hit.append((logits_CV.argmax(-1) == t_C) & keep_C)
+            hit.append(hits(logits_CV, safe_C1, keep_C))
+            logp_CV = torch.log_softmax(logits_CV, dim=-1)
+            nll.append(torch.where(keep_C, -logp_CV.gather(1, safe_C1)[:, 0], 0.0))
         shape = targets_BT.shape
         return (
             torch.cat(nll).view(shape).double().cpu().numpy(),

@@ -125,7 +125,7 @@ def adamw_update(
     """One AdamW step (``step`` counts from 1). Returns new params and moments."""
     keys = list(tree.flatten(params))  # the input's order: a compiled step guards on key order
     flat_p, flat_g, flat_m, flat_v = (tree.flatten(x) for x in (params, grads, opt["m"], opt["v"]))
-    p32, m, v = _adamw_math(
+    args = (
         [flat_p[k].float() for k in keys],
         [flat_g[k].float() for k in keys],
         [flat_m[k] for k in keys],
@@ -135,10 +135,58 @@ def adamw_update(
         hp,
         cfg,
     )
+    p32, m, v = _adamw_fused(*args) if _fusable(args[:4]) else _adamw_math(*args)
     new_p = {k: p.to(flat_p[k].dtype) for k, p in zip(keys, p32, strict=True)}
     new_m, new_v = dict(zip(keys, m, strict=True)), dict(zip(keys, v, strict=True))
     opt = TensorDict({"m": tree.unflatten(new_m), "v": tree.unflatten(new_v)}, batch_size=[])
     return tree.unflatten(new_p), opt
+
+
+def _fusable(lists: tuple[list[torch.Tensor], ...]) -> bool:
+    """Whether torch's fused AdamW kernel can take these lists: an eager step (a compiled one fuses
+    ``_adamw_math`` itself) over plain fp32 tensors on one device (not DTensor shards)."""
+    if torch.compiler.is_compiling():
+        return False
+    first = lists[0][0]
+    return all(
+        type(t) is torch.Tensor and t.dtype == torch.float32 and t.device == first.device
+        for ts in lists
+        for t in ts
+    ) and all(t.is_contiguous() for ts in (lists[0], lists[2], lists[3]) for t in ts)
+
+
+def _adamw_fused(
+    p32: list[torch.Tensor],
+    g32: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    decay: list[int],
+    step: torch.Tensor,
+    hp: TensorDict,
+    cfg: TrainConfig,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """``_adamw_math`` through torch's fused AdamW kernel (``torch._fused_adamw_``: one pass over
+    each parameter, where the foreach lists make ~14). The kernel updates in place, so it runs on
+    fresh copies (the decayed params, cloned moments): the inputs stay untouched and the step pure.
+    Weight decay is applied here (it is a tensor the orchestrator may change, the kernel takes a
+    float). The kernel rounds differently from ``_adamw_math`` (e.g. ``lerp`` for the first moment):
+    the results agree to float32 rounding, not bit for bit."""
+    lr, wd = hp["lr"], hp["weight_decay"]
+    new_p, decayed = list(p32), set(decay)
+    if decay:  # the decayed copies serve as the decayed leaves' fresh buffers
+        for i, d in zip(decay, torch._foreach_mul([p32[i] for i in decay], 1 - lr * wd), strict=True):
+            new_p[i] = d
+    new_p = [t if i in decayed else t.clone() for i, t in enumerate(new_p)]
+    new_m, new_v = [t.clone() for t in m], [t.clone() for t in v]
+    # the kernel walks every tensor as flat memory in the param's order: a transposed gradient
+    # (a tied head's, [D, V] seen as [V, D]) must be laid out like its param first
+    g32 = [g.contiguous() for g in g32]
+    t = step.to(torch.float32)
+    torch._fused_adamw_(
+        new_p, g32, new_m, new_v, [], [t] * len(new_p), lr=lr, beta1=cfg.beta1, beta2=cfg.beta2,
+        weight_decay=0.0, eps=cfg.eps, amsgrad=False, maximize=False,
+    )  # fmt: skip
+    return new_p, new_m, new_v
 
 
 # ------------------------------------------------------------------------------- 8-bit AdamW

@@ -44,6 +44,7 @@ or attention sub-layers in the backward pass (``lumina.model.remat``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from tensordict import TensorDict
@@ -53,12 +54,13 @@ from lumina.config import RunConfig
 from lumina.model import apply, default_knobs, init, random
 from lumina.model.loss import linear_cross_entropy, plain_cross_entropy
 from lumina.model.moe import update_balance_bias
-from lumina.model.transformer import head_weight
+from lumina.model.transformer import head_weight, layer_of_kind
 from lumina.optim import clip_by_global_norm
 
 __all__ = [
     "COMPUTE_DTYPES",
     "eval_step",
+    "grad_and_value",
     "head_loss",
     "init_train_state",
     "loss_fn",
@@ -156,10 +158,12 @@ def loss_fn(
     pad_id: int,
     aux_scale: float = 1.0,
     frozen: TensorDict | None = None,
+    layer_fn=None,
 ) -> tuple[torch.Tensor, TensorDict]:
     """``loss_scale`` * (summed token cross-entropy / ``n_tokens`` + ``aux_scale`` * aux losses),
     and metrics (unscaled). ``params`` are fp32 masters; the forward runs in the compute dtype.
-    ``frozen``: the rest of the model when ``params`` are the adapters alone (``lumina.quant.split``)."""
+    ``frozen``: the rest of the model when ``params`` are the adapters alone (``lumina.quant.split``).
+    ``layer_fn``: compiled layers (``lumina.model.apply``'s argument; regional compilation)."""
     if frozen is not None:
         params = quant.join(params, frozen)
     compute = _compute_params(params, cfg)
@@ -173,6 +177,7 @@ def loss_fn(
         remat_mode=cfg.train.grad_checkpointing,
         fp8=cfg.train.precision == "fp8",
         return_hidden=True,
+        layer_fn=layer_fn,
     )
     ce_sum, correct = head_loss(compute, x_BTD, targets, cfg, pad_id)
     loss = ce_sum / n_tokens + aux_scale * aux["loss"]
@@ -201,9 +206,35 @@ def _where_tree(cond: torch.Tensor, new: TensorDict, old: TensorDict) -> TensorD
     return tree.unflatten({k: torch.where(cond, v, flat_old[k]) for k, v in tree.flatten(new).items()})
 
 
+def grad_and_value(fn):
+    """``torch.func.grad_and_value(fn, has_aux=True)`` for a TensorDict first argument: (grads,
+    (value, aux)), the grads a tree like the argument (zeros where the value does not depend on a
+    leaf). Traced by ``torch.compile`` (the whole step compiled) it is ``torch.func``'s; run eagerly
+    it is plain autograd on detached copies of the leaves — the same gradients, without
+    ``torch.func``'s per-op wrapping, and able to run compiled regions inside (``torch.func``
+    transforms refuse to call a compiled function from eager code)."""
+    if torch.compiler.is_compiling():
+        return torch.func.grad_and_value(fn, has_aux=True)
+
+    def run(params: TensorDict, *args):
+        flat = tree.flatten(params)
+        leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in flat.items()}
+        with torch.enable_grad():
+            value, aux = fn(tree.unflatten(leaves), *args)
+            diff = [k for k, v in leaves.items() if v.requires_grad]
+            grads = torch.autograd.grad(value, [leaves[k] for k in diff], allow_unused=True)
+        by_key = dict(zip(diff, grads, strict=True))
+        out = {k: torch.zeros_like(v) if by_key.get(k) is None else by_key[k] for k, v in flat.items()}
+        return tree.unflatten(out), (value.detach(), aux)
+
+    return run
+
+
 def train_step(
-    state: TensorDict, batch: TensorDict, hp: TensorDict, *, cfg: RunConfig, pad_id: int
+    state: TensorDict, batch: TensorDict, hp: TensorDict, *, cfg: RunConfig, pad_id: int, regions=None
 ) -> tuple[TensorDict, TensorDict]:
+    """One optimizer step (see the module docstring). ``regions``: the compiled pieces of a
+    regionally compiled step (``make_train_step``); None runs everything as written."""
     A, tc = cfg.train.grad_accum, cfg.train
     inputs = batch["inputs"].unflatten(0, (A, -1))  # [A, B, T]
     targets = batch["targets"].unflatten(0, (A, -1))
@@ -213,13 +244,17 @@ def train_step(
     scale = state["loss_scale"] if tc.precision == "fp16" else torch.ones_like(state["loss_scale"])
     # a frozen base (train.lora): only the adapters are differentiated and updated; the rest of the
     # params (quantized codes, scales, frozen floats) is closed over and passed through unchanged
-    frozen_base = quant.frozen_base(cfg)
-    trainable, frozen = quant.split(state["params"]) if frozen_base else (state["params"], None)
-    grad_fn = torch.func.grad_and_value(
+    trainable, frozen = quant.split(state["params"]) if quant.frozen_base(cfg) else (state["params"], None)
+    grad_fn = grad_and_value(
         functools.partial(
-            loss_fn, cfg=cfg, n_tokens=n_tokens, pad_id=pad_id, aux_scale=1.0 / A, frozen=frozen
-        ),
-        has_aux=True,
+            loss_fn,
+            cfg=cfg,
+            n_tokens=n_tokens,
+            pad_id=pad_id,
+            aux_scale=1.0 / A,
+            frozen=frozen,
+            layer_fn=None if regions is None else regions.layer,
+        )  # fmt: skip
     )
     grads, per_micro = None, []
     for a in range(A):  # unrolled: A is config, so the compiled graph is fixed
@@ -227,6 +262,25 @@ def train_step(
         g, (_, m) = grad_fn(trainable, inputs[a], targets[a], state["knobs"], key, scale)
         grads = g if grads is None else grads + g
         per_micro.append(m)
+    return _update(state, trainable, frozen, grads, per_micro, n_tokens, scale, hp, cfg=cfg)
+
+
+def _update(
+    state: TensorDict,
+    trainable: TensorDict,
+    frozen: TensorDict | None,
+    grads: TensorDict,
+    per_micro: list[TensorDict],
+    n_tokens: torch.Tensor,
+    scale: torch.Tensor,
+    hp: TensorDict,
+    *,
+    cfg: RunConfig,
+) -> tuple[TensorDict, TensorDict]:
+    """The step after the gradients: unscale (fp16), clip, the optimizer update, the balance-bias
+    rule, fp16's skip-and-rescale, and the metrics."""
+    A, tc = cfg.train.grad_accum, cfg.train
+    frozen_base = frozen is not None
     if tc.precision == "fp16":
         grads = grads.apply(lambda g_: g_ / scale)
     grads, grad_norm = clip_by_global_norm(grads, hp["clip_norm"])
@@ -296,11 +350,40 @@ def eval_step(
     return TensorDict({"loss": loss, "ppl": loss.exp(), "accuracy": correct / n, "tokens": n}, batch_size=[])
 
 
+class _Regions:
+    """The compiled pieces of a regionally compiled step (``train.compile_mode=regional``): one
+    ``torch.compile`` of ``layer_of_kind`` per kind of layer (dense / MoE FFN, MoD-routed or not),
+    which every layer of that kind reuses — its parameters are arguments, and same-shaped arguments
+    pass the guards — so compile time does not grow with depth. The rest of the step (embedding,
+    the LM head + loss, the micro-batch loop, autograd, clipping and the optimizer, whose eager
+    AdamW is one fused kernel per leaf: ``lumina.optim``) runs eagerly between them."""
+
+    def __init__(self, cfg: RunConfig, backend: str | Callable = "inductor"):
+        self.cfg, self.backend = cfg, backend
+        self._layers: dict[tuple[bool, bool], Callable] = {}
+
+    def layer(self, moe: bool, mod: bool):
+        fn = self._layers.get((moe, mod))
+        if fn is None:
+            m, t = self.cfg.model, self.cfg.train
+            kind = functools.partial(
+                layer_of_kind, cfg=m, moe=moe, mod=mod, train=True,
+                remat_mode=t.grad_checkpointing, fp8=t.precision == "fp8",
+            )  # fmt: skip
+            fn = self._layers[moe, mod] = torch.compile(kind, fullgraph=True, backend=self.backend)
+        return fn
+
+
 def make_train_step(cfg: RunConfig, pad_id: int):
-    """``train_step`` bound to this config, compiled once with ``torch.compile`` when
-    ``train.compile`` (hp and knob *values* may change freely: they are tensors)."""
+    """``train_step`` bound to this config; with ``train.compile`` compiled with ``torch.compile``
+    (hp and knob *values* may change freely: they are tensors) — by regions (each kind of layer
+    once, the update once) or as one graph (``train.compile_mode``)."""
     optim.check_available(cfg.train.optimizer)  # its custom ops must exist before tracing
     if cfg.model.quant != "none":
         quant.check_available()
     fn = functools.partial(train_step, cfg=cfg, pad_id=pad_id)
-    return torch.compile(fn, fullgraph=True) if cfg.train.compile else fn
+    if not cfg.train.compile:
+        return fn
+    if cfg.train.compile_mode == "step":
+        return torch.compile(fn, fullgraph=True)
+    return functools.partial(fn, regions=_Regions(cfg))

@@ -5,20 +5,21 @@ import torch
 from tensordict import TensorDict
 from torch._dynamo.backends.debugging import aot_eager
 
+from lumina import optim, tree
 from lumina.config import DataConfig, MoDConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
 from lumina.data import get_tokenizer
 from lumina.data.mix import MixState, build_mix
 from lumina.optim import adamw_init, adamw_update, clip_by_global_norm, default_hp, global_norm, lr_at
-from lumina.step import eval_step, init_train_state, make_train_step, train_step
+from lumina.step import _Regions, eval_step, init_train_state, make_train_step, train_step
 
 PAD = 10_000  # not a token of the tiny vocabularies below
 
 
-def run_cfg(moe=None, mod=None, **train) -> RunConfig:
+def run_cfg(moe=None, mod=None, n_layers=2, **train) -> RunConfig:
     model = ModelConfig(
         vocab_size=61,
         d_model=16,
-        n_layers=2,
+        n_layers=n_layers,
         n_heads=2,
         ffn_multiple_of=16,
         max_seq_len=32,
@@ -74,6 +75,29 @@ def test_adamw_matches_torch_adamw():
         params, opt = adamw_update(params, grads, opt, torch.tensor(step), hp, cfg)
     for k in ref:
         torch.testing.assert_close(params[k], ref[k].detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_fused_adamw_equals_the_foreach_math_and_leaves_its_inputs(monkeypatch):
+    """The eager update (torch's fused kernel on copies) against the foreach arithmetic a compiled
+    step fuses, on a gradient laid out transposed (a tied head's): equal to float32 rounding, and
+    the inputs untouched (the step is pure)."""
+    cfg = TrainConfig(beta1=0.9, beta2=0.95, eps=1e-8)
+    g = torch.Generator().manual_seed(0)
+    params = TensorDict({"w": torch.randn(5, 3, generator=g), "n": torch.randn(3, generator=g)}, [])
+    hp = TensorDict({"lr": torch.tensor(1e-2), "weight_decay": torch.tensor(0.1)}, [])
+    grads = TensorDict({"w": torch.randn(3, 5, generator=g).T, "n": torch.randn(3, generator=g)}, [])
+    assert not grads["w"].is_contiguous()
+    opt = adamw_init(params)
+    inputs = (params["w"], opt["m", "w"], grads["w"])
+    before = [t.clone() for t in inputs]
+    fused = adamw_update(params, grads, opt, torch.tensor(3), hp, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(before, inputs, strict=True))
+    monkeypatch.setattr(optim, "_fusable", lambda lists: False)
+    foreach = adamw_update(params, grads, opt, torch.tensor(3), hp, cfg)
+    for new, ref in zip(fused, foreach, strict=True):
+        for k, v in tree.flatten(ref).items():
+            torch.testing.assert_close(tree.flatten(new)[k], v, atol=1e-7, rtol=1e-6, msg=k)
+    assert not torch.equal(fused[0]["w"], params["w"])
 
 
 def test_schedules():
@@ -179,6 +203,41 @@ def test_no_graph_breaks_and_no_recompiles_when_hp_change(name):
         state, metrics = step(state, batch(cfg, seed=i), hp)
     assert len(graphs) == 1
     assert metrics["lr"].item() == pytest.approx(3e-3)
+
+
+def test_regional_compile_one_graph_per_kind_of_layer_and_no_recompiles():
+    """train.compile_mode=regional: one compiled graph per kind of layer (the hybrid has dense, MoE
+    and MoD-routed MoE layers: 3), reused by every layer of its kind and over steps whose hp and
+    knob values change; the step trains as the eager one."""
+    torch._dynamo.reset()
+    cfg = run_cfg(**CONFIGS["hybrid"], micro_batch_size=2, n_layers=4, compile=True)
+    kinds = {(m, d) for m, d in zip(cfg.model.moe_layers(), cfg.model.mod_layers(), strict=True)}
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    regions = _Regions(cfg, backend=counting_backend)
+    state, hp = init_train_state(cfg), default_hp(cfg.train)
+    compiled_state, compiled_m = train_step(state, batch(cfg), hp, cfg=cfg, pad_id=PAD, regions=regions)
+    eager_state, eager_m = train_step(state, batch(cfg), hp, cfg=cfg, pad_id=PAD)
+    torch.testing.assert_close(compiled_m["loss"], eager_m["loss"], atol=1e-6, rtol=1e-6)
+    for k, v in _flat(eager_state).items():
+        torch.testing.assert_close(_flat(compiled_state)[k], v, atol=1e-6, rtol=1e-5, msg=k)
+    assert len(graphs) == len(kinds) and len(kinds) >= 2 and cfg.model.n_layers > len(kinds)
+    for i in range(3):
+        hp = TensorDict(
+            {
+                "lr": torch.tensor(1e-3 * (i + 1)),
+                "weight_decay": torch.tensor(0.1 * i),
+                "clip_norm": torch.tensor(1.0),
+            },
+            batch_size=[],
+        )
+        state["knobs", "router_temperature"] = torch.tensor(1.0 + i)
+        state, _ = train_step(state, batch(cfg, seed=i), hp, cfg=cfg, pad_id=PAD, regions=regions)
+    assert len(graphs) == len(kinds)
 
 
 @pytest.mark.slow  # a cold inductor compile of the step: ~150 s on 2 cores (aot_eager above: seconds)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from lumina.model.layers import apply_rope, linear, rms_norm, rope_cos_sin, swig
 from lumina.model.mod import mod_block, mod_block_predicted
 from lumina.model.moe import MOE_STAT_KEYS, moe_ffn, moe_layer_loss
 
-__all__ = ["apply", "default_knobs", "init", "init_cache", "param_shapes"]
+__all__ = ["apply", "default_knobs", "init", "init_cache", "layer_of_kind", "param_shapes"]
 
 Spec = dict[str, tuple[tuple[int, ...], float | str]]  # dotted path -> (shape, init std | "ones" | "zeros")
 
@@ -307,6 +308,7 @@ def apply(
     return_hidden: bool = False,
     valid: torch.Tensor | None = None,
     mod_routing: str = "topk",
+    layer_fn: Callable[[bool, bool], Callable] | None = None,
 ) -> tuple[torch.Tensor, TensorDict]:
     """Logits [B, T, V] and ``aux``: ``aux["loss"]`` (the weighted aux losses to add to the training
     loss: mean over MoE layers of their balance + z losses, plus mean over MoD layers of the predictor
@@ -330,6 +332,10 @@ def apply(
     causal predictor (``lumina.model.mod.mod_block_predicted``: no look-ahead, so prefill and decoding
     over a cache agree with this no-cache forward); "topk" (training's per-sequence capacity top-k)
     looks at the whole sequence and therefore refuses a cache.
+
+    ``layer_fn(moe, mod)`` (training without a cache): the function to run each layer of that kind
+    with, called as ``layer_of_kind`` without its keyword arguments — ``lumina.step`` passes compiled copies
+    (regional compilation: one compile per kind of layer, reused by every layer of the kind).
     """
     if mod_routing not in ("topk", "predictor"):
         raise ValueError(f"mod_routing={mod_routing!r}: expected topk or predictor")
@@ -355,22 +361,32 @@ def apply(
     moe_stats, mod_stats = {}, {}
     x_BTD = embed(params, tokens_BT)
     for i in range(cfg.n_layers):
-        x_BTD, layer_mod, layer_moe = layer(
-            i,
-            x_BTD,
-            params["layers", str(i)],
-            cfg,
-            knobs,
-            rope,
-            positions,
-            cache=None if cache is None else cache["layers", str(i)],
-            train=train,
-            rng=rng,
-            remat_mode=remat_mode,
-            fp8=fp8,
-            valid=valid,
-            mod_routing=mod_routing,
-        )
+        if layer_fn is not None and cache is None:
+            x_BTD, layer_mod, layer_moe = layer_fn(cfg.moe_layers()[i], cfg.mod_layers()[i])(
+                x_BTD,
+                params["layers", str(i)],
+                knobs,
+                rope,
+                positions,
+                None if rng is None else random.fold_in(rng, i),
+            )
+        else:
+            x_BTD, layer_mod, layer_moe = layer(
+                i,
+                x_BTD,
+                params["layers", str(i)],
+                cfg,
+                knobs,
+                rope,
+                positions,
+                cache=None if cache is None else cache["layers", str(i)],
+                train=train,
+                rng=rng,
+                remat_mode=remat_mode,
+                fp8=fp8,
+                valid=valid,
+                mod_routing=mod_routing,
+            )
         if layer_mod is not None:
             mod_stats[str(i)] = layer_mod
         if layer_moe is not None:
@@ -410,26 +426,67 @@ def layer(
     """Layer ``i`` (its parameters ``p`` = ``params["layers", str(i)]``): the new residual stream, its
     MoD stats (MoD layers) and its MoE stats (MoE layers), else None. ``rng`` is the model's key
     (this layer folds in ``i``)."""
+    return layer_of_kind(
+        x_BTD,
+        p,
+        knobs,
+        rope,
+        positions,
+        None if rng is None else random.fold_in(rng, i),
+        cfg=cfg,
+        moe=cfg.moe_layers()[i],
+        mod=cfg.mod_layers()[i],
+        cache=cache,
+        train=train,
+        remat_mode=remat_mode,
+        fp8=fp8,
+        valid=valid,
+        mod_routing=mod_routing,
+    )
+
+
+def layer_of_kind(
+    x_BTD: torch.Tensor,
+    p: TensorDict,
+    knobs: TensorDict,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+    rng: torch.Tensor | None,
+    *,
+    cfg: ModelConfig,
+    moe: bool,
+    mod: bool,
+    cache: TensorDict | None = None,
+    train: bool = True,
+    remat_mode: str = "none",
+    fp8: bool = False,
+    valid: torch.Tensor | None = None,
+    mod_routing: str = "topk",
+) -> tuple[torch.Tensor, dict | None, dict | None]:
+    """A layer by its kind (MoE or dense FFN; MoD-routed or not) rather than its index, with the
+    layer's own key ``rng`` (already folded with the index): every layer of a kind runs this same
+    function on same-shaped arguments, so one compiled copy serves them all (``lumina.step``'s
+    regional compilation)."""
     block = functools.partial(
         _block,
         p=p,
         cfg=cfg,
         knobs=knobs,
         cache=cache,
-        moe=cfg.moe_layers()[i],
+        moe=moe,
         train=train,
-        rng=None if rng is None else random.fold_in(rng, i),
+        rng=rng,
         remat_mode=remat_mode,
         fp8=fp8,
     )
-    if cfg.mod_layers()[i] and mod_routing == "predictor":
+    if mod and mod_routing == "predictor":
 
         def dense_delta(route_BT):
             attn_BTD, _, ffn_BTD, stats = block(x_BTD, rope=rope, positions=positions, key_valid=route_BT)
             return attn_BTD + ffn_BTD, stats
 
         return mod_block_predicted(x_BTD, p["mod"], dense_delta, valid)
-    if cfg.mod_layers()[i]:
+    if mod:
 
         def delta(x_sel_BSD, pos_BS):
             rope_sel = rope_cos_sin(pos_BS, cfg.head_dim, cfg.rope_theta)

@@ -52,7 +52,7 @@ def step_signature(cfg: RunConfig) -> tuple:
     """What the compiled step depends on besides tensor values: a change means rebuild it."""
     t = cfg.train
     return (cfg.model, t.micro_batch_size, t.batch_size, t.precision, t.grad_checkpointing,
-            t.beta1, t.beta2, t.eps, t.loss_scale_window, t.compile, t.seq_len)  # fmt: skip
+            t.beta1, t.beta2, t.eps, t.loss_scale_window, t.compile, t.compile_mode, t.seq_len)  # fmt: skip
 
 
 def _replace(cfg: RunConfig, section: str, sub: str | None = None, **values: Any) -> RunConfig:
