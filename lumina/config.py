@@ -407,6 +407,13 @@ class OrchestratorConfig:
     conf_critical: float = 0.5
     snapshot_every: int = 10  # steps between in-memory snapshots for rollback (healthy steps only)
     snapshot_ring: int = 3
+    # where the ring's copies live (lumina.driver.rollback): in memory (on the state's device) while
+    # the ones there plus the new one fit in snapshot_mb, else spilled to run_dir/.snapshots/ (one
+    # safetensors file each). Unset: snapshot_memory x the run's memory limit (CUDA: the device's
+    # total; CPU: the cgroup or physical limit per local rank), 2 GiB when the limit is unknown.
+    # 0: every snapshot on disk. Distributed engines keep theirs in memory (shards).
+    snapshot_mb: float | None = None
+    snapshot_memory: float = 0.1
     # loss spike: robust z-score (x - median) / (1.4826 MAD) over the last spike_window observations
     spike_window: int = 20
     spike_z: float = 6.0
@@ -480,6 +487,11 @@ class OrchestratorConfig:
             self, "spike_z", "grad_abs", "grad_rel", "grad_persist", "capacity_step", "mod_capacity_step"
         )
         _non_negative(self, "cooldown", "warmup", "max_rollbacks_per_window", "registry_max_distance")
+        _check(
+            self.snapshot_mb is None or self.snapshot_mb >= 0,
+            f"snapshot_mb must be >= 0 (or unset), got {self.snapshot_mb}",
+        )
+        _within(self, "snapshot_memory", "[0, 1]")
         _check(
             self.max_changes_per_window >= 1,
             f"max_changes_per_window must be >= 1, got {self.max_changes_per_window}",
