@@ -471,6 +471,17 @@ class OrchestratorConfig:
     memory_budget_mb: float | None = None
     memory_high: float = 0.9
     throughput_drop: float = 0.5  # tokens/s below this x the window median
+    # micro-batch growth (an opportunity): with more than one micro-batch per step, double the
+    # micro-batch (halving the accumulation: the batch is kept) when 2 x the peak memory stays below
+    # grow_memory x the limit (memory_budget_mb, else the device's). Judged over grow_window
+    # observations after the first grow_settle at the new size (a rebuilt step, a warming allocator):
+    # kept when the median tokens/s beats the grow_window before by grow_gain, else shrunk back and
+    # never tried again; memory pressure shrinks a grown micro-batch back first
+    grow_micro_batch: bool = True
+    grow_memory: float = 0.7
+    grow_gain: float = 0.05
+    grow_settle: int = 3
+    grow_window: int = 10
     # run registry (lumina.orchestrator.registry): "auto" = <run_dir>/.registry, "none" = no registry
     registry: str = "auto"
     registry_mode: Literal["off", "log", "apply"] = "log"  # suggestions at start: logged or applied
@@ -492,6 +503,9 @@ class OrchestratorConfig:
             f"snapshot_mb must be >= 0 (or unset), got {self.snapshot_mb}",
         )
         _within(self, "snapshot_memory", "[0, 1]")
+        _within(self, "grow_memory", "(0, 1]")
+        _non_negative(self, "grow_gain", "grow_settle")
+        _positive(self, "grow_window")
         _check(
             self.max_changes_per_window >= 1,
             f"max_changes_per_window must be >= 1, got {self.max_changes_per_window}",

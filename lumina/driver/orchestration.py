@@ -24,7 +24,7 @@ __all__ = ["SNAPSHOT_DIR", "Orchestration", "observation", "respond_to_oom", "se
 
 def settings(run: Run) -> Settings:
     """What the orchestrator may change, as plain values (an observation's ``settings``)."""
-    return Settings.of(run.cfg, run.state["knobs"])
+    return Settings.of(run.cfg, run.state["knobs"], run.env.world_size if run.env is not None else 1)
 
 
 def observation(
