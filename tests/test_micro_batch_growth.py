@@ -13,7 +13,7 @@ from lumina.configure import load_config
 from lumina.orchestrator import Observation, decide, init_state
 from lumina.orchestrator.replay import replay
 
-OCFG = OrchestratorConfig()  # grow_settle 3 + grow_window 10 observations; cooldown 25
+OCFG = OrchestratorConfig()  # warmup 20; grow_settle 3 + grow_window 10 observations; cooldown 25
 SETTINGS = {"micro_batch_size": 1, "batch_size": 8, "lr_scale": 1.0}
 
 
@@ -49,48 +49,48 @@ def acts(ds):
 
 def test_growth_fires_once_a_baseline_exists_and_is_kept_while_tokens_per_s_improves():
     s, ds, mbs = drive(100, speed=lambda mb: 1000 * mb**0.5)  # +41 % per doubling
-    # step 13: 3 settling + 10 baseline observations at micro-batch 1; each growth kept at its 13th
-    # observation, the next doubling waits for the action's cooldown (25 steps): 38, 63; at 8 the step
-    # is one micro-batch, nothing left to grow
-    assert acts(ds) == [(13, "micro_batch", {"from": 1, "to": 2}), (38, "micro_batch", {"from": 2, "to": 4}),
-                        (63, "micro_batch", {"from": 4, "to": 8})]  # fmt: skip
+    # step 21: the first past the warm-up (20 observations; the baseline needs 3 settling + 10); each
+    # growth kept at its 13th observation at the new size (34, 59), the next doubling waits for the
+    # action's cooldown (25 steps): 46, 71; at 8 the step is one micro-batch, nothing left to grow
+    assert acts(ds) == [(21, "micro_batch", {"from": 1, "to": 2}), (46, "micro_batch", {"from": 2, "to": 4}),
+                        (71, "micro_batch", {"from": 4, "to": 8})]  # fmt: skip
     assert (
         ds[0].level == 1
         and ds[0].confidence >= OCFG.conf_soft
         and "2 x memory 500 MB < 70% of the 10000 MB limit" in ds[0].reason
     )
-    assert mbs[12] == 1 and mbs[13] == 2 and mbs[-1] == 8
+    assert mbs[20] == 1 and mbs[21] == 2 and mbs[-1] == 8
     assert s.counters["micro_batch_kept"] == 3 and s.mb_trial is None and s.mb_floor == 1
     assert s.health == 100.0  # an opportunity costs no health
 
 
 def test_a_growth_without_gain_is_shrunk_back_and_never_tried_again():
     s, ds, mbs = drive(200, speed=lambda mb: 1000.0)
-    # judged at step 26 (13 observations at 2): no faster; the shrink waits for the cooldown (13 + 25)
-    assert acts(ds) == [(13, "micro_batch", {"from": 1, "to": 2}), (38, "micro_batch", {"from": 2, "to": 1})]
+    # judged at step 34 (13 observations at 2): no faster; the shrink waits for the cooldown (21 + 25)
+    assert acts(ds) == [(21, "micro_batch", {"from": 1, "to": 2}), (46, "micro_batch", {"from": 2, "to": 1})]
     assert "did not pay" in ds[1].reason and "< +5%" in ds[1].reason
-    assert s.mb_ceiling == 2 and s.mb_trial is None and set(mbs[38:]) == {1}
+    assert s.mb_ceiling == 2 and s.mb_trial is None and set(mbs[46:]) == {1}
 
 
 def test_a_small_gain_is_not_enough():
     cfg = OrchestratorConfig(cooldown=0)  # no cooldown: the shrink follows the judgment at once
     s, ds, _ = drive(60, speed=lambda mb: 1000 * (1.03 if mb == 2 else 1.0), cfg=cfg)
-    assert acts(ds) == [(13, "micro_batch", {"from": 1, "to": 2}), (26, "micro_batch", {"from": 2, "to": 1})]
+    assert acts(ds) == [(21, "micro_batch", {"from": 1, "to": 2}), (34, "micro_batch", {"from": 2, "to": 1})]
 
 
 def test_memory_pressure_shrinks_a_grown_micro_batch_back_then_checkpoints():
-    # kept at step 26 (+41 %), then at step 30 memory reaches 95 % of the limit
+    # kept at step 34 (+41 %), then at step 36 memory reaches 95 % of the limit
     s, ds, mbs = drive(
-        60, speed=lambda mb: 1000 * mb**0.5, memory=lambda step, mb: 9500.0 if step >= 30 else 500.0
+        60, speed=lambda mb: 1000 * mb**0.5, memory=lambda step, mb: 9500.0 if step >= 36 else 500.0
     )
     assert acts(ds)[:2] == [
-        (13, "micro_batch", {"from": 1, "to": 2}),
-        (38, "micro_batch", {"from": 2, "to": 1}),
+        (21, "micro_batch", {"from": 1, "to": 2}),
+        (46, "micro_batch", {"from": 2, "to": 1}),
     ]
     assert ds[1].level == 2 and "memory 9500 MB > 90%" in ds[1].reason  # waited for the cooldown
     # still under pressure at the size it started with: gradient checkpointing, as before growth
-    assert acts(ds)[2] == (39, "grad_checkpointing", {"from": "none", "to": "full"})
-    assert s.mb_ceiling == 2 and set(mbs[38:]) == {1}
+    assert acts(ds)[2] == (47, "grad_checkpointing", {"from": "none", "to": "full"})
+    assert s.mb_ceiling == 2 and set(mbs[46:]) == {1}
 
 
 def test_no_growth_without_room_accumulation_or_a_fitting_split():
@@ -106,7 +106,7 @@ def test_no_growth_without_room_accumulation_or_a_fitting_split():
     _, ds, _ = drive(
         80, lambda mb: 1000 * mb, settings={"micro_batch_size": 1, "batch_size": 4, "world_size": 2}
     )
-    assert acts(ds) == [(13, "micro_batch", {"from": 1, "to": 2})]
+    assert acts(ds) == [(21, "micro_batch", {"from": 1, "to": 2})]
 
 
 def test_a_size_that_ran_out_of_memory_is_not_grown_to_again():
@@ -116,13 +116,14 @@ def test_a_size_that_ran_out_of_memory_is_not_grown_to_again():
 
 
 def test_a_real_run_grows_its_micro_batch_keeps_the_batch_and_replays(tmp_path):
-    """micro-batch 1 of 4 with a generous budget: the growth fires at step 4 (1 settling + 3 baseline
-    observations) and is applied from step 5; tokens/s on a shared machine decides keep or revert,
-    so both are accepted — the replay must be exact either way."""
+    """micro-batch 1 of 4 with a generous budget: the growth fires at step 4 (past a 2-observation
+    warm-up, 1 settling + 3 baseline observations) and is applied from step 5; tokens/s on a shared
+    machine decides keep or revert, so both are accepted — the replay must be exact either way."""
     cfg = load_config(overrides=["--train.steps=10", f"--run_dir={tmp_path}", *TINY,
                                  "--train.micro_batch_size=1", "--train.eval_batches=0",
                                  "--orchestrator.memory_budget_mb=100000", "--orchestrator.grow_settle=1",
-                                 "--orchestrator.grow_window=3", "--orchestrator.cooldown=0"])  # fmt: skip
+                                 "--orchestrator.grow_window=3", "--orchestrator.cooldown=0",
+                                 "--orchestrator.warmup=2"])  # fmt: skip
     run = loop.train(cfg).run_dir
     ds = list(orchestrator.read_log(run / orchestrator.DECISIONS_FILE))
     assert [(d["step"], d["action"], d["args"]) for d in ds][0] == (4, "micro_batch", {"from": 1, "to": 2})

@@ -365,8 +365,9 @@ def throughput(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Findin
 def micro_batch(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
     """Room to double the micro-batch (an opportunity), or a growth judged not worth it.
 
-    Room: more than one micro-batch per step, the doubled one divides the batch into a multiple of
-    the ranks, it is below any size reverted or out of memory before (``mb_ceiling``), tokens/s has
+    Room: past the warm-up (``warmup`` observations, again after a rollback), more than one
+    micro-batch per step, the doubled one divides the batch into a multiple of the ranks, it is
+    below any size reverted or out of memory before (``mb_ceiling``), tokens/s has
     a baseline at the current size (``grow_window`` observations after ``grow_settle``) and twice
     the peak memory (activations at most double; parameters and moments do not) stays under
     ``grow_memory`` x the limit. The judgment itself is bookkeeping (``policy._observe_micro_batch``);
@@ -385,8 +386,8 @@ def micro_batch(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Findi
     new, world = 2 * mb, max(1, st.world_size)
     if st.batch_size // mb <= 1 or st.batch_size % new or (st.batch_size // new) % world:
         return []
-    if ostate.mb_ceiling and new >= ostate.mb_ceiling:
-        return []
+    if ostate.mb_ceiling and new >= ostate.mb_ceiling or _warming(ostate, cfg):
+        return []  # (not while warming up: the start of a run, or just after a rollback)
     speeds = ostate.mb_speed[cfg.grow_settle :]
     limit = cfg.memory_budget_mb or obs.memory_limit_mb
     if len(speeds) < cfg.grow_window or not limit or obs.memory_mb <= 0:
