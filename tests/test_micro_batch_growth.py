@@ -17,7 +17,9 @@ OCFG = OrchestratorConfig()  # warmup 20; grow_settle 3 + grow_window 10 observa
 SETTINGS = {"micro_batch_size": 1, "batch_size": 8, "lr_scale": 1.0}
 
 
-def drive(n, speed, memory=lambda step, mb: 500.0, settings=SETTINGS, cfg=OCFG, oom_above=math.inf):
+def drive(
+    n, speed, memory=lambda step, mb: 500.0, settings=SETTINGS, cfg=OCFG, oom_above=math.inf, nan_at=-1
+):
     """Observe steps 1..n: tokens/s ``speed(mb)``, memory ``memory(step, mb)`` MB of a 10 GB limit;
     micro-batch decisions are applied before the next step. (state, decisions, mb per step)."""
     s, out, settings, mbs = init_state(0), [], dict(settings), []
@@ -28,7 +30,8 @@ def drive(n, speed, memory=lambda step, mb: 500.0, settings=SETTINGS, cfg=OCFG, 
             obs = Observation(step=step, loss=math.nan, grad_norm=math.nan, lr=1e-3, events=["oom"],
                               settings=settings)  # fmt: skip
         else:
-            obs = Observation(step=step, loss=4.0 + 6.0 * step**-0.5, grad_norm=1.0, lr=1e-3,
+            loss = math.nan if step == nan_at else 4.0 + 6.0 * step**-0.5
+            obs = Observation(step=step, loss=loss, grad_norm=1.0, lr=1e-3,
                               tokens_per_s=speed(mb) * (1 + 0.01 * (step % 3)), memory_mb=memory(step, mb),
                               memory_limit_mb=10_000.0, settings=settings)  # fmt: skip
             mbs.append(mb)
@@ -107,6 +110,14 @@ def test_no_growth_without_room_accumulation_or_a_fitting_split():
         80, lambda mb: 1000 * mb, settings={"micro_batch_size": 1, "batch_size": 4, "world_size": 2}
     )
     assert acts(ds) == [(21, "micro_batch", {"from": 1, "to": 2})]
+
+
+def test_no_growth_while_the_run_warms_up_again_after_a_rollback():
+    # a NaN at step 15 rolls back to the snapshot of step 10: the history keeps steps 1..10, so the
+    # warm-up (more than 20 observations in it) ends with the 11th observation after it, step 26
+    _, ds, _ = drive(40, speed=lambda mb: 1000 * mb, nan_at=15)
+    assert acts(ds) == [(15, "rollback", {"to_step": 10, "skip_data": True}),
+                        (26, "micro_batch", {"from": 1, "to": 2})]  # fmt: skip
 
 
 def test_a_size_that_ran_out_of_memory_is_not_grown_to_again():

@@ -186,7 +186,8 @@ def _memory_pressure(f, s, obs, cfg) -> Candidates:
     return _checkpoint(f, s, obs, cfg)
 
 
-def _grow_micro_batch(f, s, obs, cfg) -> Candidates:
+def _set_micro_batch(f, s, obs, cfg) -> Candidates:
+    """To the size the finding names: double (room) or back (no gain)."""
     return [("micro_batch", {"from": obs.settings.micro_batch_size, "to": f.data["to"]})]
 
 
@@ -320,8 +321,8 @@ RESPONSES: dict[str, Response] = {
     "mod_too_aggressive": _mod_capacity,  # raise the MoD capacity
     "mod_underused": _mod_underused,  # after slack_patience: lower the MoD capacity
     "throughput_drop": _report,
-    "micro_batch_room": _grow_micro_batch,  # double the micro-batch (the batch is kept)
-    "micro_batch_no_gain": _grow_micro_batch,  # shrink it back (f.data["to"]: the size before)
+    "micro_batch_room": _set_micro_batch,  # double the micro-batch (the batch is kept)
+    "micro_batch_no_gain": _set_micro_batch,  # shrink it back (f.data["to"]: the size before)
     "overfitting": _overfitting,  # raise the weight decay
     "data_imbalance": _data_imbalance,  # shift the interleave ratio toward the lagging source
 }
