@@ -411,6 +411,13 @@ class OrchestratorConfig:
     conf_critical: float = 0.5
     snapshot_every: int = 10  # steps between in-memory snapshots for rollback (healthy steps only)
     snapshot_ring: int = 3
+    # where the ring's copies live (lumina.driver.rollback): in memory (on the state's device) while
+    # the ones there plus the new one fit in snapshot_mb, else spilled to run_dir/.snapshots/ (one
+    # safetensors file each). Unset: snapshot_memory x the run's memory limit (CUDA: the device's
+    # total; CPU: the cgroup or physical limit per local rank), 2 GiB when the limit is unknown.
+    # 0: every snapshot on disk. Distributed engines keep theirs in memory (shards).
+    snapshot_mb: float | None = None
+    snapshot_memory: float = 0.1
     # loss spike: robust z-score (x - median) / (1.4826 MAD) over the last spike_window observations
     spike_window: int = 20
     spike_z: float = 6.0
@@ -468,6 +475,17 @@ class OrchestratorConfig:
     memory_budget_mb: float | None = None
     memory_high: float = 0.9
     throughput_drop: float = 0.5  # tokens/s below this x the window median
+    # micro-batch growth (an opportunity): with more than one micro-batch per step, double the
+    # micro-batch (halving the accumulation: the batch is kept) when 2 x the peak memory stays below
+    # grow_memory x the limit (memory_budget_mb, else the device's). Judged over grow_window
+    # observations after the first grow_settle at the new size (a rebuilt step, a warming allocator):
+    # kept when the median tokens/s beats the grow_window before by grow_gain, else shrunk back and
+    # never tried again; memory pressure shrinks a grown micro-batch back first
+    grow_micro_batch: bool = True
+    grow_memory: float = 0.7
+    grow_gain: float = 0.05
+    grow_settle: int = 3
+    grow_window: int = 10
     # run registry (lumina.orchestrator.registry): "auto" = <run_dir>/.registry, "none" = no registry
     registry: str = "auto"
     registry_mode: Literal["off", "log", "apply"] = "log"  # suggestions at start: logged or applied
@@ -484,6 +502,14 @@ class OrchestratorConfig:
             self, "spike_z", "grad_abs", "grad_rel", "grad_persist", "capacity_step", "mod_capacity_step"
         )
         _non_negative(self, "cooldown", "warmup", "max_rollbacks_per_window", "registry_max_distance")
+        _check(
+            self.snapshot_mb is None or self.snapshot_mb >= 0,
+            f"snapshot_mb must be >= 0 (or unset), got {self.snapshot_mb}",
+        )
+        _within(self, "snapshot_memory", "[0, 1]")
+        _within(self, "grow_memory", "(0, 1]")
+        _non_negative(self, "grow_gain", "grow_settle")
+        _positive(self, "grow_window")
         _check(
             self.max_changes_per_window >= 1,
             f"max_changes_per_window must be >= 1, got {self.max_changes_per_window}",

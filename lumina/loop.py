@@ -106,6 +106,9 @@ def train(
     except BaseException:
         run.logs.close()
         raise
+    finally:
+        if orch is not None:
+            orch.ring.close()  # spilled snapshots are deleted with the run's end (or crash)
     return _finish(run, evaluator, orch, saver, stopped_early=stopped_early, interrupted=interrupted)
 
 

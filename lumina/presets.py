@@ -312,7 +312,8 @@ def train_state_bytes(cfg: RunConfig) -> int:
     (batch x sequence x width, and the routing buffers), the second gradient tree a step with
     gradient accumulation holds while summing, the new weights and moments the functional update
     builds beside the old ones (and 8-bit AdamW's dequantized fp32 moments inside the step), the
-    orchestrator's snapshot ring (up to ``snapshot_ring`` + 1 copies of weights and moments), eval
+    orchestrator's snapshot ring (up to ``snapshot_ring`` + 1 copies of weights and moments, those
+    in memory within ``orchestrator.snapshot_mb``: 10 % of this limit by default), eval
     batches, torch.compile workspaces and the allocator's fragmentation.
     """
     return _state_bytes(cfg, _meta_params(cfg.model))

@@ -26,7 +26,7 @@ DENSE = {"lr_scale": 1.0, "weight_decay": 0.1, "micro_batch_size": 8, "batch_siz
          "grad_checkpointing": "none", "num_experts": 0, "top_k": 0, "balance": None,
          "capacity_factor": None, "mod_capacity": None, "mode": "base_only", "interleave_ratio": 0.5,
          "knobs": {"aux_loss_weight": 0.01, "expert_dropout": 0.0, "router_temperature": 1.0},
-         "frozen_base": False}  # fmt: skip
+         "frozen_base": False, "world_size": 1}  # fmt: skip
 MOE = DENSE | {"num_experts": 8, "top_k": 2, "balance": "aux_loss", "capacity_factor": 1.25}
 
 
@@ -415,7 +415,7 @@ def test_every_finding_kind_a_detector_reports_has_a_response():
     """``RESPONSES`` is the table decide looks findings up in: a kind missing from it would raise."""
     source = inspect.getsource(detect)
     kinds = set(re.findall(r'Finding\(\s*"(\w+)"', source))
-    assert len(kinds) == 18 and kinds == set(RESPONSES)
+    assert len(kinds) == 20 and kinds == set(RESPONSES)
     assert set(CHRONIC) <= kinds
 
 

@@ -19,12 +19,12 @@ from lumina.driver.rollback import FROM_CHECKPOINT, SnapshotRing, rolled_back
 from lumina.driver.stepping import OutOfMemory
 from lumina.orchestrator import Decision, Observation, Settings
 
-__all__ = ["Orchestration", "observation", "respond_to_oom", "settings"]
+__all__ = ["SNAPSHOT_DIR", "Orchestration", "observation", "respond_to_oom", "settings", "snapshot_budget_mb"]
 
 
 def settings(run: Run) -> Settings:
     """What the orchestrator may change, as plain values (an observation's ``settings``)."""
-    return Settings.of(run.cfg, run.state["knobs"])
+    return Settings.of(run.cfg, run.state["knobs"], run.env.world_size if run.env is not None else 1)
 
 
 def observation(
@@ -55,6 +55,19 @@ def observation(
     )
 
 
+SNAPSHOT_DIR = ".snapshots"  # spilled snapshots, under the run folder (removed when the run ends)
+_UNKNOWN_LIMIT_SNAPSHOT_MB = 2048.0  # the ring's budget when the memory limit is unknown (0)
+
+
+def snapshot_budget_mb(ocfg, memory_limit_mb: float) -> float:
+    """The snapshot ring's in-memory budget: ``snapshot_mb`` when set, else ``snapshot_memory`` x
+    the run's memory limit (the device's on CUDA, so a 141 GB H200 keeps up to 14 GB of snapshots
+    on the GPU by default; the rest goes to disk), 2 GiB when the limit is unknown."""
+    if ocfg.snapshot_mb is not None:
+        return ocfg.snapshot_mb
+    return ocfg.snapshot_memory * memory_limit_mb if memory_limit_mb > 0 else _UNKNOWN_LIMIT_SNAPSHOT_MB
+
+
 # decisions that rewrite parameters: under a distributed engine they apply to the full state, which a
 # new engine then shards again
 FULL_STATE_ACTIONS = ("add_expert", "prune_expert", "reset_mod_router")
@@ -83,9 +96,15 @@ class Orchestration:
             self.ostate = orchestrator.init_state(run.start)
         for log_file in (self.obs_log, self.dec_log) if self.main else ():  # both exist in every run
             log_file.touch()
-        # under an engine its own copy (detached shards), looked up on every use: engines get rebuilt
-        self.ring = SnapshotRing((lambda st: run.engine.snapshot(st)) if run.engine is not None else None)
+        # under an engine its own copy (detached shards), looked up on every use: engines get rebuilt;
+        # its snapshots stay in memory (no spill_dir: lumina.driver.rollback)
+        self.ring = SnapshotRing(
+            (lambda st: run.engine.snapshot(st)) if run.engine is not None else None,
+            budget_bytes=snapshot_budget_mb(self.ocfg, run.memory_limit_mb) * 2**20,
+            spill_dir=run.run_dir / SNAPSHOT_DIR if run.engine is None else None,
+        )
         self.ring.snapshot(run.start, run.state, run.cfg)
+        self.spill_noted = False
         self.seconds = 0.0  # time spent deciding and acting (the orchestrator's cost)
 
     def decide(self, obs: Observation) -> list[Decision]:
@@ -151,6 +170,11 @@ class Orchestration:
                 run.logs.event(run.step, "rebuild_step", "a decision changed a shape or a step constant")
         self.seconds += time.perf_counter() - t0
         self.ring.sync({*self.ostate.snapshots, self.ostate.pending_snapshot}, run.step, run.state, run.cfg)
+        if self.ring.spilled and not self.spill_noted:  # the first spill of the run: say where and why
+            self.spill_noted, r = True, self.ring
+            what = f"snapshots past {r.budget_bytes / 2**20:.0f} MB in memory go to {r.spill_dir}"
+            now = f"{r.memory_bytes / 2**20:.0f} MB in memory now"
+            run.logs.event(run.step, "snapshot_spill", f"{what} ({now})")
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"orchestrator": self.ostate.to_dict()}

@@ -21,8 +21,8 @@ prune_expert    from, to, experts[layer]      that expert removed per MoE layer:
                                               column, balance bias, moments (recompiles)
 mod_capacity    from, to                      model.mod.capacity (recompiles)
 reset_mod_router layers, seed                 fresh init of those MoD routers, zero moments
-micro_batch     from, to                      train.micro_batch_size (batch size kept: more
-                                              accumulation) (recompiles)
+micro_batch     from, to                      train.micro_batch_size (batch size kept: the
+                                              accumulation halves or doubles) (recompiles)
 grad_checkpointing from, to                   train.grad_checkpointing (recompiles)
 interleave_ratio from, to                     data.interleave_ratio
 rollback        to_step, skip_data            (driver)

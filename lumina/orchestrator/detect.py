@@ -362,6 +362,50 @@ def throughput(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Findin
     return []
 
 
+def micro_batch(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """Room to double the micro-batch (an opportunity), or a growth judged not worth it.
+
+    Room: past the warm-up (``warmup`` observations, again after a rollback), more than one
+    micro-batch per step, the doubled one divides the batch into a multiple of the ranks, it is
+    below any size reverted or out of memory before (``mb_ceiling``), tokens/s has
+    a baseline at the current size (``grow_window`` observations after ``grow_settle``) and twice
+    the peak memory (activations at most double; parameters and moments do not) stays under
+    ``grow_memory`` x the limit. The judgment itself is bookkeeping (``policy._observe_micro_batch``);
+    a growth judged no faster is reported here until its shrink passes the gate."""
+    if not cfg.grow_micro_batch or "oom" in obs.events:
+        return []
+    st, trial = obs.settings, ostate.mb_trial
+    mb = st.micro_batch_size
+    if trial is not None:
+        if trial.get("verdict") == "revert" and mb == trial["to"]:
+            return [Finding("micro_batch_no_gain", 1, 0.9,
+                            f"micro-batch {trial['from']} -> {mb} did not pay: {trial['after']:.0f} tok/s vs "
+                            f"{trial['before']:.0f} before (< +{cfg.grow_gain:.0%})",
+                            {"to": trial["from"]})]  # fmt: skip
+        return []
+    new, world = 2 * mb, max(1, st.world_size)
+    if st.batch_size // mb <= 1 or st.batch_size % new or (st.batch_size // new) % world:
+        return []
+    if ostate.mb_ceiling and new >= ostate.mb_ceiling or _warming(ostate, cfg):
+        return []  # (not while warming up: the start of a run, or just after a rollback)
+    speeds = ostate.mb_speed[cfg.grow_settle :]
+    limit = cfg.memory_budget_mb or obs.memory_limit_mb
+    if len(speeds) < cfg.grow_window or not limit or obs.memory_mb <= 0:
+        return []
+    if 2 * obs.memory_mb > cfg.grow_memory * limit:
+        return []
+    return [
+        Finding(
+            "micro_batch_room",
+            1,
+            0.9,
+            f"2 x memory {obs.memory_mb:.0f} MB < {cfg.grow_memory:.0%} of the {limit:.0f} MB limit: "
+            f"micro-batch {mb} -> {new} ({st.batch_size // new} micro-batches a step)",
+            {"to": new, "before": median(speeds)},
+        )
+    ]
+
+
 def overfitting(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
     """The eval loss rose over the last two evaluations while the training loss EMA fell."""
     ev = ostate.evals
@@ -415,6 +459,7 @@ DETECTORS = (
     experts,
     mod,
     throughput,
+    micro_batch,
     overfitting,
     data_balance,
 )

@@ -36,7 +36,7 @@ CHRONIC = frozenset({"divergence", "expert_collapse", "dead_expert", "capacity_o
                      "mod_collapse", "mod_too_aggressive", "mod_underused", "memory_pressure",
                      "throughput_drop"})  # fmt: skip
 # findings that are chances to save compute, not trouble: no cost to the health score
-_OPPORTUNITIES = frozenset({"capacity_slack", "mod_underused"})
+_OPPORTUNITIES = frozenset({"capacity_slack", "mod_underused", "micro_batch_room", "micro_batch_no_gain"})
 # what makes a state unfit to roll back to: trouble with the loss or gradients (chronic routing
 # findings do not: a run whose experts are skewed for 50 steps must still get snapshots)
 _UNHEALTHY = frozenset({"nonfinite", "oom", "loss_spike", "grad_explosion", "divergence", "oscillation"})
@@ -93,6 +93,45 @@ def _observe(s: OrchestratorState, obs: Observation, cfg: OrchestratorConfig) ->
         s.forecast = {**s.forecast, "error": sum(s.forecast_errors) / len(s.forecast_errors)}
 
 
+def _observe_micro_batch(s: OrchestratorState, obs: Observation, cfg: OrchestratorConfig) -> None:
+    """Micro-batch growth's bookkeeping (in place on the copy ``s``): the tokens/s measured at the
+    current micro-batch (reset when it changes, whatever changed it), the judgment of a growth under
+    trial once ``grow_settle + grow_window`` observations ran at the new size, and the sizes never to
+    try again (one that ran out of memory)."""
+    mb = obs.settings.micro_batch_size
+    if "oom" in obs.events:
+        s.mb_ceiling = min(mb, s.mb_ceiling or mb)
+        return
+    if mb != s.mb_current:
+        s.mb_current, s.mb_speed = mb, []
+    if obs.tokens_per_s > 0 and math.isfinite(obs.tokens_per_s):
+        s.mb_speed = [*s.mb_speed, obs.tokens_per_s][-cfg.window :]
+    t = s.mb_trial
+    if t is None:
+        return
+    if mb != t["to"]:  # something else changed it (an OOM's halving): the trial is over
+        s.mb_trial, s.mb_ceiling = None, min(t["to"], s.mb_ceiling or t["to"])
+    elif t["verdict"] is None and len(s.mb_speed) >= cfg.grow_settle + cfg.grow_window:
+        after = detect.median(s.mb_speed[cfg.grow_settle :])
+        if after >= (1 + cfg.grow_gain) * t["before"]:  # kept; a further doubling may follow
+            s.mb_trial = None
+            s.counters["micro_batch_kept"] = s.counters.get("micro_batch_kept", 0) + 1
+        else:  # reported by detect.micro_batch until its shrink passes the gate
+            s.mb_trial = {**t, "verdict": "revert", "after": after}
+
+
+def _book_micro_batch(s: OrchestratorState, d: Decision, cfg: OrchestratorConfig) -> None:
+    """A micro-batch decision taken: a growth starts a trial (its baseline: the median tokens/s at
+    the old size); a shrink (no gain, memory pressure, OOM) ends any trial and bars the size it left."""
+    a = d.args
+    if a["to"] > a["from"]:
+        s.mb_floor = s.mb_floor or a["from"]
+        before = detect.median(s.mb_speed[cfg.grow_settle :])
+        s.mb_trial = {"step": d.step, "from": a["from"], "to": a["to"], "before": before, "verdict": None}
+    else:
+        s.mb_trial, s.mb_ceiling = None, min(a["from"], s.mb_ceiling or a["from"])
+
+
 # ------------------------------------------------------------------------------------ actions
 
 
@@ -137,6 +176,19 @@ def _oom(f, s, obs, cfg) -> Candidates:
     if mb > 1:
         return [("micro_batch", {"from": mb, "to": mb // 2})]
     return _checkpoint(f, s, obs, cfg)
+
+
+def _memory_pressure(f, s, obs, cfg) -> Candidates:
+    """A micro-batch the orchestrator grew shrinks back first; else gradient checkpointing."""
+    mb = obs.settings.micro_batch_size
+    if s.mb_floor and mb > s.mb_floor:
+        return [("micro_batch", {"from": mb, "to": mb // 2})]
+    return _checkpoint(f, s, obs, cfg)
+
+
+def _set_micro_batch(f, s, obs, cfg) -> Candidates:
+    """To the size the finding names: double (room) or back (no gain)."""
+    return [("micro_batch", {"from": obs.settings.micro_batch_size, "to": f.data["to"]})]
 
 
 def _checkpoint(f, s, obs, cfg) -> Candidates:
@@ -255,7 +307,7 @@ def _report(f, s, obs, cfg) -> Candidates:
 RESPONSES: dict[str, Response] = {
     "nonfinite": _recover,  # rollback (+ emergency LR cut when it recurs)
     "oom": _oom,  # halve the micro-batch; at 1: gradient checkpointing
-    "memory_pressure": _checkpoint,  # gradient checkpointing
+    "memory_pressure": _memory_pressure,  # shrink a grown micro-batch back, else gradient checkpointing
     "grad_explosion": _emergency_lr,  # cut the LR
     "loss_spike": _loss_spike,  # big: as nonfinite; repeated: lower the LR
     "divergence": _divergence,  # rollback to before the EMA's minimum + lower the LR
@@ -269,6 +321,8 @@ RESPONSES: dict[str, Response] = {
     "mod_too_aggressive": _mod_capacity,  # raise the MoD capacity
     "mod_underused": _mod_underused,  # after slack_patience: lower the MoD capacity
     "throughput_drop": _report,
+    "micro_batch_room": _set_micro_batch,  # double the micro-batch (the batch is kept)
+    "micro_batch_no_gain": _set_micro_batch,  # shrink it back (f.data["to"]: the size before)
     "overfitting": _overfitting,  # raise the weight decay
     "data_imbalance": _data_imbalance,  # shift the interleave ratio toward the lagging source
 }
@@ -290,6 +344,7 @@ def decide(
     """The next orchestrator state and the decisions for observation ``obs`` (see module doc)."""
     s = ostate.copy()
     _observe(s, obs, cfg)
+    _observe_micro_batch(s, obs, cfg)
     findings = detect.detect_all(s, obs, cfg)
     streaks = {}
     for i, f in enumerate(findings):
@@ -354,6 +409,8 @@ def decide(
             s.dead_since = {k: v for k, v in s.dead_since.items() if v <= to}
         elif d.action in ("add_expert", "prune_expert"):
             s.dead_since = {}  # expert indices changed
+        elif d.action == "micro_batch":
+            _book_micro_batch(s, d, cfg)
 
     # Snapshots for rollbacks: the state after a healthy snapshot step is kept at once (pending) and
     # confirmed by the next observation — the first to see that state's loss — being healthy too.

@@ -64,6 +64,7 @@ class Settings:
     interleave_ratio: float = 0.5  # fraction of base batches
     knobs: dict[str, float] = dataclasses.field(default_factory=dict)  # the live model knobs, by name
     frozen_base: bool = False  # train.lora: only adapters train, so no action may edit the base weights
+    world_size: int = 1  # ranks sharing the batch: a micro-batch change keeps grad_accum divisible by it
 
     def __post_init__(self) -> None:
         # hold the declared types (a hand-written dict says 1 for 1.0), so decisions' args have them too
@@ -74,8 +75,9 @@ class Settings:
         object.__setattr__(self, "knobs", {k: float(v) for k, v in self.knobs.items()})
 
     @classmethod
-    def of(cls, cfg: RunConfig, knobs: Mapping[str, Any]) -> Settings:
-        """The settings of run config ``cfg`` with the live ``knobs`` (0-dim tensors or floats)."""
+    def of(cls, cfg: RunConfig, knobs: Mapping[str, Any], world_size: int = 1) -> Settings:
+        """The settings of run config ``cfg`` with the live ``knobs`` (0-dim tensors or floats), on
+        ``world_size`` ranks."""
         m, t = cfg.model, cfg.train
         return cls(
             lr_scale=t.lr_scale,
@@ -92,6 +94,7 @@ class Settings:
             interleave_ratio=cfg.data.interleave_ratio,
             knobs={k: float(v) for k, v in sorted(knobs.items())},
             frozen_base=t.lora.enabled,
+            world_size=world_size,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +220,15 @@ class OrchestratorState:
     forecast: dict[str, Any] = dataclasses.field(default_factory=dict)  # latest convergence forecast
     pending_forecasts: list[list[float]] = dataclasses.field(default_factory=list)  # [target, predicted]
     forecast_errors: list[float] = dataclasses.field(default_factory=list)  # relative, past predictions
+    # micro-batch growth (policy._observe_micro_batch): the tokens/s observed since the micro-batch
+    # became ``mb_current``; a growth being judged {"step", "from", "to", "before", "verdict"}; sizes
+    # >= ``mb_ceiling`` are never tried again (a growth reverted, shrunk on pressure, or an OOM; 0:
+    # none); ``mb_floor`` the micro-batch before the first growth (0: never grown)
+    mb_current: int = 0
+    mb_speed: list[float] = dataclasses.field(default_factory=list)
+    mb_trial: dict[str, Any] | None = None
+    mb_ceiling: int = 0
+    mb_floor: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
