@@ -15,8 +15,8 @@ did in that measurement (fewer faults by half, system time 25.7 s -> 13.6 s, the
 - the heap grows in 1 GiB steps.
 
 Memory that was freed stays with the process for reuse, so the peak RSS is what the largest step
-needed, as with PyTorch's CUDA caching allocator. ``lumina.driver.prepare_run`` calls ``tune()``;
-call it yourself when you embed the step in your own loop.
+needed, as with PyTorch's CUDA caching allocator. ``lumina.step.make_train_step`` and
+``lumina.driver.prepare_run`` call ``tune()``, so a step embedded in your own loop gets it too.
 
 It does nothing off glibc (macOS, musl), when the user set any ``MALLOC_*_`` variable (theirs win),
 or with ``LUMINA_MALLOC_TUNING=0``.

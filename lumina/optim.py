@@ -29,6 +29,8 @@ import math
 import sys
 from pathlib import Path
 
+import os
+
 import torch
 from tensordict import TensorDict
 
@@ -75,11 +77,17 @@ def global_norm(grads: TensorDict) -> torch.Tensor:
     )
 
 
+def clip_factor(norm: torch.Tensor, clip_norm: torch.Tensor) -> torch.Tensor:
+    """What multiplies gradients of global norm ``norm`` so it is at most ``clip_norm`` (0 disables)."""
+    return torch.where(clip_norm > 0, torch.clamp(clip_norm / (norm + 1e-6), max=1.0), torch.ones_like(norm))
+
+
 def clip_by_global_norm(grads: TensorDict, clip_norm: torch.Tensor) -> tuple[TensorDict, torch.Tensor]:
     """Scale ``grads`` so their global norm is at most ``clip_norm`` (0 disables). Returns the
-    clipped grads and the norm before clipping."""
+    clipped grads and the norm before clipping. (The train step passes the factor to the optimizer
+    instead, ``grad_scale``: the fused update applies it on the fly, no pass over the gradients.)"""
     norm = global_norm(grads)
-    scale = torch.where(clip_norm > 0, torch.clamp(clip_norm / (norm + 1e-6), max=1.0), torch.ones_like(norm))
+    scale = clip_factor(norm, clip_norm)
     return grads.apply(lambda g: g * scale.to(g.dtype)), norm
 
 
@@ -121,13 +129,19 @@ def adamw_update(
     step: torch.Tensor,
     hp: TensorDict,
     cfg: TrainConfig,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[TensorDict, TensorDict]:
-    """One AdamW step (``step`` counts from 1). Returns new params and moments."""
+    """One AdamW step (``step`` counts from 1) on ``grads`` times ``grad_scale`` (a 0-dim tensor,
+    e.g. the clipping factor; None: 1). Returns new params and moments."""
     keys = list(tree.flatten(params))  # the input's order: a compiled step guards on key order
     flat_p, flat_g, flat_m, flat_v = (tree.flatten(x) for x in (params, grads, opt["m"], opt["v"]))
+    g32 = [flat_g[k].float() for k in keys]
+    fused = _fusable(([flat_p[k] for k in keys], g32, [flat_m[k] for k in keys], [flat_v[k] for k in keys]))
+    if grad_scale is not None and not fused:
+        g32 = torch._foreach_mul(g32, grad_scale)
     args = (
         [flat_p[k].float() for k in keys],
-        [flat_g[k].float() for k in keys],
+        g32,
         [flat_m[k] for k in keys],
         [flat_v[k] for k in keys],
         [i for i, k in enumerate(keys) if flat_p[k].ndim >= 2],  # matrices only
@@ -135,7 +149,7 @@ def adamw_update(
         hp,
         cfg,
     )
-    p32, m, v = _adamw_fused(*args) if _fusable(args[:4]) else _adamw_math(*args)
+    p32, m, v = _adamw_fused(*args, grad_scale=grad_scale) if fused else _adamw_math(*args)
     new_p = {k: p.to(flat_p[k].dtype) for k, p in zip(keys, p32, strict=True)}
     new_m, new_v = dict(zip(keys, m, strict=True)), dict(zip(keys, v, strict=True))
     opt = TensorDict({"m": tree.unflatten(new_m), "v": tree.unflatten(new_v)}, batch_size=[])
@@ -145,7 +159,7 @@ def adamw_update(
 def _fusable(lists: tuple[list[torch.Tensor], ...]) -> bool:
     """Whether torch's fused AdamW kernel can take these lists: an eager step (a compiled one fuses
     ``_adamw_math`` itself) over plain fp32 tensors on one device (not DTensor shards)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or os.environ.get("LUMINA_NO_FUSED"):
         return False
     first = lists[0][0]
     return all(
@@ -164,13 +178,15 @@ def _adamw_fused(
     step: torch.Tensor,
     hp: TensorDict,
     cfg: TrainConfig,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """``_adamw_math`` through torch's fused AdamW kernel (``torch._fused_adamw_``: one pass over
-    each parameter, where the foreach lists make ~14). The kernel updates in place, so it runs on
-    fresh copies (the decayed params, cloned moments): the inputs stay untouched and the step pure.
-    Weight decay is applied here (it is a tensor the orchestrator may change, the kernel takes a
-    float). The kernel rounds differently from ``_adamw_math`` (e.g. ``lerp`` for the first moment):
-    the results agree to float32 rounding, not bit for bit."""
+    """``_adamw_math`` (on ``g32`` times ``grad_scale``) through torch's fused AdamW kernel
+    (``torch._fused_adamw_``: one pass over each parameter, where the foreach lists make ~14). The
+    kernel updates in place, so it runs on fresh copies (the decayed params, cloned moments): the
+    inputs stay untouched and the step pure. Weight decay is applied here (it is a tensor the
+    orchestrator may change, the kernel takes a float). The kernel rounds differently from
+    ``_adamw_math`` (e.g. ``lerp`` for the first moment): the results agree to float32 rounding, not
+    bit for bit."""
     lr, wd = hp["lr"], hp["weight_decay"]
     new_p, decayed = list(p32), set(decay)
     if decay:  # the decayed copies serve as the decayed leaves' fresh buffers
@@ -185,6 +201,7 @@ def _adamw_fused(
     torch._fused_adamw_(
         new_p, g32, new_m, new_v, [], [t] * len(new_p), lr=lr, beta1=cfg.beta1, beta2=cfg.beta2,
         weight_decay=0.0, eps=cfg.eps, amsgrad=False, maximize=False,
+        grad_scale=None if grad_scale is None else 1 / grad_scale.float(),  # the kernel divides by it
     )  # fmt: skip
     return new_p, new_m, new_v
 
@@ -323,9 +340,11 @@ def adamw8bit_update(
     step: torch.Tensor,
     hp: TensorDict,
     cfg: TrainConfig,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[TensorDict, TensorDict]:
-    """One 8-bit AdamW step (``step`` counts from 1): dequantize, the AdamW arithmetic of
-    ``adamw_update`` in fp32, quantize the new moments. Returns new params and optimizer state."""
+    """One 8-bit AdamW step (``step`` counts from 1) on ``grads`` times ``grad_scale`` (None: 1):
+    dequantize, the AdamW arithmetic of ``adamw_update`` in fp32, quantize the new moments. Returns
+    new params and optimizer state."""
     if not torch.compiler.is_compiling():
         _bitsandbytes()  # registers the ops (a state loaded from a checkpoint may come first)
     keys = list(tree.flatten(params))
@@ -338,8 +357,9 @@ def adamw8bit_update(
     # state the 8-bit format saves. Same arithmetic per element as the list form.
     for k in keys:
         mk, vk = get_moments(flat_o, k)
+        gk = flat_g[k].float() if grad_scale is None else flat_g[k].float() * grad_scale
         (pk,), (mk,), (vk,) = _adamw_math(
-            [flat_p[k].float()], [flat_g[k].float()], [mk], [vk], [0] if flat_p[k].ndim >= 2 else [],
+            [flat_p[k].float()], [gk], [mk], [vk], [0] if flat_p[k].ndim >= 2 else [],
             step, hp, cfg,
         )  # fmt: skip
         put_moments(new_o, k, mk, vk)

@@ -49,13 +49,12 @@ from collections.abc import Callable
 import torch
 from tensordict import TensorDict
 
-from lumina import fp8, optim, quant, tree
+from lumina import allocator, fp8, optim, quant, tree
 from lumina.config import RunConfig
 from lumina.model import apply, default_knobs, init, random
 from lumina.model.loss import linear_cross_entropy, plain_cross_entropy
 from lumina.model.moe import update_balance_bias
 from lumina.model.transformer import head_weight, layer_of_kind
-from lumina.optim import clip_by_global_norm
 
 __all__ = [
     "COMPUTE_DTYPES",
@@ -283,11 +282,12 @@ def _update(
     frozen_base = frozen is not None
     if tc.precision == "fp16":
         grads = grads.apply(lambda g_: g_ / scale)
-    grads, grad_norm = clip_by_global_norm(grads, hp["clip_norm"])
+    grad_norm = optim.global_norm(grads)
     finite = torch.isfinite(grad_norm)
 
     step, updates = state["step"] + 1, state["updates"] + 1
-    params, opt = optim.update(tc.optimizer, trainable, grads, state["opt"], updates, hp, tc)
+    clip = optim.clip_factor(grad_norm, hp["clip_norm"])  # applied inside the update, on the fly
+    params, opt = optim.update(tc.optimizer, trainable, grads, state["opt"], updates, hp, tc, grad_scale=clip)
     stats = _layer_stats(per_micro)
     if "moe" in stats and not frozen_base:  # a frozen base keeps its balance bias too
         params = update_balance_bias(params, stats, cfg.model)
@@ -378,6 +378,7 @@ def make_train_step(cfg: RunConfig, pad_id: int):
     """``train_step`` bound to this config; with ``train.compile`` compiled with ``torch.compile``
     (hp and knob *values* may change freely: they are tensors) — by regions (each kind of layer
     once, the update once) or as one graph (``train.compile_mode``)."""
+    allocator.tune()  # large CPU buffers stay with the process between steps (once per process)
     optim.check_available(cfg.train.optimizer)  # its custom ops must exist before tracing
     if cfg.model.quant != "none":
         quant.check_available()

@@ -62,14 +62,17 @@ def test_fsdp_on_two_ranks_equals_one_process(out):
 
 
 def test_one_process_module_view_tracks_the_pure_step(out):
-    """The distributed path differentiates with plain autograd, the single-device step with torch.func,
-    whose grad transform runs some ops through other kernels (gradients differ in the last bit for
-    a few percent of elements); after 3 steps the parameters agree to 1e-6."""
+    """The distributed path differentiates the module view with .backward(), the single-device step
+    the tree with autograd.grad: gradients differ in the last bit for a few percent of elements. Adam's
+    first update is lr * g / (|g| + eps), so an element whose gradient is ~1e-11 (where the two
+    paths' sums cancel differently) moves by up to ~3e-6 in one and not the other (measured: one
+    element of a MoD layer's wv, 3.2e-6 after step 1 and unchanged after step 3). Bound: 1e-5, 0.3 %
+    of a step at the preset's lr 3e-3."""
     cfg = small_config()
     state, step, hp = init_train_state(cfg), make_train_step(cfg, PAD_ID), default_hp(cfg.train)
     for b in batches(cfg, STEPS):
         state, _ = step(state, b, hp)
-    assert _max_diff(tree.flatten(state["params"]), _run("ddp", 1, out)) < 1e-6
+    assert _max_diff(tree.flatten(state["params"]), _run("ddp", 1, out)) < 1e-5
 
 
 @pytest.mark.slow  # 4 launches; the CLI test (test_dist_run.py) covers 2 -> 2, 2 -> 1 and 1 -> 2 in CI

@@ -124,10 +124,12 @@ def dist_train_step(
             | {g: aux[g].detach().to_dict() for g in ("moe", "mod") if g in aux}
         )
     params, grads = view.params(), view.grads()
-    grads, grad_norm = optim.clip_by_global_norm(grads, hp["clip_norm"])
+    grad_norm = optim.global_norm(grads)
+    clip = optim.clip_factor(grad_norm, hp["clip_norm"])  # applied inside the update, as lumina.step
     updates = state["updates"] + 1
+    detached = params.apply(lambda p: p.detach())
     new_params, opt = optim.update(
-        tc.optimizer, params.apply(lambda p: p.detach()), grads, state["opt"], updates, hp, tc
+        tc.optimizer, detached, grads, state["opt"], updates, hp, tc, grad_scale=clip
     )
     stats = _reduce_stats(per_micro, A)
     if "moe" in stats:
