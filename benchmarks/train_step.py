@@ -4,8 +4,9 @@
 
 Per config, three runners train the *same* weights (Lumina's init, exported with ``lumina.hf.to_hf``)
 on the same random tokens, fp32, AdamW, global-norm clipping 1.0:
-  ours     make_train_step(cfg) with train.compile=true (torch.compile, fullgraph)
-  eager    the same step with train.compile=false
+  ours     make_train_step(cfg) with train.compile=true and train.compile_mode (--compile-mode:
+           regional, the default — each kind of layer compiled once —, or step: one graph)
+  eager    the same step with train.compile=false (what `make run` trains with)
   hf       LlamaForCausalLM (dense) / MixtralForCausalLM (moe, hybrid), sdpa attention, model.train(),
            loss = model(input_ids, labels=input_ids).loss, backward, clip_grad_norm_, torch.optim.AdamW
 The first step's cross-entropy of ours and of HF must agree (|diff| < 1e-4) or the run stops: that
@@ -16,7 +17,11 @@ Timing: warm-up steps (the first compiled call is reported as compile time), the
 turns step by step (so drift hits all three alike); the median step time gives tokens/s = B*T / median.
 Compile time is a cold compile (a fresh inductor cache). On a shared machine a timing window in which
 other processes used > 0.2 cores is re-timed (--retries); the CSV's other_cores says how quiet it was.
-Rows are appended to benchmarks/results/train_step.csv with the machine, versions and shapes.
+Matmul share: after timing, 3 more steps of each runner under torch.profiler; the share of the step's
+self CPU time spent in matrix-multiply ops (``MATMUL_OPS``: aten mm / addmm / bmm / baddbmm and
+friends; attention's fused kernel is not counted) — how close each step is to its matmul bound.
+Rows are appended to benchmarks/results/train_step.csv with the machine, versions and shapes (rows
+from before the compile mode and matmul shares existed: train_step_v1.csv).
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ from lumina.optim import default_hp
 from lumina.step import init_train_state, make_train_step
 
 MAX_OTHER = 0.2  # cores other processes may use while we time before the window is retried
+MATMUL_OPS = frozenset(
+    {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"}
+)
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.csv"
 PAD_ID = -100  # HF's ignore_index: our last target per row is padding, as HF's internal shift drops it
 COMMON = (
@@ -55,7 +63,9 @@ COMMON = (
     " --model.ffn_dim=768 --model.tie_embeddings=false --model.max_seq_len=128"
     " --model.attn_backend=sdpa --train.batch_size=8 --train.micro_batch_size=none --train.seq_len=128"
     " --train.precision=fp32 --train.grad_checkpointing=none --train.schedule=constant --train.warmup_steps=0"
-)  # everything that changes the work is pinned: the debug preset underneath may change
+    " --train.loss_chunk=1024"
+)  # everything that changes the work is pinned: the debug preset underneath may change (its loss_chunk,
+# 128, is sized for its 50304-token vocabulary; 1024, the library default, is one chunk here: V = 8192)
 # MoE: 8 experts top-2 of width 384, so a token's active FFN (2 x 384) matches the dense 768.
 # Balance loss on both sides, ours at weight 0.01 and HF at the equivalent coefficient to_hf exports
 # (0.01 / top_k: HF's loss is top_k x ours); z-loss off (Mixtral has none).
@@ -80,8 +90,8 @@ def cpu_name() -> str:
     return f"{name} ({os.cpu_count()} cpus)"
 
 
-def lumina_runner(cfg: RunConfig, batch: TensorDict, compile_: bool):
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=compile_))
+def lumina_runner(cfg: RunConfig, batch: TensorDict, compile_: bool, mode: str = "regional"):
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=compile_, compile_mode=mode))
     step, hp = make_train_step(cfg, PAD_ID), default_hp(cfg.train)
     box = {"state": init_train_state(cfg)}
 
@@ -142,6 +152,18 @@ def other_cores(fn) -> tuple[object, float]:
     return out, (busy_s() - busy0 - (time.process_time() - own0)) / (time.perf_counter() - wall0)
 
 
+def matmul_share(fn, steps: int = 3) -> float:
+    """The share of ``fn``'s self CPU time (over ``steps`` calls under torch.profiler) in ``MATMUL_OPS``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / max(total, 1e-9)
+
+
 def timed(fn) -> tuple[float, float]:
     t0 = time.perf_counter()
     out = fn()
@@ -157,13 +179,13 @@ def turns(runners: dict, steps: int) -> dict[str, list[float]]:
     return times
 
 
-def bench(name: str, steps: int, warmup: int, retries: int, max_wait: float) -> dict:
+def bench(name: str, steps: int, warmup: int, retries: int, max_wait: float, mode: str) -> dict:
     cfg = load_config("debug", overrides=CONFIGS[name].split())
     B, T = cfg.train.batch_size, cfg.train.seq_len
     x_BT = torch.randint(0, cfg.model.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
     targets_BT = torch.cat([x_BT[:, 1:], torch.full((B, 1), PAD_ID)], dim=1)
     batch = TensorDict({"inputs": x_BT, "targets": targets_BT}, batch_size=[])
-    runners = {"ours": lumina_runner(cfg, batch, True), "eager": lumina_runner(cfg, batch, False)}
+    runners = {"ours": lumina_runner(cfg, batch, True, mode), "eager": lumina_runner(cfg, batch, False)}
     runners["hf"], hf_desc = hf_runner(cfg, x_BT)
 
     first = {k: timed(fn) for k, fn in runners.items()}  # step 1, from identical weights
@@ -188,9 +210,11 @@ def bench(name: str, steps: int, warmup: int, retries: int, max_wait: float) -> 
         print(f"[{name}] WARNING: contended machine, these numbers are not clean")
     med = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: B * T / s for k, s in med.items()}
+    shares = {k: matmul_share(fn) for k, fn in runners.items()}
     m = cfg.model
     return {
         "config": name,
+        "compile_mode": mode,
         "shape": f"B{B} T{T} D{m.d_model} L{m.n_layers} H{m.n_heads}/{m.n_kv_heads} V{m.vocab_size}",
         "ffn": f"E{m.moe.num_experts} k{m.moe.top_k} F{m.expert_dim}" if m.moe.enabled else f"F{m.ffn_dim}",
         "mod": f"cap {m.mod.capacity:g} every {m.mod.every_n}" if m.mod.enabled else "-",
@@ -205,6 +229,7 @@ def bench(name: str, steps: int, warmup: int, retries: int, max_wait: float) -> 
         "ours_vs_hf": f"{tps['ours'] / tps['hf']:.2f}",
         "eager_vs_hf": f"{tps['eager'] / tps['hf']:.2f}",
         "ours_vs_eager": f"{tps['ours'] / tps['eager']:.2f}",
+        **{f"matmul_{k}": f"{v:.2f}" for k, v in shares.items()},
     }
 
 
@@ -216,6 +241,9 @@ def main() -> int:
     ap.add_argument("--retries", type=int, default=5, help="re-time a window other processes disturbed")
     ap.add_argument("--max-wait", type=float, default=60, help="s to wait for a quiet machine per window")
     ap.add_argument("--quick", action="store_true", help="5 timed steps, 2 warm-up: a smoke test")
+    ap.add_argument(
+        "--compile-mode", default="regional", choices=["regional", "step"], help="ours: train.compile_mode"
+    )
     args = ap.parse_args()
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
@@ -240,7 +268,7 @@ def main() -> int:
     t_start = time.perf_counter()
     rows = []
     for name in names:
-        rows.append({**common, **bench(name, steps, warmup, args.retries, args.max_wait)})
+        rows.append({**common, **bench(name, steps, warmup, args.retries, args.max_wait, args.compile_mode)})
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         new = not RESULTS.exists()
         with RESULTS.open("a", newline="") as f:  # append per config: a later failure keeps earlier rows
@@ -253,7 +281,8 @@ def main() -> int:
         f"\n{common['device']}, {common['threads']} threads, torch {common['torch']}, "
         f"transformers {common['transformers']}; median of {steps} steps, fp32, AdamW"
     )
-    cols = ("config", "compile_s", "tok_s_ours", "tok_s_eager", "tok_s_hf", "ours_vs_hf", "eager_vs_hf")
+    cols = ("config", "compile_s", "tok_s_ours", "tok_s_eager", "tok_s_hf", "ours_vs_hf", "eager_vs_hf",
+            "matmul_ours", "matmul_eager", "matmul_hf")  # fmt: skip
     for r in [dict(zip(cols, cols, strict=True)), *rows]:
         print(f"{r['config']:7s}" + "".join(f"{r[c]:>13}" for c in cols[1:]))
     print(f"wall {time.perf_counter() - t_start:.0f} s; rows appended to {RESULTS}")

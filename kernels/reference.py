@@ -77,18 +77,28 @@ def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) 
     """Segment e of the expert-sorted rows times w[e]. [A, F]. A loop: reads counts on the host."""
     out = x_AD.new_empty(x_AD.shape[0], w_EDF.shape[-1])
     start = 0
+    # straight into the output's rows (a contiguous slice): no temporary and copy per segment, unless
+    # autograd records this (mm(out=...) is not differentiable)
+    direct = not (torch.is_grad_enabled() and (x_AD.requires_grad or w_EDF.requires_grad))
     for e, n in enumerate(counts_E.tolist()):
-        out[start : start + n] = x_AD[start : start + n] @ w_EDF[e]
+        if direct:
+            torch.mm(x_AD[start : start + n], w_EDF[e], out=out[start : start + n])
+        else:
+            out[start : start + n] = x_AD[start : start + n] @ w_EDF[e]
         start += n
     return out
 
 
 def grouped_mm_weight_grad(x_AD: torch.Tensor, g_AF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """d(loss)/d(w) of ``grouped_mm``: per segment x_seg^T @ g_seg. [E, D, F]"""
-    out = x_AD.new_zeros(counts_E.shape[0], x_AD.shape[1], g_AF.shape[1])
+    direct = not (torch.is_grad_enabled() and (x_AD.requires_grad or g_AF.requires_grad))
+    out = (x_AD.new_empty if direct else x_AD.new_zeros)(counts_E.shape[0], x_AD.shape[1], g_AF.shape[1])
     start = 0
     for e, n in enumerate(counts_E.tolist()):
-        out[e] = x_AD[start : start + n].T @ g_AF[start : start + n]
+        if direct:  # as grouped_mm; an empty segment writes zeros
+            torch.mm(x_AD[start : start + n].T, g_AF[start : start + n], out=out[e])
+        else:
+            out[e] = x_AD[start : start + n].T @ g_AF[start : start + n]
         start += n
     return out
 
