@@ -26,7 +26,7 @@ DENSE = {"lr_scale": 1.0, "weight_decay": 0.1, "micro_batch_size": 8, "batch_siz
          "grad_checkpointing": "none", "num_experts": 0, "top_k": 0, "balance": None,
          "capacity_factor": None, "mod_capacity": None, "mode": "base_only", "interleave_ratio": 0.5,
          "knobs": {"aux_loss_weight": 0.01, "expert_dropout": 0.0, "router_temperature": 1.0},
-         "frozen_base": False}  # fmt: skip
+         "frozen_base": False, "eval_every": 0}  # fmt: skip
 MOE = DENSE | {"num_experts": 8, "top_k": 2, "balance": "aux_loss", "capacity_factor": 1.25}
 
 
@@ -350,10 +350,19 @@ def test_cap_on_changes_per_window():
 
 
 def test_confidence_thresholds_gate_by_level():
+    """Soft needs the least confidence, hard the most (issue 18): 0.7 < 0.8 < 0.9, critical any. The
+    hard findings' doubt is scaled by 1/3 so they act where they did under the old conf_hard 0.7."""
+    assert (OCFG.conf_soft, OCFG.conf_medium, OCFG.conf_hard, OCFG.conf_critical) == (0.7, 0.8, 0.9, 0.0)
     series = clean_series(120, 3)
-    series[79]["grad_norm"] = 120.0  # just over grad_abs: confidence 0.73
-    assert run(series)[1][0].action == "emergency_lr_cut"
-    assert run(series, dataclasses.replace(OCFG, conf_hard=0.9))[1] == []
+    series[79]["grad_norm"] = 120.0  # just over grad_abs: statistic 0.735, doubt / 3 -> confidence 0.91
+    raw = (0.5 + 0.5 * math.log10(1.2)) ** 0.5
+    (d,) = run(series)[1]
+    assert d.action == "emergency_lr_cut" and d.confidence == pytest.approx(1 - (1 - raw) / 3, abs=1e-6)
+    assert run(series, dataclasses.replace(OCFG, conf_hard=0.95))[1] == []
+    # the raw statistic (hard_doubt_scale 1, as before issue 18) would not reach the new conf_hard
+    assert run(series, dataclasses.replace(OCFG, hard_doubt_scale=1.0))[1] == []
+    old = dataclasses.replace(OCFG, hard_doubt_scale=1.0, conf_hard=0.7)
+    assert run(series, old)[1][0].confidence == pytest.approx(raw, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------- the function
@@ -390,7 +399,8 @@ def test_settings_are_typed_and_logged_as_the_plain_dict_the_driver_always_wrote
     assert Settings() == Settings(lr_scale=1.0, weight_decay=0.0, micro_batch_size=1, batch_size=1,
                                   grad_checkpointing="none", num_experts=0, top_k=1, balance=None,
                                   capacity_factor=None, mod_capacity=1.0, mode="base_only",
-                                  interleave_ratio=0.5, knobs={}, frozen_base=False)  # fmt: skip
+                                  interleave_ratio=0.5, knobs={}, frozen_base=False,
+                                  eval_every=0)  # fmt: skip
     with pytest.raises(ValueError, match="unexpected keys \\['lr'\\]"):
         Observation.from_dict({**logged, "settings": {**MOE, "lr": 1.0}})
 
@@ -404,6 +414,7 @@ def test_settings_of_a_run_config():
         lr_scale=1.0, weight_decay=0.1, micro_batch_size=2, batch_size=8, grad_checkpointing="none",
         num_experts=4, top_k=2, balance="aux_loss", capacity_factor=1.5, mod_capacity=0.25,
         mode="base_only", interleave_ratio=0.5, knobs={"aux_loss_weight": 0.5, "router_temperature": 2.0},
+        eval_every=50,
     )  # fmt: skip
     assert list(Settings.of(moe, knobs).knobs) == ["aux_loss_weight", "router_temperature"]  # sorted
     dense = Settings.of(load_config(preset="debug", overrides=["--model.moe.num_experts=0",
@@ -415,14 +426,14 @@ def test_every_finding_kind_a_detector_reports_has_a_response():
     """``RESPONSES`` is the table decide looks findings up in: a kind missing from it would raise."""
     source = inspect.getsource(detect)
     kinds = set(re.findall(r'Finding\(\s*"(\w+)"', source))
-    assert len(kinds) == 18 and kinds == set(RESPONSES)
+    assert len(kinds) == 20 and kinds == set(RESPONSES)
     assert set(CHRONIC) <= kinds
 
 
 def test_forecast_predicts_a_power_law_and_measures_its_error():
     s, _ = run(clean_series(300, 15, noise=0.01))
     fc = s.forecast
-    assert set(fc) == {"step", "target_step", "loss", "steps_to_plateau", "error"}
+    assert set(fc) == {"step", "target_step", "loss", "steps_to_plateau", "gain", "error"}
     truth = 4.0 + 6.0 * fc["target_step"] ** -0.5
     assert fc["loss"] == pytest.approx(truth, rel=0.03)
     # the mean error of all past forecasts, early ones (fitted on 25 points) included

@@ -64,6 +64,7 @@ class Settings:
     interleave_ratio: float = 0.5  # fraction of base batches
     knobs: dict[str, float] = dataclasses.field(default_factory=dict)  # the live model knobs, by name
     frozen_base: bool = False  # train.lora: only adapters train, so no action may edit the base weights
+    eval_every: int = 0  # steps between evaluations; 0: no evaluations (or unknown: an older log)
 
     def __post_init__(self) -> None:
         # hold the declared types (a hand-written dict says 1 for 1.0), so decisions' args have them too
@@ -92,6 +93,7 @@ class Settings:
             interleave_ratio=cfg.data.interleave_ratio,
             knobs={k: float(v) for k, v in sorted(knobs.items())},
             frozen_base=t.lora.enabled,
+            eval_every=t.eval_every if t.eval_batches else 0,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +219,10 @@ class OrchestratorState:
     forecast: dict[str, Any] = dataclasses.field(default_factory=dict)  # latest convergence forecast
     pending_forecasts: list[list[float]] = dataclasses.field(default_factory=list)  # [target, predicted]
     forecast_errors: list[float] = dataclasses.field(default_factory=list)  # relative, past predictions
+    lrs: list[list[float]] = dataclasses.field(default_factory=list)  # [step, lr, lr_scale] as history
+    lr_ceiling: float | None = None  # an LR cut or a rollback left the LR scale here: no raise above it
+    converging_at: int | None = None  # the step the near-convergence actions were taken (once a run)
+    first_loss: float | None = None  # the first finite loss observed (how far the run has come)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
