@@ -441,6 +441,10 @@ class OrchestratorConfig:
     lr_low_snr: float = 12.0
     lr_low_linearity: float = 0.7
     lr_low_grad_rise: float = 1.5
+    # ... and the run still early on its curve: -d loss / d ln(step) >= this x the loss (slope x step /
+    # loss; debug preset at LR 3e-4: 0.13-0.28 over steps 27-58; a power law 4 + 6/sqrt(t) with noise
+    # 0.002: < 0.1 from step ~65, while its 50-observation halves are < 0.45x as fast)
+    lr_low_elasticity: float = 0.1
     lr_low_patience: int = 3
     lr_raise_factor: float = 2.0  # 1: never raise (logs before issue 18)
     lr_raise_max: float = 10.0  # the LR scale a raise may reach (10: a 10x too low LR recovers)
@@ -553,6 +557,7 @@ class OrchestratorConfig:
             f"lr_low_window must be in [4, window={self.window}], got {self.lr_low_window}",
         )
         _positive(self, "lr_low_snr", "lr_low_grad_rise", "lr_low_patience", "forecast_eval_factor")
+        _non_negative(self, "lr_low_elasticity")
         _within(self, "lr_low_linearity", "[0, 1]")
         _check(self.lr_raise_factor >= 1, f"lr_raise_factor must be >= 1, got {self.lr_raise_factor}")
         _check(self.lr_raise_max >= 1, f"lr_raise_max must be >= 1, got {self.lr_raise_max}")

@@ -248,17 +248,22 @@ def lr_too_low(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Findin
     b2, _ = linear_fit(xs[h:], ys[h:])
     steady = b2 / b1 if b1 < 0 else 0.0
     rise = median(gs[h:]) / max(median(gs[:h]), _EPS)
+    # how early on its curve the run is: -d loss / d ln(step), relative to the loss (a power law
+    # a + c t^-p has p (L - a) / L, falling with t; an LR k x too low stretches the curve k x in time)
+    early = -b * xs[-1] / max(abs(median(ys[-n:])), _EPS)
     if snr < cfg.lr_low_snr or steady < cfg.lr_low_linearity or rise > cfg.lr_low_grad_rise:
+        return []
+    if early < cfg.lr_low_elasticity:
         return []
     return [
         Finding(
             "lr_too_low",
             1,
             _conf(snr / cfg.lr_low_snr),
-            f"loss falls slowly and steadily: {drop:.3g} over the last {n} observations, {snr:.1f}x "
-            f"its residual noise {noise:.2g} (>= {cfg.lr_low_snr:g}); over {m} at this LR the second "
-            f"half {steady:.2f}x as fast as the first (>= {cfg.lr_low_linearity:g}); grad norm x{rise:.2f}",
-            {"snr": snr, "steady": steady, "observations": m},
+            f"loss falls slowly and steadily: {drop:.3g} in {n} observations = {snr:.1f}x its noise "
+            f"{noise:.2g}; halves {steady:.2f}x as fast over {m} at this LR; -dloss/dln(step) "
+            f"{early:.2f} of the loss; grad norm x{rise:.2f}",
+            {"snr": snr, "steady": steady, "early": early, "observations": m},
         )
     ]
 

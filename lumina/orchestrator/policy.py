@@ -118,6 +118,12 @@ def _unhealthy(d: Decision) -> bool:
     return d.action in _UNHEALTHY_ACTIONS and (d.action != "lr_scale" or _lowers_lr(d))
 
 
+def _cooldown_key(action: str, args: dict[str, Any]) -> str:
+    """LR raises cool down on their own: a cut right after a raise must not wait for the raise's
+    cooldown (and a raise right after a cut cannot happen: ``lr_ceiling``)."""
+    return "lr_raise" if action == "lr_scale" and args["to"] > args["from"] else action
+
+
 def _rollback_target(s: OrchestratorState, latest_ok: int) -> int | None:
     ok = [x for x in s.snapshots if x <= latest_ok]
     return max(ok) if ok else None
@@ -356,7 +362,7 @@ def decide(
                     s.counters["suppressed"] = s.counters.get("suppressed", 0) + 1
                     continue
             elif f.level < 4:
-                last = s.last_action.get(action)
+                last = s.last_action.get(_cooldown_key(action, args))
                 if last is not None and 0 <= obs.step - last < cfg.cooldown:
                     s.counters["suppressed"] = s.counters.get("suppressed", 0) + 1
                     continue
@@ -368,7 +374,7 @@ def decide(
                                       confidence=round(f.confidence, 6), reason=f.reason))  # fmt: skip
             taken.add(action)
             acted.add(f.kind)
-            s.last_action[action] = obs.step
+            s.last_action[_cooldown_key(action, args)] = obs.step
     if any(f.kind == "loss_spike" for f in findings):
         s.spike_steps = [*s.spike_steps, obs.step]
     s.changes = recent
