@@ -15,6 +15,7 @@ from lumina.config import ConfigError
 from lumina.configure import load_config
 from lumina.driver import prepare
 from lumina.inject import Injector, parse
+from lumina.optim import lr_at
 from lumina.orchestrator.detect import Finding
 from lumina.orchestrator.policy import RESPONSES
 from lumina.orchestrator.replay import replay
@@ -361,3 +362,25 @@ def test_a_too_low_lr_is_raised_on_a_real_run_and_a_rollback_stops_further_raise
     assert replay(run).identical
     off = replay(run, ["orchestrator.lr_raise_factor=1"])
     assert [d["action"] for d in off.derived] == ["rollback"]
+
+
+def test_near_convergence_eases_the_lr_and_evaluates_every_step_on_a_real_run(tmp_path):
+    """With the forecast due at observation 10 (forecast_every=5; it needs 10 points) and a
+    threshold any falling forecast meets (forecast_ease_rel 0.99), the run eases the LR x0.5 and
+    evaluates every step instead of every 2 from step 11; replay is exact, and it happens once."""
+    cfg = load_config(overrides=["--train.steps=12", f"--run_dir={tmp_path}", *TINY,
+                                 "--orchestrator.warmup=2", "--orchestrator.forecast_every=5",
+                                 "--orchestrator.forecast_ease_rel=0.99", "--orchestrator.lr_raise_factor=1",
+                                 "--orchestrator.forecast_min_fall=0"])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    ds = decisions(run)
+    assert [(d["step"], d["action"], d["args"], d["level"]) for d in ds] == [
+        (10, "lr_scale", {"from": 1.0, "to": 0.5}, 1),
+        (10, "eval_every", {"from": 2, "to": 1}, 1),
+    ]
+    assert ds[0]["reason"].startswith("near convergence: the forecast gains ")
+    assert [r["step"] for r in records(run, "eval")] == [0, 2, 4, 6, 8, 10, 11, 12]
+    train = records(run, "train")  # step k runs with the schedule's LR at k - 1, x the LR scale
+    scale = [1.0] * 10 + [0.5] * 2
+    assert [r["lr"] for r in train] == pytest.approx([x * lr_at(k, cfg.train) for k, x in enumerate(scale)])
+    assert replay(run).identical
