@@ -82,6 +82,8 @@ def _conf(ratio: float) -> float:
 def _hard(c: float, cfg: OrchestratorConfig) -> float:
     """A hard (level 3) finding's confidence from its statistic's ``c``: the doubt 1 - c scaled by
     ``hard_doubt_scale`` (1/3: it acts under conf_hard 0.9 where it did under the old 0.7)."""
+    if cfg.hard_doubt_scale == 1:  # as before issue 18, bit for bit (1 - (1 - c) need not be c)
+        return c
     return 1 - (1 - c) * cfg.hard_doubt_scale
 
 
