@@ -30,6 +30,7 @@ __all__ = [
     "MoDConfig",
     "MoEConfig",
     "ModelConfig",
+    "ORCHESTRATOR_BEFORE",
     "OrchestratorConfig",
     "RunConfig",
     "TrainConfig",
@@ -404,11 +405,16 @@ class OrchestratorConfig:
     cooldown: int = 25  # steps before the same action may fire again
     max_changes_per_window: int = 3
     max_rollbacks_per_window: int = 3  # rollbacks skip cooldown and the change cap, but not this
-    # confidence a finding needs to act, per level: soft (1), medium (2), hard (3), critical (4)
-    conf_soft: float = 0.9
+    # confidence a finding needs to act, per level: soft (1), medium (2), hard (3), critical (4) — the
+    # more an action changes, the surer it must be (before issue 18: 0.9 / 0.8 / 0.7 / 0.5)
+    conf_soft: float = 0.7
     conf_medium: float = 0.8
-    conf_hard: float = 0.7
-    conf_critical: float = 0.5
+    conf_hard: float = 0.9
+    conf_critical: float = 0.0
+    # the hard findings' (gradient explosion, divergence) doubt 1 - c of their statistic's confidence c
+    # is multiplied by this, so they act at the evidence they did under conf_hard 0.7 (1/3 maps 0.7 to
+    # 0.9: a grad norm 1.2x grad_abs has c 0.73 -> 0.91); 1: the raw statistic (logs before issue 18)
+    hard_doubt_scale: float = 1 / 3
     snapshot_every: int = 10  # steps between in-memory snapshots for rollback (healthy steps only)
     snapshot_ring: int = 3
     # where the ring's copies live (lumina.driver.rollback): in memory (on the state's device) while
@@ -434,6 +440,25 @@ class OrchestratorConfig:
     emergency_lr_factor: float = 0.1
     soft_lr_factor: float = 0.5
     min_lr_scale: float = 1e-3  # the LR multiplier never goes below this
+    # LR too low: over the last lr_low_window observations at the current LR scale (past the LR
+    # warm-up: the unscaled LR not rising), a straight-line fit of the loss falls lr_low_snr x its
+    # residual noise or more, the window's second half falls >= lr_low_linearity x as fast as its
+    # first (a steady descent: a good LR's early drop decelerates, 0.05-0.5 within 2 observations
+    # of the detector warm-up on the debug preset), no loss spike, the grad norm's second-half
+    # median <= lr_low_grad_rise x the first half's, not near convergence (forecast_ease_rel);
+    # for lr_low_patience observations in a row -> lr_scale x lr_raise_factor, up to lr_raise_max.
+    # After any LR cut or rollback the LR scale never rises again above where it was left.
+    lr_low_window: int = 20
+    lr_low_snr: float = 12.0
+    lr_low_linearity: float = 0.7
+    lr_low_grad_rise: float = 1.5
+    # ... and the run still early on its curve: -d loss / d ln(step) >= this x the loss (slope x step /
+    # loss; debug preset at LR 3e-4: 0.13-0.28 over steps 27-58; a power law 4 + 6/sqrt(t) with noise
+    # 0.002: < 0.1 from step ~65, while its 50-observation halves are < 0.45x as fast)
+    lr_low_elasticity: float = 0.1
+    lr_low_patience: int = 3
+    lr_raise_factor: float = 2.0  # 1: never raise (logs before issue 18)
+    lr_raise_max: float = 10.0  # the LR scale a raise may reach (10: a 10x too low LR recovers)
     # plateau: |slope| of the window's loss below plateau_slope (per step, relative) and low variance
     plateau_slope: float = 1e-4
     plateau_patience: int = 100  # steps the plateau must last before acting
@@ -495,6 +520,16 @@ class OrchestratorConfig:
     # convergence forecast: fit loss ~ a + b ln(step) over the window, checked every forecast_every
     forecast_every: int = 25
     forecast_horizon: int = 100
+    # near convergence: a forecast whose fitted curve still falls but by less than forecast_ease_rel
+    # (relative) over the next forecast_horizon steps (0.5 %: a fitted slope ~5e-5 of the loss per
+    # step at step >= 100, half the plateau threshold; the debug preset's runs at its LR forecast
+    # >= 1 % to step 250), once the loss EMA is forecast_min_fall below the first loss -> once per
+    # run the LR scale x forecast_ease_factor and evaluations forecast_eval_factor x as often
+    # (train.eval_every / factor, at least 1); 0: never (logs before issue 18). No LR raise then.
+    forecast_ease_rel: float = 0.005
+    forecast_min_fall: float = 0.1
+    forecast_ease_factor: float = 0.5
+    forecast_eval_factor: int = 2
 
     def __post_init__(self) -> None:
         _positive(self, "observe_every", "window", "snapshot_every", "snapshot_ring", "forecast_every")
@@ -546,6 +581,29 @@ class OrchestratorConfig:
         _within(self, "mod_max_capacity", "(0, 1]")
         mb = self.memory_budget_mb
         _check(mb is None or mb > 0, f"memory_budget_mb must be > 0 or none, got {mb}")
+        _within(self, "hard_doubt_scale", "(0, 1]")
+        _check(
+            4 <= self.lr_low_window <= self.window,
+            f"lr_low_window must be in [4, window={self.window}], got {self.lr_low_window}",
+        )
+        _positive(self, "lr_low_snr", "lr_low_grad_rise", "lr_low_patience", "forecast_eval_factor")
+        _non_negative(self, "lr_low_elasticity")
+        _within(self, "lr_low_linearity", "[0, 1]")
+        _check(self.lr_raise_factor >= 1, f"lr_raise_factor must be >= 1, got {self.lr_raise_factor}")
+        _check(self.lr_raise_max >= 1, f"lr_raise_max must be >= 1, got {self.lr_raise_max}")
+        _within(self, "forecast_ease_rel", "[0, 1)")
+        _within(self, "forecast_ease_factor", "(0, 1]")
+        _within(self, "forecast_min_fall", "[0, 1)")
+
+
+# OrchestratorConfig fields added after run folders were first written, with the value that gives the
+# orchestrator as it was before each existed: ``replay`` fills them in where a run's config.json lacks
+# them, so older logs replay bit for bit (a new run's config.json holds every field).
+ORCHESTRATOR_BEFORE: dict[str, Any] = {
+    "hard_doubt_scale": 1.0,
+    "lr_raise_factor": 1.0,
+    "forecast_ease_rel": 0.0,
+}
 
 
 @dataclass(frozen=True, kw_only=True)

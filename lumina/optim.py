@@ -29,8 +29,6 @@ import math
 import sys
 from pathlib import Path
 
-import os
-
 import torch
 from tensordict import TensorDict
 
@@ -159,7 +157,7 @@ def adamw_update(
 def _fusable(lists: tuple[list[torch.Tensor], ...]) -> bool:
     """Whether torch's fused AdamW kernel can take these lists: an eager step (a compiled one fuses
     ``_adamw_math`` itself) over plain fp32 tensors on one device (not DTensor shards)."""
-    if torch.compiler.is_compiling() or os.environ.get("LUMINA_NO_FUSED"):
+    if torch.compiler.is_compiling():
         return False
     first = lists[0][0]
     return all(

@@ -26,7 +26,7 @@ DENSE = {"lr_scale": 1.0, "weight_decay": 0.1, "micro_batch_size": 8, "batch_siz
          "grad_checkpointing": "none", "num_experts": 0, "top_k": 0, "balance": None,
          "capacity_factor": None, "mod_capacity": None, "mode": "base_only", "interleave_ratio": 0.5,
          "knobs": {"aux_loss_weight": 0.01, "expert_dropout": 0.0, "router_temperature": 1.0},
-         "frozen_base": False, "world_size": 1}  # fmt: skip
+         "frozen_base": False, "world_size": 1, "eval_every": 0}  # fmt: skip
 MOE = DENSE | {"num_experts": 8, "top_k": 2, "balance": "aux_loss", "capacity_factor": 1.25}
 
 
@@ -350,10 +350,19 @@ def test_cap_on_changes_per_window():
 
 
 def test_confidence_thresholds_gate_by_level():
+    """Soft needs the least confidence, hard the most (issue 18): 0.7 < 0.8 < 0.9, critical any. The
+    hard findings' doubt is scaled by 1/3 so they act where they did under the old conf_hard 0.7."""
+    assert (OCFG.conf_soft, OCFG.conf_medium, OCFG.conf_hard, OCFG.conf_critical) == (0.7, 0.8, 0.9, 0.0)
     series = clean_series(120, 3)
-    series[79]["grad_norm"] = 120.0  # just over grad_abs: confidence 0.73
-    assert run(series)[1][0].action == "emergency_lr_cut"
-    assert run(series, dataclasses.replace(OCFG, conf_hard=0.9))[1] == []
+    series[79]["grad_norm"] = 120.0  # just over grad_abs: statistic 0.735, doubt / 3 -> confidence 0.91
+    raw = (0.5 + 0.5 * math.log10(1.2)) ** 0.5
+    (d,) = run(series)[1]
+    assert d.action == "emergency_lr_cut" and d.confidence == pytest.approx(1 - (1 - raw) / 3, abs=1e-6)
+    assert run(series, dataclasses.replace(OCFG, conf_hard=0.95))[1] == []
+    # the raw statistic (hard_doubt_scale 1, as before issue 18) would not reach the new conf_hard
+    assert run(series, dataclasses.replace(OCFG, hard_doubt_scale=1.0))[1] == []
+    old = dataclasses.replace(OCFG, hard_doubt_scale=1.0, conf_hard=0.7)
+    assert run(series, old)[1][0].confidence == pytest.approx(raw, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------- the function
@@ -390,7 +399,8 @@ def test_settings_are_typed_and_logged_as_the_plain_dict_the_driver_always_wrote
     assert Settings() == Settings(lr_scale=1.0, weight_decay=0.0, micro_batch_size=1, batch_size=1,
                                   grad_checkpointing="none", num_experts=0, top_k=1, balance=None,
                                   capacity_factor=None, mod_capacity=1.0, mode="base_only",
-                                  interleave_ratio=0.5, knobs={}, frozen_base=False)  # fmt: skip
+                                  interleave_ratio=0.5, knobs={}, frozen_base=False,
+                                  eval_every=0)  # fmt: skip
     with pytest.raises(ValueError, match="unexpected keys \\['lr'\\]"):
         Observation.from_dict({**logged, "settings": {**MOE, "lr": 1.0}})
 
@@ -404,6 +414,7 @@ def test_settings_of_a_run_config():
         lr_scale=1.0, weight_decay=0.1, micro_batch_size=2, batch_size=8, grad_checkpointing="none",
         num_experts=4, top_k=2, balance="aux_loss", capacity_factor=1.5, mod_capacity=0.25,
         mode="base_only", interleave_ratio=0.5, knobs={"aux_loss_weight": 0.5, "router_temperature": 2.0},
+        eval_every=50,
     )  # fmt: skip
     assert list(Settings.of(moe, knobs).knobs) == ["aux_loss_weight", "router_temperature"]  # sorted
     dense = Settings.of(load_config(preset="debug", overrides=["--model.moe.num_experts=0",
@@ -415,14 +426,14 @@ def test_every_finding_kind_a_detector_reports_has_a_response():
     """``RESPONSES`` is the table decide looks findings up in: a kind missing from it would raise."""
     source = inspect.getsource(detect)
     kinds = set(re.findall(r'Finding\(\s*"(\w+)"', source))
-    assert len(kinds) == 20 and kinds == set(RESPONSES)
+    assert len(kinds) == 22 and kinds == set(RESPONSES)
     assert set(CHRONIC) <= kinds
 
 
 def test_forecast_predicts_a_power_law_and_measures_its_error():
     s, _ = run(clean_series(300, 15, noise=0.01))
     fc = s.forecast
-    assert set(fc) == {"step", "target_step", "loss", "steps_to_plateau", "error"}
+    assert set(fc) == {"step", "target_step", "loss", "steps_to_plateau", "gain", "error"}
     truth = 4.0 + 6.0 * fc["target_step"] ** -0.5
     assert fc["loss"] == pytest.approx(truth, rel=0.03)
     # the mean error of all past forecasts, early ones (fitted on 25 points) included
@@ -613,3 +624,119 @@ def test_rollbacks_skip_the_cooldown_but_have_their_own_cap():
     rb = [d for d in decisions if d.action == "rollback"]
     assert [d.step for d in rb] == [61, 64, 67]  # the 4th exceeds max_rollbacks_per_window
     assert found(s, "suppressed") >= 1
+
+
+# ------------------------------------------------------------------------ LR too low, forecast
+
+
+def steady_series(n, seed, noise=0.02, lr=lambda t: 1e-3):
+    """A too low LR: the loss falls 0.05 a step in a straight line (noise 0.02), grad norms ~1.5."""
+    rng = random.Random(seed)
+    return [dict(step=t, loss=10.0 - 0.05 * t + rng.gauss(0, noise), grad_norm=1.5 + 0.05 * rng.gauss(0, 1),
+                 lr=lr(t)) for t in range(1, n + 1)]  # fmt: skip
+
+
+def run_applied(series, cfg=OCFG, settings=DENSE, **extra):
+    """``run``, but LR-scale and eval decisions take effect: later observations carry the new settings
+    (and the LR scaled by the new scale), as in a real run."""
+    s, decisions, now = init_state(0), [], dict(settings)
+    for o in series:
+        o = {**o, "lr": o["lr"] * now["lr_scale"]}
+        s, ds = decide(s, Observation(**{"settings": now, **extra, **o}), cfg)
+        decisions += ds
+        for d in ds:
+            if d.action in ("lr_scale", "emergency_lr_cut", "eval_every"):
+                now = {**now, d.action if d.action == "eval_every" else "lr_scale": d.args["to"]}
+    return s, decisions
+
+
+def test_lr_too_low_raises_the_lr_scale_step_by_step_to_its_bound():
+    """Warm-up ends after observation 20; from 21 the 20 newest observations fit a line falling 0.95
+    at ~47x its noise, halves equally fast, -dloss/dln(step) ~0.11 of the loss: a finding (confidence
+    0.80 >= 0.7) at 21, 22, 23 -> patience 3 raises x2 at 23. The next 20 observations show the new
+    scale (by 43), and the cooldown (25) holds it to 48; likewise 73, and at 98 the bound 10."""
+    s, decisions = run_applied(steady_series(130, 0))
+    assert [(d.step, d.action, d.args, d.level) for d in decisions] == [
+        (23, "lr_scale", {"from": 1.0, "to": 2.0}, 1), (48, "lr_scale", {"from": 2.0, "to": 4.0}, 1),
+        (73, "lr_scale", {"from": 4.0, "to": 8.0}, 1), (98, "lr_scale", {"from": 8.0, "to": 10.0}, 1),
+    ]  # fmt: skip
+    assert decisions[0].reason.startswith("loss falls slowly and steadily: ")
+    assert "(3 observations in a row)" in decisions[0].reason and decisions[0].confidence >= OCFG.conf_soft
+    assert s.health == 100 and s.lr_ceiling is None  # an opportunity, not trouble
+    assert s.snapshots == [100, 110, 120]  # a raise does not spoil the snapshot of its step
+    # the bound: lr_raise_max; lr_raise_factor=1 (as before issue 18): no raise at all
+    assert (
+        run_applied(steady_series(60, 0), dataclasses.replace(OCFG, lr_raise_max=1.5))[1][0].args["to"] == 1.5
+    )
+    s, decisions = run_applied(steady_series(130, 0), dataclasses.replace(OCFG, lr_raise_factor=1.0))
+    assert decisions == [] and found(s, "lr_too_low") == 0
+    # during the LR warm-up (rising to step 40) nothing counts: 20 observations from the peak, 3 in a row
+    warm = steady_series(80, 0, lr=lambda t: 1e-3 * min(1.0, t / 40))
+    assert [d.step for d in run_applied(warm)[1]] == [61]
+    # a healthy power law 4 + 6/sqrt(t) with little noise (0.002): smooth, and by step ~120 straight
+    # enough over 50 observations (halves 0.7x as fast), but late on its curve: -dloss/dln(step) < 0.1
+    rng = random.Random(0)
+    smooth = [dict(step=t, loss=4 + 6 * t**-0.5 + rng.gauss(0, 0.002), grad_norm=1.0, lr=1e-3)
+              for t in range(1, 300)]  # fmt: skip
+    assert found(run_applied(smooth)[0], "lr_too_low") == 0
+    assert found(run_applied(smooth, dataclasses.replace(OCFG, lr_low_elasticity=0))[0], "lr_too_low") > 0
+    # noise 0.3: the fall is ~3x the noise, not steady enough to tell
+    s, decisions = run_applied(steady_series(130, 0, noise=0.3))
+    assert decisions == [] and found(s, "lr_too_low") == 0
+
+
+def test_after_an_lr_cut_or_a_rollback_the_lr_is_never_raised_again():
+    """Memory against ping-pong: the cut (or rollback) caps the LR scale where it left it; a cut
+    right after a raise does not wait for the raise's cooldown."""
+    series = steady_series(130, 1)
+    series[29]["loss"] = 40.0  # step 30, after the raise at 23: a big spike -> rollback to 20
+    s, decisions = run_applied(series)
+    assert [(d.step, d.action) for d in decisions] == [(23, "lr_scale"), (30, "rollback")]
+    assert s.lr_ceiling == 2.0 and found(s, "lr_too_low") > 50  # still found, never acted on
+    series = steady_series(130, 1)
+    for i in (29, 39):  # two spikes (x1.55: z ~9-10 on the falling loss, < 50 % above the median)
+        series[i]["loss"] *= 1.55
+    s, decisions = run_applied(series)
+    assert [(d.step, d.args["to"]) for d in decisions if d.action == "lr_scale"] == [(23, 2.0), (40, 1.0)]
+    assert len(decisions) == 2 and s.lr_ceiling == 1.0 and "second spike" in decisions[1].reason
+    series = steady_series(130, 1)
+    series[34]["grad_norm"] = 500.0  # an explosion after the raise: an emergency cut
+    s, decisions = run_applied(series)
+    got = [(d.step, d.action, d.args["to"]) for d in decisions]
+    assert got == [(23, "lr_scale", 2.0), (35, "emergency_lr_cut", 0.2)]
+    assert s.lr_ceiling == 0.2
+
+
+def converging_series(n):
+    """A decelerating fall from 9.5 to 5 by step 20, then a log-curve 5 - 0.01 ln(t / 20)."""
+    return [
+        dict(step=t, loss=5 + 5 * (1 - t / 20) ** 2 if t <= 20 else 5 - 0.01 * math.log(t / 20),
+             grad_norm=1.0, lr=1e-3)
+        for t in range(1, n + 1)
+    ]  # fmt: skip
+
+
+def test_near_convergence_eases_the_lr_and_evaluates_more_often_once():
+    """Forecasts come every 25 observations: at 50 the window (steps 1-50) holds the fall (gain >> 0.5
+    %); at 75 it is the log-curve alone (26-75): gain 0.01 ln(175 / 75) / 4.991 = 0.17 % < 0.5 %."""
+    s, decisions = run_applied(converging_series(140), settings=DENSE | {"eval_every": 50})
+    assert [(d.step, d.action, d.args) for d in decisions] == [
+        (75, "lr_scale", {"from": 1.0, "to": 0.5}), (75, "eval_every", {"from": 50, "to": 25}),
+    ]  # fmt: skip
+    assert "near convergence: the forecast gains 0.17% of the loss" in decisions[0].reason
+    assert s.converging_at == 75 and found(s, "near_convergence") == 1 and s.health == 100
+    # without evaluations only the LR; forecast_ease_rel=0 (before issue 18): nothing
+    assert [d.action for d in run_applied(converging_series(140))[1]] == ["lr_scale"]
+    assert run_applied(converging_series(140), dataclasses.replace(OCFG, forecast_ease_rel=0.0))[1] == []
+    # a loss flat from the start is not converging (the plateau detector answers that)
+    flat = [dict(step=t, loss=3.0, grad_norm=1.0, lr=1e-3) for t in range(1, 200)]
+    assert found(run(flat)[0], "near_convergence") == 0
+
+
+def test_eval_every_and_lr_raise_actions(moe_setup):
+    cfg, state, _ = moe_setup
+    hp = default_hp(cfg.train)
+    _, _, cfg2 = apply_decisions([D("eval_every", **{"from": 50, "to": 25})], state, hp, cfg)
+    assert cfg2.train.eval_every == 25 and cfg.train.eval_every != 25
+    _, hp2, cfg3 = apply_decisions([D("lr_scale", **{"from": 1.0, "to": 2.0})], state, hp, cfg)
+    assert cfg3.train.lr_scale == 2.0 and hp2["lr"].item() == pytest.approx(2 * hp["lr"].item())

@@ -15,6 +15,9 @@ from lumina.config import ConfigError
 from lumina.configure import load_config
 from lumina.driver import prepare
 from lumina.inject import Injector, parse
+from lumina.optim import lr_at
+from lumina.orchestrator.detect import Finding
+from lumina.orchestrator.policy import RESPONSES
 from lumina.orchestrator.replay import replay
 from lumina.run import main
 from lumina.step import init_train_state
@@ -318,4 +321,66 @@ def test_spare_expert_and_mod_capacity_are_lowered_on_a_real_run(tmp_path):
     assert [o["settings"]["capacity_factor"] for o in obs][4:6] == [4.0, 3.2]
     assert [o["settings"]["mod_capacity"] for o in obs][4:6] == [0.25, 0.25 / 1.5]
     assert all(max(o["dropped"]) < 0.01 and max(o["mod_weight"]) < 0.99 for o in obs)
+    assert replay(run).identical
+
+
+def test_a_too_low_lr_is_raised_on_a_real_run_and_a_rollback_stops_further_raises(tmp_path):
+    """A 10x too low LR (3e-4 for this model; its 4 x 32-token batches are too noisy for the default
+    thresholds, so the test loosens them: any falling 4-observation fit counts) is raised x2 from the
+    next step; a NaN at step 7 rolls back (to step 4, the raise's snapshot: a raise leaves the state
+    fit to keep) and caps the LR scale where it is, so the raise the detector asks for again at step 8
+    (cooldown 0) never comes. Replay is exact; what-if lr_raise_factor=1 (before issue 18): no raise."""
+    cfg = load_config(overrides=["--train.steps=8", f"--run_dir={tmp_path}", *TINY, *SNAP,
+                                 "--train.lr=3e-4", "--train.schedule=constant", "--train.warmup_steps=0",
+                                 "--orchestrator.warmup=2", "--orchestrator.lr_low_window=4",
+                                 "--orchestrator.lr_low_patience=1", "--orchestrator.lr_low_snr=0.01",
+                                 "--orchestrator.lr_low_linearity=0", "--orchestrator.lr_low_grad_rise=100",
+                                 "--orchestrator.lr_low_elasticity=0",
+                                 "--orchestrator.cooldown=0", "--train.inject=nan_grad@7"])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    ds = decisions(run)
+    assert [(d["step"], d["action"], d["args"], d["level"]) for d in ds] == [
+        (4, "lr_scale", {"from": 1.0, "to": 2.0}, 1),
+        (7, "rollback", {"to_step": 4, "skip_data": True}, 4),
+    ]
+    assert ds[0]["reason"].startswith("loss falls slowly and steadily: ")
+    obs = list(orchestrator.read_log(run / orchestrator.OBSERVATIONS_FILE))
+    assert [o["step"] for o in obs] == [1, 2, 3, 4, 5, 6, 7, 5, 6, 7, 8]
+    assert [o["settings"]["lr_scale"] for o in obs] == [1.0] * 4 + [2.0] * 7
+    assert obs[4]["lr"] == pytest.approx(2 * obs[3]["lr"])  # the run trained on at twice the LR
+    # the cap the rollback left: a finding of a too low LR now raises nothing (without the cap: x2)
+    s = orchestrator.init_state(0)
+    for o in obs:
+        s, _ = orchestrator.decide(s, orchestrator.Observation.from_dict(o), cfg.orchestrator)
+    assert s.lr_ceiling == 2.0 and s.step == 8
+    s.streaks, last = {"lr_too_low": 1}, orchestrator.Observation.from_dict(obs[-1])
+    finding = Finding("lr_too_low", 1, 1.0, "test")
+    raise_lr = RESPONSES["lr_too_low"]
+    assert raise_lr(finding, s, last, cfg.orchestrator) == [("lr_scale", None)]
+    s.lr_ceiling = None
+    assert raise_lr(finding, s, last, cfg.orchestrator) == [("lr_scale", {"from": 2.0, "to": 4.0})]
+    assert replay(run).identical
+    off = replay(run, ["orchestrator.lr_raise_factor=1"])
+    assert [d["action"] for d in off.derived] == ["rollback"]
+
+
+def test_near_convergence_eases_the_lr_and_evaluates_every_step_on_a_real_run(tmp_path):
+    """With the forecast due at observation 10 (forecast_every=5; it needs 10 points) and a
+    threshold any falling forecast meets (forecast_ease_rel 0.99), the run eases the LR x0.5 and
+    evaluates every step instead of every 2 from step 11; replay is exact, and it happens once."""
+    cfg = load_config(overrides=["--train.steps=12", f"--run_dir={tmp_path}", *TINY,
+                                 "--orchestrator.warmup=2", "--orchestrator.forecast_every=5",
+                                 "--orchestrator.forecast_ease_rel=0.99", "--orchestrator.lr_raise_factor=1",
+                                 "--orchestrator.forecast_min_fall=0"])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    ds = decisions(run)
+    assert [(d["step"], d["action"], d["args"], d["level"]) for d in ds] == [
+        (10, "lr_scale", {"from": 1.0, "to": 0.5}, 1),
+        (10, "eval_every", {"from": 2, "to": 1}, 1),
+    ]
+    assert ds[0]["reason"].startswith("near convergence: the forecast gains ")
+    assert [r["step"] for r in records(run, "eval")] == [0, 2, 4, 6, 8, 10, 11, 12]
+    train = records(run, "train")  # step k runs with the schedule's LR at k - 1, x the LR scale
+    scale = [1.0] * 10 + [0.5] * 2
+    assert [r["lr"] for r in train] == pytest.approx([x * lr_at(k, cfg.train) for k, x in enumerate(scale)])
     assert replay(run).identical

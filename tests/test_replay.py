@@ -1,6 +1,7 @@
 """``replay`` and ``--what-if`` on a run folder built from the orchestrator's own functions (no
 training: an observation series with a NaN and a gradient blow-up gives a rollback and an LR cut)."""
 
+import dataclasses
 import json
 import math
 
@@ -82,3 +83,25 @@ def test_a_bad_what_if_among_good_ones_is_the_one_named(run_dir, capsys):
     assert main(["replay", str(run_dir), *args]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err.startswith("lumina: error: --what-if orchestrator.grad_abs=0: grad_abs must be > 0"), err
+
+
+def test_a_config_json_written_before_a_field_existed_replays_as_the_orchestrator_did_then(tmp_path):
+    """A steady slow descent draws LR raises today; a run folder whose config.json predates the
+    fields of issue 18 was decided without them, and replay fills them in from ORCHESTRATOR_BEFORE
+    (raises off, raw hard confidences, no forecast actions), so its logs still replay exactly."""
+    from lumina.config import ORCHESTRATOR_BEFORE
+
+    old = dataclasses.replace(OrchestratorConfig(), **ORCHESTRATOR_BEFORE)
+    section = {k: v for k, v in to_dict(old).items() if k not in ORCHESTRATOR_BEFORE}
+    (tmp_path / "config.json").write_text(json.dumps({"orchestrator": section}))
+    s = init_state(0)
+    for t in range(1, 61):
+        obs = Observation(step=t, loss=10.0 - 0.05 * t + 0.02 * (-1) ** t, grad_norm=1.0, lr=1e-3,
+                          settings=SETTINGS)  # fmt: skip
+        s, ds = decide(s, obs, old)
+        orchestrator.append_log(tmp_path / orchestrator.OBSERVATIONS_FILE, [obs.to_dict()])
+        orchestrator.append_log(tmp_path / orchestrator.DECISIONS_FILE, [d.to_dict() for d in ds])
+    assert logged(tmp_path) == [] and replay(tmp_path).identical
+    now = replay(tmp_path, ["orchestrator.lr_raise_factor=2"])  # today's default
+    raises = [(d["step"], d["action"], d["args"]["to"]) for d in now.derived]
+    assert raises == [(23, "lr_scale", 2.0), (48, "lr_scale", 2.0)]  # (the logged settings stay at 1)

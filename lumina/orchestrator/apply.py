@@ -9,7 +9,7 @@ changed. A ``rollback`` is the driver's to execute *before* calling this (it nee
 ring, which is not plain data); here it is a no-op.
 
 Action          args                          effect
-lr_scale        from, to                      train.lr_scale (multiplies the LR schedule)
+lr_scale        from, to                      train.lr_scale (multiplies the LR schedule; a cut or a raise)
 emergency_lr_cut from, to                     the same, at level 3/4
 weight_decay    from, to                      train.weight_decay and hp["weight_decay"]
 set_knob        name, from, to                state["knobs"][name] (router temperature, jitter, ...)
@@ -25,6 +25,7 @@ micro_batch     from, to                      train.micro_batch_size (batch size
                                               accumulation halves or doubles) (recompiles)
 grad_checkpointing from, to                   train.grad_checkpointing (recompiles)
 interleave_ratio from, to                     data.interleave_ratio
+eval_every      from, to                      train.eval_every (the driver's evaluator reads it)
 rollback        to_step, skip_data            (driver)
 """
 
@@ -173,6 +174,8 @@ def apply_decisions(
             cfg = _replace(cfg, "train", grad_checkpointing=a["to"])
         elif d.action == "interleave_ratio":
             cfg = _replace(cfg, "data", interleave_ratio=float(a["to"]))
+        elif d.action == "eval_every":
+            cfg = _replace(cfg, "train", eval_every=int(a["to"]))
         elif d.action != "rollback":
             raise ValueError(f"unknown orchestrator action {d.action!r}")
     return state, hp, cfg
@@ -181,5 +184,5 @@ def apply_decisions(
 ACTIONS = (
     "lr_scale", "emergency_lr_cut", "weight_decay", "set_knob", "capacity_factor", "add_expert",
     "prune_expert", "mod_capacity", "reset_mod_router", "micro_batch", "grad_checkpointing",
-    "interleave_ratio", "rollback",
+    "interleave_ratio", "eval_every", "rollback",
 )  # fmt: skip

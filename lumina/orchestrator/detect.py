@@ -79,6 +79,14 @@ def _conf(ratio: float) -> float:
     return min(1.0, 0.5 + 0.5 * math.log10(ratio))
 
 
+def _hard(c: float, cfg: OrchestratorConfig) -> float:
+    """A hard (level 3) finding's confidence from its statistic's ``c``: the doubt 1 - c scaled by
+    ``hard_doubt_scale`` (1/3: it acts under conf_hard 0.9 where it did under the old 0.7)."""
+    if cfg.hard_doubt_scale == 1:  # as before issue 18, bit for bit (1 - (1 - c) need not be c)
+        return c
+    return 1 - (1 - c) * cfg.hard_doubt_scale
+
+
 def _warming(ostate: OrchestratorState, cfg: OrchestratorConfig) -> bool:
     """Too little history for statistics: the first ``warmup`` observations, and again after a
     rollback (which drops the history past its target)."""
@@ -109,7 +117,10 @@ def grad_explosion(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Fi
     if g > cfg.grad_abs:
         return [
             Finding(
-                "grad_explosion", 3, _conf(g / cfg.grad_abs) ** 0.5, f"grad norm {g:.3g} > {cfg.grad_abs:g}"
+                "grad_explosion",
+                3,
+                _hard(_conf(g / cfg.grad_abs) ** 0.5, cfg),
+                f"grad norm {g:.3g} > {cfg.grad_abs:g}",
             )
         ]
     n = cfg.grad_persist
@@ -123,7 +134,7 @@ def grad_explosion(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Fi
             Finding(
                 "grad_explosion",
                 3,
-                _conf(min(recent) / (cfg.grad_rel * m)) ** 0.5,
+                _hard(_conf(min(recent) / (cfg.grad_rel * m)) ** 0.5, cfg),
                 f"grad norm > {cfg.grad_rel:g}x the window median {m:.3g} for {n} observations (now {g:.3g})",
             )
         ]
@@ -163,7 +174,7 @@ def divergence(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Findin
             Finding(
                 "divergence",
                 3,
-                _conf(rel / cfg.diverge_rel),
+                _hard(_conf(rel / cfg.diverge_rel), cfg),
                 f"loss EMA {now:.4g} rose {rel:.0%} above its window minimum {best:.4g} "
                 f"(step {int(best_step)})",
                 {"best_step": int(best_step)},
@@ -192,6 +203,97 @@ def is_flat(ostate: OrchestratorState, cfg: OrchestratorConfig) -> bool:
     slope, _ = linear_fit([h[0] for h in hist], [h[1] for h in hist])
     level = median([h[1] for h in hist])
     return abs(slope) < cfg.plateau_slope * max(abs(level), _EPS)
+
+
+def lr_too_low(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """A slow, steady descent: the LR could be larger. The observations considered are the newest
+    ones at the current LR scale past the LR warm-up (the LR not rising), at least ``lr_low_window``
+    of them (at most ``window``). Over the last ``lr_low_window`` a straight line fitted to the loss
+    falls ``lr_low_snr`` x its residual noise or more; over all of them, the second half falls at
+    least ``lr_low_linearity`` x as fast as the first (a healthy descent decelerates: a power law
+    4 + 6/sqrt(t) over steps 1-50 has halves 0.2x as fast); no loss spike in the window, the grad
+    norm not rising (second-half median <= ``lr_low_grad_rise`` x the first half's), and neither a
+    plateau nor near convergence by the forecast (``forecast_ease_rel``). On the debug preset (2-core
+    CPU): a 10x too low LR (3e-4) falls ~0.045 a step with noise ~0.04 over steps 27-58, 21-26x
+    over 20 observations, its halves 0.8-1.2x as fast; at the preset's LR (3e-3) the window falls
+    < 4x its noise from the first observation the detector looks at (step 30: the fast early drop
+    is over by then) to the end (250 steps)."""
+    n = cfg.lr_low_window
+    if cfg.lr_raise_factor <= 1 or _warming(ostate, cfg) or not obs.finite:
+        return []
+    if ostate.plateau_since is not None or ostate.converging_at is not None:
+        return []
+    fc = ostate.forecast
+    if fc and fc.get("gain", math.inf) < cfg.forecast_ease_rel:
+        return []  # near convergence: the LR's job is almost done
+    if any(obs.step - x < n for x in ostate.spike_steps):
+        return []
+    # the newest observations at this LR scale with the LR not rising: past a change of the scale
+    # (the loss before it shows another LR) and the schedule's warm-up
+    scale, lrs, m = obs.settings.lr_scale, ostate.lrs, 0
+    while m < len(lrs) and lrs[-1 - m][2] == scale and (m == 0 or lrs[-1 - m][1] >= lrs[-m][1] * (1 - 1e-9)):
+        m += 1
+    hist = ostate.history[-m:] if m else []
+    if m < n or len(hist) < m:
+        return []
+    xs, ys, gs = [h[0] for h in hist], [h[1] for h in hist], [h[2] for h in hist]
+    if not all(math.isfinite(y) and math.isfinite(g) for y, g in zip(ys, gs, strict=True)):
+        return []
+    b, a = linear_fit(xs[-n:], ys[-n:])
+    if b >= 0:
+        return []
+    noise = math.sqrt(sum((y - a - b * x) ** 2 for x, y in zip(xs[-n:], ys[-n:], strict=True)) / (n - 2))
+    drop = -b * (xs[-1] - xs[-n])
+    snr = drop / max(noise, 1e-9 * abs(ys[-1]), _EPS)
+    h = m // 2
+    b1, _ = linear_fit(xs[:h], ys[:h])
+    b2, _ = linear_fit(xs[h:], ys[h:])
+    steady = b2 / b1 if b1 < 0 else 0.0
+    rise = median(gs[h:]) / max(median(gs[:h]), _EPS)
+    # how early on its curve the run is: -d loss / d ln(step), relative to the loss (a power law
+    # a + c t^-p has p (L - a) / L, falling with t; an LR k x too low stretches the curve k x in time)
+    early = -b * xs[-1] / max(abs(median(ys[-n:])), _EPS)
+    if snr < cfg.lr_low_snr or steady < cfg.lr_low_linearity or rise > cfg.lr_low_grad_rise:
+        return []
+    if early < cfg.lr_low_elasticity:
+        return []
+    return [
+        Finding(
+            "lr_too_low",
+            1,
+            _conf(snr / cfg.lr_low_snr),
+            f"loss falls slowly and steadily: {drop:.3g} in {n} observations = {snr:.1f}x its noise "
+            f"{noise:.2g}; halves {steady:.2f}x as fast over {m} at this LR; -dloss/dln(step) "
+            f"{early:.2f} of the loss; grad norm x{rise:.2f}",
+            {"snr": snr, "steady": steady, "early": early, "observations": m},
+        )
+    ]
+
+
+def near_convergence(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """The forecast made at this observation still falls, but by less than ``forecast_ease_rel`` of
+    the loss over the next ``forecast_horizon`` steps, after the loss EMA came down at least
+    ``forecast_min_fall`` from the first loss (a run stuck from the start is not converging: the
+    plateau detector answers that); once per run (``converging_at``)."""
+    fc = ostate.forecast
+    if cfg.forecast_ease_rel <= 0 or not fc or fc.get("step") != obs.step or _warming(ostate, cfg):
+        return []
+    first, ema = ostate.first_loss, ostate.loss_ema
+    if first is None or ema is None or ema > first - cfg.forecast_min_fall * abs(first):
+        return []
+    gain = fc.get("gain")
+    if ostate.converging_at is not None or gain is None or not 0 <= gain < cfg.forecast_ease_rel:
+        return []
+    return [
+        Finding(
+            "near_convergence",
+            1,
+            0.9,
+            f"near convergence: the forecast gains {gain:.2%} of the loss over the next "
+            f"{cfg.forecast_horizon} steps (< {cfg.forecast_ease_rel:.2%})",
+            {"gain": gain},
+        )
+    ]
 
 
 def oscillation(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
@@ -456,6 +558,8 @@ DETECTORS = (
     divergence,
     oscillation,
     plateau,
+    lr_too_low,
+    near_convergence,
     experts,
     mod,
     throughput,
@@ -488,7 +592,8 @@ def phase_of(ostate: OrchestratorState, findings: list[Finding], cfg: Orchestrat
 
 def forecast(ostate: OrchestratorState, step: int, cfg: OrchestratorConfig) -> dict[str, Any]:
     """Fit loss ~ a + b ln(step) over the window: the predicted loss ``forecast_horizon`` steps
-    ahead, and the steps until the fitted slope b/t falls under the plateau threshold."""
+    ahead, the steps until the fitted slope b/t falls under the plateau threshold, and the fitted
+    fall over the horizon relative to the loss (``gain``; negative while the loss rises)."""
     hist = [h for h in ostate.history if math.isfinite(h[1]) and h[0] > 0]
     if len(hist) < 10:
         return {}
@@ -503,4 +608,5 @@ def forecast(ostate: OrchestratorState, step: int, cfg: OrchestratorConfig) -> d
         "target_step": target,
         "loss": pred,
         "steps_to_plateau": max(0, math.ceil(t_flat - step)),
+        "gain": -b * math.log(target / step) / level,  # the fitted fall over the horizon, relative
     }

@@ -34,13 +34,14 @@ __all__ = ["RESPONSES", "decide"]
 # findings that persist rather than strike: they gain confidence while they last (persist_decay)
 CHRONIC = frozenset({"divergence", "expert_collapse", "dead_expert", "capacity_overflow", "capacity_slack",
                      "mod_collapse", "mod_too_aggressive", "mod_underused", "memory_pressure",
-                     "throughput_drop"})  # fmt: skip
-# findings that are chances to save compute, not trouble: no cost to the health score
-_OPPORTUNITIES = frozenset({"capacity_slack", "mod_underused", "micro_batch_room", "micro_batch_no_gain"})
+                     "throughput_drop", "lr_too_low"})  # fmt: skip
+# findings that are chances to save compute or time, not trouble: no cost to the health score
+_OPPORTUNITIES = frozenset({"capacity_slack", "mod_underused", "micro_batch_room", "micro_batch_no_gain",
+                            "lr_too_low", "near_convergence"})  # fmt: skip
 # what makes a state unfit to roll back to: trouble with the loss or gradients (chronic routing
 # findings do not: a run whose experts are skewed for 50 steps must still get snapshots)
 _UNHEALTHY = frozenset({"nonfinite", "oom", "loss_spike", "grad_explosion", "divergence", "oscillation"})
-_UNHEALTHY_ACTIONS = frozenset({"rollback", "emergency_lr_cut", "lr_scale"})
+_UNHEALTHY_ACTIONS = frozenset({"rollback", "emergency_lr_cut", "lr_scale"})  # lr_scale: a cut, not a raise
 _EMA = 0.1  # loss EMA weight of the newest observation
 _PENALTY = {1: 5.0, 2: 15.0, 3: 30.0, 4: 60.0}  # health points a finding costs, x its confidence
 _MAX_EVALS = 8
@@ -61,7 +62,9 @@ def _observe(s: OrchestratorState, obs: Observation, cfg: OrchestratorConfig) ->
     if "oom" in obs.events:  # a step that did not run has no loss to learn from
         return
     s.history = [*s.history, [obs.step, obs.loss, obs.grad_norm, obs.tokens_per_s]][-cfg.window :]
+    s.lrs = [*s.lrs, [obs.step, obs.lr, obs.settings.lr_scale]][-cfg.window :]
     if math.isfinite(obs.loss):
+        s.first_loss = obs.loss if s.first_loss is None else s.first_loss
         s.loss_ema = obs.loss if s.loss_ema is None else (1 - _EMA) * s.loss_ema + _EMA * obs.loss
         s.ema_history = [*s.ema_history, [obs.step, s.loss_ema]][-cfg.window :]
     if obs.eval_loss is not None:
@@ -143,6 +146,22 @@ def _lr(obs: Observation, factor: float, cfg: OrchestratorConfig) -> dict[str, A
     old = obs.settings.lr_scale
     new = max(cfg.min_lr_scale, old * factor)
     return {"from": old, "to": new} if new < old else None
+
+
+def _lowers_lr(d: Decision) -> bool:
+    return d.action in ("lr_scale", "emergency_lr_cut") and d.args["to"] < d.args["from"]
+
+
+def _unhealthy(d: Decision) -> bool:
+    """A decision that makes this observation's state unfit to keep as a snapshot (an LR raise does
+    not: the state before a raise is the one to go back to if the raise brings trouble)."""
+    return d.action in _UNHEALTHY_ACTIONS and (d.action != "lr_scale" or _lowers_lr(d))
+
+
+def _cooldown_key(action: str, args: dict[str, Any]) -> str:
+    """LR raises cool down on their own: a cut right after a raise must not wait for the raise's
+    cooldown (and a raise right after a cut cannot happen: ``lr_ceiling``)."""
+    return "lr_raise" if action == "lr_scale" and args["to"] > args["from"] else action
 
 
 def _rollback_target(s: OrchestratorState, latest_ok: int) -> int | None:
@@ -299,6 +318,27 @@ def _data_imbalance(f, s, obs, cfg) -> Candidates:
     return [("interleave_ratio", {"from": r, "to": round(to, 6)})] if to != r else []
 
 
+def _raise_lr(f, s, obs, cfg) -> Candidates:
+    """After lr_low_patience observations in a row: the LR scale x lr_raise_factor, up to
+    lr_raise_max and never above where an LR cut or a rollback left it (``lr_ceiling``)."""
+    if s.streaks.get("lr_too_low", 0) < cfg.lr_low_patience:
+        return []
+    old = obs.settings.lr_scale
+    cap = cfg.lr_raise_max if s.lr_ceiling is None else min(cfg.lr_raise_max, s.lr_ceiling)
+    new = min(cap, old * cfg.lr_raise_factor)
+    return [("lr_scale", {"from": old, "to": new} if new > old else None)]
+
+
+def _near_convergence(f, s, obs, cfg) -> Candidates:
+    """Ease the LR (x forecast_ease_factor) and evaluate forecast_eval_factor x as often."""
+    out: Candidates = [("lr_scale", _lr(obs, cfg.forecast_ease_factor, cfg))]
+    ev = obs.settings.eval_every  # 0: no evaluations
+    to = max(1, ev // cfg.forecast_eval_factor)
+    if 0 < to < ev:
+        out.append(("eval_every", {"from": ev, "to": to}))
+    return out
+
+
 def _report(f, s, obs, cfg) -> Candidates:
     return []  # logged and counted (health, phase), but no action answers it
 
@@ -313,6 +353,8 @@ RESPONSES: dict[str, Response] = {
     "divergence": _divergence,  # rollback to before the EMA's minimum + lower the LR
     "oscillation": _soft_lr,  # lower the LR
     "plateau": _plateau,  # add an expert (MoE, when allowed), else lower the LR
+    "lr_too_low": _raise_lr,  # after lr_low_patience: raise the LR scale (to lr_raise_max, lr_ceiling)
+    "near_convergence": _near_convergence,  # once: ease the LR, evaluate more often
     "expert_collapse": _expert_collapse,  # after collapse_patience: aux weight, expert dropout, temperature
     "dead_expert": _dead_expert,  # prune each layer's least-loaded expert
     "capacity_overflow": _capacity_overflow,  # raise the capacity factor
@@ -360,19 +402,23 @@ def decide(
 
     decisions: list[Decision] = []
     taken: set[str] = set()
+    acted: set[str] = set()  # finding kinds a decision answered
     recent = [x for x in s.changes if obs.step - x < cfg.window]
+    trouble = any(f.kind in _UNHEALTHY for f in findings)
     for f in sorted(findings, key=lambda f: -f.level):  # stable: detector order within a level
         if f.confidence < _threshold(f.level, cfg):
             continue
         for action, args in _candidates(f, s, obs, cfg):
             if action in taken or ("rollback" in taken and action not in ("emergency_lr_cut", "lr_scale")):
                 continue
+            if action == "lr_scale" and args["to"] > args["from"] and trouble:
+                continue  # never raise the LR at an observation with trouble (it would also be cut)
             if action == "rollback":  # recovery, not a change: no cooldown, but a cap of its own
                 if sum(1 for r in s.rollbacks if obs.step - r < cfg.window) >= cfg.max_rollbacks_per_window:
                     s.counters["suppressed"] = s.counters.get("suppressed", 0) + 1
                     continue
             elif f.level < 4:
-                last = s.last_action.get(action)
+                last = s.last_action.get(_cooldown_key(action, args))
                 if last is not None and 0 <= obs.step - last < cfg.cooldown:
                     s.counters["suppressed"] = s.counters.get("suppressed", 0) + 1
                     continue
@@ -383,7 +429,8 @@ def decide(
             decisions.append(Decision(step=obs.step, action=action, args=args, level=f.level,
                                       confidence=round(f.confidence, 6), reason=f.reason))  # fmt: skip
             taken.add(action)
-            s.last_action[action] = obs.step
+            acted.add(f.kind)
+            s.last_action[_cooldown_key(action, args)] = obs.step
     if any(f.kind == "loss_spike" for f in findings):
         s.spike_steps = [*s.spike_steps, obs.step]
     s.changes = recent
@@ -395,13 +442,21 @@ def decide(
     s.health = round(min(instant, 0.9 * s.health + 0.1 * instant), 6)
     s.phase = detect.phase_of(s, findings, cfg)
 
+    if "near_convergence" in acted:
+        s.converging_at = obs.step
     for d in decisions:
         s.counters[f"action:{d.action}"] = s.counters.get(f"action:{d.action}", 0) + 1
+        # memory against ping-pong: an LR cut or a rollback caps the LR scale where it left it, so a
+        # raise that led to trouble does not come back
+        if _lowers_lr(d) or d.action == "rollback":
+            left = d.args["to"] if d.action != "rollback" else obs.settings.lr_scale
+            s.lr_ceiling = left if s.lr_ceiling is None else min(s.lr_ceiling, left)
         if d.action == "rollback":
             to = d.args["to_step"]
             s.rollbacks = [*s.rollbacks, obs.step][-8:]
             s.snapshots = [x for x in s.snapshots if x <= to]
             s.history = [h for h in s.history if h[0] <= to]
+            s.lrs = [h for h in s.lrs if h[0] <= to]
             s.ema_history = [h for h in s.ema_history if h[0] <= to]
             s.loss_ema = s.ema_history[-1][1] if s.ema_history else None
             s.plateau_since = None
@@ -416,7 +471,7 @@ def decide(
     # confirmed by the next observation — the first to see that state's loss — being healthy too.
     healthy = (
         obs.finite
-        and not any(d.action in _UNHEALTHY_ACTIONS for d in decisions)
+        and not any(_unhealthy(d) for d in decisions)
         and not any(f.kind in _UNHEALTHY for f in findings)
     )
     if s.pending_snapshot is not None and healthy:

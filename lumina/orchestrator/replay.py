@@ -24,7 +24,7 @@ from typing import Any
 
 import msgpack
 
-from lumina.config import ConfigError, OrchestratorConfig, from_dict
+from lumina.config import ORCHESTRATOR_BEFORE, ConfigError, OrchestratorConfig, from_dict
 from lumina.orchestrator import registry
 from lumina.orchestrator.policy import decide
 from lumina.orchestrator.state import (
@@ -80,7 +80,8 @@ def load_orchestrator_config(run_dir: Path, what_if: list[str] = ()) -> Orchestr
         raise ReplayError(f"{path}: missing (not a run folder)") from None
     except json.JSONDecodeError as e:
         raise ReplayError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    section = dict(raw.get("orchestrator", {}))
+    # a field the config.json lacks was added after the run: the value that reproduces its orchestrator
+    section = {**ORCHESTRATOR_BEFORE, **raw.get("orchestrator", {})}
     try:
         base = from_dict(OrchestratorConfig, section)
     except ConfigError as e:  # checked first, so that a what-if is blamed only for its own problems

@@ -65,6 +65,7 @@ class Settings:
     knobs: dict[str, float] = dataclasses.field(default_factory=dict)  # the live model knobs, by name
     frozen_base: bool = False  # train.lora: only adapters train, so no action may edit the base weights
     world_size: int = 1  # ranks sharing the batch: a micro-batch change keeps grad_accum divisible by it
+    eval_every: int = 0  # steps between evaluations; 0: no evaluations (or unknown: an older log)
 
     def __post_init__(self) -> None:
         # hold the declared types (a hand-written dict says 1 for 1.0), so decisions' args have them too
@@ -95,6 +96,7 @@ class Settings:
             knobs={k: float(v) for k, v in sorted(knobs.items())},
             frozen_base=t.lora.enabled,
             world_size=world_size,
+            eval_every=t.eval_every if t.eval_batches else 0,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,6 +231,10 @@ class OrchestratorState:
     mb_trial: dict[str, Any] | None = None
     mb_ceiling: int = 0
     mb_floor: int = 0
+    lrs: list[list[float]] = dataclasses.field(default_factory=list)  # [step, lr, lr_scale] as history
+    lr_ceiling: float | None = None  # an LR cut or a rollback left the LR scale here: no raise above it
+    converging_at: int | None = None  # the step the near-convergence actions were taken (once a run)
+    first_loss: float | None = None  # the first finite loss observed (how far the run has come)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
