@@ -192,16 +192,33 @@ def _adamw_fused(
             new_p[i] = d
     new_p = [t if i in decayed else t.clone() for i, t in enumerate(new_p)]
     new_m, new_v = [t.clone() for t in m], [t.clone() for t in v]
+    adam_step_(new_p, g32, new_m, new_v, step, lr, cfg, grad_scale)
+    return new_p, new_m, new_v
+
+
+def adam_step_(
+    p32: list[torch.Tensor],
+    g32: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    step: torch.Tensor,
+    lr: torch.Tensor,
+    cfg: TrainConfig,
+    grad_scale: torch.Tensor | None = None,
+) -> None:
+    """The Adam part of the update (weight decay already applied to ``p32``), in place on ``p32``,
+    ``m`` and ``v``, through torch's fused kernel: the eager single-device step (on copies) and the
+    ZeRO engine's optimizer (on DeepSpeed's partitions, ``lumina.distributed.zero``) share it, so the
+    two stay bit for bit alike. Plain contiguous fp32 tensors on one device (``_fusable``)."""
     # the kernel walks every tensor as flat memory in the param's order: a transposed gradient
     # (a tied head's, [D, V] seen as [V, D]) must be laid out like its param first
     g32 = [g.contiguous() for g in g32]
     t = step.to(torch.float32)
     torch._fused_adamw_(
-        new_p, g32, new_m, new_v, [], [t] * len(new_p), lr=lr, beta1=cfg.beta1, beta2=cfg.beta2,
+        p32, g32, m, v, [], [t] * len(p32), lr=lr, beta1=cfg.beta1, beta2=cfg.beta2,
         weight_decay=0.0, eps=cfg.eps, amsgrad=False, maximize=False,
         grad_scale=None if grad_scale is None else 1 / grad_scale.float(),  # the kernel divides by it
     )  # fmt: skip
-    return new_p, new_m, new_v
 
 
 # ------------------------------------------------------------------------------- 8-bit AdamW

@@ -99,9 +99,10 @@ def debug() -> RunConfig:
         moe=MoEConfig(num_experts=4, top_k=2, d_expert=192),
         mod=MoDConfig(enabled=True, capacity=0.25, every_n=2),
     )
-    # Eager by default: on 2 CPU cores a cold torch.compile of this step takes ~110 s and then saves
-    # ~0.17 s per step (0.33 vs 0.5 s at 8 x 128 tokens), so a 250-step run only pays it back after
-    # ~650 steps. `--train.compile=true` (or any longer run) turns it on.
+    # Eager by default: on 2 CPU cores a cold regional compile of this step (its 2 kinds of layer)
+    # takes 127-151 s and then saves 91 ms per step (491 vs 582 ms at 8 x 128 tokens), so a 250-step
+    # run only pays it back after ~1,500 steps (docs/training.md#compilation). `--train.compile=true`
+    # (or any longer run) turns it on.
     train = TrainConfig(
         steps=250,
         batch_size=8,
