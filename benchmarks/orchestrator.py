@@ -28,7 +28,8 @@ eval loss, optimizer steps redone after rollbacks ("steps lost"), decisions, wal
 orchestrator's own time (``decide`` + applying the decisions; copying snapshots into the ring is
 reported separately) against the mean step time. Per paired seed: **reach** = the first evaluation
 at which the on-run's held-out loss <= the off-run's final held-out loss, as optimizer steps run
-(redone steps count) / the step budget, and as train time / the off-run's train time (``reach_t``).
+(redone steps count) / the step budget (``reach_steps``), and as train time / the off-run's train time
+(``reach_time``).
 For ``micro_batch`` the optimisation is the same by design (the global batch does not change), so
 its reach is judged on train time, not steps. An off-run that fails (non-finite, out of memory) has
 no final loss: its last finite eval loss is the target.
@@ -40,9 +41,12 @@ on-run's final eval loss is within 0.5 % of the off-run's (mean of the paired re
 the case's on-runs). Final eval loss: mean with a 95 % t interval over seeds per arm, and the paired
 difference on - off with its 95 % paired-t interval.
 
-Cost: one ``debug`` run on the 2-core CPU machine is ~0.55 s a step (measured: 30 steps with an
-evaluation every 10 steps took ~NN s wall, start-up and 4 evaluations included), so the full
-benchmark (14 cases x 5 seeds x 2 runs x 150 steps) takes ~140 x ~100 s = ~4 h.
+Cost (2-core CPU machine): a quiet ``debug`` step is ~0.53 s (``orchestrator.csv``: 100-step runs
+with one evaluation took 58-64 s wall), so a 150-step run with an evaluation every 10 steps is an
+estimated ~100-120 s and the full benchmark (14 cases x 5 seeds x 2 runs = 140 runs) ~4-5 h
+(``micro_batch`` runs are slower per step). Measured once, ``--quick`` (4 runs of 30 steps, eval every
+10) took 8 min 16 s wall, 115-129 s a run, on the same machine while a 2-worker test suite ran
+(load ~4, 3-4 s a step): on a busy machine expect ~4 x the estimate.
 
 Rows go to ``benchmarks/results/orchestrator_v2.csv`` (``orchestrator.csv`` holds the rows of the
 earlier version, whose columns differ: no eval curve, no reach); ``--registry`` runs the registry
@@ -150,14 +154,7 @@ def one_run(
     wall = time.perf_counter() - t0
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"]
-    # the held-out curve as (optimizer steps run so far, train seconds so far, loss): a rollback sends
-    # the step counter back, so the steps run (redone ones included) are counted from the records
-    curve, n_run, t_run = [], 0, 0.0
-    for r in recs:
-        if r["kind"] == "train":
-            n_run, t_run = n_run + 1, t_run + r["step_s"]
-        elif r["kind"] == "eval":
-            curve.append((n_run, round(t_run, 3), round(r["loss"], 5)))
+    curve, t_run = eval_curve(recs)
     decisions = list(orchestrator.read_log(run_dir / orchestrator.DECISIONS_FILE)) if on else []
     survived = (
         survived and final is not None and math.isfinite(final) and bool(train) and train[-1]["step"] == steps
@@ -183,6 +180,28 @@ def one_run(
         "snapshot_mb": round(cfg.orchestrator.snapshot_ring * state_mb, 1) if on else 0,
         "eval_curve": json.dumps(curve, separators=(",", ":")),
     }  # fmt: skip
+
+
+def eval_curve(recs: list[dict]) -> tuple[list[tuple[int, float, float]], float]:
+    """The held-out curve of a run's metrics records as (optimizer steps run, train seconds, loss),
+    and the run's train seconds. A rollback sends the step counter back, so the steps run (redone
+    ones included) are counted from the train records. The driver writes the evaluation after step
+    s (s > 0) just before step s's own train record, so that evaluation is completed by it."""
+    curve, n_run, t_run, pending = [], 0, 0.0, None
+    for r in recs:
+        if r["kind"] == "train":
+            n_run, t_run = n_run + 1, t_run + r["step_s"]
+            if pending is not None and r["step"] == pending["step"]:
+                curve.append((n_run, round(t_run, 3), round(pending["loss"], 5)))
+                pending = None
+        elif r["kind"] == "eval":
+            if r["step"] == 0:
+                curve.append((0, 0.0, round(r["loss"], 5)))
+            else:
+                pending = r
+    if pending is not None:  # no train record followed (a crash in between)
+        curve.append((n_run, round(t_run, 3), round(pending["loss"], 5)))
+    return curve, t_run
 
 
 def target_loss(off: dict) -> float | None:
@@ -402,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(r)
                     print(f"{case:16s} seed {seed} {r['orchestrator']:3s}: survived={r['survived']} "
                           f"eval={r['final_eval']} decisions={r['decisions']} [{r['actions']}] "
-                          f"lost={r['steps_lost']} {r['wall_s']}s", flush=True)  # fmt: skip
+                          f"lost={r['steps_lost']} {r['wall_s']}s (train {r['train_s']}s)",
+                          flush=True)  # fmt: skip
                 on_r, off_r = rows[-2], rows[-1]
                 frac, tfrac = reach(on_r, off_r, args.steps)
                 on_r["reach_steps"] = "" if frac is None else round(frac, 4)

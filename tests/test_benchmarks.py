@@ -121,6 +121,13 @@ def test_orchestrator_bench_statistics():
     """The benchmark's reach (steps and time to the off-run's final loss), t interval and goal marks,
     on synthetic runs (no training)."""
     ob = _orchestrator_bench()
+    # the driver writes the eval after step s before step s's train record; a rollback redoes steps
+    recs = [{"kind": "eval", "step": 0, "loss": 10.8}]
+    recs += [{"kind": "train", "step": s, "step_s": 0.5} for s in (1, 2, 3, 2, 3)]  # 3 -> back to 1
+    recs.insert(4, {"kind": "event", "step": 3})
+    recs += [{"kind": "eval", "step": 4, "loss": 7.0}, {"kind": "train", "step": 4, "step_s": 1.0}]
+    curve, train_s = ob.eval_curve(recs)
+    assert curve == [(0, 0.0, 10.8), (6, 3.5, 7.0)] and train_s == 3.5
     m, hw = ob.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
     assert m == 3.0 and hw == pytest.approx(2.776445 * 1.5811388 / 5**0.5, rel=1e-5)  # t(0.975, 4)
     assert math.isnan(ob.t_interval([1.0])[1])
