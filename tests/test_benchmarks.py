@@ -5,6 +5,8 @@ tables name every provider and subject. Timings at these sizes mean nothing and 
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,75 @@ def test_memory_benchmark_runs():
         assert any(line.split()[:2] == ["debug", config] for line in proc.stdout.splitlines()), config
     for run in ("(a) adamw seed 0", "(a) adamw8bit seed 0", "(b) base", "(b) qlora_nf4 (chat)"):
         assert run in proc.stdout, run
+
+
+def _orchestrator_bench():
+    spec = importlib.util.spec_from_file_location(
+        "orchestrator_bench", ROOT / "benchmarks" / "orchestrator.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass looks its module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(case, seed, on, final, curve, train_s=100.0, survived=True, decisions=0):
+    return {"case": case, "seed": seed, "orchestrator": "on" if on else "off", "survived": survived,
+            "final_eval": final, "eval_curve": json.dumps(curve), "train_s": train_s, "decisions": decisions,
+            "orch_cost_pct": 0.1, "snapshot_ms_per_step": 0.3, "snapshot_mb": 269.0}  # fmt: skip
+
+
+def test_orchestrator_bench_statistics():
+    """The benchmark's reach (steps and time to the off-run's final loss), t interval and goal marks,
+    on synthetic runs (no training)."""
+    ob = _orchestrator_bench()
+    # the driver writes the eval after step s before step s's train record; a rollback redoes steps
+    recs = [{"kind": "eval", "step": 0, "loss": 10.8}]
+    recs += [{"kind": "train", "step": s, "step_s": 0.5} for s in (1, 2, 3, 2, 3)]  # 3 -> back to 1
+    recs.insert(4, {"kind": "event", "step": 3})
+    recs += [{"kind": "eval", "step": 4, "loss": 7.0}, {"kind": "train", "step": 4, "step_s": 1.0}]
+    curve, train_s = ob.eval_curve(recs)
+    assert curve == [(0, 0.0, 10.8), (6, 3.5, 7.0)] and train_s == 3.5
+    m, hw = ob.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert m == 3.0 and hw == pytest.approx(2.776445 * 1.5811388 / 5**0.5, rel=1e-5)  # t(0.975, 4)
+    assert math.isnan(ob.t_interval([1.0])[1])
+    off = _row("lr_low", 0, False, 6.5, [[0, 0.0, 10.8], [50, 50.0, 7.0], [100, 100.0, 6.5]])
+    on = _row("lr_low", 0, True, 6.2, [[0, 0.0, 10.8], [50, 40.0, 6.6], [70, 60.0, 6.45], [100, 90.0, 6.2]])
+    assert ob.reach(on, off, 100) == (0.7, 0.6)
+    slow = _row("lr_low", 1, True, 6.6, [[0, 0.0, 10.8], [100, 100.0, 6.6]])
+    assert ob.reach(slow, {**off, "seed": 1}, 100) == (None, None)
+    # an off-run that failed: its last finite eval loss is the target
+    dead = _row("nan_grad", 0, False, "", [[0, 0.0, 10.8], [50, 50.0, 7.0], [100, 100.0, float("nan")]])
+    assert ob.target_loss(dead) == 7.0
+    rows = [on, off, slow, {**off, "seed": 1}]
+    rows += [_row("clean", s, True, 6.40 + 0.001 * s, [[100, 100.0, 6.4]]) for s in (0, 1)]
+    rows += [_row("clean", s, False, 6.40, [[100, 100.0, 6.4]]) for s in (0, 1)]
+    table = ob.summarise(rows, 100, 0.005)
+    lr_low = next(line for line in table.splitlines() if line.startswith("| lr_low "))
+    assert "| 1/2 |" in lr_low and "NOT met (reach)" in lr_low  # 1 of 2 seeds < 80 %
+    clean = next(line for line in table.splitlines() if line.startswith("| clean "))
+    assert "met (on − off +0.01 %" in clean and "NOT" not in clean
+    assert "lr_low: off-run final eval − clean off-run's" in table
+
+
+def test_orchestrator_bench_cases():
+    """Each mis-configured case is the override it claims, relative to the preset."""
+    ob = _orchestrator_bench()
+    assert ob.case_overrides("moe_capacity", "debug", 50) == ["--model.moe.capacity_factor=1.0"]
+    assert "--train.lr=0.0003" in ob.case_overrides("lr_low", "debug", 50)  # debug's LR is 3e-3
+    assert "--train.lr=0.03" in ob.case_overrides("lr_high", "debug", 50)
+    assert ob.case_overrides("no_warmup", "debug", 50) == ["--train.warmup_ratio=0", "--train.lr=0.009"]
+    assert ob.case_overrides("micro_batch", "debug", 50) == [
+        "--train.micro_batch_size=1", "--train.eval_batches=64"]  # fmt: skip
+    assert ob.case_overrides("nan_grad", "debug", 50) == ["--train.inject=nan_grad@50"]
+
+
+@pytest.mark.slow  # four 30-step debug runs: 8 min measured on 2 busy cores (est. ~2 min quiet)
+def test_orchestrator_bench_quick():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/orchestrator.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
+        timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert any(line.startswith("| lr_low | misconfig |") for line in proc.stdout.splitlines()), proc.stdout
+    assert any(line.startswith("| clean | clean |") for line in proc.stdout.splitlines()), proc.stdout
