@@ -69,7 +69,7 @@ from lumina.data.text import (
 from lumina.data.tokenizer import Tokenizer
 from lumina.generate import LoadedModel
 from lumina.model import apply, default_knobs
-from lumina.model.loss import hits
+from lumina.model.loss import hits, token_nll
 from lumina.model.transformer import head_weight
 
 __all__ = [
@@ -228,8 +228,19 @@ def load(path: str | Path, device: str = "cpu") -> LoadedModel:
 # ------------------------------------------------------------------------------------- the results
 
 
+class _PerToken:
+    """``loss``: the mean over ``tokens`` of ``loss_sum`` (NaN without tokens)."""
+
+    tokens: int
+    loss_sum: float
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.tokens if self.tokens else float("nan")
+
+
 @dataclass(frozen=True)
-class Doc:
+class Doc(_PerToken):
     """One document's sums: ``loss_sum`` nats over its ``tokens`` scored targets, ``correct`` of them
     predicted by the argmax. ``id`` is ``file#index`` (index among the file's evaluated documents)."""
 
@@ -242,23 +253,15 @@ class Doc:
     loss_sum: float
     correct: int
 
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.tokens if self.tokens else float("nan")
-
 
 @dataclass(frozen=True)
-class Totals:
+class Totals(_PerToken):
     name: str
     kind: str
     documents: int
     tokens: int
     loss_sum: float
     correct: int
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.tokens if self.tokens else float("nan")
 
     @property
     def ppl(self) -> float:
@@ -365,8 +368,7 @@ class Scorer:
             keep_C = t_C != self.pad_id
             safe_C1 = torch.where(keep_C, t_C, torch.zeros_like(t_C))[:, None]
             hit.append(hits(logits_CV, safe_C1, keep_C))
-            logp_CV = torch.log_softmax(logits_CV, dim=-1)
-            nll.append(torch.where(keep_C, -logp_CV.gather(1, safe_C1)[:, 0], 0.0))
+            nll.append(token_nll(logits_CV, safe_C1, keep_C)[0])
         shape = targets_BT.shape
         return (
             torch.cat(nll).view(shape).double().cpu().numpy(),

@@ -111,13 +111,20 @@ def _adamw_math(
     v = torch._foreach_add(
         torch._foreach_mul(v, b2), torch._foreach_mul(torch._foreach_mul(g32, g32), 1 - b2)
     )
-    p32 = list(p32)
-    if decay:
-        for i, d in zip(decay, torch._foreach_mul([p32[i] for i in decay], 1 - lr * wd), strict=True):
-            p32[i] = d
+    p32 = _decayed(p32, decay, lr * wd)
     denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, bc2)), eps)
     step_ = torch._foreach_div(torch._foreach_mul(torch._foreach_div(m, bc1), lr), denom)
     return torch._foreach_sub(p32, step_), m, v
+
+
+def _decayed(p32: list[torch.Tensor], decay: list[int], lr_wd: torch.Tensor) -> list[torch.Tensor]:
+    """``p32`` with the leaves at the indices ``decay`` multiplied by 1 - lr * wd (new tensors, one
+    foreach call); the others as they are."""
+    out = list(p32)
+    if decay:
+        for i, d in zip(decay, torch._foreach_mul([p32[i] for i in decay], 1 - lr_wd), strict=True):
+            out[i] = d
+    return out
 
 
 def adamw_update(
@@ -133,20 +140,13 @@ def adamw_update(
     e.g. the clipping factor; None: 1). Returns new params and moments."""
     keys = list(tree.flatten(params))  # the input's order: a compiled step guards on key order
     flat_p, flat_g, flat_m, flat_v = (tree.flatten(x) for x in (params, grads, opt["m"], opt["v"]))
-    g32 = [flat_g[k].float() for k in keys]
-    fused = _fusable(([flat_p[k] for k in keys], g32, [flat_m[k] for k in keys], [flat_v[k] for k in keys]))
+    stored, g32 = [flat_p[k] for k in keys], [flat_g[k].float() for k in keys]
+    m, v = [flat_m[k] for k in keys], [flat_v[k] for k in keys]
+    fused = _fusable((stored, g32, m, v))  # on the params as stored: bf16 ones take the foreach path
     if grad_scale is not None and not fused:
         g32 = torch._foreach_mul(g32, grad_scale)
-    args = (
-        [flat_p[k].float() for k in keys],
-        g32,
-        [flat_m[k] for k in keys],
-        [flat_v[k] for k in keys],
-        [i for i, k in enumerate(keys) if flat_p[k].ndim >= 2],  # matrices only
-        step,
-        hp,
-        cfg,
-    )
+    decay = [i for i, t in enumerate(stored) if t.ndim >= 2]  # matrices only
+    args = ([t.float() for t in stored], g32, m, v, decay, step, hp, cfg)
     p32, m, v = _adamw_fused(*args, grad_scale=grad_scale) if fused else _adamw_math(*args)
     new_p = {k: p.to(flat_p[k].dtype) for k, p in zip(keys, p32, strict=True)}
     new_m, new_v = dict(zip(keys, m, strict=True)), dict(zip(keys, v, strict=True))
@@ -186,11 +186,8 @@ def _adamw_fused(
     ``_adamw_math`` (e.g. ``lerp`` for the first moment): the results agree to float32 rounding, not
     bit for bit."""
     lr, wd = hp["lr"], hp["weight_decay"]
-    new_p, decayed = list(p32), set(decay)
-    if decay:  # the decayed copies serve as the decayed leaves' fresh buffers
-        for i, d in zip(decay, torch._foreach_mul([p32[i] for i in decay], 1 - lr * wd), strict=True):
-            new_p[i] = d
-    new_p = [t if i in decayed else t.clone() for i, t in enumerate(new_p)]
+    decayed = set(decay)  # the decayed copies serve as those leaves' fresh buffers; the rest are cloned
+    new_p = [t if i in decayed else t.clone() for i, t in enumerate(_decayed(p32, decay, lr * wd))]
     new_m, new_v = [t.clone() for t in m], [t.clone() for t in v]
     adam_step_(new_p, g32, new_m, new_v, step, lr, cfg, grad_scale)
     return new_p, new_m, new_v

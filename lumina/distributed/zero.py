@@ -14,24 +14,24 @@ Stages (``dist.strategy``): ``zero1`` partitions the optimizer state, ``zero2`` 
 also ``offload_param``) and steps them with ``DeepSpeedCPUAdam`` (its C++ kernel is JIT-built on
 first use, about 2 minutes).
 
-Numerics. DeepSpeed runs in fp32 (no ``bf16`` / ``fp16`` section): the module holds fp32 masters
-and the view casts them to the compute dtype inside the forward, exactly as the single-device step
-and the DDP / FSDP engines do, so ``train.precision`` fp32 / tf32 / bf16 / fp8 train as they do on
-one process. The optimizer is Lumina's AdamW (the fused kernel, ``lumina.optim.adam_step_``, in
-place on DeepSpeed's flat partitions: elementwise, so flattening changes no bit), with two parameter groups (matrices
-decayed, the rest not, as ``lumina.optim.adamw_update``), the learning rate, weight decay and clip
-norm read from ``hp`` every step, and the bias correction from the run's ``updates`` counter.
-DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by W, and
-``engine.backward(loss, scale_wrt_gas=False)`` keeps DeepSpeed from dividing it by the local
-accumulation count (the loss already divides by the global token count). What differs from
-Lumina's module-view step (``lumina.distributed.step``, itself a few ulps off the pure step: plain
-autograd vs torch.func): DeepSpeed sums the gradient norm in fp64 (Lumina: fp32) and clips with
-``g / ((norm + 1e-6) / clip)`` where Lumina multiplies by ``clip / (norm + 1e-6)``; with several
-local micro-batches the fp32 gradient sums run in another order;
-``DeepSpeedCPUAdam`` (offload) evaluates the same AdamW with its own rounding; and a step whose
-gradients are not finite is skipped by DeepSpeed (``metrics["skipped"]`` = 1; weights, moments,
-balance bias and ``updates`` unchanged; ``step`` and the RNG key advance) where the fp32
-single-process step applies it.
+Numerics. DeepSpeed runs in fp32 (no ``bf16`` / ``fp16`` section): the module holds fp32 masters and
+the view casts them to the compute dtype inside the forward, exactly as the single-device step and
+the DDP / FSDP engines do, so ``train.precision`` fp32 / tf32 / bf16 / fp8 train as they do on one
+process. The optimizer is Lumina's AdamW (the fused kernel, ``lumina.optim.adam_step_``, in place on
+DeepSpeed's flat partitions: elementwise, so flattening changes no bit but where an element falls in
+the kernel's vectorised body or its scalar tail, a last-bit difference in a second moment), with two
+parameter groups (matrices decayed, the rest not, as ``lumina.optim.adamw_update``), the learning
+rate, weight decay and clip norm read from ``hp`` every step, and the bias correction from the run's
+``updates`` counter. DeepSpeed averages gradients over ranks, so each rank's loss is multiplied by
+W, and ``engine.backward(loss, scale_wrt_gas=False)`` keeps DeepSpeed from dividing it by the local
+accumulation count (the loss already divides by the global token count). What differs from Lumina's
+module-view step (``lumina.distributed.step``, itself a few ulps off the pure step: plain autograd
+vs torch.func): DeepSpeed sums the gradient norm in fp64 (Lumina: fp32) and clips with
+``g / ((norm + 1e-6) / clip)`` where Lumina multiplies by ``clip / (norm + 1e-6)``; with several local
+micro-batches the fp32 gradient sums run in another order; ``DeepSpeedCPUAdam`` (offload) evaluates
+the same AdamW with its own rounding; and a step whose gradients are not finite is skipped by
+DeepSpeed (``metrics["skipped"]`` = 1; weights, moments, balance bias and ``updates`` unchanged;
+``step`` and the RNG key advance) where the fp32 single-process step applies it.
 
 The train state. ``state["params"]`` and ``state["opt"]["m" / "v"]`` hold, per leaf, this rank's
 part of DeepSpeed's fp32 master and moments: a 1-D view of the flat elements

@@ -36,7 +36,17 @@ import torch.nn.functional as F
 
 from lumina_kernels._autograd import apply as _apply
 
-__all__ = ["hits", "linear_cross_entropy", "plain_cross_entropy"]
+__all__ = ["hits", "linear_cross_entropy", "plain_cross_entropy", "token_nll"]
+
+
+def token_nll(
+    logits_CV: torch.Tensor, targets_C1: torch.Tensor, keep_C: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([C] each row's negative log-likelihood of its target, 0 where not kept; [C, V] the
+    log-probabilities). ``log_softmax`` is one fused kernel per row (max, sum of exp, write); a
+    logsumexp and a subtraction would each sweep the [C, V] chunk through memory again."""
+    logp_CV = torch.log_softmax(logits_CV, dim=-1)
+    return torch.where(keep_C, -logp_CV.gather(1, targets_C1)[:, 0], 0.0), logp_CV
 
 
 def hits(logits_CV: torch.Tensor, targets_C1: torch.Tensor, keep_C: torch.Tensor) -> torch.Tensor:
@@ -59,11 +69,9 @@ def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
         keep_C = t_C != ignore_index
         safe_C = torch.where(keep_C, t_C, torch.zeros_like(t_C))[:, None]  # ignored rows gather column 0
         correct = correct + hits(logits_CV, safe_C, keep_C).sum()
-        # log_softmax is one fused kernel per row (max, sum of exp, write); a logsumexp and a
-        # subtraction would each sweep the [C, V] chunk through memory again
-        logp_CV = torch.log_softmax(logits_CV, dim=-1)
+        nll_C, logp_CV = token_nll(logits_CV, safe_C, keep_C)
         del logits_CV
-        ce_sum = ce_sum - torch.where(keep_C, logp_CV.gather(1, safe_C)[:, 0], 0.0).sum()
+        ce_sum = ce_sum + nll_C.sum()
         if not grads:
             continue
         # in place on the chunk's log-probabilities (nothing else reads them now): one [C, V] buffer.
