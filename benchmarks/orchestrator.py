@@ -337,6 +337,64 @@ def summarise(rows: list[dict], steps: int, tol: float) -> str:
     return "\n".join(lines)
 
 
+def load_rows(path: Path, preset: str, steps: int, eval_every: int) -> list[dict]:
+    """The newest row of each (case, seed, arm) in the results CSV at this preset, step budget and
+    evaluation cadence, typed as ``one_run`` returns them (so cases run in separate invocations are
+    summarised together)."""
+    import csv
+
+    if not path.exists():
+        h.fail(f"{path}: no results yet; run the benchmark first")
+    newest: dict[tuple, dict] = {}
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            if (r["preset"], r["steps"], r["eval_every"]) != (preset, str(steps), str(eval_every)):
+                continue
+            if r["case"] not in CASES:
+                continue
+            r = dict(r, seed=int(r["seed"]), survived=r["survived"] == "True", decisions=int(r["decisions"]),
+                     snapshot_mb=float(r["snapshot_mb"] or 0),
+                     snapshot_ms_per_step=float(r["snapshot_ms_per_step"]),
+                     orch_cost_pct=float(r["orch_cost_pct"]) if r["orch_cost_pct"] else "")  # fmt: skip
+            newest[(r["case"], r["seed"], r["orchestrator"])] = r  # file order: the last one is the newest
+    return list(newest.values())
+
+
+def evidence(rows: list[dict]) -> str:
+    """Per action kind, over the paired seeds whose on-run took it at least once: how often the
+    on-run ended with a lower held-out loss than its off-run (or survived where the off-run failed).
+    A run that took several kinds counts for each (the paired runs cannot separate them)."""
+    on = {(r["case"], r["seed"]): r for r in rows if r["orchestrator"] == "on"}
+    off = {(r["case"], r["seed"]): r for r in rows if r["orchestrator"] == "off"}
+    stats: dict[str, list] = {}
+    for key in sorted(set(on) & set(off)):
+        a, b = on[key], off[key]
+        kinds = sorted(set(a["actions"].split())) if a["decisions"] else []  # else: the error text
+        if not kinds:
+            continue
+        if a["survived"] and not b["survived"]:
+            better, diff = True, None
+        elif a["final_eval"] != "" and b["final_eval"] != "":
+            diff = float(a["final_eval"]) - float(b["final_eval"])
+            better = diff < 0
+        else:
+            better, diff = False, None
+        for k in kinds:
+            stats.setdefault(k, []).append((key[0], better, diff))
+    head = ["action", "paired runs", "improved", "cases", "on − off (mean)", "Laplace (k+1)/(n+2)",
+            "Wilson 95 % lower"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, xs in sorted(stats.items(), key=lambda kv: -len(kv[1])):
+        n, good = len(xs), sum(b for _, b, _ in xs)
+        diffs = [d for _, _, d in xs if d is not None]
+        z, p = 1.959964, good / n  # Wilson's score interval, lower end
+        wilson = (p + z * z / (2 * n) - z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z**2 / n)
+        cases = ", ".join(sorted({c for c, _, _ in xs}))
+        mean = f"{statistics.mean(diffs):+.4f}" if diffs else "—"
+        lines.append(f"| {k} | {n} | {good} | {cases} | {mean} | {(good + 1) / (n + 2):.2f} | {wilson:.2f} |")
+    return "\n".join(lines)
+
+
 def registry_experiment(
     steps: int, seeds: list[int], past_lrs: list[float], starts: list[float]
 ) -> list[dict]:
@@ -383,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"smoke test: {QUICK['cases']}, seed {QUICK['seeds']}, {QUICK['steps']} steps, "
                          "nothing saved (explicit --cases/--seeds/--steps still apply)")  # fmt: skip
     ap.add_argument("--no-save", action="store_true", help="do not append to the results CSV")
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: summarise the results CSV (the newest row per case, seed and "
+                         "arm at --preset, --steps, --eval-every) and print the per-action evidence "
+                         "table")  # fmt: skip
     ap.add_argument("--registry", action="store_true",
                     help="instead: does applying the registry's suggestion help? (past runs, then new "
                          "runs at a good and a bad LR with and without the suggestion)")  # fmt: skip
@@ -406,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(cases) - set(CASES)
     if unknown:
         ap.error(f"unknown case(s) {sorted(unknown)}; known: {', '.join(CASES)}")
+    if args.report:
+        rows = [r for r in load_rows(RESULTS, args.preset, args.steps, args.eval_every) if r["case"] in cases]
+        print(summarise(rows, args.steps, args.tol))
+        print()
+        print(evidence(rows))
+        return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     at = max(1, round(args.at * args.steps))
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": h.commit(),

@@ -150,6 +150,37 @@ def test_orchestrator_bench_statistics():
     assert "lr_low: off-run final eval − clean off-run's" in table
 
 
+def test_orchestrator_bench_report(tmp_path):
+    """--report reads the CSV back: the newest row per (case, seed, arm) at the preset, budget and
+    cadence asked, typed; the evidence table credits each action kind of a pair with its outcome."""
+    ob = _orchestrator_bench()
+    meta = {"preset": "debug", "steps": 150, "eval_every": 10}
+    curve = [[0, 0.0, 10.8], [150, 80.0, 7.0]]
+
+    def row(case, seed, on, final, actions="", survived=True, **kw):
+        r = {**meta, **_row(case, seed, on, final, curve, survived=survived, decisions=len(actions.split()))}
+        return {**r, "actions": actions or ("out of memory" if not survived else ""), **kw}
+
+    rows = [row("lr_low", 0, True, 7.2, "lr_scale"), row("lr_low", 0, False, 7.1),
+            row("lr_low", 0, True, 6.3, "lr_scale lr_scale"),  # a rerun: the newest row wins
+            row("nan_grad", 0, True, 6.5, "rollback emergency_lr_cut"),
+            row("nan_grad", 0, False, "", survived=False),
+            row("clean", 0, True, 6.41, "micro_batch"), row("clean", 0, False, 6.40),
+            row("clean", 1, True, 6.0, "lr_scale", steps=60)]  # fmt: skip
+    path = tmp_path / "orchestrator_v2.csv"
+    ob.h.append_csv(path, rows)
+    got = ob.load_rows(path, "debug", 150, 10)
+    assert len(got) == 6 and all(isinstance(r["survived"], bool) and isinstance(r["seed"], int) for r in got)
+    assert next(r for r in got if r["case"] == "lr_low" and r["orchestrator"] == "on")["final_eval"] == "6.3"
+    table = ob.evidence(got).splitlines()
+    by_kind = {line.split(" | ")[0].strip("| "): line for line in table[2:]}
+    assert sorted(by_kind) == ["emergency_lr_cut", "lr_scale", "micro_batch", "rollback"]
+    assert "| lr_scale | 1 | 1 | lr_low | -0.8000 |" in by_kind["lr_scale"]  # 6.3 - 7.1
+    assert "| rollback | 1 | 1 | nan_grad | — |" in by_kind["rollback"]  # survived where off failed
+    assert "| micro_batch | 1 | 0 | clean | +0.0100 | 0.33 |" in by_kind["micro_batch"]
+    assert "| lr_low | misconfig | 0/1 |" in ob.summarise(got, 150, 0.005)  # reached 7.1 only at 150
+
+
 def test_orchestrator_bench_cases():
     """Each mis-configured case is the override it claims, relative to the preset."""
     ob = _orchestrator_bench()
