@@ -171,7 +171,7 @@ def one_run(
         "orchestrator": "on" if on else "off", "survived": survived,
         "final_eval": round(final, 5) if final is not None and math.isfinite(final) else "",
         "steps_run": len(train), "steps_lost": max(0, len(train) - steps) if survived else "",
-        "decisions": len(decisions), "actions": " ".join(d["action"] for d in decisions) or err[:80],
+        "decisions": len(decisions), "actions": " ".join(map(action_label, decisions)) or err[:80],
         "wall_s": round(wall, 1), "train_s": round(t_run, 2), "mean_step_s": round(step_s, 4),
         "tokens_per_s": round(statistics.median(tps), 1) if tps else "",
         "orch_ms_per_step": round(orch_ms, 3),
@@ -180,6 +180,17 @@ def one_run(
         "snapshot_mb": round(cfg.orchestrator.snapshot_ring * state_mb, 1) if on else 0,
         "eval_curve": json.dumps(curve, separators=(",", ":")),
     }  # fmt: skip
+
+
+def action_label(d: dict) -> str:
+    """A decision as the CSV's ``actions`` names it: the action, the knob for ``set_knob``, and ``+`` or
+    ``-`` where it moved a number up or down (``lr_scale+`` is a raise, ``lr_scale-`` a cut)."""
+    a = d.get("args", {})
+    label = d["action"] + (f":{a['name']}" if d["action"] == "set_knob" and "name" in a else "")
+    lo, hi = a.get("from"), a.get("to")
+    if isinstance(lo, int | float) and isinstance(hi, int | float) and lo != hi:
+        label += "+" if hi > lo else "-"
+    return label
 
 
 def eval_curve(recs: list[dict]) -> tuple[list[tuple[int, float, float]], float]:

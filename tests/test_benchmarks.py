@@ -179,6 +179,12 @@ def test_orchestrator_bench_report(tmp_path):
     assert "| rollback | 1 | 1 | nan_grad | — |" in by_kind["rollback"]  # survived where off failed
     assert "| micro_batch | 1 | 0 | clean | +0.0100 | 0.33 |" in by_kind["micro_batch"]
     assert "| lr_low | misconfig | 0/1 |" in ob.summarise(got, 150, 0.005)  # reached 7.1 only at 150
+    label = ob.action_label
+    assert label({"action": "lr_scale", "args": {"from": 1.0, "to": 2.0}}) == "lr_scale+"
+    assert label({"action": "lr_scale", "args": {"from": 1.0, "to": 0.5}}) == "lr_scale-"
+    knob = {"action": "set_knob", "args": {"name": "jitter", "from": 0.01, "to": 0.0}}
+    assert label(knob) == "set_knob:jitter-"
+    assert label({"action": "rollback", "args": {"to_step": 40, "skip_data": True}}) == "rollback"
 
 
 def test_orchestrator_bench_cases():
