@@ -388,6 +388,11 @@ class DistConfig:
         )
 
 
+# Confidence from evidence (OrchestratorConfig.evidence): per action label, "K/N" paired runs of
+# benchmarks/orchestrator.py in which the on-run took the action and ended better than its off-run.
+ACTION_EVIDENCE: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, kw_only=True)
 class OrchestratorConfig:
     """The adaptive orchestrator (``lumina.orchestrator``): every threshold it uses, with its default.
@@ -415,6 +420,15 @@ class OrchestratorConfig:
     # is multiplied by this, so they act at the evidence they did under conf_hard 0.7 (1/3 maps 0.7 to
     # 0.9: a grad norm 1.2x grad_abs has c 0.73 -> 0.91); 1: the raw statistic (logs before issue 18)
     hard_doubt_scale: float = 1 / 3
+    # confidence from evidence: "LABEL=K/N" entries (labels as lumina.orchestrator.action_label names
+    # decisions: lr_scale+ a raise, lr_scale- a cut, ...): of N paired benchmark runs whose on-run
+    # took that action, K ended with a lower held-out loss than the same seed with the orchestrator
+    # off (or survived where it failed). A candidate action so measured acts at the confidence
+    # min(its finding's, (K + 1) / (N + 2)), so an action that did not help is held back by the gate
+    # levels above; an action not in the table keeps its finding's confidence. () : findings alone
+    # (logs before issue 18's evidence table). The default is ACTION_EVIDENCE, measured by
+    # benchmarks/orchestrator.py (docs/orchestrator.md#confidence-from-evidence)
+    evidence: tuple[str, ...] = ACTION_EVIDENCE
     snapshot_every: int = 10  # steps between in-memory snapshots for rollback (healthy steps only)
     snapshot_ring: int = 3
     # where the ring's copies live (lumina.driver.rollback): in memory (on the state's device) while
@@ -582,6 +596,13 @@ class OrchestratorConfig:
         mb = self.memory_budget_mb
         _check(mb is None or mb > 0, f"memory_budget_mb must be > 0 or none, got {mb}")
         _within(self, "hard_doubt_scale", "(0, 1]")
+        for entry in self.evidence:
+            m = re.fullmatch(r"([a-z_]+(?::[a-z_]+)?[+-]?)=(\d+)/(\d+)", entry)
+            _check(
+                m is not None and 0 <= int(m[2]) <= int(m[3]) and int(m[3]) > 0,
+                f"evidence entry {entry!r}: expected ACTION=K/N with 0 <= K <= N, N >= 1 "
+                "(e.g. lr_scale+=5/5)",
+            )
         _check(
             4 <= self.lr_low_window <= self.window,
             f"lr_low_window must be in [4, window={self.window}], got {self.lr_low_window}",
@@ -600,6 +621,7 @@ class OrchestratorConfig:
 # orchestrator as it was before each existed: ``replay`` fills them in where a run's config.json lacks
 # them, so older logs replay bit for bit (a new run's config.json holds every field).
 ORCHESTRATOR_BEFORE: dict[str, Any] = {
+    "evidence": (),
     "hard_doubt_scale": 1.0,
     "lr_raise_factor": 1.0,
     "forecast_ease_rel": 0.0,
@@ -707,7 +729,7 @@ def _coerce(value: Any, tp: Any, *, from_cli: bool) -> Any:
             return tuple(s for s in (p.strip() for p in value.split(",")) if s)
         if isinstance(value, str):
             return (value,)
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise TypeError(f"expected {_describe(tp)}, got {value!r}")
     if from_cli:

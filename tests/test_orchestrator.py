@@ -740,3 +740,35 @@ def test_eval_every_and_lr_raise_actions(moe_setup):
     assert cfg2.train.eval_every == 25 and cfg.train.eval_every != 25
     _, hp2, cfg3 = apply_decisions([D("lr_scale", **{"from": 1.0, "to": 2.0})], state, hp, cfg)
     assert cfg3.train.lr_scale == 2.0 and hp2["lr"].item() == pytest.approx(2 * hp["lr"].item())
+
+
+def test_evidence_caps_an_actions_confidence_by_its_measured_record():
+    """OrchestratorConfig.evidence: an action measured to help in K of N paired benchmark runs acts at
+    min(its finding's confidence, (K + 1) / (N + 2)); below its level's threshold it is held back (the
+    finding is still recorded); labels tell a raise from a cut; critical actions (threshold 0) always
+    act; a malformed entry is one ConfigError line."""
+    from lumina.orchestrator import action_label
+
+    assert action_label("lr_scale", {"from": 1.0, "to": 2.0}) == "lr_scale+"
+    assert action_label("lr_scale", {"from": 1.0, "to": 0.5}) == "lr_scale-"
+    assert action_label("set_knob", {"name": "aux_loss_weight", "from": 0.01, "to": 0.02}) == (
+        "set_knob:aux_loss_weight+"
+    )
+    assert action_label("rollback", {"to_step": 8, "skip_data": False}) == "rollback"
+    series = steady_series(60, 0)
+    base = run_applied(series, dataclasses.replace(OCFG, evidence=()))[1]
+    assert [d.step for d in base] == [23, 48] and all(d.label == "lr_scale+" for d in base)
+    good = run_applied(series, dataclasses.replace(OCFG, evidence=("lr_scale+=5/5", "lr_scale-=0/5")))[1]
+    assert [(d.step, d.args) for d in good] == [(d.step, d.args) for d in base]
+    assert [d.confidence for d in good] == pytest.approx([min(b.confidence, 6 / 7) for b in base], abs=1e-6)
+    assert any(b.confidence > 6 / 7 for b in base)  # the cap bites
+    assert good[0].reason.endswith("; evidence: improved 5 of 5 benchmark runs")
+    s, held = run_applied(series, dataclasses.replace(OCFG, evidence=("lr_scale+=0/4",)))  # 1/6 < 0.7
+    assert held == [] and found(s, "lr_too_low") > 0 and found(s, "held_by_evidence") > 0
+    bad = clean_series(40, 0)
+    bad[29]["loss"] = float("nan")
+    (d,) = run(bad, dataclasses.replace(OCFG, evidence=("rollback=0/9",)))[1]
+    assert d.action == "rollback" and d.level == 4 and d.confidence == pytest.approx(1 / 11, abs=1e-6)
+    for entry in ("lr_scale+=6/5", "lr_scale+=1/0", "lr scale=1/2", "lr_scale+"):
+        with pytest.raises(ConfigError, match="evidence entry"):
+            OrchestratorConfig(evidence=(entry,))

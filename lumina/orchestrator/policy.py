@@ -20,6 +20,7 @@ newest healthy snapshot at or before that step (for divergence: at or before the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 from lumina.config import OrchestratorConfig
 from lumina.orchestrator import detect
 from lumina.orchestrator.detect import Finding
-from lumina.orchestrator.state import Decision, Observation, OrchestratorState
+from lumina.orchestrator.state import Decision, Observation, OrchestratorState, action_label
 
 __all__ = ["RESPONSES", "decide"]
 
@@ -50,6 +51,28 @@ _MAX_FORECASTS = 32
 
 def _threshold(level: int, cfg: OrchestratorConfig) -> float:
     return (cfg.conf_soft, cfg.conf_medium, cfg.conf_hard, cfg.conf_critical)[level - 1]
+
+
+@functools.cache
+def _evidence_table(entries: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """``OrchestratorConfig.evidence`` as {label: (K, N)} (the config checked the format)."""
+    out = {}
+    for entry in entries:
+        label, kn = entry.split("=")
+        k, n = kn.split("/")
+        out[label] = (int(k), int(n))
+    return out
+
+
+def _evidenced(conf: float, action: str, args: dict, cfg: OrchestratorConfig) -> tuple[float, str]:
+    """(confidence, reason suffix) of a candidate action: its finding's confidence, capped by the
+    action's record in the evidence table — (K + 1) / (N + 2), Laplace's estimate of how often it
+    helps — when it has one."""
+    rec = _evidence_table(cfg.evidence).get(action_label(action, args))
+    if rec is None:
+        return conf, ""
+    k, n = rec
+    return min(conf, (k + 1) / (n + 2)), f"; evidence: improved {k} of {n} benchmark runs"
 
 
 # ------------------------------------------------------------------------------- bookkeeping
@@ -413,6 +436,10 @@ def decide(
                 continue
             if action == "lr_scale" and args["to"] > args["from"] and trouble:
                 continue  # never raise the LR at an observation with trouble (it would also be cut)
+            conf, why = _evidenced(f.confidence, action, args, cfg)
+            if conf < _threshold(f.level, cfg):  # measured not to help often enough for its level
+                s.counters["held_by_evidence"] = s.counters.get("held_by_evidence", 0) + 1
+                continue
             if action == "rollback":  # recovery, not a change: no cooldown, but a cap of its own
                 if sum(1 for r in s.rollbacks if obs.step - r < cfg.window) >= cfg.max_rollbacks_per_window:
                     s.counters["suppressed"] = s.counters.get("suppressed", 0) + 1
@@ -427,7 +454,7 @@ def decide(
                     continue
                 recent.append(obs.step)
             decisions.append(Decision(step=obs.step, action=action, args=args, level=f.level,
-                                      confidence=round(f.confidence, 6), reason=f.reason))  # fmt: skip
+                                      confidence=round(conf, 6), reason=f.reason + why))  # fmt: skip
             taken.add(action)
             acted.add(f.kind)
             s.last_action[_cooldown_key(action, args)] = obs.step

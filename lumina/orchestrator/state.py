@@ -29,6 +29,7 @@ __all__ = [
     "Observation",
     "OrchestratorState",
     "Settings",
+    "action_label",
     "append_log",
     "init_state",
     "read_log",
@@ -159,6 +160,17 @@ class Observation:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
+def action_label(action: str, args: dict[str, Any]) -> str:
+    """What the evidence table (``OrchestratorConfig.evidence``) calls a decision: the action, the knob
+    for ``set_knob``, and ``+`` / ``-`` where it moves a number up / down (``lr_scale+`` is a raise,
+    ``lr_scale-`` a cut, ``set_knob:aux_loss_weight+``); actions without a direction by name alone."""
+    label = action + (f":{args['name']}" if action == "set_knob" and "name" in args else "")
+    lo, hi = args.get("from"), args.get("to")
+    if isinstance(lo, int | float) and isinstance(hi, int | float) and lo != hi:
+        label += "+" if hi > lo else "-"
+    return label
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Decision:
     """One action the orchestrator takes: ``args`` hold absolute targets (e.g. ``{"from": 1.0,
@@ -170,6 +182,10 @@ class Decision:
     level: int  # 1 soft, 2 medium, 3 hard, 4 critical
     confidence: float
     reason: str
+
+    @property
+    def label(self) -> str:
+        return action_label(self.action, self.args)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
