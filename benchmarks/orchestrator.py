@@ -3,6 +3,7 @@
     python -m benchmarks.orchestrator                          # every case x 5 seeds x on/off, debug
     python -m benchmarks.orchestrator --quick                  # smoke: lr_low + clean, 1 seed, 30 steps
     python -m benchmarks.orchestrator --cases lr_low,lr_high --seeds 0,1,2,3,4 --steps 150
+    python -m benchmarks.orchestrator --report                 # the tables from the CSV, no runs
 
 Each case trains ``--preset`` (default ``debug``: real Shakespeare text, CPU) for ``--steps`` steps
 twice per seed, identical except ``orchestrator.enabled``, and evaluates the held-out loss every
@@ -47,6 +48,15 @@ estimated ~100-120 s and the full benchmark (14 cases x 5 seeds x 2 runs = 140 r
 (``micro_batch`` runs are slower per step). Measured once, ``--quick`` (4 runs of 30 steps, eval every
 10) took 8 min 16 s wall, 115-129 s a run, on the same machine while a 2-worker test suite ran
 (load ~4, 3-4 s a step): on a busy machine expect ~4 x the estimate.
+
+Gate: on-runs use the evidence table as shipped (``--gate evidence``, default), or the findings'
+confidence alone (``--gate raw``: ``orchestrator.evidence`` empty) — the table is measured from raw
+runs, since an action the table holds back is never measured again. ``--arms on`` runs the on-runs
+only (an off-run does not depend on the gate; ``--report`` pairs them with the off-runs in the
+CSV). ``--report`` runs nothing: it prints the tables from the CSV (the newest row per case, seed,
+arm and gate), cases run in separate invocations together, and the per-action evidence table of
+the raw runs (``OrchestratorConfig.evidence``'s ``K/N``). Rows written before the gate existed
+carry ``gate`` raw: they ran without it.
 
 Rows go to ``benchmarks/results/orchestrator_v2.csv`` (``orchestrator.csv`` holds the rows of the
 earlier version, whose columns differ: no eval curve, no reach); ``--registry`` runs the registry
@@ -130,13 +140,15 @@ def case_overrides(case: str, preset: str, at: int) -> list[str]:
 
 def one_run(
     case: str, seed: int, on: bool, steps: int, at: int, root: Path, preset: str = "debug",
-    eval_every: int = 10,
+    eval_every: int = 10, gate: str = "evidence",
 ) -> dict:  # fmt: skip
     from lumina import loop, orchestrator, tree
     from lumina.configure import load_config
     from lumina.step import init_train_state
 
     overrides = case_overrides(case, preset, at)
+    if gate == "raw":  # the findings' confidence alone: what the evidence table is measured with
+        overrides.append("--orchestrator.evidence=")
     cfg = load_config(
         preset=preset,
         overrides=[f"--train.steps={steps}", f"--seed={seed}", f"--train.eval_every={eval_every}",
@@ -171,7 +183,8 @@ def one_run(
         "orchestrator": "on" if on else "off", "survived": survived,
         "final_eval": round(final, 5) if final is not None and math.isfinite(final) else "",
         "steps_run": len(train), "steps_lost": max(0, len(train) - steps) if survived else "",
-        "decisions": len(decisions), "actions": " ".join(map(action_label, decisions)) or err[:80],
+        "gate": gate, "decisions": len(decisions),
+        "actions": " ".join(orchestrator.action_label(d["action"], d["args"]) for d in decisions) or err[:80],
         "wall_s": round(wall, 1), "train_s": round(t_run, 2), "mean_step_s": round(step_s, 4),
         "tokens_per_s": round(statistics.median(tps), 1) if tps else "",
         "orch_ms_per_step": round(orch_ms, 3),
@@ -180,17 +193,6 @@ def one_run(
         "snapshot_mb": round(cfg.orchestrator.snapshot_ring * state_mb, 1) if on else 0,
         "eval_curve": json.dumps(curve, separators=(",", ":")),
     }  # fmt: skip
-
-
-def action_label(d: dict) -> str:
-    """A decision as the CSV's ``actions`` names it: the action, the knob for ``set_knob``, and ``+`` or
-    ``-`` where it moved a number up or down (``lr_scale+`` is a raise, ``lr_scale-`` a cut)."""
-    a = d.get("args", {})
-    label = d["action"] + (f":{a['name']}" if d["action"] == "set_knob" and "name" in a else "")
-    lo, hi = a.get("from"), a.get("to")
-    if isinstance(lo, int | float) and isinstance(hi, int | float) and lo != hi:
-        label += "+" if hi > lo else "-"
-    return label
 
 
 def eval_curve(recs: list[dict]) -> tuple[list[tuple[int, float, float]], float]:
@@ -348,10 +350,10 @@ def summarise(rows: list[dict], steps: int, tol: float) -> str:
     return "\n".join(lines)
 
 
-def load_rows(path: Path, preset: str, steps: int, eval_every: int) -> list[dict]:
+def load_rows(path: Path, preset: str, steps: int, eval_every: int, gate: str = "raw") -> list[dict]:
     """The newest row of each (case, seed, arm) in the results CSV at this preset, step budget and
     evaluation cadence, typed as ``one_run`` returns them (so cases run in separate invocations are
-    summarised together)."""
+    summarised together); on-runs of ``gate`` only (an off-run is the same under either)."""
     import csv
 
     if not path.exists():
@@ -361,7 +363,7 @@ def load_rows(path: Path, preset: str, steps: int, eval_every: int) -> list[dict
         for r in csv.DictReader(f):
             if (r["preset"], r["steps"], r["eval_every"]) != (preset, str(steps), str(eval_every)):
                 continue
-            if r["case"] not in CASES:
+            if r["case"] not in CASES or (r["orchestrator"] == "on" and r["gate"] != gate):
                 continue
             r = dict(r, seed=int(r["seed"]), survived=r["survived"] == "True", decisions=int(r["decisions"]),
                      snapshot_mb=float(r["snapshot_mb"] or 0),
@@ -452,6 +454,16 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"smoke test: {QUICK['cases']}, seed {QUICK['seeds']}, {QUICK['steps']} steps, "
                          "nothing saved (explicit --cases/--seeds/--steps still apply)")  # fmt: skip
     ap.add_argument("--no-save", action="store_true", help="do not append to the results CSV")
+    ap.add_argument(
+        "--gate",
+        choices=("evidence", "raw"),
+        default="evidence",
+        help="on-runs with the evidence table as shipped (default), or raw: the findings' "
+        "confidence alone (orchestrator.evidence empty), what the table is measured with",
+    )
+    ap.add_argument("--arms", default="on,off",
+                    help="which runs per seed (on: only the on-runs, paired by --report with off-runs "
+                         "already in the CSV: an off-run does not depend on the gate)")  # fmt: skip
     ap.add_argument("--report", action="store_true",
                     help="run nothing: summarise the results CSV (the newest row per case, seed and "
                          "arm at --preset, --steps, --eval-every) and print the per-action evidence "
@@ -480,12 +492,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown case(s) {sorted(unknown)}; known: {', '.join(CASES)}")
     if args.report:
-        rows = [r for r in load_rows(RESULTS, args.preset, args.steps, args.eval_every) if r["case"] in cases]
-        print(summarise(rows, args.steps, args.tol))
-        print()
-        print(evidence(rows))
+        for gate in ("raw", "evidence"):
+            rows = [r for r in load_rows(RESULTS, args.preset, args.steps, args.eval_every, gate)
+                    if r["case"] in cases]  # fmt: skip
+            if any(r["orchestrator"] == "on" for r in rows):
+                print(f"on-runs with gate={gate}:\n{summarise(rows, args.steps, args.tol)}\n")
+                if gate == "raw":
+                    print(f"evidence (gate=raw runs):\n{evidence(rows)}\n")
         return 0
     seeds = [int(s) for s in args.seeds.split(",")]
+    arms = [a for a in args.arms.split(",") if a]
+    if not arms or set(arms) - {"on", "off"} or len(set(arms)) < len(arms):
+        ap.error(f"--arms {args.arms!r}: expected on, off or on,off")
     at = max(1, round(args.at * args.steps))
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": h.commit(),
             "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -495,13 +513,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lumina-orch-bench-") as tmp:
         for case in cases:
             for seed in seeds:
-                for on in (True, False):
-                    r = one_run(case, seed, on, args.steps, at, Path(tmp), args.preset, args.eval_every)
+                for on in [arm == "on" for arm in arms]:
+                    r = one_run(
+                        case, seed, on, args.steps, at, Path(tmp), args.preset, args.eval_every, args.gate
+                    )
                     rows.append(r)
                     print(f"{case:16s} seed {seed} {r['orchestrator']:3s}: survived={r['survived']} "
                           f"eval={r['final_eval']} decisions={r['decisions']} [{r['actions']}] "
                           f"lost={r['steps_lost']} {r['wall_s']}s (train {r['train_s']}s)",
                           flush=True)  # fmt: skip
+                if len(arms) < 2:  # no pair in this invocation (--report pairs across them)
+                    continue
                 on_r, off_r = rows[-2], rows[-1]
                 frac, tfrac = reach(on_r, off_r, args.steps)
                 on_r["reach_steps"] = "" if frac is None else round(frac, 4)

@@ -114,7 +114,8 @@ def _orchestrator_bench():
 def _row(case, seed, on, final, curve, train_s=100.0, survived=True, decisions=0):
     return {"case": case, "seed": seed, "orchestrator": "on" if on else "off", "survived": survived,
             "final_eval": final, "eval_curve": json.dumps(curve), "train_s": train_s, "decisions": decisions,
-            "orch_cost_pct": 0.1, "snapshot_ms_per_step": 0.3, "snapshot_mb": 269.0}  # fmt: skip
+            "orch_cost_pct": 0.1, "snapshot_ms_per_step": 0.3, "snapshot_mb": 269.0,
+            "gate": "raw"}  # fmt: skip
 
 
 def test_orchestrator_bench_statistics():
@@ -166,7 +167,8 @@ def test_orchestrator_bench_report(tmp_path):
             row("nan_grad", 0, True, 6.5, "rollback emergency_lr_cut"),
             row("nan_grad", 0, False, "", survived=False),
             row("clean", 0, True, 6.41, "micro_batch"), row("clean", 0, False, 6.40),
-            row("clean", 1, True, 6.0, "lr_scale", steps=60)]  # fmt: skip
+            row("clean", 1, True, 6.0, "lr_scale", steps=60),  # another budget: left out
+            row("clean", 0, True, 6.38, "", gate="evidence")]  # fmt: skip
     path = tmp_path / "orchestrator_v2.csv"
     ob.h.append_csv(path, rows)
     got = ob.load_rows(path, "debug", 150, 10)
@@ -179,12 +181,11 @@ def test_orchestrator_bench_report(tmp_path):
     assert "| rollback | 1 | 1 | nan_grad | — |" in by_kind["rollback"]  # survived where off failed
     assert "| micro_batch | 1 | 0 | clean | +0.0100 | 0.33 |" in by_kind["micro_batch"]
     assert "| lr_low | misconfig | 0/1 |" in ob.summarise(got, 150, 0.005)  # reached 7.1 only at 150
-    label = ob.action_label
-    assert label({"action": "lr_scale", "args": {"from": 1.0, "to": 2.0}}) == "lr_scale+"
-    assert label({"action": "lr_scale", "args": {"from": 1.0, "to": 0.5}}) == "lr_scale-"
-    knob = {"action": "set_knob", "args": {"name": "jitter", "from": 0.01, "to": 0.0}}
-    assert label(knob) == "set_knob:jitter-"
-    assert label({"action": "rollback", "args": {"to_step": 40, "skip_data": True}}) == "rollback"
+    gated = ob.load_rows(path, "debug", 150, 10, gate="evidence")  # its on-runs, paired with the off-runs
+    assert sorted((r["case"], r["orchestrator"]) for r in gated) == [
+        ("clean", "off"), ("clean", "on"), ("lr_low", "off"), ("nan_grad", "off")]  # fmt: skip
+    clean = next(line for line in ob.summarise(gated, 150, 0.005).splitlines() if line.startswith("| clean "))
+    assert "| -0.0200 |" in clean  # the gated on-run 6.38 against the off-run 6.40
 
 
 def test_orchestrator_bench_cases():
