@@ -44,6 +44,7 @@ or attention sub-layers in the backward pass (``lumina.model.remat``).
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 
 import torch
@@ -356,7 +357,18 @@ class _Regions:
     which every layer of that kind reuses — its parameters are arguments, and same-shaped arguments
     pass the guards — so compile time does not grow with depth. The rest of the step (embedding,
     the LM head + loss, the micro-batch loop, autograd, clipping and the optimizer, whose eager
-    AdamW is one fused kernel per leaf: ``lumina.optim``) runs eagerly between them."""
+    AdamW is one fused kernel per leaf: ``lumina.optim``) runs eagerly between them.
+
+    Each kind is compiled as a function with a code object of its own. Dynamo keeps compiled
+    entries, and counts them against its recompile limit (8), per code object; a ``partial`` is
+    compiled through one shared wrapper. Each orchestrator decision that changes a shape or a step
+    constant (capacity factor, experts, micro-batch) builds a new step, so new regions: with one
+    code object for all, the entries of every kind and config so far piled up, and after four
+    capacity changes on the hybrid dynamo stopped compiling the layers (they ran eagerly, with a
+    warning). Now a dropped config's entries go with its functions. ``dynamic=False``: a new
+    config's constants are compiled as constants again — left to dynamo's automatic dynamic
+    shapes, the second capacity factor became a symbolic float that failed an assertion in the
+    MoE op's tracing (torch 2.13)."""
 
     def __init__(self, cfg: RunConfig, backend: str | Callable = "inductor"):
         self.cfg, self.backend = cfg, backend
@@ -366,11 +378,18 @@ class _Regions:
         fn = self._layers.get((moe, mod))
         if fn is None:
             m, t = self.cfg.model, self.cfg.train
-            kind = functools.partial(
-                layer_of_kind, cfg=m, moe=moe, mod=mod, train=True,
-                remat_mode=t.grad_checkpointing, fp8=t.precision == "fp8",
-            )  # fmt: skip
-            fn = self._layers[moe, mod] = torch.compile(kind, fullgraph=True, backend=self.backend)
+            remat, fp8_on = t.grad_checkpointing, t.precision == "fp8"
+
+            def kind(x_BTD, p, knobs, rope, positions, rng):
+                return layer_of_kind(x_BTD, p, knobs, rope, positions, rng, cfg=m, moe=moe, mod=mod,
+                                     train=True, remat_mode=remat, fp8=fp8_on)  # fmt: skip
+
+            own = types.FunctionType(
+                kind.__code__.replace(), kind.__globals__, "layer_of_kind", None, kind.__closure__
+            )
+            fn = self._layers[moe, mod] = torch.compile(
+                own, fullgraph=True, backend=self.backend, dynamic=False
+            )
         return fn
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -238,6 +239,36 @@ def test_regional_compile_one_graph_per_kind_of_layer_and_no_recompiles():
         state["knobs", "router_temperature"] = torch.tensor(1.0 + i)
         state, _ = train_step(state, batch(cfg, seed=i), hp, cfg=cfg, pad_id=PAD, regions=regions)
     assert len(graphs) == len(kinds)
+
+
+def test_regional_compile_survives_many_step_rebuilds():
+    """Each orchestrator decision that changes a step constant (here the capacity factor, as the
+    capacity_factor action does) builds a new step and new regions. Their compiled layers must not
+    pile up against dynamo's per-code-object recompile limit (8): with one shared code object the
+    hybrid's 2 kinds hit it at the 5th config and its layers fell back to eager (measured with the
+    limit at 8; here it is 1: with a shared code object the second kind's compile already exceeds
+    it). A second capacity factor compiles and trains (recompiled in one code object, the second one
+    had become a symbolic float that failed an assertion in the MoE op's tracing)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    # the limit lowered to 1 (compile each code object once): 2 configs show what 5 would at 8
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for i in range(2):
+            cfg = run_cfg(**CONFIGS["hybrid"], compile=True)
+            moe = dataclasses.replace(cfg.model.moe, capacity_factor=1.0 + 0.25 * i)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
+            kinds = {(m, d) for m, d in zip(cfg.model.moe_layers(), cfg.model.mod_layers(), strict=True)}
+            state, hp = init_train_state(cfg), default_hp(cfg.train)
+            regions = _Regions(cfg, backend=counting_backend)
+            _, m = train_step(state, batch(cfg), hp, cfg=cfg, pad_id=PAD, regions=regions)
+            assert torch.isfinite(m["loss"])
+            assert len(graphs) == (i + 1) * len(kinds)  # each config compiles each kind once
+    torch._dynamo.reset()
 
 
 @pytest.mark.slow  # a cold inductor compile of the step: ~150 s on 2 cores (aot_eager above: seconds)
