@@ -423,9 +423,10 @@ class OrchestratorConfig:
     # confidence from evidence: "LABEL=K/N" entries (labels as lumina.orchestrator.action_label names
     # decisions: lr_scale+ a raise, lr_scale- a cut, ...): of N paired benchmark runs whose on-run
     # took that action, K ended with a lower held-out loss than the same seed with the orchestrator
-    # off (or survived where it failed). A candidate action so measured acts at the confidence
-    # min(its finding's, (K + 1) / (N + 2)), so an action that did not help is held back by the gate
-    # levels above; an action not in the table keeps its finding's confidence. () : findings alone
+    # off (or survived where it failed). A soft or medium candidate action so measured acts at the
+    # confidence min(its finding's, (K + 1) / (N + 2)), so an action that did not help is held back
+    # by the gate levels above; hard and critical ones (answers to trouble too rare to measure) and
+    # actions not in the table keep their finding's confidence. () : findings alone
     # (logs before issue 18's evidence table). The default is ACTION_EVIDENCE, measured by
     # benchmarks/orchestrator.py (docs/orchestrator.md#confidence-from-evidence)
     evidence: tuple[str, ...] = ACTION_EVIDENCE

@@ -745,8 +745,8 @@ def test_eval_every_and_lr_raise_actions(moe_setup):
 def test_evidence_caps_an_actions_confidence_by_its_measured_record():
     """OrchestratorConfig.evidence: an action measured to help in K of N paired benchmark runs acts at
     min(its finding's confidence, (K + 1) / (N + 2)); below its level's threshold it is held back (the
-    finding is still recorded); labels tell a raise from a cut; critical actions (threshold 0) always
-    act; a malformed entry is one ConfigError line."""
+    finding is still recorded); labels tell a raise from a cut; hard and critical findings' actions
+    keep their finding's confidence; a malformed entry is one ConfigError line."""
     from lumina.orchestrator import action_label
 
     assert action_label("lr_scale", {"from": 1.0, "to": 2.0}) == "lr_scale+"
@@ -768,7 +768,11 @@ def test_evidence_caps_an_actions_confidence_by_its_measured_record():
     bad = clean_series(40, 0)
     bad[29]["loss"] = float("nan")
     (d,) = run(bad, dataclasses.replace(OCFG, evidence=("rollback=0/9",)))[1]
-    assert d.action == "rollback" and d.level == 4 and d.confidence == pytest.approx(1 / 11, abs=1e-6)
+    assert d.action == "rollback" and d.level == 4 and d.confidence == 1.0 and "evidence" not in d.reason
+    spike = clean_series(120, 3)
+    spike[79]["grad_norm"] = 120.0  # a hard finding (as in test_confidence_thresholds_gate_by_level)
+    (d,) = run(spike, dataclasses.replace(OCFG, evidence=("emergency_lr_cut-=0/9",)))[1]
+    assert d.action == "emergency_lr_cut" and d.level == 3 and d.confidence > OCFG.conf_hard
     for entry in ("lr_scale+=6/5", "lr_scale+=1/0", "lr scale=1/2", "lr_scale+"):
         with pytest.raises(ConfigError, match="evidence entry"):
             OrchestratorConfig(evidence=(entry,))

@@ -64,12 +64,15 @@ def _evidence_table(entries: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _evidenced(conf: float, action: str, args: dict, cfg: OrchestratorConfig) -> tuple[float, str]:
+def _evidenced(f: Finding, action: str, args: dict, cfg: OrchestratorConfig) -> tuple[float, str]:
     """(confidence, reason suffix) of a candidate action: its finding's confidence, capped by the
     action's record in the evidence table — (K + 1) / (N + 2), Laplace's estimate of how often it
-    helps — when it has one."""
+    helps — when it has one and the finding is soft or medium. Hard and critical findings answer
+    trouble (exploding gradients, divergence, non-finite values, OOM) that paired runs see too
+    rarely to measure, and holding their answer back would risk the run."""
     rec = _evidence_table(cfg.evidence).get(action_label(action, args))
-    if rec is None:
+    conf = f.confidence
+    if rec is None or f.level > 2:
         return conf, ""
     k, n = rec
     return min(conf, (k + 1) / (n + 2)), f"; evidence: improved {k} of {n} benchmark runs"
@@ -436,7 +439,7 @@ def decide(
                 continue
             if action == "lr_scale" and args["to"] > args["from"] and trouble:
                 continue  # never raise the LR at an observation with trouble (it would also be cut)
-            conf, why = _evidenced(f.confidence, action, args, cfg)
+            conf, why = _evidenced(f, action, args, cfg)
             if conf < _threshold(f.level, cfg):  # measured not to help often enough for its level
                 s.counters["held_by_evidence"] = s.counters.get("held_by_evidence", 0) + 1
                 continue
