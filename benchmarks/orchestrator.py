@@ -116,6 +116,9 @@ CASES: dict[str, Case] = {
 }
 QUICK = {"steps": 30, "seeds": "0", "cases": "lr_low,clean", "eval_every": 10}
 REACH_GOAL, SEED_SHARE_GOAL, COST_GOAL_PCT = 0.8, 0.8, 0.5
+# actions whose point is time or memory, not the loss (the step's arithmetic is the same): the
+# held-out loss cannot say whether they helped, so they get no evidence entry
+LOSS_NEUTRAL = frozenset({"eval_every", "micro_batch", "grad_checkpointing"})
 
 
 def case_overrides(case: str, preset: str, at: int) -> list[str]:
@@ -376,7 +379,8 @@ def load_rows(path: Path, preset: str, steps: int, eval_every: int, gate: str = 
 def evidence(rows: list[dict]) -> str:
     """Per action kind, over the paired seeds whose on-run took it at least once: how often the
     on-run ended with a lower held-out loss than its off-run (or survived where the off-run failed).
-    A run that took several kinds counts for each (the paired runs cannot separate them)."""
+    A run that took several kinds counts for each (the paired runs cannot separate them). Last line:
+    the table as ``OrchestratorConfig.evidence`` entries (labels with a direction, not loss-neutral)."""
     on = {(r["case"], r["seed"]): r for r in rows if r["orchestrator"] == "on"}
     off = {(r["case"], r["seed"]): r for r in rows if r["orchestrator"] == "off"}
     stats: dict[str, list] = {}
@@ -397,6 +401,7 @@ def evidence(rows: list[dict]) -> str:
     head = ["action", "paired runs", "improved", "cases", "on − off (mean)", "Laplace (k+1)/(n+2)",
             "Wilson 95 % lower"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    entries = []
     for k, xs in sorted(stats.items(), key=lambda kv: -len(kv[1])):
         n, good = len(xs), sum(b for _, b, _ in xs)
         diffs = [d for _, _, d in xs if d is not None]
@@ -404,7 +409,13 @@ def evidence(rows: list[dict]) -> str:
         wilson = (p + z * z / (2 * n) - z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z**2 / n)
         cases = ", ".join(sorted({c for c, _, _ in xs}))
         mean = f"{statistics.mean(diffs):+.4f}" if diffs else "—"
+        neutral = k.rstrip("+-") in LOSS_NEUTRAL
+        if neutral:
+            k += " (not meant to move the loss)"
+        elif k[-1] in "+-":  # rows from before the labels named a direction are left out of the entries
+            entries.append(f"{k}={good}/{n}")
         lines.append(f"| {k} | {n} | {good} | {cases} | {mean} | {(good + 1) / (n + 2):.2f} | {wilson:.2f} |")
+    lines.append(f"\nOrchestratorConfig.evidence entries: {tuple(entries)}")
     return "\n".join(lines)
 
 

@@ -163,7 +163,7 @@ def test_orchestrator_bench_report(tmp_path):
         return {**r, "actions": actions or ("out of memory" if not survived else ""), **kw}
 
     rows = [row("lr_low", 0, True, 7.2, "lr_scale"), row("lr_low", 0, False, 7.1),
-            row("lr_low", 0, True, 6.3, "lr_scale lr_scale"),  # a rerun: the newest row wins
+            row("lr_low", 0, True, 6.3, "lr_scale+ lr_scale+"),  # a rerun: the newest row wins
             row("nan_grad", 0, True, 6.5, "rollback emergency_lr_cut"),
             row("nan_grad", 0, False, "", survived=False),
             row("clean", 0, True, 6.41, "micro_batch"), row("clean", 0, False, 6.40),
@@ -175,11 +175,17 @@ def test_orchestrator_bench_report(tmp_path):
     assert len(got) == 6 and all(isinstance(r["survived"], bool) and isinstance(r["seed"], int) for r in got)
     assert next(r for r in got if r["case"] == "lr_low" and r["orchestrator"] == "on")["final_eval"] == "6.3"
     table = ob.evidence(got).splitlines()
-    by_kind = {line.split(" | ")[0].strip("| "): line for line in table[2:]}
-    assert sorted(by_kind) == ["emergency_lr_cut", "lr_scale", "micro_batch", "rollback"]
-    assert "| lr_scale | 1 | 1 | lr_low | -0.8000 |" in by_kind["lr_scale"]  # 6.3 - 7.1
+    by_kind = {
+        line.split(" | ")[0].strip("| ").split(" (")[0]: line for line in table[2:] if line.startswith("|")
+    }
+    assert sorted(by_kind) == ["emergency_lr_cut", "lr_scale+", "micro_batch", "rollback"]
+    assert table[-1] == "OrchestratorConfig.evidence entries: ('lr_scale+=1/1',)"  # a direction, the loss
+    assert "| lr_scale+ | 1 | 1 | lr_low | -0.8000 |" in by_kind["lr_scale+"]  # 6.3 - 7.1
     assert "| rollback | 1 | 1 | nan_grad | — |" in by_kind["rollback"]  # survived where off failed
-    assert "| micro_batch | 1 | 0 | clean | +0.0100 | 0.33 |" in by_kind["micro_batch"]
+    assert (
+        "| micro_batch (not meant to move the loss) | 1 | 0 | clean | +0.0100 | 0.33 |"
+        in by_kind["micro_batch"]
+    )
     assert "| lr_low | misconfig | 0/1 |" in ob.summarise(got, 150, 0.005)  # reached 7.1 only at 150
     gated = ob.load_rows(path, "debug", 150, 10, gate="evidence")  # its on-runs, paired with the off-runs
     assert sorted((r["case"], r["orchestrator"]) for r in gated) == [
