@@ -21,7 +21,8 @@ from lumina.orchestrator.policy import CHRONIC, RESPONSES
 from lumina.orchestrator.state import OrchestratorState, Settings
 from lumina.step import init_train_state, make_train_step
 
-OCFG = OrchestratorConfig()
+# the detectors and responses on their own: the evidence table's gate has a test of its own
+OCFG = OrchestratorConfig(evidence=())
 DENSE = {"lr_scale": 1.0, "weight_decay": 0.1, "micro_batch_size": 8, "batch_size": 8,
          "grad_checkpointing": "none", "num_experts": 0, "top_k": 0, "balance": None,
          "capacity_factor": None, "mod_capacity": None, "mode": "base_only", "interleave_ratio": 0.5,
@@ -773,6 +774,27 @@ def test_evidence_caps_an_actions_confidence_by_its_measured_record():
     spike[79]["grad_norm"] = 120.0  # a hard finding (as in test_confidence_thresholds_gate_by_level)
     (d,) = run(spike, dataclasses.replace(OCFG, evidence=("emergency_lr_cut-=0/9",)))[1]
     assert d.action == "emergency_lr_cut" and d.level == 3 and d.confidence > OCFG.conf_hard
+    # the shipped table (ACTION_EVIDENCE): lowering the MoD capacity of a run whose routed blocks
+    # look unused did not help in most measured runs, so the default holds it back
+    from lumina.config import ACTION_EVIDENCE
+
+    shipped = OrchestratorConfig(slack_patience=10)
+    assert shipped.evidence == ACTION_EVIDENCE and any(
+        e.startswith("mod_capacity-=") for e in ACTION_EVIDENCE
+    )
+    k, n = next(
+        map(int, e.split("=")[1].split("/")) for e in ACTION_EVIDENCE if e.startswith("mod_capacity-=")
+    )
+    low = {
+        "settings": DENSE | {"mod_capacity": 0.25},
+        "mod_weight": [0.05, 0.02],
+        "mod_score_std": [4.0, 9.0],
+    }
+    s, decisions = run(clean_series(60, 10), shipped, **low)
+    if (k + 1) / (n + 2) < shipped.conf_soft:
+        assert decisions == [] and found(s, "mod_underused") == 40 and found(s, "held_by_evidence") > 0
+    else:
+        assert [d.action for d in decisions] == ["mod_capacity", "mod_capacity"]
     for entry in ("lr_scale+=6/5", "lr_scale+=1/0", "lr scale=1/2", "lr_scale+"):
         with pytest.raises(ConfigError, match="evidence entry"):
             OrchestratorConfig(evidence=(entry,))

@@ -23,6 +23,9 @@ from lumina.run import main
 from lumina.step import init_train_state
 
 SNAP = ["--orchestrator.snapshot_every=2", "--train.eval_batches=0"]  # (no evals: faster)
+# the findings' confidence alone, no evidence table (a test of a detector's action on a real run;
+# the table's gate: tests/test_orchestrator.py)
+RAW = ["--orchestrator.evidence="]
 
 
 def decisions(run_dir):
@@ -312,7 +315,7 @@ def test_spare_expert_and_mod_capacity_are_lowered_on_a_real_run(tmp_path):
     cfg = load_config(overrides=["--train.steps=8", f"--run_dir={tmp_path}", *TINY, *SNAP,
                                  "--model.moe.capacity_factor=4", "--orchestrator.warmup=2",
                                  "--orchestrator.slack_patience=3", "--orchestrator.mod_high=1",
-                                 "--orchestrator.mod_low=0.99"])  # fmt: skip
+                                 "--orchestrator.mod_low=0.99", *RAW])  # fmt: skip
     run = loop.train(cfg).run_dir
     ds = [(d["step"], d["action"], d["args"]) for d in decisions(run)]
     assert ds == [(5, "capacity_factor", {"from": 4.0, "to": 3.2}),
@@ -371,7 +374,7 @@ def test_near_convergence_eases_the_lr_and_evaluates_every_step_on_a_real_run(tm
     cfg = load_config(overrides=["--train.steps=12", f"--run_dir={tmp_path}", *TINY,
                                  "--orchestrator.warmup=2", "--orchestrator.forecast_every=5",
                                  "--orchestrator.forecast_ease_rel=0.99", "--orchestrator.lr_raise_factor=1",
-                                 "--orchestrator.forecast_min_fall=0"])  # fmt: skip
+                                 "--orchestrator.forecast_min_fall=0", *RAW])  # fmt: skip
     run = loop.train(cfg).run_dir
     ds = decisions(run)
     assert [(d["step"], d["action"], d["args"], d["level"]) for d in ds] == [
