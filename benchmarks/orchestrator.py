@@ -528,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = one_run(
                         case, seed, on, args.steps, at, Path(tmp), args.preset, args.eval_every, args.gate
                     )
+                    r["reach_steps"] = r["reach_time"] = ""  # the on-run's, below, once its pair ran
                     rows.append(r)
                     print(f"{case:16s} seed {seed} {r['orchestrator']:3s}: survived={r['survived']} "
                           f"eval={r['final_eval']} decisions={r['decisions']} [{r['actions']}] "
@@ -539,7 +540,6 @@ def main(argv: list[str] | None = None) -> int:
                 frac, tfrac = reach(on_r, off_r, args.steps)
                 on_r["reach_steps"] = "" if frac is None else round(frac, 4)
                 on_r["reach_time"] = "" if tfrac is None else round(tfrac, 4)
-                off_r["reach_steps"] = off_r["reach_time"] = ""
     if not args.no_save:
         h.append_csv(RESULTS, [{**meta, **r} for r in rows])
     print()

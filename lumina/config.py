@@ -393,8 +393,8 @@ class DistConfig:
 # (``--report`` prints these entries; docs/orchestrator.md#confidence-from-evidence has the table,
 # the cases and the machine). Measured on ``debug``, 150 steps, raw gate.
 ACTION_EVIDENCE: tuple[str, ...] = (
-    "mod_capacity-=2/5", "set_knob:aux_loss_weight+=1/5", "capacity_factor+=4/5", "capacity_factor-=4/5",
-    "emergency_lr_cut-=0/3", "mod_capacity+=1/3", "lr_scale-=0/2", "set_knob:expert_dropout+=1/2",
+    "mod_capacity-=8/12", "set_knob:aux_loss_weight+=1/5", "capacity_factor+=4/5", "capacity_factor-=4/5",
+    "mod_capacity+=2/4", "emergency_lr_cut-=0/3", "lr_scale-=0/2", "set_knob:expert_dropout+=1/2",
     "set_knob:router_temperature+=0/1",
 )  # fmt: skip
 
