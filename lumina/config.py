@@ -34,6 +34,7 @@ __all__ = [
     "OrchestratorConfig",
     "RunConfig",
     "TrainConfig",
+    "evidence_record",
     "from_dict",
     "to_dict",
 ]
@@ -399,6 +400,17 @@ ACTION_EVIDENCE: tuple[str, ...] = (
 )  # fmt: skip
 
 
+def evidence_record(entry: str) -> tuple[str, int, int]:
+    """(label, K, N) of an ``OrchestratorConfig.evidence`` entry ``LABEL=K/N``; ConfigError when it is
+    not one."""
+    m = re.fullmatch(r"([a-z_]+(?::[a-z_]+)?[+-]?)=(\d+)/(\d+)", entry)
+    _check(
+        m is not None and 0 <= int(m[2]) <= int(m[3]) and int(m[3]) > 0,
+        f"evidence entry {entry!r}: expected ACTION=K/N with 0 <= K <= N, N >= 1 (e.g. lr_scale+=5/5)",
+    )
+    return m[1], int(m[2]), int(m[3])
+
+
 @dataclass(frozen=True, kw_only=True)
 class OrchestratorConfig:
     """The adaptive orchestrator (``lumina.orchestrator``): every threshold it uses, with its default.
@@ -604,12 +616,7 @@ class OrchestratorConfig:
         _check(mb is None or mb > 0, f"memory_budget_mb must be > 0 or none, got {mb}")
         _within(self, "hard_doubt_scale", "(0, 1]")
         for entry in self.evidence:
-            m = re.fullmatch(r"([a-z_]+(?::[a-z_]+)?[+-]?)=(\d+)/(\d+)", entry)
-            _check(
-                m is not None and 0 <= int(m[2]) <= int(m[3]) and int(m[3]) > 0,
-                f"evidence entry {entry!r}: expected ACTION=K/N with 0 <= K <= N, N >= 1 "
-                "(e.g. lr_scale+=5/5)",
-            )
+            evidence_record(entry)
         _check(
             4 <= self.lr_low_window <= self.window,
             f"lr_low_window must be in [4, window={self.window}], got {self.lr_low_window}",

@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from lumina.config import OrchestratorConfig
+from lumina.config import OrchestratorConfig, evidence_record
 from lumina.orchestrator import detect
 from lumina.orchestrator.detect import Finding
 from lumina.orchestrator.state import Decision, Observation, OrchestratorState, action_label
@@ -55,13 +55,8 @@ def _threshold(level: int, cfg: OrchestratorConfig) -> float:
 
 @functools.cache
 def _evidence_table(entries: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    """``OrchestratorConfig.evidence`` as {label: (K, N)} (the config checked the format)."""
-    out = {}
-    for entry in entries:
-        label, kn = entry.split("=")
-        k, n = kn.split("/")
-        out[label] = (int(k), int(n))
-    return out
+    """``OrchestratorConfig.evidence`` as {label: (K, N)}."""
+    return {label: (k, n) for label, k, n in map(evidence_record, entries)}
 
 
 def _evidenced(f: Finding, action: str, args: dict, cfg: OrchestratorConfig) -> tuple[float, str]:
@@ -70,12 +65,11 @@ def _evidenced(f: Finding, action: str, args: dict, cfg: OrchestratorConfig) -> 
     helps — when it has one and the finding is soft or medium. Hard and critical findings answer
     trouble (exploding gradients, divergence, non-finite values, OOM) that paired runs see too
     rarely to measure, and holding their answer back would risk the run."""
-    rec = _evidence_table(cfg.evidence).get(action_label(action, args))
-    conf = f.confidence
-    if rec is None or f.level > 2:
-        return conf, ""
+    rec = _evidence_table(cfg.evidence).get(action_label(action, args)) if f.level <= 2 else None
+    if rec is None:
+        return f.confidence, ""
     k, n = rec
-    return min(conf, (k + 1) / (n + 2)), f"; evidence: improved {k} of {n} benchmark runs"
+    return min(f.confidence, (k + 1) / (n + 2)), f"; evidence: improved {k} of {n} benchmark runs"
 
 
 # ------------------------------------------------------------------------------- bookkeeping
