@@ -179,6 +179,11 @@ def stamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
 
 
+def markdown_head(head: list[str]) -> list[str]:
+    """The header row and rule of a Markdown table with these columns."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
 def append_csv(path: Path, rows: list[dict]) -> None:
     """Append rows (header first in a new file). A file with other columns is refused rather than
     mixed with: move it aside."""

@@ -138,7 +138,7 @@ def main() -> None:
               "cpus": os.cpu_count(), "torch": torch.__version__}  # fmt: skip
     head = ["preset", "strategy", "ranks", "tokens/s", "vs one process", "peak MB / rank", "state MB / rank",
             "state vs one"]  # fmt: skip
-    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    print("\n" + "\n".join(h.markdown_head(head)))
     for r in rows:
         cells = [r["preset"], r["strategy"], r["world"], f"{r['tokens_per_s']:.0f}", f"{r['vs_one']:.2f}x",
                  f"{r['peak_mb_per_rank']:.0f}", f"{r['state_mb_per_rank']:.0f}",

@@ -300,7 +300,7 @@ def summarise(rows: list[dict], steps: int, tol: float) -> str:
     head = ["case", "kind", "reach ≤ 0.8 (seeds)", "reach (median)", "final eval on (95 % CI)",
             "off (95 % CI)", "on − off (paired 95 % CI)", "survived on / off", "decisions / run",
             "orch cost % step", "goal"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = h.markdown_head(head)
     clean_off = {r["seed"]: float(r["final_eval"]) for r in rows if r["case"] == "clean"
                  and r["orchestrator"] == "off" and r["final_eval"] != ""}  # fmt: skip
     notes = []
@@ -400,7 +400,7 @@ def evidence(rows: list[dict]) -> str:
             stats.setdefault(k, []).append((key[0], better, diff))
     head = ["action", "paired runs", "improved", "cases", "on − off (mean)", "Laplace (k+1)/(n+2)",
             "Wilson 95 % lower"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = h.markdown_head(head)
     entries = []
     for k, xs in sorted(stats.items(), key=lambda kv: -len(kv[1])):
         n, good = len(xs), sum(b for _, b, _ in xs)
