@@ -515,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a for a in args.arms.split(",") if a]
     if not arms or set(arms) - {"on", "off"} or len(set(arms)) < len(arms):
         ap.error(f"--arms {args.arms!r}: expected on, off or on,off")
+    arms = [a for a in ("on", "off") if a in arms]  # the pairing below reads (on, off) in this order
     at = max(1, round(args.at * args.steps))
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": h.commit(),
             "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
