@@ -471,6 +471,11 @@ class OrchestratorConfig:
     grad_rel: float = 10.0
     grad_persist: int = 3  # ...for this many observations in a row (relative test only)
     emergency_lr_factor: float = 0.1
+    # a gradient explosion's cut never takes the LR scale below this (one x0.1 cut from the configured
+    # LR; non-finite recovery may go lower). On debug at LR x10 (benchmarks/orchestrator.py lr_high,
+    # seeds 1 and 4) the grad norm passed 100 again at 0.1x and 0.01x the LR: cuts compounded to
+    # 0.001x and the runs ended 0.38-0.42 above the off-runs. 0: no floor (logs before this field)
+    emergency_lr_floor: float = 0.1
     soft_lr_factor: float = 0.5
     min_lr_scale: float = 1e-3  # the LR multiplier never goes below this
     # LR too low: over the last lr_low_window observations at the current LR scale (past the LR
@@ -605,6 +610,7 @@ class OrchestratorConfig:
             f"({self.max_capacity_factor})",
         )
         _within(self, "emergency_lr_factor", "(0, 1)")  # an emergency cut must cut
+        _within(self, "emergency_lr_floor", "[0, 1]")
         _within(self, "soft_lr_factor", "(0, 1)")
         _check(self.min_experts >= 2, f"min_experts must be >= 2, got {self.min_experts}")
         _check(
@@ -639,6 +645,7 @@ ORCHESTRATOR_BEFORE: dict[str, Any] = {
     "hard_doubt_scale": 1.0,
     "lr_raise_factor": 1.0,
     "forecast_ease_rel": 0.0,
+    "emergency_lr_floor": 0.0,
 }
 
 

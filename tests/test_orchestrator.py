@@ -133,6 +133,30 @@ def test_grad_explosion_absolute_and_persistent_relative():
     assert [(d.action, d.step) for d in decisions] == [("emergency_lr_cut", 82)]
 
 
+def test_grad_explosion_cuts_stop_at_the_floor_and_nonfinite_recovery_does_not():
+    """Explosions that go on after a x0.1 cut are not the LR's doing: no second cut below
+    emergency_lr_floor; a non-finite loss still rolls back and, recurring, cuts below it."""
+    series = clean_series(200, 3)
+    for i in (79, 119, 159):  # three explosions, each past the cooldown of the one before
+        series[i]["grad_norm"] = 500.0
+    cuts = [(d.step, d.args) for d in run_applied(series)[1]]  # (run_applied: below)
+    assert cuts == [(80, {"from": 1.0, "to": 0.1})]
+    no_floor = dataclasses.replace(OCFG, emergency_lr_floor=0.0)  # as before the floor: they compound
+    assert [(d.step, d.args["to"]) for d in run_applied(series, no_floor)[1]] == [
+        (80, 0.1), (120, pytest.approx(0.01)), (160, pytest.approx(0.001))]  # fmt: skip
+    # from a raised scale the cut may land above the floor, and a second one stops at it
+    decisions = run_applied(series, settings=DENSE | {"lr_scale": 4.0})[1]
+    assert [d.args for d in decisions] == [
+        {"from": 4.0, "to": pytest.approx(0.4)}, {"from": pytest.approx(0.4), "to": 0.1}]  # fmt: skip
+    # non-finite twice within the window at the floor: rollback, then rollback + a cut below it
+    bad = clean_series(120, 3)
+    for i in (80, 90):
+        bad[i]["loss"] = float("nan")
+    decisions = run_applied(bad, settings=DENSE | {"lr_scale": 0.1})[1]
+    assert [(d.action, d.args.get("to")) for d in decisions if d.action != "rollback"] == [
+        ("emergency_lr_cut", pytest.approx(0.01))]  # fmt: skip
+
+
 def test_divergence_rolls_back_before_the_minimum():
     series = clean_series(200, 4)
     for i in range(120, 200):

@@ -162,9 +162,11 @@ def _clamp(x: float, lo: float, hi: float) -> float:
     return min(hi, max(lo, x))
 
 
-def _lr(obs: Observation, factor: float, cfg: OrchestratorConfig) -> dict[str, Any] | None:
+def _lr(
+    obs: Observation, factor: float, cfg: OrchestratorConfig, floor: float = 0.0
+) -> dict[str, Any] | None:
     old = obs.settings.lr_scale
-    new = max(cfg.min_lr_scale, old * factor)
+    new = max(cfg.min_lr_scale, floor, old * factor)
     return {"from": old, "to": new} if new < old else None
 
 
@@ -236,7 +238,9 @@ def _checkpoint(f, s, obs, cfg) -> Candidates:
 
 
 def _emergency_lr(f, s, obs, cfg) -> Candidates:
-    return [("emergency_lr_cut", _lr(obs, cfg.emergency_lr_factor, cfg))]
+    """Cut the LR, but not below ``emergency_lr_floor``: a gradient that still explodes there is
+    not the LR's doing (a non-finite loss is answered by ``_recover``, which has no floor)."""
+    return [("emergency_lr_cut", _lr(obs, cfg.emergency_lr_factor, cfg, cfg.emergency_lr_floor))]
 
 
 def _soft_lr(f, s, obs, cfg) -> Candidates:
