@@ -327,6 +327,47 @@ def test_spare_expert_and_mod_capacity_are_lowered_on_a_real_run(tmp_path):
     assert replay(run).identical
 
 
+def test_the_shipped_evidence_table_holds_the_mod_capacity_cut_on_a_real_run(tmp_path):
+    """The run above with the shipped evidence table: the capacity-factor cut (measured 4/5:
+    confidence 5/7 >= soft 0.7) still acts, the MoD capacity cut (8/12: 9/14 < 0.7) is held and
+    counted. What-if with the table off gives both decisions back."""
+    cfg = load_config(overrides=["--train.steps=8", f"--run_dir={tmp_path}", *TINY, *SNAP,
+                                 "--model.moe.capacity_factor=4", "--orchestrator.warmup=2",
+                                 "--orchestrator.slack_patience=3", "--orchestrator.mod_high=1",
+                                 "--orchestrator.mod_low=0.99"])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    ds = decisions(run)
+    assert [(d["step"], d["action"], d["args"], d["confidence"]) for d in ds] == [
+        (5, "capacity_factor", {"from": 4.0, "to": 3.2}, pytest.approx(5 / 7, abs=1e-6))]  # fmt: skip
+    assert ds[0]["reason"].endswith("; evidence: improved 4 of 5 benchmark runs")
+    assert replay(run).identical
+    s = orchestrator.init_state(0)
+    for o in orchestrator.read_log(run / orchestrator.OBSERVATIONS_FILE):
+        s, _ = orchestrator.decide(s, orchestrator.Observation.from_dict(o), cfg.orchestrator)
+    assert s.counters["held_by_evidence"] >= 1 and s.counters["action:capacity_factor"] == 1
+    off = replay(run, ["orchestrator.evidence="])
+    assert [(d["step"], d["action"]) for d in off.derived] == [(5, "capacity_factor"), (5, "mod_capacity")]
+
+
+def test_gradient_explosions_cut_the_lr_once_on_a_real_run(tmp_path):
+    """With grad_abs far below any real gradient norm every step is an explosion: the first cuts the
+    LR x0.1, to the floor, and none after it does. The run trains on at 0.1 x the LR. What-if with
+    the floor at 0 (as before it existed): the logged observations, at 0.1 from step 2, get a cut
+    below it at steps 2 and 3, until the change cap (3 per window)."""
+    cfg = load_config(overrides=["--train.steps=6", f"--run_dir={tmp_path}", *TINY, *SNAP,
+                                 "--orchestrator.grad_abs=1e-6", "--orchestrator.cooldown=0"])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    ds = decisions(run)
+    assert [(d["step"], d["action"], d["args"], d["level"]) for d in ds] == [
+        (1, "emergency_lr_cut", {"from": 1.0, "to": 0.1}, 3)]  # fmt: skip
+    train = records(run, "train")
+    assert [r["lr"] for r in train][1:] == pytest.approx([0.1 * lr_at(k, cfg.train) for k in range(1, 6)])
+    assert replay(run).identical
+    before = replay(run, ["orchestrator.emergency_lr_floor=0"])
+    assert [(d["step"], d["args"]["to"]) for d in before.derived] == [
+        (1, 0.1), (2, pytest.approx(0.01)), (3, pytest.approx(0.01))]  # fmt: skip
+
+
 def test_a_too_low_lr_is_raised_on_a_real_run_and_a_rollback_stops_further_raises(tmp_path):
     """A 10x too low LR (3e-4 for this model; its 4 x 32-token batches are too noisy for the default
     thresholds, so the test loosens them: any falling 4-observation fit counts) is raised x2 from the
