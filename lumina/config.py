@@ -476,6 +476,9 @@ class OrchestratorConfig:
     # seeds 1 and 4) the grad norm passed 100 again at 0.1x and 0.01x the LR: cuts compounded to
     # 0.001x and the runs ended 0.38-0.42 above the off-runs. 0: no floor (logs before this field)
     emergency_lr_floor: float = 0.1
+    # observations without trouble after a gradient-explosion cut before the LR scale it cut comes
+    # back (once a run; a cut after that stays). 0: never (logs before this field)
+    emergency_recover: int = 20
     soft_lr_factor: float = 0.5
     min_lr_scale: float = 1e-3  # the LR multiplier never goes below this
     # LR too low: over the last lr_low_window observations at the current LR scale (past the LR
@@ -611,6 +614,7 @@ class OrchestratorConfig:
         )
         _within(self, "emergency_lr_factor", "(0, 1)")  # an emergency cut must cut
         _within(self, "emergency_lr_floor", "[0, 1]")
+        _non_negative(self, "emergency_recover")
         _within(self, "soft_lr_factor", "(0, 1)")
         _check(self.min_experts >= 2, f"min_experts must be >= 2, got {self.min_experts}")
         _check(
@@ -646,6 +650,7 @@ ORCHESTRATOR_BEFORE: dict[str, Any] = {
     "lr_raise_factor": 1.0,
     "forecast_ease_rel": 0.0,
     "emergency_lr_floor": 0.0,
+    "emergency_recover": 0,
 }
 
 

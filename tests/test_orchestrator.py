@@ -139,13 +139,14 @@ def test_grad_explosion_cuts_stop_at_the_floor_and_nonfinite_recovery_does_not()
     series = clean_series(200, 3)
     for i in (79, 119, 159):  # three explosions, each past the cooldown of the one before
         series[i]["grad_norm"] = 500.0
-    cuts = [(d.step, d.args) for d in run_applied(series)[1]]  # (run_applied: below)
+    stays = dataclasses.replace(OCFG, emergency_recover=0)  # (a cut is not undone: the test below)
+    cuts = [(d.step, d.args) for d in run_applied(series, stays)[1]]  # (run_applied: below)
     assert cuts == [(80, {"from": 1.0, "to": 0.1})]
-    no_floor = dataclasses.replace(OCFG, emergency_lr_floor=0.0)  # as before the floor: they compound
+    no_floor = dataclasses.replace(stays, emergency_lr_floor=0.0)  # as before the floor: they compound
     assert [(d.step, d.args["to"]) for d in run_applied(series, no_floor)[1]] == [
         (80, 0.1), (120, pytest.approx(0.01)), (160, pytest.approx(0.001))]  # fmt: skip
     # from a raised scale the cut may land above the floor, and a second one stops at it
-    decisions = run_applied(series, settings=DENSE | {"lr_scale": 4.0})[1]
+    decisions = run_applied(series, stays, settings=DENSE | {"lr_scale": 4.0})[1]
     assert [d.args for d in decisions] == [
         {"from": 4.0, "to": pytest.approx(0.4)}, {"from": pytest.approx(0.4), "to": 0.1}]  # fmt: skip
     # non-finite twice within the window at the floor: rollback, then rollback + a cut below it
@@ -155,6 +156,34 @@ def test_grad_explosion_cuts_stop_at_the_floor_and_nonfinite_recovery_does_not()
     decisions = run_applied(bad, settings=DENSE | {"lr_scale": 0.1})[1]
     assert [(d.action, d.args.get("to")) for d in decisions if d.action != "rollback"] == [
         ("emergency_lr_cut", pytest.approx(0.01))]  # fmt: skip
+
+
+def test_an_emergency_cut_is_undone_once_its_trouble_has_passed():
+    """emergency_recover (20) observations without trouble after a gradient-explosion cut bring
+    back the scale it cut; an explosion meanwhile (step 90: at the floor, no second cut) restarts
+    the count. Once a run: the cut after the restore (120) stays, and a raise never goes above the
+    scale the trouble came at."""
+    series = clean_series(200, 3)
+    for i in (79, 89, 119):
+        series[i]["grad_norm"] = 500.0
+    s, decisions = run_applied(series)
+    assert [(d.step, d.action, d.args, d.level) for d in decisions] == [
+        (80, "emergency_lr_cut", {"from": 1.0, "to": 0.1}, 3),
+        (110, "lr_scale", {"from": 0.1, "to": 1.0}, 1),
+        (120, "emergency_lr_cut", {"from": 1.0, "to": 0.1}, 3),
+    ]  # fmt: skip
+    assert decisions[1].reason.startswith("no trouble for 20 observations since the gradient-explosion cut")
+    assert s.emergency is None and s.emergency_restores == 1 and s.lr_ceiling == 0.1
+    assert found(s, "emergency_over") == 1
+    # never while the run is in trouble, and never after the scale moved for another reason
+    s = init_state(0)
+    e = {"step": 80, "from": 1.0, "to": 0.1, "quiet_since": 80}
+    s.emergency, s.history = e, [[t, 5.0, 1.0] for t in range(1, 101)]
+    obs = Observation(step=100, loss=5.0, grad_norm=1.0, lr=1e-4, settings=DENSE | {"lr_scale": 0.1})
+    assert [f.kind for f in detect.emergency_over(s, obs, OCFG)] == ["emergency_over"]
+    assert detect.emergency_over(s, dataclasses.replace(obs, step=99), OCFG) == []
+    moved = Observation(**{**obs.to_dict(), "settings": DENSE | {"lr_scale": 0.05}})
+    assert detect.emergency_over(s, moved, OCFG) == []
 
 
 def test_divergence_rolls_back_before_the_minimum():
@@ -451,7 +480,7 @@ def test_every_finding_kind_a_detector_reports_has_a_response():
     """``RESPONSES`` is the table decide looks findings up in: a kind missing from it would raise."""
     source = inspect.getsource(detect)
     kinds = set(re.findall(r'Finding\(\s*"(\w+)"', source))
-    assert len(kinds) == 22 and kinds == set(RESPONSES)
+    assert len(kinds) == 23 and kinds == set(RESPONSES)
     assert set(CHRONIC) <= kinds
 
 
@@ -725,11 +754,13 @@ def test_after_an_lr_cut_or_a_rollback_the_lr_is_never_raised_again():
     assert [(d.step, d.args["to"]) for d in decisions if d.action == "lr_scale"] == [(23, 2.0), (40, 1.0)]
     assert len(decisions) == 2 and s.lr_ceiling == 1.0 and "second spike" in decisions[1].reason
     series = steady_series(130, 1)
-    series[34]["grad_norm"] = 500.0  # an explosion after the raise: an emergency cut
-    s, decisions = run_applied(series)
+    series[34]["grad_norm"] = 500.0  # an explosion after the raise: an emergency cut, undone after 20
+    s, decisions = run_applied(series)  # quiet observations, to the scale the trouble came at: no higher
     got = [(d.step, d.action, d.args["to"]) for d in decisions]
-    assert got == [(23, "lr_scale", 2.0), (35, "emergency_lr_cut", 0.2)]
-    assert s.lr_ceiling == 0.2
+    assert got == [(23, "lr_scale", 2.0), (35, "emergency_lr_cut", 0.2), (55, "lr_scale", 2.0)]
+    assert s.lr_ceiling == 2.0 and found(s, "lr_too_low") > 50
+    s, decisions = run_applied(series, dataclasses.replace(OCFG, emergency_recover=0))
+    assert [(d.step, d.action, d.args["to"]) for d in decisions] == got[:2] and s.lr_ceiling == 0.2
 
 
 def converging_series(n):

@@ -368,6 +368,29 @@ def test_gradient_explosions_cut_the_lr_once_on_a_real_run(tmp_path):
         (1, 0.1), (2, pytest.approx(0.01)), (3, pytest.approx(0.01))]  # fmt: skip
 
 
+def test_an_emergency_cut_is_undone_on_a_real_run_once(tmp_path):
+    """grad_abs 1.72 on this model: the grad norm passes it at step 4 (1.75) -> cut x0.1; steps 5
+    and 6 stay below (1.69, 1.51; emergency_recover 2) -> the scale comes back at step 6; step 7
+    (2.69) cuts again, and that cut stays though steps 8 and 9 are quiet (once a run). Replay is
+    exact; what-if emergency_recover=0 (before it existed): no restore."""
+    cfg = load_config(overrides=["--train.steps=10", f"--run_dir={tmp_path}", *TINY, *SNAP,
+                                 "--orchestrator.grad_abs=1.72", "--orchestrator.emergency_recover=2",
+                                 "--orchestrator.cooldown=0"])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    ds = decisions(run)
+    assert [(d["step"], d["action"], d["args"]) for d in ds] == [
+        (4, "emergency_lr_cut", {"from": 1.0, "to": 0.1}),
+        (6, "lr_scale", {"from": 0.1, "to": 1.0}),
+        (7, "emergency_lr_cut", {"from": 1.0, "to": 0.1}),
+    ]  # fmt: skip
+    assert ds[1]["reason"].startswith("no trouble for 2 observations since the gradient-explosion cut")
+    obs = list(orchestrator.read_log(run / orchestrator.OBSERVATIONS_FILE))
+    assert [o["settings"]["lr_scale"] for o in obs] == [1.0] * 4 + [0.1] * 2 + [1.0] + [0.1] * 3
+    assert replay(run).identical
+    assert [d["action"] for d in replay(run, ["orchestrator.emergency_recover=0"]).derived] == [
+        "emergency_lr_cut", "emergency_lr_cut"]  # fmt: skip
+
+
 def test_a_too_low_lr_is_raised_on_a_real_run_and_a_rollback_stops_further_raises(tmp_path):
     """A 10x too low LR (3e-4 for this model; its 4 x 32-token batches are too noisy for the default
     thresholds, so the test loosens them: any falling 4-observation fit counts) is raised x2 from the

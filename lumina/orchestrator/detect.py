@@ -296,6 +296,28 @@ def near_convergence(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[
     ]
 
 
+def emergency_over(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """A gradient-explosion cut whose trouble has passed: ``emergency_recover`` observations since
+    the cut (and since the last finding of trouble) with the LR scale where the cut left it. The cut
+    was for the emergency; the scale it cut comes back (once a run: ``policy``)."""
+    e = ostate.emergency
+    if e is None or cfg.emergency_recover <= 0 or not obs.finite or obs.settings.lr_scale != e["to"]:
+        return []
+    quiet = obs.step - e["quiet_since"]
+    if quiet < cfg.emergency_recover:
+        return []
+    return [
+        Finding(
+            "emergency_over",
+            1,
+            1.0,
+            f"no trouble for {quiet} observations since the gradient-explosion cut at step {e['step']} "
+            f"({e['from']:g} -> {e['to']:g})",
+            {"to": e["from"]},
+        )
+    ]
+
+
 def oscillation(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
     losses = _window(ostate, 1)
     if _warming(ostate, cfg) or len(losses) < 20:
@@ -560,6 +582,7 @@ DETECTORS = (
     plateau,
     lr_too_low,
     near_convergence,
+    emergency_over,
     experts,
     mod,
     throughput,

@@ -38,7 +38,7 @@ CHRONIC = frozenset({"divergence", "expert_collapse", "dead_expert", "capacity_o
                      "throughput_drop", "lr_too_low"})  # fmt: skip
 # findings that are chances to save compute or time, not trouble: no cost to the health score
 _OPPORTUNITIES = frozenset({"capacity_slack", "mod_underused", "micro_batch_room", "micro_batch_no_gain",
-                            "lr_too_low", "near_convergence"})  # fmt: skip
+                            "lr_too_low", "near_convergence", "emergency_over"})  # fmt: skip
 # what makes a state unfit to roll back to: trouble with the loss or gradients (chronic routing
 # findings do not: a run whose experts are skewed for 50 steps must still get snapshots)
 _UNHEALTHY = frozenset({"nonfinite", "oom", "loss_spike", "grad_explosion", "divergence", "oscillation"})
@@ -243,6 +243,11 @@ def _emergency_lr(f, s, obs, cfg) -> Candidates:
     return [("emergency_lr_cut", _lr(obs, cfg.emergency_lr_factor, cfg, cfg.emergency_lr_floor))]
 
 
+def _restore_lr(f, s, obs, cfg) -> Candidates:
+    """Back to the LR scale a gradient-explosion cut left (``emergency_over``)."""
+    return [("lr_scale", {"from": obs.settings.lr_scale, "to": f.data["to"]})]
+
+
 def _soft_lr(f, s, obs, cfg) -> Candidates:
     return [("lr_scale", _lr(obs, cfg.soft_lr_factor, cfg))]
 
@@ -379,6 +384,7 @@ RESPONSES: dict[str, Response] = {
     "plateau": _plateau,  # add an expert (MoE, when allowed), else lower the LR
     "lr_too_low": _raise_lr,  # after lr_low_patience: raise the LR scale (to lr_raise_max, lr_ceiling)
     "near_convergence": _near_convergence,  # once: ease the LR, evaluate more often
+    "emergency_over": _restore_lr,  # the LR scale a gradient-explosion cut left comes back (once)
     "expert_collapse": _expert_collapse,  # after collapse_patience: aux weight, expert dropout, temperature
     "dead_expert": _dead_expert,  # prune each layer's least-loaded expert
     "capacity_overflow": _capacity_overflow,  # raise the capacity factor
@@ -425,6 +431,7 @@ def decide(
     s.spike_steps = [x for x in s.spike_steps if obs.step - x < cfg.window]
 
     decisions: list[Decision] = []
+    emergency, restored = None, None  # a gradient-explosion cut that may be undone; the scale undone to
     taken: set[str] = set()
     acted: set[str] = set()  # finding kinds a decision answered
     recent = [x for x in s.changes if obs.step - x < cfg.window]
@@ -456,6 +463,10 @@ def decide(
                 recent.append(obs.step)
             decisions.append(Decision(step=obs.step, action=action, args=args, level=f.level,
                                       confidence=round(conf, 6), reason=f.reason + why))  # fmt: skip
+            if f.kind == "grad_explosion" and action == "emergency_lr_cut" and not s.emergency_restores:
+                emergency = {**args, "step": obs.step, "quiet_since": obs.step}
+            elif f.kind == "emergency_over":
+                restored = args["to"]
             taken.add(action)
             acted.add(f.kind)
             s.last_action[_cooldown_key(action, args)] = obs.step
@@ -472,6 +483,12 @@ def decide(
 
     if "near_convergence" in acted:
         s.converging_at = obs.step
+    # an emergency cut may be undone once its trouble has passed (emergency_over); any other change of
+    # the LR scale ends that, and so does the undoing, which caps raises where the trouble came
+    if any(d.action in ("lr_scale", "emergency_lr_cut") for d in decisions):
+        s.emergency = emergency
+    elif s.emergency is not None and trouble:
+        s.emergency = {**s.emergency, "quiet_since": obs.step}
     for d in decisions:
         s.counters[f"action:{d.action}"] = s.counters.get(f"action:{d.action}", 0) + 1
         # memory against ping-pong: an LR cut or a rollback caps the LR scale where it left it, so a
@@ -479,6 +496,9 @@ def decide(
         if _lowers_lr(d) or d.action == "rollback":
             left = d.args["to"] if d.action != "rollback" else obs.settings.lr_scale
             s.lr_ceiling = left if s.lr_ceiling is None else min(s.lr_ceiling, left)
+        elif restored is not None and d.action == "lr_scale":
+            s.emergency_restores += 1
+            s.lr_ceiling = restored
         if d.action == "rollback":
             to = d.args["to_step"]
             s.rollbacks = [*s.rollbacks, obs.step][-8:]

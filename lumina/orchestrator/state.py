@@ -251,6 +251,10 @@ class OrchestratorState:
     lr_ceiling: float | None = None  # an LR cut or a rollback left the LR scale here: no raise above it
     converging_at: int | None = None  # the step the near-convergence actions were taken (once a run)
     first_loss: float | None = None  # the first finite loss observed (how far the run has come)
+    # a gradient-explosion cut that may be undone: {"step", "from", "to", "quiet_since"} (the newest
+    # observation with trouble); ``emergency_restores`` how many were undone (once a run)
+    emergency: dict[str, Any] | None = None
+    emergency_restores: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
