@@ -18,7 +18,7 @@ from lumina.optim import default_hp, lr_at
 from lumina.orchestrator import Decision, Observation, apply_decisions, decide, detect, init_state
 from lumina.orchestrator.detect import forecast, mad, median, robust_z
 from lumina.orchestrator.policy import CHRONIC, RESPONSES
-from lumina.orchestrator.state import OrchestratorState, Settings
+from lumina.orchestrator.state import LR_ACTIONS, OrchestratorState, Settings
 from lumina.step import init_train_state, make_train_step
 
 # the detectors and responses on their own: the evidence table's gate has a test of its own
@@ -169,7 +169,7 @@ def test_an_emergency_cut_is_undone_once_its_trouble_has_passed():
     s, decisions = run_applied(series)
     assert [(d.step, d.action, d.args, d.level) for d in decisions] == [
         (80, "emergency_lr_cut", {"from": 1.0, "to": 0.1}, 3),
-        (110, "lr_scale", {"from": 0.1, "to": 1.0}, 1),
+        (110, "emergency_lr_restore", {"from": 0.1, "to": 1.0}, 1),
         (120, "emergency_lr_cut", {"from": 1.0, "to": 0.1}, 3),
     ]  # fmt: skip
     assert decisions[1].reason.startswith("no trouble for 20 observations since the gradient-explosion cut")
@@ -699,7 +699,7 @@ def run_applied(series, cfg=OCFG, settings=DENSE, **extra):
         s, ds = decide(s, Observation(**{"settings": now, **extra, **o}), cfg)
         decisions += ds
         for d in ds:
-            if d.action in ("lr_scale", "emergency_lr_cut", "eval_every"):
+            if d.action in (*LR_ACTIONS, "eval_every"):
                 now = {**now, d.action if d.action == "eval_every" else "lr_scale": d.args["to"]}
     return s, decisions
 
@@ -757,7 +757,8 @@ def test_after_an_lr_cut_or_a_rollback_the_lr_is_never_raised_again():
     series[34]["grad_norm"] = 500.0  # an explosion after the raise: an emergency cut, undone after 20
     s, decisions = run_applied(series)  # quiet observations, to the scale the trouble came at: no higher
     got = [(d.step, d.action, d.args["to"]) for d in decisions]
-    assert got == [(23, "lr_scale", 2.0), (35, "emergency_lr_cut", 0.2), (55, "lr_scale", 2.0)]
+    assert got == [
+        (23, "lr_scale", 2.0), (35, "emergency_lr_cut", 0.2), (55, "emergency_lr_restore", 2.0)]  # fmt: skip
     assert s.lr_ceiling == 2.0 and found(s, "lr_too_low") > 50
     s, decisions = run_applied(series, dataclasses.replace(OCFG, emergency_recover=0))
     assert [(d.step, d.action, d.args["to"]) for d in decisions] == got[:2] and s.lr_ceiling == 0.2

@@ -380,7 +380,7 @@ def test_an_emergency_cut_is_undone_on_a_real_run_once(tmp_path):
     ds = decisions(run)
     assert [(d["step"], d["action"], d["args"]) for d in ds] == [
         (4, "emergency_lr_cut", {"from": 1.0, "to": 0.1}),
-        (6, "lr_scale", {"from": 0.1, "to": 1.0}),
+        (6, "emergency_lr_restore", {"from": 0.1, "to": 1.0}),
         (7, "emergency_lr_cut", {"from": 1.0, "to": 0.1}),
     ]  # fmt: skip
     assert ds[1]["reason"].startswith("no trouble for 2 observations since the gradient-explosion cut")

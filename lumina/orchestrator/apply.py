@@ -11,6 +11,7 @@ ring, which is not plain data); here it is a no-op.
 Action          args                          effect
 lr_scale        from, to                      train.lr_scale (multiplies the LR schedule; a cut or a raise)
 emergency_lr_cut from, to                     the same, at level 3/4
+emergency_lr_restore from, to                 the same: an emergency cut undone (emergency_over)
 weight_decay    from, to                      train.weight_decay and hp["weight_decay"]
 set_knob        name, from, to                state["knobs"][name] (router temperature, jitter, ...)
 capacity_factor from, to                      model.moe.capacity_factor (recompiles)
@@ -41,7 +42,7 @@ from tensordict import TensorDict
 from lumina import optim, tree
 from lumina.config import RunConfig
 from lumina.model import random
-from lumina.orchestrator.state import Decision
+from lumina.orchestrator.state import LR_ACTIONS, Decision
 
 __all__ = ["ACTIONS", "apply_decisions", "step_signature"]
 
@@ -148,7 +149,7 @@ def apply_decisions(
     hp = hp.clone()
     for d in decisions:
         a = d.args
-        if d.action in ("lr_scale", "emergency_lr_cut"):
+        if d.action in LR_ACTIONS:
             hp["lr"] = hp["lr"] * (a["to"] / cfg.train.lr_scale)
             cfg = _replace(cfg, "train", lr_scale=float(a["to"]))
         elif d.action == "weight_decay":
@@ -182,7 +183,7 @@ def apply_decisions(
 
 
 ACTIONS = (
-    "lr_scale", "emergency_lr_cut", "weight_decay", "set_knob", "capacity_factor", "add_expert",
-    "prune_expert", "mod_capacity", "reset_mod_router", "micro_batch", "grad_checkpointing",
+    "lr_scale", "emergency_lr_cut", "emergency_lr_restore", "weight_decay", "set_knob", "capacity_factor",
+    "add_expert", "prune_expert", "mod_capacity", "reset_mod_router", "micro_batch", "grad_checkpointing",
     "interleave_ratio", "eval_every", "rollback",
 )  # fmt: skip

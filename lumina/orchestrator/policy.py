@@ -28,7 +28,7 @@ from typing import Any
 from lumina.config import OrchestratorConfig, evidence_record
 from lumina.orchestrator import detect
 from lumina.orchestrator.detect import Finding
-from lumina.orchestrator.state import Decision, Observation, OrchestratorState, action_label
+from lumina.orchestrator.state import LR_ACTIONS, Decision, Observation, OrchestratorState, action_label
 
 __all__ = ["RESPONSES", "decide"]
 
@@ -171,7 +171,7 @@ def _lr(
 
 
 def _lowers_lr(d: Decision) -> bool:
-    return d.action in ("lr_scale", "emergency_lr_cut") and d.args["to"] < d.args["from"]
+    return d.action in LR_ACTIONS and d.args["to"] < d.args["from"]
 
 
 def _unhealthy(d: Decision) -> bool:
@@ -245,7 +245,7 @@ def _emergency_lr(f, s, obs, cfg) -> Candidates:
 
 def _restore_lr(f, s, obs, cfg) -> Candidates:
     """Back to the LR scale a gradient-explosion cut left (``emergency_over``)."""
-    return [("lr_scale", {"from": obs.settings.lr_scale, "to": f.data["to"]})]
+    return [("emergency_lr_restore", {"from": obs.settings.lr_scale, "to": f.data["to"]})]
 
 
 def _soft_lr(f, s, obs, cfg) -> Candidates:
@@ -431,7 +431,7 @@ def decide(
     s.spike_steps = [x for x in s.spike_steps if obs.step - x < cfg.window]
 
     decisions: list[Decision] = []
-    emergency, restored = None, None  # a gradient-explosion cut that may be undone; the scale undone to
+    emergency = None  # a gradient-explosion cut here, which may be undone later
     taken: set[str] = set()
     acted: set[str] = set()  # finding kinds a decision answered
     recent = [x for x in s.changes if obs.step - x < cfg.window]
@@ -442,7 +442,7 @@ def decide(
         for action, args in _candidates(f, s, obs, cfg):
             if action in taken or ("rollback" in taken and action not in ("emergency_lr_cut", "lr_scale")):
                 continue
-            if action == "lr_scale" and args["to"] > args["from"] and trouble:
+            if action in LR_ACTIONS and args["to"] > args["from"] and trouble:
                 continue  # never raise the LR at an observation with trouble (it would also be cut)
             conf, why = _evidenced(f, action, args, cfg)
             if conf < _threshold(f.level, cfg):  # measured not to help often enough for its level
@@ -465,8 +465,6 @@ def decide(
                                       confidence=round(conf, 6), reason=f.reason + why))  # fmt: skip
             if f.kind == "grad_explosion" and action == "emergency_lr_cut" and not s.emergency_restores:
                 emergency = {**args, "step": obs.step, "quiet_since": obs.step}
-            elif f.kind == "emergency_over":
-                restored = args["to"]
             taken.add(action)
             acted.add(f.kind)
             s.last_action[_cooldown_key(action, args)] = obs.step
@@ -485,7 +483,7 @@ def decide(
         s.converging_at = obs.step
     # an emergency cut may be undone once its trouble has passed (emergency_over); any other change of
     # the LR scale ends that, and so does the undoing, which caps raises where the trouble came
-    if any(d.action in ("lr_scale", "emergency_lr_cut") for d in decisions):
+    if any(d.action in LR_ACTIONS for d in decisions):
         s.emergency = emergency
     elif s.emergency is not None and trouble:
         s.emergency = {**s.emergency, "quiet_since": obs.step}
@@ -496,9 +494,9 @@ def decide(
         if _lowers_lr(d) or d.action == "rollback":
             left = d.args["to"] if d.action != "rollback" else obs.settings.lr_scale
             s.lr_ceiling = left if s.lr_ceiling is None else min(s.lr_ceiling, left)
-        elif restored is not None and d.action == "lr_scale":
+        elif d.action == "emergency_lr_restore":
             s.emergency_restores += 1
-            s.lr_ceiling = restored
+            s.lr_ceiling = d.args["to"]
         if d.action == "rollback":
             to = d.args["to_step"]
             s.rollbacks = [*s.rollbacks, obs.step][-8:]

@@ -160,6 +160,10 @@ class Observation:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
+# the actions that set the LR scale (train.lr_scale): a cut or a raise; an emergency's cut; its undoing
+LR_ACTIONS = ("lr_scale", "emergency_lr_cut", "emergency_lr_restore")
+
+
 def action_label(action: str, args: dict[str, Any]) -> str:
     """What the evidence table (``OrchestratorConfig.evidence``) calls a decision: the action, the knob
     for ``set_knob``, and ``+`` / ``-`` where it moves a number up / down (``lr_scale+`` is a raise,
