@@ -169,12 +169,15 @@ def test_an_emergency_cut_is_undone_once_its_trouble_has_passed():
     s, decisions = run_applied(series)
     assert [(d.step, d.action, d.args, d.level) for d in decisions] == [
         (80, "emergency_lr_cut", {"from": 1.0, "to": 0.1}, 3),
-        (110, "emergency_lr_restore", {"from": 0.1, "to": 1.0}, 1),
+        (110, "emergency_lr_restore", {"from": 0.1, "to": 1.0}, 3),
         (120, "emergency_lr_cut", {"from": 1.0, "to": 0.1}, 3),
     ]  # fmt: skip
     assert decisions[1].reason.startswith("no trouble for 20 observations since the gradient-explosion cut")
     assert s.emergency is None and s.emergency_restores == 1 and s.lr_ceiling == 0.1
     assert found(s, "emergency_over") == 1
+    # hard, as the cut it undoes: an evidence entry does not hold it back
+    held = dataclasses.replace(OCFG, evidence=("emergency_lr_restore+=0/9",))
+    assert run_applied(series, held)[1] == decisions
     # never while the run is in trouble, and never after the scale moved for another reason
     s = init_state(0)
     e = {"step": 80, "from": 1.0, "to": 0.1, "quiet_since": 80}
