@@ -42,7 +42,6 @@ _OPPORTUNITIES = frozenset({"capacity_slack", "mod_underused", "micro_batch_room
 # what makes a state unfit to roll back to: trouble with the loss or gradients (chronic routing
 # findings do not: a run whose experts are skewed for 50 steps must still get snapshots)
 _UNHEALTHY = frozenset({"nonfinite", "oom", "loss_spike", "grad_explosion", "divergence", "oscillation"})
-_UNHEALTHY_ACTIONS = frozenset({"rollback", "emergency_lr_cut", "lr_scale"})  # lr_scale: a cut, not a raise
 _EMA = 0.1  # loss EMA weight of the newest observation
 _PENALTY = {1: 5.0, 2: 15.0, 3: 30.0, 4: 60.0}  # health points a finding costs, x its confidence
 _MAX_EVALS = 8
@@ -177,7 +176,7 @@ def _lowers_lr(d: Decision) -> bool:
 def _unhealthy(d: Decision) -> bool:
     """A decision that makes this observation's state unfit to keep as a snapshot (an LR raise does
     not: the state before a raise is the one to go back to if the raise brings trouble)."""
-    return d.action in _UNHEALTHY_ACTIONS and (d.action != "lr_scale" or _lowers_lr(d))
+    return d.action == "rollback" or _lowers_lr(d)
 
 
 def _cooldown_key(action: str, args: dict[str, Any]) -> str:
@@ -440,7 +439,7 @@ def decide(
         if f.confidence < _threshold(f.level, cfg):
             continue
         for action, args in _candidates(f, s, obs, cfg):
-            if action in taken or ("rollback" in taken and action not in ("emergency_lr_cut", "lr_scale")):
+            if action in taken or ("rollback" in taken and action not in LR_ACTIONS):
                 continue
             if action in LR_ACTIONS and args["to"] > args["from"] and trouble:
                 continue  # never raise the LR at an observation with trouble (it would also be cut)
