@@ -8,7 +8,35 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import sys
 from types import ModuleType
+
+
+def _hand_over_to_pypi_kernels() -> None:
+    """Imported under the bare name ``kernels``, this folder is shadowing PyPI's ``kernels`` package:
+    the checkout's root is on ``sys.path`` (``python -m ...`` or ``python -m pytest`` run from it) and
+    a library asked for the other one (transformers >= 5.25 imports it whenever it is installed).
+    Load that package in this module's place, found on ``sys.path`` without the checkout's root; the
+    import statement then returns it. Not installed: the ImportError a missing package gives."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None or spec.loader is None:
+        del sys.modules["kernels"]
+        raise ModuleNotFoundError(
+            "No module named 'kernels' (the checkout's kernels/ folder is lumina_kernels)", name="kernels"
+        )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+
+    _hand_over_to_pypi_kernels()
 
 __all__ = ["load_native", "native_status"]
 
