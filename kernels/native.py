@@ -22,7 +22,7 @@ import torch
 from lumina_kernels import load_native, native_status
 from lumina_kernels._autograd import apply, op_functions
 
-__all__ = ["available", "moe_combine", "moe_dispatch"]
+__all__ = ["available", "has_op", "hash_uniform", "moe_combine", "moe_dispatch"]
 
 _NATIVE = load_native()  # importing lumina_kernels._C runs its TORCH_LIBRARY registrations
 
@@ -30,6 +30,12 @@ _NATIVE = load_native()  # importing lumina_kernels._C runs its TORCH_LIBRARY re
 def available() -> bool:
     """True when the native op library is built against this torch and its MoE ops are registered."""
     return _NATIVE is not None and hasattr(torch.ops.lumina_native, "moe_combine")
+
+
+def has_op(name: str) -> bool:
+    """True when the library is usable and defines ``name`` (a library built from older sources may
+    lack an op added since: callers then fall back per op)."""
+    return _NATIVE is not None and hasattr(torch.ops.lumina_native, name)
 
 
 def _require() -> None:
@@ -57,6 +63,15 @@ if available():
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return y.new_empty(y.shape), weights.new_empty(weights.shape)
 
+
+if has_op("hash_uniform"):
+
+    @torch.library.register_fake("lumina_native::hash_uniform")
+    def _(key: torch.Tensor, n: int) -> torch.Tensor:
+        return key.new_empty(n, dtype=torch.float32)
+
+
+if available():
     # The Functions (what torch.func.grad differentiates) with the dispatch and combine formulas every
     # provider shares (kernels/_autograd.py), also registered on the ops.
     _ops = torch.ops.lumina_native
@@ -79,3 +94,10 @@ def moe_combine(y_AD: torch.Tensor, perm_A: torch.Tensor, weights_NK: torch.Tens
     """Each token's router-weighted sum of its K expert outputs (y in expert-sorted order). [N, D]"""
     _require()
     return apply(_Combine, y_AD, perm_A, weights_NK)
+
+
+def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:
+    """``reference.hash_uniform`` in one pass (``kernels/csrc/random_ops.cpp``), bit-identical. [n] float32"""
+    if not has_op("hash_uniform"):
+        raise RuntimeError(f"lumina native op hash_uniform unavailable: {native_status()}")
+    return torch.ops.lumina_native.hash_uniform(key, n)

@@ -22,6 +22,8 @@ __all__ = [
     "capacity_map",
     "grouped_mm",
     "grouped_mm_weight_grad",
+    "hash32",
+    "hash_uniform",
     "inverse_map",
     "mod_gather",
     "mod_scatter",
@@ -191,3 +193,36 @@ def mod_scatter(
     update_BSD = delta_BSD * weight_BS.unsqueeze(-1).to(delta_BSD.dtype)
     index = idx_BS.unsqueeze(-1).expand(-1, -1, x_BTD.shape[-1])
     return x_BTD + torch.zeros_like(x_BTD).scatter(1, index, update_BSD)
+
+
+# ------------------------------------------------------------------- counter-based random numbers
+# (lumina.model.random builds keys with hash32 and draws with hash_uniform). Every intermediate fits
+# in int64 without overflow — 32-bit multiplies are split into 16-bit halves — so every backend
+# computes the same bits, whatever its integer wrap-around behaviour.
+
+_MASK32 = 0xFFFFFFFF
+_M1, _M2 = 0x7FEB352D, 0x846CA68B
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for 0 <= x < 2^32 without int64 overflow (hi * c < 2^48)."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' "lowbias32" integer hash (two multiply-xorshift rounds) of x mod 2^32, in int64."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, _M1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _M2)
+    return x ^ (x >> 16)
+
+
+def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] float32 U[0, 1) with 24-bit resolution: element i is hash32(hash32(i ^ key) + key) >> 8,
+    scaled (two rounds: neighbouring indices decorrelate fully). ``key``: a 0-dim int64 tensor."""
+    idx = torch.arange(n, dtype=torch.int64, device=key.device)
+    bits = hash32(hash32(idx ^ key) + key)
+    return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))

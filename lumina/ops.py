@@ -52,6 +52,7 @@ __all__ = [
     "GROUPED_MM",
     "grouped_mm",
     "grouped_mm_choice",
+    "hash_uniform",
     "mod_gather",
     "mod_scatter",
     "mod_topk",
@@ -160,6 +161,15 @@ def mod_topk(scores_BT: torch.Tensor, k: int) -> torch.Tensor:
     """Per sequence, the positions of the k highest scores, ascending; ties to the earlier position. [B, k]"""
     triton_fn = _triton_mod.mod_topk if _triton_mod is not None else None
     return _route(scores_BT, triton_fn, reference.mod_topk, reference.mod_topk)(scores_BT, k)
+
+
+_NATIVE_UNIFORM = native.hash_uniform if native.has_op("hash_uniform") else reference.hash_uniform
+
+
+def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] float32 U[0, 1) hashed from ``key`` and each index (``lumina.model.random.uniform``'s draw).
+    On CPU the native kernel when built (one pass; the reference makes ~30 over int64), bit-identical."""
+    return _route(key, None, _NATIVE_UNIFORM, reference.hash_uniform)(key, n)
 
 
 # The row map of a capacity buffer's E*C slots (pure index arithmetic, no host sync): the model

@@ -7,32 +7,22 @@ U[0, 1) floats. Nothing reads or advances a global generator, so a step is a fun
 under ``torch.compile`` and on any device: every intermediate fits in int64 without overflow (32-bit
 multiplies are split into 16-bit halves), so no backend's wrap-around behaviour matters.
 
-The mixing function is Wellons' "lowbias32" integer hash (two multiply-xorshift rounds).
+The mixing function is Wellons' "lowbias32" integer hash (two multiply-xorshift rounds); the hash and
+the draw are defined in ``lumina_kernels.reference`` (``hash32``, ``hash_uniform``), and ``uniform``
+runs the native CPU kernel, bit-identical to that expression, when it is built (``lumina.ops``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from lumina import ops
+from lumina_kernels import reference
+
 __all__ = ["fold_in", "key_from_seed", "uniform"]
 
 _MASK32 = 0xFFFFFFFF
-_M1, _M2 = 0x7FEB352D, 0x846CA68B
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for 0 <= x < 2^32 without int64 overflow (hi * c < 2^48)."""
-    lo, hi = x & 0xFFFF, x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _MASK32
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = _mul32(x, _M1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, _M2)
-    return x ^ (x >> 16)
+_hash32 = reference.hash32
 
 
 def key_from_seed(seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -51,6 +41,4 @@ def uniform(key: torch.Tensor, shape: tuple[int, ...] | torch.Size, dtype=torch.
     n = 1
     for s in shape:
         n *= s
-    idx = torch.arange(n, dtype=torch.int64, device=key.device)
-    bits = _hash32(_hash32(idx ^ key) + key)  # two rounds: neighbouring indices decorrelate fully
-    return ((bits >> 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(shape).to(dtype)
+    return ops.hash_uniform(key, n).reshape(shape).to(dtype)
