@@ -23,11 +23,9 @@ with bitsandbytes' pure custom ops ``torch.ops.bitsandbytes.{quantize,dequantize
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import sys
-from pathlib import Path
 
 import torch
 from tensordict import TensorDict
@@ -224,30 +222,14 @@ def adam_step_(
 _QMAPS: dict[str, torch.Tensor] = {}
 
 
-def _bnb_blocks_kernels_dir() -> bool:
-    """Whether ``import kernels`` would find Lumina's own ``kernels/`` source folder (the repo root
-    on ``sys.path``) instead of Hugging Face's ``kernels`` package, which bitsandbytes' CPU backend
-    tries to import at start-up for its 4-bit matmul (unused here)."""
-    if "kernels" in sys.modules:
-        return False
-    try:
-        spec = importlib.util.find_spec("kernels")
-    except (ImportError, ValueError):
-        return False
-    ours = Path(__file__).resolve().parent.parent / "kernels"
-    return spec is not None and spec.origin is not None and Path(spec.origin).resolve().parent == ours
-
-
 def _bitsandbytes(setting: str = "train.optimizer=adamw8bit"):
     """``bitsandbytes.functional`` (importing it registers ``torch.ops.bitsandbytes.*``); a
     ``ConfigError`` naming the ``setting`` that needs it when it is not installed."""
     if "bitsandbytes.functional" in sys.modules:
         return sys.modules["bitsandbytes.functional"]
-    shadow = _bnb_blocks_kernels_dir()
-    if shadow:  # never import our kernels/ under the name ``kernels``
-        sys.modules["kernels"] = None  # type: ignore[assignment]  # ``import kernels`` -> ImportError
     # its CPU backend warns at import when Hugging Face's ``kernels`` (for a 4-bit matmul we do not
-    # use) is missing: not ours to report
+    # use) is missing or will not load: not ours to report. (Run from the checkout's root, that bare
+    # name reaches Hugging Face's package too: our kernels/ folder hands it over.)
     quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -257,8 +239,6 @@ def _bitsandbytes(setting: str = "train.optimizer=adamw8bit"):
         raise ConfigError(f"{setting} needs bitsandbytes (pip install bitsandbytes==0.50.2): {e}") from None
     finally:
         quiet.setLevel(level)
-        if shadow:
-            del sys.modules["kernels"]
     return bnbf
 
 
