@@ -32,6 +32,7 @@ from tensordict import TensorDict
 
 from lumina import tree
 from lumina.config import ConfigError, TrainConfig
+from lumina_kernels import native
 
 __all__ = [
     "BLOCK",
@@ -176,41 +177,70 @@ def _adamw_fused(
     cfg: TrainConfig,
     grad_scale: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """``_adamw_math`` (on ``g32`` times ``grad_scale``) through torch's fused AdamW kernel
-    (``torch._fused_adamw_``: one pass over each parameter, where the foreach lists make ~14). The
-    kernel updates in place, so it runs on fresh copies (the decayed params, cloned moments): the
-    inputs stay untouched and the step pure. Weight decay is applied here (it is a tensor the
-    orchestrator may change, the kernel takes a float). The kernel rounds differently from
-    ``_adamw_math`` (e.g. ``lerp`` for the first moment): the results agree to float32 rounding, not
-    bit for bit."""
-    lr, wd = hp["lr"], hp["weight_decay"]
-    decayed = set(decay)  # the decayed copies serve as those leaves' fresh buffers; the rest are cloned
-    new_p = [t if i in decayed else t.clone() for i, t in enumerate(_decayed(p32, decay, lr * wd))]
-    new_m, new_v = [t.clone() for t in m], [t.clone() for t in v]
-    adam_step_(new_p, g32, new_m, new_v, step, lr, cfg, grad_scale)
-    return new_p, new_m, new_v
+    """``_adamw_math`` (on ``g32`` times ``grad_scale``) in one pass per leaf, into fresh tensors:
+    the inputs stay untouched and the step pure (``adamw_``)."""
+    out = tuple([torch.empty_like(t) for t in ts] for ts in (p32, m, v))
+    adamw_(p32, g32, m, v, decay, step, hp, cfg, grad_scale, out=out)
+    return out
 
 
-def adam_step_(
+_NATIVE_ADAMW = native.has_op("adamw_out")
+
+
+def adamw_(
     p32: list[torch.Tensor],
     g32: list[torch.Tensor],
     m: list[torch.Tensor],
     v: list[torch.Tensor],
+    decay: list[int],
     step: torch.Tensor,
-    lr: torch.Tensor,
+    hp: TensorDict,
     cfg: TrainConfig,
     grad_scale: torch.Tensor | None = None,
+    *,
+    out: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> None:
-    """The Adam part of the update (weight decay already applied to ``p32``), in place on ``p32``,
-    ``m`` and ``v``, through torch's fused kernel: the eager single-device step (on copies) and the
-    ZeRO engine's optimizer (on DeepSpeed's partitions, ``lumina.distributed.zero``) share it, so the
-    two stay bit for bit alike. Plain contiguous fp32 tensors on one device (``_fusable``)."""
-    # the kernel walks every tensor as flat memory in the param's order: a transposed gradient
+    """One AdamW step written into ``out`` (new params, m, v; default: in place on ``p32``, ``m``,
+    ``v``). Plain contiguous fp32 tensors on one device (``_fusable``); ``decay``: the indices of the
+    leaves that take weight decay. The eager single-device step (into fresh tensors) and the ZeRO
+    engine's optimizer (in place on DeepSpeed's partitions, ``lumina.distributed.zero``) share it,
+    so the two stay bit for bit alike.
+
+    On CPU, the native kernel (``lumina_native::adamw_out``): one pass per leaf, the arithmetic of
+    ``_adamw_math`` in its order (moments bit-identical; params within ~2 ulps, where torch's
+    vectorised sqrt is not correctly rounded). Elsewhere (or not built), torch's fused AdamW
+    kernel, which updates in place, so the inputs are copied into ``out`` first (weight decay
+    applied in that copy: it is a tensor the orchestrator may change, the kernel takes a float); it
+    rounds differently from
+    ``_adamw_math`` (e.g. ``lerp`` for the first moment): float32 rounding, not bit for bit."""
+    out_p, out_m, out_v = (p32, m, v) if out is None else out
+    # both kernels walk every tensor as flat memory in the param's order: a transposed gradient
     # (a tied head's, [D, V] seen as [V, D]) must be laid out like its param first
     g32 = [g.contiguous() for g in g32]
+    lr, wd, decayed = hp["lr"], hp["weight_decay"], set(decay)
     t = step.to(torch.float32)
+    if _NATIVE_ADAMW and p32[0].device.type == "cpu":
+        # the float constants of _adamw_math's tensor arithmetic, read once (CPU: no device sync)
+        b1, b2 = cfg.beta1, cfg.beta2
+        bc1, bc2, dec = (1 - b1**t).item(), (1 - b2**t).item(), (1 - lr * wd).item()
+        scale = 1.0 if grad_scale is None else grad_scale.float().item()
+        for i, (p, g, m_, v_) in enumerate(zip(p32, g32, m, v, strict=True)):
+            torch.ops.lumina_native.adamw_out(
+                p, g, m_, v_, out_p[i], out_m[i], out_v[i], scale, dec if i in decayed else 1.0,
+                lr.item(), b1, b2, bc1, bc2, cfg.eps,
+            )  # fmt: skip
+        return
+    factor = 1 - lr * wd
+    for i, (p, m_, v_) in enumerate(zip(p32, m, v, strict=True)):
+        if i in decayed:
+            torch.mul(p, factor, out=out_p[i])
+        elif out_p[i] is not p:
+            out_p[i].copy_(p)
+        if out_m[i] is not m_:
+            out_m[i].copy_(m_)
+            out_v[i].copy_(v_)
     torch._fused_adamw_(
-        p32, g32, m, v, [], [t] * len(p32), lr=lr, beta1=cfg.beta1, beta2=cfg.beta2,
+        out_p, g32, out_m, out_v, [], [t] * len(p32), lr=lr, beta1=cfg.beta1, beta2=cfg.beta2,
         weight_decay=0.0, eps=cfg.eps, amsgrad=False, maximize=False,
         grad_scale=None if grad_scale is None else 1 / grad_scale.float(),  # the kernel divides by it
     )  # fmt: skip

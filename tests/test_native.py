@@ -43,3 +43,45 @@ def test_hash_uniform_refuses_bad_keys():
         native.hash_uniform(torch.tensor(1, dtype=torch.int32), 4)
     with pytest.raises(RuntimeError, match="n must be >= 0"):
         native.hash_uniform(torch.tensor(1), -1)
+
+
+def test_adamw_kernel_follows_the_foreach_arithmetic_in_place_or_not():
+    from tensordict import TensorDict
+
+    from lumina import optim
+    from lumina.config import TrainConfig
+
+    assert optim._NATIVE_ADAMW, lumina_kernels.native_status()
+    cfg = TrainConfig(beta1=0.9, beta2=0.95, eps=1e-8)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(513, 37), (100_003,), (5,)]  # several parallel chunks, a vector tail, a scalar-only leaf
+    p = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    m = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+    v = [torch.rand(s, generator=g) * 0.01 for s in shapes]
+    hp = TensorDict({"lr": torch.tensor(3e-3), "weight_decay": torch.tensor(0.1)}, [])
+    for step, clip in ((1, None), (7, torch.tensor(0.37))):
+        t = torch.tensor(step)
+        new = optim._adamw_fused(p, grads, m, v, [0], t, hp, cfg, grad_scale=clip)
+        scaled = grads if clip is None else torch._foreach_mul(grads, clip)
+        want = optim._adamw_math(p, scaled, m, v, [0], t, hp, cfg)
+        for ours, theirs in zip(new[1:], want[1:], strict=True):  # moments: bit for bit
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+        for a, b in zip(new[0], want[0], strict=True):  # params: torch's sqrt is not always exact
+            assert (a.view(torch.int32) - b.view(torch.int32)).abs().max() <= 4
+        assert not torch.equal(new[0][0], p[0]) and not torch.equal(new[1][0], m[0])
+        inplace = [[x.clone() for x in xs] for xs in (p, m, v)]
+        optim.adamw_(inplace[0], grads, inplace[1], inplace[2], [0], t, hp, cfg, grad_scale=clip)
+        for ours, theirs in zip(inplace, new, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_adamw_kernel_refuses_mismatched_operands():
+    x = torch.zeros(8)
+    args = (1.0, 1.0, 1e-3, 0.9, 0.95, 0.1, 0.05, 1e-8)
+    with pytest.raises(RuntimeError, match="grad has 7 elements"):
+        torch.ops.lumina_native.adamw_out(x, torch.zeros(7), x, x, x, x, x, *args)
+    with pytest.raises(RuntimeError, match="m must be a contiguous fp32 CPU tensor"):
+        torch.ops.lumina_native.adamw_out(x, x, torch.zeros(8, dtype=torch.float64), x, x, x, x, *args)
+    with pytest.raises(RuntimeError, match="v_out must be a contiguous fp32"):
+        torch.ops.lumina_native.adamw_out(x, x, x, x, x, x, torch.zeros(16)[::2], *args)

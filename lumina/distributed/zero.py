@@ -17,7 +17,7 @@ first use, about 2 minutes).
 Numerics. DeepSpeed runs in fp32 (no ``bf16`` / ``fp16`` section): the module holds fp32 masters and
 the view casts them to the compute dtype inside the forward, exactly as the single-device step and
 the DDP / FSDP engines do, so ``train.precision`` fp32 / tf32 / bf16 / fp8 train as they do on one
-process. The optimizer is Lumina's AdamW (the fused kernel, ``lumina.optim.adam_step_``, in place on
+process. The optimizer is Lumina's AdamW (the fused kernel, ``lumina.optim.adamw_``, in place on
 DeepSpeed's flat partitions: elementwise, so flattening changes no bit but where an element falls in
 the kernel's vectorised body or its scalar tail, a last-bit difference in a second moment), with two
 parameter groups (matrices decayed, the rest not, as ``lumina.optim.adamw_update``), the learning
@@ -118,7 +118,7 @@ def _import_deepspeed(device_type: str, strategy: str):
 
 
 class LuminaAdamW(torch.optim.Optimizer):
-    """Lumina's AdamW (in place through ``lumina.optim.adam_step_``, the fused kernel of the eager
+    """Lumina's AdamW (in place through ``lumina.optim.adamw_``, the fused kernel of the eager
     single-device step; else ``lumina.optim._adamw_math``) as a ``torch.optim.Optimizer`` over DeepSpeed's
     flat fp32 partitions. Per group: ``lr``, ``weight_decay`` (applied when ``decay``) and
     ``updates`` (the step number of the bias correction, counting from 1), all set by the engine
@@ -150,10 +150,8 @@ class LuminaAdamW(torch.optim.Optimizer):
                 }
                 step = torch.tensor(group["updates"], dtype=torch.int64, device=dev)
                 lists = ([p], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]])
-                if optim._fusable(lists):  # in place, as the single-device step's fused update
-                    if group["decay"]:
-                        p.mul_(1 - hp["lr"] * hp["weight_decay"])
-                    optim.adam_step_(*lists, step, hp["lr"], self.cfg)
+                if optim._fusable(lists):  # in place, the single-device step's fused update
+                    optim.adamw_(*lists, [0] if group["decay"] else [], step, hp, self.cfg)
                     continue
                 (new_p,), (m,), (v,) = optim._adamw_math(
                     [p.float()],
