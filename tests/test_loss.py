@@ -196,3 +196,48 @@ def test_debug_train_step_loss_chunk_on_vs_off():
         assert a[2] == pytest.approx(b[2], rel=1e-5)
     assert ev_on == pytest.approx(ev_off, rel=1e-6) and acc_on == acc_off
     assert on[0][0] != on[-1][0]  # it trains
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_epilogue_matches_the_torch_ops(monkeypatch, dtype):
+    """On CPU the chunk's softmax, loss, count and softmax - onehot run in one native kernel
+    (``lumina_native::xent_rows_``); the torch ops it replaces give the same numbers to float
+    rounding. V = 1001: 62 full 16-lane blocks and a tail; big logits, so the max matters."""
+    from lumina.model import loss
+
+    if not loss._NATIVE_ROWS:
+        pytest.skip("native library not built")
+    x, w, t = _data(N=37, D=12, V=1001, dtype=dtype, seed=3)
+    x = x * 4
+    calls = []
+    real = torch.ops.lumina_native.xent_rows_
+    monkeypatch.setattr(loss.torch.ops.lumina_native, "xent_rows_", lambda *a: calls.append(1) or real(*a))
+    native = _grads(_loss, x, w, t, 8)
+    assert len(calls) == 5  # ceil(37 / 8) chunks
+    monkeypatch.setattr(loss, "_NATIVE_ROWS", False)
+    torch_ops = _grads(_loss, x, w, t, 8)
+    assert len(calls) == 5
+    assert native[1].item() == torch_ops[1].item()
+    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+    for a, b in zip(native[::2], torch_ops[::2], strict=True):  # value, d/dx
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    torch.testing.assert_close(native[3].float(), torch_ops[3].float(), **tol)  # d/dhead
+    with torch.no_grad():  # evaluation: no gradient pass, the same sums
+        ev = linear_cross_entropy(x, w, t, ignore_index=IGN, chunk=8, differentiable=False)
+    monkeypatch.setattr(loss, "_NATIVE_ROWS", True)
+    with torch.no_grad():
+        ev_native = linear_cross_entropy(x, w, t, ignore_index=IGN, chunk=8, differentiable=False)
+    assert ev[1].item() == ev_native[1].item()
+    torch.testing.assert_close(ev_native[0], ev[0], rtol=1e-6, atol=1e-6)
+
+
+def test_native_epilogue_refuses_out_of_range_targets():
+    from lumina.model import loss
+
+    if not loss._NATIVE_ROWS:
+        pytest.skip("native library not built")
+    logits, keep = torch.zeros(2, 5), torch.ones(2, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="target 5 in row 1 is outside"):
+        torch.ops.lumina_native.xent_rows_(logits, torch.tensor([0, 5]), keep, True)
+    with pytest.raises(RuntimeError, match="contiguous 2-D fp32"):
+        torch.ops.lumina_native.xent_rows_(logits.double(), torch.tensor([0, 1]), keep, True)

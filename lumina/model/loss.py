@@ -22,6 +22,12 @@ incoming (scalar) gradient of the loss sum and casts them to the inputs' dtypes.
 the inputs' dtype (bf16 in bf16 training: tensor-core GEMMs, fp32 accumulation inside them), the
 softmax and the accumulators in fp32.
 
+The chunk's epilogue (max, correct count, log-sum-exp, loss, softmax - onehot) is, in an eager step
+on the CPU, one native kernel (``lumina_native::xent_rows_``, kernels/csrc/xent_ops.cpp) that makes
+three passes over each row while it is in cache, in place on the chunk's logits; compiled graphs
+(which fuse the torch ops themselves), CUDA tensors and ``LUMINA_OPS=reference`` take the torch ops.
+The two agree to float rounding (tests/test_loss.py).
+
 Differentiation: an ``autograd.Function`` with ``setup_context`` (``torch.func.grad`` needs it, see
 ``lumina_kernels._autograd``), reached through a module global and applied with ``_autograd.apply``
 (the view trick); its outputs are (ce_sum, correct, grad_x, grad_head), the last three
@@ -34,6 +40,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lumina import ops
+from lumina_kernels import native
 from lumina_kernels._autograd import apply as _apply
 
 __all__ = ["hits", "linear_cross_entropy", "plain_cross_entropy", "token_nll"]
@@ -56,6 +64,21 @@ def hits(logits_CV: torch.Tensor, targets_C1: torch.Tensor, keep_C: torch.Tensor
     return (logits_CV.gather(1, targets_C1)[:, 0] >= logits_CV.amax(-1)) & keep_C
 
 
+_NATIVE_ROWS = native.has_op("xent_rows_")
+
+
+def _native_rows(logits_CV: torch.Tensor) -> bool:
+    """Whether the native epilogue (``lumina_native::xent_rows_``, kernels/csrc/xent_ops.cpp) takes
+    this chunk: built, an eager step (a compiled graph fuses the torch ops itself), fp32 on the CPU,
+    and not forced off (``LUMINA_OPS=reference``)."""
+    return (
+        _NATIVE_ROWS
+        and ops.provider() == "native"
+        and logits_CV.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+    )
+
+
 def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
     N = x_ND.shape[0]
     C = N if chunk <= 0 else chunk
@@ -68,17 +91,24 @@ def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
         logits_CV = (x_CD @ head_DV).float()  # as the plain path: matmul in the head's dtype, then fp32
         keep_C = t_C != ignore_index
         safe_C = torch.where(keep_C, t_C, torch.zeros_like(t_C))[:, None]  # ignored rows gather column 0
-        correct = correct + hits(logits_CV, safe_C, keep_C).sum()
-        nll_C, logp_CV = token_nll(logits_CV, safe_C, keep_C)
-        del logits_CV
-        ce_sum = ce_sum + nll_C.sum()
-        if not grads:
-            continue
-        # in place on the chunk's log-probabilities (nothing else reads them now): one [C, V] buffer.
-        # Ignored rows are zeroed on the [C, D] sides (x's rows for grad_head, grad_x's rows), not
-        # on the [C, V] one: a sweep of the chunk less
         keep_C1 = keep_C.float()[:, None]
-        d_CV = logp_CV.exp_().scatter_add_(1, safe_C, -keep_C1).to(head_DV.dtype)  # softmax - onehot
+        if _native_rows(logits_CV):  # the epilogue below in one kernel, in place on the chunk's logits
+            nll_C, hits_C = torch.ops.lumina_native.xent_rows_(logits_CV, safe_C[:, 0], keep_C, grads)
+            correct, ce_sum = correct + hits_C.sum(), ce_sum + nll_C.sum()
+            if not grads:
+                continue
+            d_CV = logits_CV.to(head_DV.dtype)  # softmax - onehot
+        else:
+            correct = correct + hits(logits_CV, safe_C, keep_C).sum()
+            nll_C, logp_CV = token_nll(logits_CV, safe_C, keep_C)
+            del logits_CV
+            ce_sum = ce_sum + nll_C.sum()
+            if not grads:
+                continue
+            # in place on the chunk's log-probabilities (nothing else reads them now): one [C, V]
+            # buffer. Ignored rows are zeroed on the [C, D] sides (x's rows for grad_head, grad_x's
+            # rows), not on the [C, V] one: a sweep of the chunk less
+            d_CV = logp_CV.exp_().scatter_add_(1, safe_C, -keep_C1).to(head_DV.dtype)  # softmax - onehot
         grad_x.append((d_CV @ head_DV.T).float() * keep_C1)
         xk_CD = x_CD * keep_C1.to(x_CD.dtype)
         if head_DV.dtype == torch.float32:
