@@ -22,7 +22,7 @@ import torch
 from lumina_kernels import load_native, native_status
 from lumina_kernels._autograd import apply, op_functions
 
-__all__ = ["available", "has_op", "hash_uniform", "moe_combine", "moe_dispatch"]
+__all__ = ["available", "grouped_mm", "has_op", "hash_uniform", "moe_combine", "moe_dispatch"]
 
 _NATIVE = load_native()  # importing lumina_kernels._C runs its TORCH_LIBRARY registrations
 
@@ -64,6 +64,23 @@ if available():
         return y.new_empty(y.shape), weights.new_empty(weights.shape)
 
 
+if has_op("grouped_mm"):
+
+    @torch.library.register_fake("lumina_native::grouped_mm")
+    def _(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[-1])
+
+    @torch.library.register_fake("lumina_native::grouped_mm_weight_grad")
+    def _(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(counts.shape[0], x.shape[1], g.shape[1])
+
+    # the grouped-matmul formulas every provider shares (lumina_kernels._autograd)
+    _GroupedMM, _GroupedMMWeightGrad = op_functions(
+        "lumina_native",
+        grouped_mm=torch.ops.lumina_native.grouped_mm,
+        grouped_mm_weight_grad=torch.ops.lumina_native.grouped_mm_weight_grad,
+    )
+
 if has_op("hash_uniform"):
 
     @torch.library.register_fake("lumina_native::hash_uniform")
@@ -101,3 +118,11 @@ def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:
     if not has_op("hash_uniform"):
         raise RuntimeError(f"lumina native op hash_uniform unavailable: {native_status()}")
     return torch.ops.lumina_native.hash_uniform(key, n)
+
+
+def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """``reference.grouped_mm`` (the same per-expert matmuls, so the same bits) without its Python
+    per call (``kernels/csrc/grouped_mm_ops.cpp``); differentiable. [A, F]"""
+    if not has_op("grouped_mm"):
+        raise RuntimeError(f"lumina native op grouped_mm unavailable: {native_status()}")
+    return apply(_GroupedMM, x_AD, w_EDF, counts_E)

@@ -238,8 +238,9 @@ def grouped_mm_choice(x_AD: torch.Tensor, w_EDF: torch.Tensor, impl: str = "auto
     """The implementation ``grouped_mm`` uses for these operands: "torch", "triton" or "reference".
 
     auto: on CUDA, torch's grouped_mm where it takes the operands (bf16, aligned, sm80+), else the
-    Triton kernel; on CPU the reference (torch's CPU grouped_mm is itself a loop of matmuls), or the
-    Triton kernel under LUMINA_OPS=triton. LUMINA_OPS=reference forces the reference. An explicit
+    Triton kernel; on CPU the reference (torch's CPU grouped_mm is itself a loop of matmuls) — its
+    loop in C++ when the native library is built (``lumina_native::grouped_mm``, same matmuls, same
+    bits) —, or the Triton kernel under LUMINA_OPS=triton. LUMINA_OPS=reference forces the reference. An explicit
     choice that cannot run raises ValueError naming ``model.moe.grouped_mm``."""
     if impl not in GROUPED_MM:
         raise ValueError(f"model.moe.grouped_mm={impl!r}: expected one of {', '.join(GROUPED_MM)}")
@@ -258,6 +259,9 @@ def grouped_mm_choice(x_AD: torch.Tensor, w_EDF: torch.Tensor, impl: str = "auto
     return impl
 
 
+_NATIVE_GMM = _PROVIDER == "native" and native.has_op("grouped_mm")
+
+
 def grouped_mm(
     x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto"
 ) -> torch.Tensor:
@@ -269,4 +273,6 @@ def grouped_mm(
         return torch.nn.functional.grouped_mm(x_AD, w_EDF, offs=offsets)
     if choice == "triton":
         return _triton_gmm.grouped_mm(x_AD, w_EDF, counts_E)
+    if _NATIVE_GMM and _MODE == "auto" and x_AD.device.type == "cpu":  # the reference's loop, in C++
+        return native.grouped_mm(x_AD, w_EDF, counts_E)
     return _reference_grouped_mm(x_AD, w_EDF, counts_E)

@@ -62,7 +62,7 @@ def _child(out_dir: Path) -> None:
             "triton_gmm": ops._triton_gmm,
         }
     wrapped = {
-        "native": ("moe_dispatch", "moe_combine"),
+        "native": ("moe_dispatch", "moe_combine", "grouped_mm"),
         "triton": ("moe_routing", "moe_dispatch"),
         "triton_combine": ("moe_combine",),
         "triton_mod": ("mod_topk", "mod_gather", "mod_scatter"),
@@ -167,16 +167,19 @@ def test_reference_child_calls_no_kernel(reference_run):
 
 
 def test_auto_provider_matches_reference(reference_run, tmp_path):
-    """On CPU: the native MoE dispatch/combine when built (the rest on the reference)."""
+    """On CPU: the native MoE dispatch/combine and dropless grouped matmul when built (the rest on
+    the reference)."""
     import lumina_kernels
 
     results, meta = _run("auto", tmp_path / "auto")
     built = lumina_kernels.load_native() is not None
     assert meta["provider"] == ("native" if built else "reference")
-    expected_calls = {"native.moe_dispatch", "native.moe_combine"} if built else set()
-    assert set(meta["calls"]) == expected_calls  # and no Triton kernel on CPU tensors
+    routing = {"native.moe_dispatch", "native.moe_combine"} if built else set()
+    grouped = {"native.grouped_mm"} if built else set()
+    assert set(meta["calls"]) == routing | grouped  # and no Triton kernel on CPU tensors
     for kind in KINDS:  # every kind: dropless and capacity MoE, and MoD (a K = 1 dispatch/combine)
-        assert set(meta["by_kind"][kind]) == expected_calls, (kind, meta["by_kind"])
+        expected = routing | (grouped if kind in ("moe", "hybrid") else set())  # dropless experts
+        assert set(meta["by_kind"][kind]) == expected, (kind, meta["by_kind"])
     _compare(results, reference_run[0], meta["provider"])
 
 
