@@ -240,8 +240,8 @@ def grouped_mm_choice(x_AD: torch.Tensor, w_EDF: torch.Tensor, impl: str = "auto
     auto: on CUDA, torch's grouped_mm where it takes the operands (bf16, aligned, sm80+), else the
     Triton kernel; on CPU the reference (torch's CPU grouped_mm is itself a loop of matmuls) — its
     loop in C++ when the native library is built (``lumina_native::grouped_mm``, same matmuls, same
-    bits) —, or the Triton kernel under LUMINA_OPS=triton. LUMINA_OPS=reference forces the reference. An explicit
-    choice that cannot run raises ValueError naming ``model.moe.grouped_mm``."""
+    bits) —, or the Triton kernel under LUMINA_OPS=triton. LUMINA_OPS=reference forces the
+    reference. An explicit choice that cannot run raises ValueError naming ``model.moe.grouped_mm``."""
     if impl not in GROUPED_MM:
         raise ValueError(f"model.moe.grouped_mm={impl!r}: expected one of {', '.join(GROUPED_MM)}")
     if _MODE == "reference":
