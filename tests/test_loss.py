@@ -241,3 +241,12 @@ def test_native_epilogue_refuses_out_of_range_targets():
         torch.ops.lumina_native.xent_rows_(logits, torch.tensor([0, 5]), keep, True)
     with pytest.raises(RuntimeError, match="contiguous 2-D fp32"):
         torch.ops.lumina_native.xent_rows_(logits.double(), torch.tensor([0, 1]), keep, True)
+
+
+def test_no_rows_gives_zero_loss_and_zero_grads():
+    x = torch.zeros(0, 4, requires_grad=True)
+    w = torch.randn(4, 7, requires_grad=True)
+    ce, correct = linear_cross_entropy(x, w, torch.zeros(0, dtype=torch.long), ignore_index=IGN, chunk=3)
+    ce.backward()
+    assert ce.item() == 0 and correct.item() == 0
+    assert x.grad.shape == (0, 4) and w.grad.abs().max() == 0

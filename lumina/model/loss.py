@@ -84,7 +84,7 @@ def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
     C = N if chunk <= 0 else chunk
     ce_sum = torch.zeros((), dtype=torch.float32, device=x_ND.device)
     correct = torch.zeros((), dtype=torch.int64, device=x_ND.device)
-    grad_head_DV = torch.zeros(head_DV.shape, dtype=torch.float32, device=x_ND.device)
+    grad_head_DV = None  # the first chunk's product starts it: no zero-filled [D, V] to add onto
     grad_x = []
     for s in range(0, N, C):
         x_CD, t_C = x_ND[s : s + C], targets_N[s : s + C]
@@ -111,11 +111,18 @@ def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
             d_CV = logp_CV.exp_().scatter_add_(1, safe_C, -keep_C1).to(head_DV.dtype)  # softmax - onehot
         grad_x.append((d_CV @ head_DV.T).float() * keep_C1)
         xk_CD = x_CD * keep_C1.to(x_CD.dtype)
-        if head_DV.dtype == torch.float32:
+        if grad_head_DV is None:
+            grad_head_DV = (xk_CD.T @ d_CV).float()
+        elif head_DV.dtype == torch.float32:
             grad_head_DV = grad_head_DV.addmm_(xk_CD.T, d_CV)
         else:
             grad_head_DV = grad_head_DV.add_((xk_CD.T @ d_CV).float())
-    return ce_sum, correct, (torch.cat(grad_x) if grads else None), grad_head_DV
+    if not grads:
+        return ce_sum, correct, None, None
+    if grad_head_DV is None:  # no rows
+        grad_head_DV = torch.zeros(head_DV.shape, dtype=torch.float32, device=x_ND.device)
+        grad_x = [torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)]
+    return ce_sum, correct, torch.cat(grad_x), grad_head_DV
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
