@@ -81,6 +81,13 @@ if has_op("grouped_mm"):
         grouped_mm_weight_grad=torch.ops.lumina_native.grouped_mm_weight_grad,
     )
 
+if has_op("xent_rows_"):
+
+    @torch.library.register_fake("lumina_native::xent_rows_")
+    def _(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, grads: bool):
+        return logits.new_empty(logits.shape[0]), keep.new_empty(logits.shape[0])
+
+
 if has_op("hash_uniform"):
 
     @torch.library.register_fake("lumina_native::hash_uniform")

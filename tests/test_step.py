@@ -476,6 +476,10 @@ def test_debug_preset_step_compiles_to_one_graph_through_the_kernels():
             "lumina_native.moe_dispatch",
             "lumina_native.moe_combine",
             "lumina_native.moe_dispatch_backward",
+            "lumina_native.grouped_mm",  # the reference's loop, in C++
+            "lumina_native.hash_uniform",  # router jitter and expert dropout
+            "lumina_native.xent_rows_",  # the chunked loss's epilogue
         ):
-            assert op in targets, sorted(t for t in targets if "lumina" in t)
-    assert "lumina.grouped_mm.default" in targets
+            assert any(t.startswith(op) for t in targets), sorted(t for t in targets if "lumina" in t)
+    else:
+        assert "lumina.grouped_mm.default" in targets
