@@ -95,6 +95,15 @@ def test_autograd_backward_and_tied_head_view():
             ref = xr.grad, er.grad
     torch.testing.assert_close(xr.grad, ref[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(er.grad, ref[1], rtol=1e-5, atol=1e-7)
+    # the head's gradient is accumulated in the head's memory layout ([V, D] here), so the
+    # embedding's gradient arrives contiguous: no transposed add, no copy before the optimizer
+    seen = []
+    er = emb.clone().requires_grad_()
+    head = er.T
+    head.register_hook(lambda g: seen.append(g))
+    linear_cross_entropy(x, head, t, ignore_index=IGN, chunk=7)[0].backward()
+    assert seen[0].T.is_contiguous() and er.grad.is_contiguous()
+    torch.testing.assert_close(er.grad, ref[1] * 29, rtol=1e-5, atol=1e-6)  # _loss scaled by 1/29
 
 
 def test_bf16_head_fp32_accumulation():

@@ -80,7 +80,10 @@ def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
     C = N if chunk <= 0 else chunk
     ce_sum = torch.zeros((), dtype=torch.float32, device=x_ND.device)
     correct = torch.zeros((), dtype=torch.int64, device=x_ND.device)
-    grad_head_DV = None  # the first chunk's product starts it: no zero-filled [D, V] to add onto
+    grad_head = None  # the first chunk's product starts it: no zero-filled [D, V] to add onto
+    # accumulated in the head's own layout: a tied head is the embedding transposed ([V, D] memory),
+    # and its gradient then meets the embedding's gradient, and the optimizer, without a transpose
+    transposed = not head_DV.is_contiguous() and head_DV.T.is_contiguous()
     grad_x = []
     for s in range(0, N, C):
         x_CD, t_C = x_ND[s : s + C], targets_N[s : s + C]
@@ -107,18 +110,19 @@ def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
             d_CV = logp_CV.exp_().scatter_add_(1, safe_C, -keep_C1).to(head_DV.dtype)  # softmax - onehot
         grad_x.append((d_CV @ head_DV.T).float() * keep_C1)
         xk_CD = x_CD * keep_C1.to(x_CD.dtype)
-        if grad_head_DV is None:
-            grad_head_DV = (xk_CD.T @ d_CV).float()
+        a, b = (d_CV.T, xk_CD) if transposed else (xk_CD.T, d_CV)  # [V, D] or [D, V]
+        if grad_head is None:
+            grad_head = (a @ b).float()
         elif head_DV.dtype == torch.float32:
-            grad_head_DV = grad_head_DV.addmm_(xk_CD.T, d_CV)
+            grad_head = grad_head.addmm_(a, b)
         else:
-            grad_head_DV = grad_head_DV.add_((xk_CD.T @ d_CV).float())
+            grad_head = grad_head.add_((a @ b).float())
     if not grads:
         return ce_sum, correct, None, None
-    if grad_head_DV is None:  # no rows
-        grad_head_DV = torch.zeros(head_DV.shape, dtype=torch.float32, device=x_ND.device)
+    if grad_head is None:  # no rows
+        grad_head = torch.zeros(head_DV.T.shape if transposed else head_DV.shape, device=x_ND.device)
         grad_x = [torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device)]
-    return ce_sum, correct, torch.cat(grad_x), grad_head_DV
+    return ce_sum, correct, torch.cat(grad_x), (grad_head.T if transposed else grad_head)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
