@@ -135,6 +135,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         x_ND, head_DV = inputs[0], inputs[1]
         _, correct, grad_x_ND, grad_head_DV = output
         ctx.mark_non_differentiable(correct, grad_x_ND, grad_head_DV)
+        ctx.set_materialize_grads(False)  # the three unused outputs' gradients stay None, not zeros
         ctx.save_for_backward(grad_x_ND, grad_head_DV)
         ctx.dtypes = (x_ND.dtype, head_DV.dtype)
 
