@@ -211,8 +211,8 @@ def adamw_(
     vectorised sqrt is not correctly rounded). Elsewhere (or not built), torch's fused AdamW
     kernel, which updates in place, so the inputs are copied into ``out`` first (weight decay
     applied in that copy: it is a tensor the orchestrator may change, the kernel takes a float); it
-    rounds differently from
-    ``_adamw_math`` (e.g. ``lerp`` for the first moment): float32 rounding, not bit for bit."""
+    rounds differently from ``_adamw_math`` (e.g. ``lerp`` for the first moment): float32
+    rounding, not bit for bit."""
     out_p, out_m, out_v = (p32, m, v) if out is None else out
     # both kernels walk every tensor as flat memory in the param's order: a transposed gradient
     # (a tied head's, [D, V] seen as [V, D]) must be laid out like its param first
@@ -223,11 +223,11 @@ def adamw_(
         # the float constants of _adamw_math's tensor arithmetic, read once (CPU: no device sync)
         b1, b2 = cfg.beta1, cfg.beta2
         bc1, bc2, dec = (1 - b1**t).item(), (1 - b2**t).item(), (1 - lr * wd).item()
-        scale = 1.0 if grad_scale is None else grad_scale.float().item()
+        scale, lr_ = 1.0 if grad_scale is None else grad_scale.float().item(), lr.item()
         for i, (p, g, m_, v_) in enumerate(zip(p32, g32, m, v, strict=True)):
             torch.ops.lumina_native.adamw_out(
                 p, g, m_, v_, out_p[i], out_m[i], out_v[i], scale, dec if i in decayed else 1.0,
-                lr.item(), b1, b2, bc1, bc2, cfg.eps,
+                lr_, b1, b2, bc1, bc2, cfg.eps,
             )  # fmt: skip
         return
     factor = 1 - lr * wd

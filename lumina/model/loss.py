@@ -22,11 +22,12 @@ incoming (scalar) gradient of the loss sum and casts them to the inputs' dtypes.
 the inputs' dtype (bf16 in bf16 training: tensor-core GEMMs, fp32 accumulation inside them), the
 softmax and the accumulators in fp32.
 
-The chunk's epilogue (max, correct count, log-sum-exp, loss, softmax - onehot) is, in an eager step
-on the CPU, one native kernel (``lumina_native::xent_rows_``, kernels/csrc/xent_ops.cpp) that makes
-three passes over each row while it is in cache, in place on the chunk's logits (compiled graphs
-call it as an opaque op); CUDA tensors and ``LUMINA_OPS=reference`` take the torch ops. The two agree
-to float rounding (tests/test_loss.py).
+The chunk's epilogue (max, correct count, log-sum-exp, loss, softmax - onehot) is, on the CPU, one
+native kernel (``lumina_native::xent_rows_``, kernels/csrc/xent_ops.cpp) that makes three passes
+over each row while it is in cache, in place on the chunk's logits (eager, and called as an opaque
+op by compiled graphs); CUDA tensors and ``LUMINA_OPS=reference`` take the torch ops. The two agree
+to float rounding (tests/test_loss.py). The head's gradient is accumulated in the head's memory
+layout (a tied head's is the embedding's [V, D]).
 
 Differentiation: an ``autograd.Function`` with ``setup_context`` (``torch.func.grad`` needs it, see
 ``lumina_kernels._autograd``), reached through a module global and applied with ``_autograd.apply``
