@@ -78,10 +78,15 @@ def test_adamw_matches_torch_adamw():
         torch.testing.assert_close(params[k], ref[k].detach(), atol=1e-6, rtol=1e-6)
 
 
-def test_fused_adamw_equals_the_foreach_math_and_leaves_its_inputs(monkeypatch):
-    """The eager update (torch's fused kernel on copies) against the foreach arithmetic a compiled
-    step fuses, on a gradient laid out transposed (a tied head's): equal to float32 rounding, and
-    the inputs untouched (the step is pure)."""
+@pytest.mark.parametrize("native", [True, False], ids=["native-kernel", "torch-fused-kernel"])
+def test_fused_adamw_equals_the_foreach_math_and_leaves_its_inputs(monkeypatch, native):
+    """The eager update (the native kernel into fresh tensors; without it, torch's fused kernel on
+    copies, as on CUDA) against the foreach arithmetic a compiled step fuses, on a gradient laid out
+    transposed (a tied head's): equal to float32 rounding, and the inputs untouched (the step is
+    pure)."""
+    if native and not optim._NATIVE_ADAMW:
+        pytest.skip("native library not built")
+    monkeypatch.setattr(optim, "_NATIVE_ADAMW", native)
     cfg = TrainConfig(beta1=0.9, beta2=0.95, eps=1e-8)
     g = torch.Generator().manual_seed(0)
     params = TensorDict({"w": torch.randn(5, 3, generator=g), "n": torch.randn(3, generator=g)}, [])
@@ -99,6 +104,15 @@ def test_fused_adamw_equals_the_foreach_math_and_leaves_its_inputs(monkeypatch):
         for k, v in tree.flatten(ref).items():
             torch.testing.assert_close(tree.flatten(new)[k], v, atol=1e-7, rtol=1e-6, msg=k)
     assert not torch.equal(fused[0]["w"], params["w"])
+    # in place (the ZeRO engine's use) writes what the pure update returns
+    lists = [[t.clone() for t in (params[k], opt["m", k], opt["v", k])] for k in ("w", "n")]
+    p_, m_, v_ = ([x[i] for x in lists] for i in range(3))
+    hp_ = TensorDict({"lr": hp["lr"], "weight_decay": hp["weight_decay"]}, [])
+    optim.adamw_(p_, [grads["w"], grads["n"]], m_, v_, [0], torch.tensor(3), hp_, cfg)
+    for k, got in zip(("w", "n"), p_, strict=True):
+        assert torch.equal(got, fused[0][k]), k
+    for k, got in zip(("w", "n"), v_, strict=True):
+        assert torch.equal(got, fused[1]["v", k]), k
 
 
 def test_schedules():
