@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
+import importlib.util
 import os
 import sys
 from types import ModuleType
@@ -33,9 +35,6 @@ def _hand_over_to_pypi_kernels() -> None:
 
 
 if __name__ == "kernels":
-    import importlib.machinery
-    import importlib.util
-
     _hand_over_to_pypi_kernels()
 
 __all__ = ["load_native", "native_status"]

@@ -38,9 +38,12 @@ def has_op(name: str) -> bool:
     return _NATIVE is not None and hasattr(torch.ops.lumina_native, name)
 
 
-def _require() -> None:
-    if not available():
+def _require(op: str | None = None) -> None:
+    """Raise naming ``op`` (default: the MoE ops) when the library cannot run it."""
+    if op is None and not available():
         raise RuntimeError(f"lumina native ops unavailable: {native_status()}")
+    if op is not None and not has_op(op):
+        raise RuntimeError(f"lumina native op {op} unavailable: {native_status()}")
 
 
 if available():
@@ -122,14 +125,12 @@ def moe_combine(y_AD: torch.Tensor, perm_A: torch.Tensor, weights_NK: torch.Tens
 
 def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:
     """``reference.hash_uniform`` in one pass (``kernels/csrc/random_ops.cpp``), bit-identical. [n] float32"""
-    if not has_op("hash_uniform"):
-        raise RuntimeError(f"lumina native op hash_uniform unavailable: {native_status()}")
+    _require("hash_uniform")
     return torch.ops.lumina_native.hash_uniform(key, n)
 
 
 def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """``reference.grouped_mm`` (the same per-expert matmuls, so the same bits) without its Python
     per call (``kernels/csrc/grouped_mm_ops.cpp``); differentiable. [A, F]"""
-    if not has_op("grouped_mm"):
-        raise RuntimeError(f"lumina native op grouped_mm unavailable: {native_status()}")
+    _require("grouped_mm")
     return apply(_GroupedMM, x_AD, w_EDF, counts_E)

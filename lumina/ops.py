@@ -273,6 +273,6 @@ def grouped_mm(
         return torch.nn.functional.grouped_mm(x_AD, w_EDF, offs=offsets)
     if choice == "triton":
         return _triton_gmm.grouped_mm(x_AD, w_EDF, counts_E)
-    if _NATIVE_GMM and _MODE == "auto" and x_AD.device.type == "cpu":  # the reference's loop, in C++
+    if _NATIVE_GMM and x_AD.device.type == "cpu":  # the reference's loop, in C++
         return native.grouped_mm(x_AD, w_EDF, counts_E)
     return _reference_grouped_mm(x_AD, w_EDF, counts_E)

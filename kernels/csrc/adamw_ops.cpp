@@ -24,18 +24,15 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_clones.h"
+
 namespace {
 
 struct Coeffs {
   float grad_scale, decay, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bias2, eps;
 };
 
-// Compiled for AVX-512 and AVX2 as well as the baseline, picked at load time by the CPU (GCC's
-// function multi-versioning): the loop vectorises 16 / 8 / 4 wide.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-void adamw_range(const float* __restrict p, const float* __restrict g, const float* m, const float* v,
+LUMINA_CLONES void adamw_range(const float* __restrict p, const float* __restrict g, const float* m, const float* v,
                  float* po, float* mo, float* vo, int64_t n, const Coeffs c) {
   // m/mo and v/vo may alias each other (in place) but each element is read before it is written
   for (int64_t i = 0; i < n; ++i) {

@@ -25,6 +25,8 @@
 #include <cstring>
 #include <tuple>
 
+#include "cpu_clones.h"
+
 namespace {
 
 inline float exp_nonpositive(float x) {
@@ -45,12 +47,6 @@ inline float exp_nonpositive(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LUMINA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LUMINA_CLONES
-#endif
 
 // Reductions keep kLanes partial results (lane l takes elements l, l + kLanes, ...), so that the
 // compiler vectorises them without reassociating floats on its own (no -ffast-math), and fold them

@@ -65,15 +65,10 @@ def hits(logits_CV: torch.Tensor, targets_C1: torch.Tensor, keep_C: torch.Tensor
     return (logits_CV.gather(1, targets_C1)[:, 0] >= logits_CV.amax(-1)) & keep_C
 
 
-_NATIVE_ROWS = native.has_op("xent_rows_")
-
-
-def _native_rows(logits_CV: torch.Tensor) -> bool:
-    """Whether the native epilogue (``lumina_native::xent_rows_``, kernels/csrc/xent_ops.cpp) takes
-    this chunk: built, on the CPU, and not forced off (``LUMINA_OPS=reference``). Compiled graphs
-    call it too (an opaque op with a fake kernel), so a compiled step computes the same numbers as
-    the eager one."""
-    return _NATIVE_ROWS and ops.provider() == "native" and logits_CV.device.type == "cpu"
+# The native epilogue (``lumina_native::xent_rows_``, kernels/csrc/xent_ops.cpp) takes CPU chunks
+# when built and not forced off (``LUMINA_OPS=reference``). Compiled graphs call it too (an opaque op
+# with a fake kernel), so a compiled step computes the same numbers as the eager one.
+_NATIVE_ROWS = ops.provider() == "native" and native.has_op("xent_rows_")
 
 
 def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
@@ -92,7 +87,7 @@ def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
         keep_C = t_C != ignore_index
         safe_C = torch.where(keep_C, t_C, torch.zeros_like(t_C))[:, None]  # ignored rows gather column 0
         keep_C1 = keep_C.float()[:, None]
-        if _native_rows(logits_CV):  # the epilogue below in one kernel, in place on the chunk's logits
+        if _NATIVE_ROWS and logits_CV.device.type == "cpu":  # the epilogue below in one kernel, in place
             nll_C, hits_C = torch.ops.lumina_native.xent_rows_(logits_CV, safe_C[:, 0], keep_C, grads)
             correct, ce_sum = correct + hits_C.sum(), ce_sum + nll_C.sum()
             if not grads:
