@@ -88,7 +88,7 @@ if has_op("xent_rows_"):
 
     @torch.library.register_fake("lumina_native::xent_rows_")
     def _(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, grads: bool):
-        return logits.new_empty(logits.shape[0]), keep.new_empty(logits.shape[0])
+        return logits.new_empty(logits.shape[0], dtype=torch.float32), keep.new_empty(logits.shape[0])
 
 
 if has_op("hash_uniform"):
@@ -131,6 +131,8 @@ def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:
 
 def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """``reference.grouped_mm`` (the same per-expert matmuls, so the same bits) without its Python
-    per call (``kernels/csrc/grouped_mm_ops.cpp``); differentiable. [A, F]"""
+    per call (``kernels/csrc/grouped_mm_ops.cpp``); differentiable. [A, F]. In bf16 / fp16 each
+    expert's rows are rounded up to a bucket, so that oneDNN reuses its per-shape kernels (the
+    padding is cut off; equal bits measured, tests/test_native.py)."""
     _require("grouped_mm")
     return apply(_GroupedMM, x_AD, w_EDF, counts_E)

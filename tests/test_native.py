@@ -111,3 +111,33 @@ def test_grouped_mm_equals_the_reference_bit_for_bit():
         torch.ops.lumina_native.grouped_mm(torch.zeros(33, D), w.detach(), counts)
     with pytest.raises(RuntimeError, match="is negative"):
         torch.ops.lumina_native.grouped_mm(torch.zeros(31, D), w.detach(), torch.tensor([-1, 0, 30, 1, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_mm_pads_reduced_precision_segments_to_buckets_with_the_same_results(dtype):
+    """bf16 / fp16 segments are rounded up to a bucket of rows (oneDNN builds a kernel per shape): the
+    forward reads the next segment's rows or zeros past the end, the weight gradient zero-padded
+    copies. The kept results are the reference's unpadded matmuls: equal bits on the CI machine type.
+    Counts straddle the buckets (64, 65, 72, 73, 130), and the last segment reads past the last row."""
+    from lumina_kernels import native, reference
+
+    assert native.has_op("grouped_mm"), lumina_kernels.native_status()
+    g = torch.Generator().manual_seed(1)
+    counts = torch.tensor([64, 65, 0, 1, 72, 73, 130, 3])
+    A, D, F = int(counts.sum()), 32, 48
+    x = torch.randn(A, D, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(len(counts), D, F, generator=g).to(dtype).requires_grad_()
+    gy = torch.randn(A, F, generator=g).to(dtype)
+    y = native.grouped_mm(x, w, counts)
+    assert y.shape == (A, F) and y.is_contiguous() and y.dtype == dtype
+    assert torch.equal(y, reference.grouped_mm(x.detach(), w.detach(), counts))
+    gx, gw = torch.autograd.grad(y, (x, w), gy)
+    assert torch.equal(gx, reference.grouped_mm(gy, w.detach().transpose(1, 2), counts))
+    assert torch.equal(gw, reference.grouped_mm_weight_grad(x.detach(), gy, counts))
+    assert gw[2].abs().max() == 0  # the empty expert
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as prof:  # the matmuls' row counts are the buckets
+        torch.ops.lumina_native.grouped_mm(x.detach(), w.detach(), counts)
+    rows = sorted(e.input_shapes[0][0] for e in prof.events() if e.name == "aten::mm")
+    assert rows == [64, 64, 64, 72, 72, 80, 144]  # 64, 1 and 3 -> 64; 65, 72 -> 72; 73 -> 80; 130 -> 144
