@@ -163,6 +163,26 @@ def test_bf16_close_to_fp32(tiny_cfg):
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 
+def test_cpu_attention_in_bf16_runs_in_fp32():
+    """On the CPU, bf16 / fp16 q, k, v are attended in fp32 (torch's CPU kernels are slower in bf16)
+    and the output cast back: the reference's math on the same values, to the output's rounding,
+    and gradients in the inputs' dtype."""
+    from lumina.model.attention import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 8, generator=g).to(torch.bfloat16).requires_grad_() for h in (4, 2, 2))
+    out = attention(q, k, v, backend="sdpa")
+    assert out.dtype == torch.bfloat16
+    ref = attention(q.detach().float(), k.detach().float(), v.detach().float(), backend="reference")
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+    fp32 = torch.nn.functional.scaled_dot_product_attention(
+        q.detach().float(), k.detach().float(), v.detach().float(), is_causal=True, enable_gqa=True
+    )
+    assert torch.equal(out, fp32.to(torch.bfloat16))  # the fp32 kernel, not the bf16 one
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert all(gr.dtype == torch.bfloat16 and torch.isfinite(gr).all() for gr in grads)
+
+
 def test_compiles_without_graph_breaks(tiny_cfg):
     torch._dynamo.reset()
     p = init(tiny_cfg, seed=0)
