@@ -240,6 +240,25 @@ def test_native_epilogue_matches_the_torch_ops(monkeypatch, dtype):
     torch.testing.assert_close(ev_native[0], ev[0], rtol=1e-6, atol=1e-6)
 
 
+def test_native_epilogue_in_bf16_is_the_fp32_kernel_between_two_casts():
+    """bf16 logits: each row widened, the fp32 kernel's three passes, the gradient rounded back in
+    place: the same bits as widening the chunk, the fp32 kernel, and ``.to(torch.bfloat16)`` (what
+    the loss did before the kernel took bf16), with the nll in fp32 either way."""
+    from lumina.model import loss
+
+    if not loss._NATIVE_ROWS:
+        pytest.skip("native library not built")
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(9, 1003, generator=g) * 6).to(torch.bfloat16)
+    targets, keep = torch.randint(0, 1003, (9,), generator=g), torch.rand(9, generator=g) > 0.3
+    for grads in (True, False):
+        wide, narrow = logits.float(), logits.clone()
+        nll32, hits32 = torch.ops.lumina_native.xent_rows_(wide, targets, keep, grads)
+        nll16, hits16 = torch.ops.lumina_native.xent_rows_(narrow, targets, keep, grads)
+        assert nll16.dtype == torch.float32 and torch.equal(nll16, nll32) and torch.equal(hits16, hits32)
+        assert torch.equal(narrow, wide.to(torch.bfloat16) if grads else logits)
+
+
 def test_native_epilogue_refuses_out_of_range_targets():
     from lumina.model import loss
 

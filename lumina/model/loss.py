@@ -25,7 +25,9 @@ softmax and the accumulators in fp32.
 The chunk's epilogue (max, correct count, log-sum-exp, loss, softmax - onehot) is, on the CPU, one
 native kernel (``lumina_native::xent_rows_``, kernels/csrc/xent_ops.cpp) that makes three passes
 over each row while it is in cache, in place on the chunk's logits (eager, and called as an opaque
-op by compiled graphs); CUDA tensors and ``LUMINA_OPS=reference`` take the torch ops. The two agree
+op by compiled graphs); bf16 logits are widened row by row inside it and their gradient rounded back
+in place, so bf16 training moves no fp32 [C, V] copy (the same bits as ``.float()`` before it and
+``.to(torch.bfloat16)`` after). CUDA tensors and ``LUMINA_OPS=reference`` take the torch ops. The two agree
 to float rounding (tests/test_loss.py). The head's gradient is accumulated in the head's memory
 layout (a tied head's is the embedding's [V, D]).
 
@@ -69,6 +71,7 @@ def hits(logits_CV: torch.Tensor, targets_C1: torch.Tensor, keep_C: torch.Tensor
 # when built and not forced off (``LUMINA_OPS=reference``). Compiled graphs call it too (an opaque op
 # with a fake kernel), so a compiled step computes the same numbers as the eager one.
 _NATIVE_ROWS = ops.provider() == "native" and native.has_op("xent_rows_")
+_NATIVE_ROWS_DTYPES = (torch.float32, torch.bfloat16)  # the logits it reads (and the gradient it writes)
 
 
 def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
@@ -80,20 +83,22 @@ def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
     # accumulated in the head's own layout: a tied head is the embedding transposed ([V, D] memory),
     # and its gradient then meets the embedding's gradient, and the optimizer, without a transpose
     transposed = not head_DV.is_contiguous() and head_DV.T.is_contiguous()
+    native_rows = _NATIVE_ROWS and x_ND.device.type == "cpu" and head_DV.dtype in _NATIVE_ROWS_DTYPES
     grad_x = []
     for s in range(0, N, C):
         x_CD, t_C = x_ND[s : s + C], targets_N[s : s + C]
-        logits_CV = (x_CD @ head_DV).float()  # as the plain path: matmul in the head's dtype, then fp32
+        logits_CV = x_CD @ head_DV  # the matmul in the head's dtype; the loss is computed in fp32
         keep_C = t_C != ignore_index
         safe_C = torch.where(keep_C, t_C, torch.zeros_like(t_C))[:, None]  # ignored rows gather column 0
         keep_C1 = keep_C.float()[:, None]
-        if _NATIVE_ROWS and logits_CV.device.type == "cpu":  # the epilogue below in one kernel, in place
+        if native_rows:  # the epilogue below in one kernel, in place (bf16 rows widened inside it)
             nll_C, hits_C = torch.ops.lumina_native.xent_rows_(logits_CV, safe_C[:, 0], keep_C, grads)
             correct, ce_sum = correct + hits_C.sum(), ce_sum + nll_C.sum()
             if not grads:
                 continue
-            d_CV = logits_CV.to(head_DV.dtype)  # softmax - onehot
+            d_CV = logits_CV  # softmax - onehot, in the head's dtype
         else:
+            logits_CV = logits_CV.float()  # as the plain path
             correct = correct + hits(logits_CV, safe_C, keep_C).sum()
             nll_C, logp_CV = token_nll(logits_CV, safe_C, keep_C)
             del logits_CV
@@ -104,15 +109,15 @@ def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
             # buffer. Ignored rows are zeroed on the [C, D] sides (x's rows for grad_head, grad_x's
             # rows), not on the [C, V] one: a sweep of the chunk less
             d_CV = logp_CV.exp_().scatter_add_(1, safe_C, -keep_C1).to(head_DV.dtype)  # softmax - onehot
-        grad_x.append((d_CV @ head_DV.T).float() * keep_C1)
+        grad_x.append((d_CV @ head_DV.T) * keep_C1)  # fp32 (bf16 widened inside the multiply)
         xk_CD = x_CD * keep_C1.to(x_CD.dtype)
         a, b = (d_CV.T, xk_CD) if transposed else (xk_CD.T, d_CV)  # [V, D] or [D, V]
         if grad_head is None:
             grad_head = (a @ b).float()
         elif head_DV.dtype == torch.float32:
             grad_head = grad_head.addmm_(a, b)
-        else:
-            grad_head = grad_head.add_((a @ b).float())
+        else:  # the bf16 product widened inside the add (the same sums as .float() first)
+            grad_head = grad_head.add_(a @ b)
     if not grads:
         return ce_sum, correct, None, None
     if grad_head is None:  # no rows
