@@ -3,7 +3,7 @@
 //
 //   xent_rows_(logits_CV, targets_C, keep_C, grads) -> (nll_C, hits_C)
 //
-// Per row r of the fp32 logits, with t = targets[r] (ignored rows carry any valid column) and
+// Per row r of the fp32 or bf16 logits, with t = targets[r] (ignored rows carry any valid column) and
 // k = keep[r]:
 //   mx = max_v x[v];  hits[r] = k and x[t] >= mx                  (the accuracy's "correct argmax")
 //   e_v = exp(x[v] - mx);  s = sum_v e_v;  nll[r] = k ? log(s) - (x[t] - mx) : 0
@@ -12,18 +12,25 @@
 // where the torch path sweeps the whole [C, V] chunk through memory five times. Rows are spread over
 // threads, each row's sums run in a fixed order: deterministic for any thread count.
 //
+// bf16 logits (bf16 training: the head's matmul output) are widened row by row into a per-thread fp32
+// buffer, the same three passes run there, and the gradient row is rounded back to bf16 in place
+// (round to nearest even, as torch's .to(torch.bfloat16)): the numbers of `.float()`, the fp32 kernel
+// and `.to(torch.bfloat16)`, without the two [C, V] conversions through memory. nll is fp32 either way.
+//
 // exp is a Cephes-style polynomial (range reduction by ln 2, degree-6 polynomial, exponent bits), branch
 // free so that the loops vectorise; inputs here are <= 0, and below -87.3 (where float exp leaves the
 // normal range) it returns exp(-87.3) ~ 1.2e-38 instead of a subnormal or 0 — nothing a sum of terms
 // of which the largest is 1 can see. Relative error ~1 ulp against the correctly rounded exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 #include "cpu_clones.h"
 
@@ -93,11 +100,32 @@ LUMINA_CLONES void scale_row(float* x, int64_t V, float inv) {
   for (int64_t v = 0; v < V; ++v) x[v] *= inv;
 }
 
+LUMINA_CLONES void widen_row(const c10::BFloat16* src, float* dst, int64_t V) {
+  for (int64_t v = 0; v < V; ++v) dst[v] = static_cast<float>(src[v]);
+}
+
+void narrow_row(const float* src, c10::BFloat16* dst, int64_t V) {
+  for (int64_t v = 0; v < V; ++v) dst[v] = c10::BFloat16(src[v]);  // round to nearest even (NaN stays NaN)
+}
+
+// one row in fp32 at x: its nll, hit, and (grads) the row overwritten with softmax - onehot
+inline void xent_row(float* x, int64_t V, int64_t t, bool k, bool grads, float* nll, bool* hit) {
+  const float mx = row_max(x, V), xt = x[t];
+  *hit = k && xt >= mx;
+  const float s = exp_sum(x, V, mx, grads);
+  *nll = k ? std::log(s) - (xt - mx) : 0.0f;
+  if (grads) {
+    scale_row(x, V, 1.0f / s);
+    if (k) x[t] -= 1.0f;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> xent_rows_(const at::Tensor& logits, const at::Tensor& targets,
                                               const at::Tensor& keep, bool grads) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous() &&
+  const bool bf16 = logits.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(logits.dim() == 2 && (logits.scalar_type() == at::kFloat || bf16) && logits.is_contiguous() &&
                   logits.device().is_cpu(),
-              "lumina_native: xent_rows_'s logits must be a contiguous 2-D fp32 CPU tensor, got ",
+              "lumina_native: xent_rows_'s logits must be a contiguous 2-D fp32 or bf16 CPU tensor, got ",
               logits.scalar_type(), " of shape ", logits.sizes());
   const int64_t C = logits.size(0), V = logits.size(1);
   TORCH_CHECK(targets.dim() == 1 && targets.numel() == C && targets.scalar_type() == at::kLong &&
@@ -115,23 +143,24 @@ std::tuple<at::Tensor, at::Tensor> xent_rows_(const at::Tensor& logits, const at
     TORCH_CHECK(tp[r] >= 0 && tp[r] < V, "lumina_native: xent_rows_'s target ", tp[r], " in row ", r,
                 " is outside [0, ", V, ")");
   }
-  at::Tensor nll = at::empty({C}, logits.options());
+  at::Tensor nll = at::empty({C}, logits.options().dtype(at::kFloat));
   at::Tensor hits = at::empty({C}, keep.options());
-  float* xp = logits.data_ptr<float>();
   float* np = nll.data_ptr<float>();
   bool* hp = hits.data_ptr<bool>();
+  if (!bf16) {
+    float* xp = logits.data_ptr<float>();
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) xent_row(xp + r * V, V, tp[r], kp[r], grads, np + r, hp + r);
+    });
+    return {nll, hits};
+  }
+  c10::BFloat16* xp = logits.data_ptr<c10::BFloat16>();
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(V));  // this task's fp32 row (cache-sized: 196 KiB at V 50304)
     for (int64_t r = begin; r < end; ++r) {
-      float* x = xp + r * V;
-      const int64_t t = tp[r];
-      const float mx = row_max(x, V), xt = x[t];
-      hp[r] = kp[r] && xt >= mx;
-      const float s = exp_sum(x, V, mx, grads);
-      np[r] = kp[r] ? std::log(s) - (xt - mx) : 0.0f;
-      if (grads) {
-        scale_row(x, V, 1.0f / s);
-        if (kp[r]) x[t] -= 1.0f;
-      }
+      widen_row(xp + r * V, row.data(), V);
+      xent_row(row.data(), V, tp[r], kp[r], grads, np + r, hp + r);
+      if (grads) narrow_row(row.data(), xp + r * V, V);
     }
   });
   return {nll, hits};
