@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     label = args.label or args.preset
     count = presets.count_params(cfg.model)
     tokens = args.batch * args.seq
-    peak, peak_src = metrics.peak_flops(device)
+    peak, peak_src = metrics.peak_flops(device, None, cfg.train.precision)
     row: dict[str, object] = {
         "date": h.stamp(),
         "device": h.device_name(device),

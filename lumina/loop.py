@@ -72,7 +72,7 @@ def train(
     orch = Orchestration(run) if run.cfg.orchestrator.enabled else None
     saver = Checkpointer([evaluator, orch])
     flops = metrics.flops_per_token(run.cfg.model, run.cfg.train.seq_len)
-    peak, _ = metrics.peak_flops(run.device, run.cfg.train.peak_flops)
+    peak, _ = metrics.peak_flops(run.device, run.cfg.train.peak_flops, run.cfg.train.precision)
     peak *= run.env.world_size if run.env is not None else 1  # the ranks' tokens/s over all their devices
     progress = Progress(run.console, run.start, flops, peak)
     stopped_early = interrupted = False

@@ -7,8 +7,13 @@ backward). MoE counts the top-k experts (active parameters); MoD layers count th
 parameters and attention term scaled by the routed fraction (capacity; capacity^2 for attention).
 
 Peak FLOP/s: a table of dense bf16 tensor-core peaks for common accelerators (the numbers
-torchtitan uses); on CPU an estimate, cores x clock x FLOPs per cycle (fp32 FMA: 64 with AVX-512,
-32 with AVX2, 8 otherwise), read from /proc/cpuinfo. ``train.peak_flops`` overrides either.
+torchtitan uses); on CPU an estimate, cores x clock x FLOPs per cycle of the training's matmul dtype,
+read from /proc/cpuinfo: fp32 FMA 64 with AVX-512, 32 with AVX2, 8 otherwise; bf16 (and fp8, whose
+CPU matmuls are bf16) 1024 with AMX (a TDPBF16PS, 16 x 16 x 32 multiply-adds, every 16 cycles) and
+128 with AVX512_BF16, else the fp32 rate (the same for fp16 with AMX_FP16 / AVX512_FP16). On the
+AMX Xeon of the CI type bf16 matmuls run at 1.0-1.9 TFLOP/s on 2 cores against 0.18-0.35 in fp32
+(benchmarks/README.md), so an fp32 peak would overstate a bf16 run's MFU several times.
+``train.peak_flops`` overrides either.
 MFU = achieved model FLOP/s / peak. Memory: CUDA max allocated on GPU, else the process's peak RSS;
 the limit it is held against (``memory_limit_mb``): the device's total memory on CUDA, else the
 smallest of the cgroup limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) and the physical
@@ -66,19 +71,40 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * params + attn
 
 
-def _cpu_peak_flops() -> float:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
+# reduced-precision matmul rates per core and cycle: (cpuinfo flag, FLOPs), the first the CPU has
+_CPU_RATES = {
+    "bf16": (("amx_bf16", 1024), ("avx512_bf16", 128)),
+    "fp8": (("amx_bf16", 1024), ("avx512_bf16", 128)),
+    "fp16": (("amx_fp16", 1024), ("avx512_fp16", 128)),
+}
+
+
+def _cpu_peak_flops(precision: str = "fp32", info: str | None = None) -> tuple[float, str]:
+    if info is None:
+        try:
+            info = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            info = ""
     mhz = [float(x) for x in re.findall(r"cpu MHz\s*:\s*([\d.]+)", info)] or [2000.0]
     flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split()) if "flags" in info else set()
-    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8
-    return torch.get_num_threads() * max(mhz) * 1e6 * per_cycle
+    if "avx512f" in flags:
+        per_cycle, unit = 64, "avx512f fp32"
+    elif {"avx2", "fma"} <= flags:
+        per_cycle, unit = 32, "avx2 fp32"
+    else:
+        per_cycle, unit = 8, "fp32"
+    for flag, rate in _CPU_RATES.get(precision, ()):
+        if flag in flags:
+            per_cycle, unit = rate, flag
+            break
+    return torch.get_num_threads() * max(mhz) * 1e6 * per_cycle, unit
 
 
-def peak_flops(device: torch.device, override: float | None = None) -> tuple[float, str]:
-    """(peak FLOP/s, where the number came from) for ``device``."""
+def peak_flops(
+    device: torch.device, override: float | None = None, precision: str = "fp32"
+) -> tuple[float, str]:
+    """(peak FLOP/s, where the number came from) for ``device`` training in ``precision``
+    (``train.precision``; on CUDA the table's bf16 peaks serve every precision)."""
     if override:
         return override, "train.peak_flops"
     if device.type == "cuda":
@@ -87,7 +113,8 @@ def peak_flops(device: torch.device, override: float | None = None) -> tuple[flo
             if key in name:
                 return value, f"{name} bf16 dense peak"
         return 312e12, f"{name} unknown: assumed A100 bf16 peak (set train.peak_flops)"
-    return _cpu_peak_flops(), f"CPU estimate: {torch.get_num_threads()} threads x clock x FMA width"
+    peak, unit = _cpu_peak_flops(precision)
+    return peak, f"CPU estimate: {torch.get_num_threads()} threads x clock x {unit} FLOPs per cycle"
 
 
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")

@@ -497,3 +497,22 @@ def test_debug_preset_step_compiles_to_one_graph_through_the_kernels():
             assert any(t.startswith(op) for t in targets), sorted(t for t in targets if "lumina" in t)
     else:
         assert "lumina.grouped_mm.default" in targets
+
+
+def test_cpu_peak_follows_the_matmul_dtype():
+    """The MFU denominator on a CPU: the fp32 FMA rate, or for bf16 (and fp8, bf16 matmuls on the
+    CPU) the AMX / AVX512_BF16 rate when /proc/cpuinfo lists it; fp16 needs its own flags."""
+    from lumina.metrics import _cpu_peak_flops
+
+    threads = torch.get_num_threads()
+    amx = "cpu MHz\t\t: 2000.000\nflags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert _cpu_peak_flops("fp32", amx) == (threads * 2e9 * 64, "avx512f fp32")
+    assert _cpu_peak_flops("bf16", amx) == (threads * 2e9 * 1024, "amx_bf16")
+    assert _cpu_peak_flops("fp8", amx) == (threads * 2e9 * 1024, "amx_bf16")
+    assert _cpu_peak_flops("fp16", amx) == (threads * 2e9 * 64, "avx512f fp32")
+    no_amx = amx.replace(" amx_bf16 amx_tile", "")
+    assert _cpu_peak_flops("bf16", no_amx) == (threads * 2e9 * 128, "avx512_bf16")
+    assert _cpu_peak_flops("bf16", "cpu MHz : 1000.0\nflags : avx2 fma\n") == (
+        threads * 1e9 * 32,
+        "avx2 fp32",
+    )

@@ -242,7 +242,7 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
 def _header(run: Run, cleaned: list[str], init_from: Path | None = None) -> None:
     cfg, t, line = run.cfg, run.cfg.train, run.console.line
     n = count_params(cfg.model)
-    peak, peak_src = metrics.peak_flops(run.device, t.peak_flops)
+    peak, peak_src = metrics.peak_flops(run.device, t.peak_flops, t.precision)
     line(
         f"[lumina] run {run.run_dir} | preset {cfg.preset} | device {run.device} | precision {t.precision} | "
         f"compile {t.compile} | {n.active / 1e6:.2f}M active / {n.total / 1e6:.2f}M params"
