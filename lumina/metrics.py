@@ -87,15 +87,10 @@ def _cpu_peak_flops(precision: str = "fp32", info: str | None = None) -> tuple[f
             info = ""
     mhz = [float(x) for x in re.findall(r"cpu MHz\s*:\s*([\d.]+)", info)] or [2000.0]
     flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split()) if "flags" in info else set()
-    if "avx512f" in flags:
-        per_cycle, unit = 64, "avx512f fp32"
-    elif {"avx2", "fma"} <= flags:
-        per_cycle, unit = 32, "avx2 fp32"
-    else:
-        per_cycle, unit = 8, "fp32"
+    per_cycle, unit = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8, "FMA width"
     for flag, rate in _CPU_RATES.get(precision, ()):
         if flag in flags:
-            per_cycle, unit = rate, flag
+            per_cycle, unit = rate, f"{flag} rate"
             break
     return torch.get_num_threads() * max(mhz) * 1e6 * per_cycle, unit
 
@@ -114,7 +109,7 @@ def peak_flops(
                 return value, f"{name} bf16 dense peak"
         return 312e12, f"{name} unknown: assumed A100 bf16 peak (set train.peak_flops)"
     peak, unit = _cpu_peak_flops(precision)
-    return peak, f"CPU estimate: {torch.get_num_threads()} threads x clock x {unit} FLOPs per cycle"
+    return peak, f"CPU estimate: {torch.get_num_threads()} threads x clock x {unit}"
 
 
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
