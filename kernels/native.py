@@ -91,6 +91,13 @@ if has_op("xent_rows_"):
         return logits.new_empty(logits.shape[0], dtype=torch.float32), keep.new_empty(logits.shape[0])
 
 
+if has_op("add_bf16_"):
+
+    @torch.library.register_fake("lumina_native::add_bf16_")
+    def _(acc: torch.Tensor, src: torch.Tensor) -> None:
+        return None
+
+
 if has_op("hash_uniform"):
 
     @torch.library.register_fake("lumina_native::hash_uniform")

@@ -147,6 +147,21 @@ def test_compile_fullgraph_aot_eager():
     torch.testing.assert_close(gw, ref[3], rtol=1e-5, atol=1e-7)
 
 
+def test_compile_fullgraph_aot_eager_bf16():
+    """bf16 on the CPU traces the native epilogue on bf16 logits and the native fp32 += bf16 add of
+    the head's gradient (fake kernels): the compiled function computes what the eager one does."""
+    x, w, t = _data(N=37, D=12, V=1001, dtype=torch.bfloat16, seed=3)
+    fn = torch.compile(
+        torch.func.grad_and_value(functools.partial(_loss, t=t, chunk=8), argnums=(0, 1), has_aux=True),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    (gx, gw), (value, correct) = fn(x, w)
+    ref = _grads(_loss, x, w, t, 8)
+    assert torch.equal(value, ref[0]) and correct.item() == ref[1].item()
+    assert torch.equal(gx, ref[2]) and torch.equal(gw, ref[3])
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_inductor():
     x, w, t = _data()
@@ -257,6 +272,31 @@ def test_native_epilogue_in_bf16_is_the_fp32_kernel_between_two_casts():
         nll16, hits16 = torch.ops.lumina_native.xent_rows_(narrow, targets, keep, grads)
         assert nll16.dtype == torch.float32 and torch.equal(nll16, nll32) and torch.equal(hits16, hits32)
         assert torch.equal(narrow, wide.to(torch.bfloat16) if grads else logits)
+
+
+def test_native_bf16_accumulation_is_torchs_mixed_add(monkeypatch):
+    """The bf16 head's gradient is summed over chunks into fp32 by ``add_bf16_`` (one pass, no fp32
+    temporary): the bits of torch's ``fp32.add_(bf16)``, called once per chunk after the first."""
+    from lumina.model import loss
+
+    if not loss._NATIVE_ADD:
+        pytest.skip("native library not built")
+    g = torch.Generator().manual_seed(2)
+    acc, src = torch.randn(301, 7, generator=g), torch.randn(301, 7, generator=g).to(torch.bfloat16)
+    mine = acc.clone()
+    torch.ops.lumina_native.add_bf16_(mine, src)
+    assert torch.equal(mine, acc.clone().add_(src))
+    with pytest.raises(RuntimeError, match="accumulator must be a contiguous fp32"):
+        torch.ops.lumina_native.add_bf16_(acc.double(), src)
+    with pytest.raises(RuntimeError, match="of the accumulator's shape"):
+        torch.ops.lumina_native.add_bf16_(acc, src[:300])
+    calls, real = [], torch.ops.lumina_native.add_bf16_
+    monkeypatch.setattr(loss.torch.ops.lumina_native, "add_bf16_", lambda *a: calls.append(1) or real(*a))
+    x, w, t = _data(N=37, D=12, V=1001, dtype=torch.bfloat16, seed=3)
+    native = _grads(_loss, x, w, t, 8)
+    assert len(calls) == 4  # 5 chunks
+    monkeypatch.setattr(loss, "_NATIVE_ADD", False)
+    assert torch.equal(native[3], _grads(_loss, x, w, t, 8)[3])
 
 
 def test_native_epilogue_refuses_out_of_range_targets():

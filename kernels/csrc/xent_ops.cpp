@@ -166,10 +166,34 @@ std::tuple<at::Tensor, at::Tensor> xent_rows_(const at::Tensor& logits, const at
   return {nll, hits};
 }
 
+// acc += src, acc fp32 and src bf16 (the chunked head's gradient accumulator and one chunk's bf16
+// product): each element widened and added in one pass. torch's mixed-dtype add_ first converts src
+// into a temporary fp32 tensor (a [V, D] write and read more); the sums are the same.
+LUMINA_CLONES void add_widened_range(float* acc, const c10::BFloat16* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<float>(src[i]);
+}
+
+void add_bf16_(const at::Tensor& acc, const at::Tensor& src) {
+  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() && acc.device().is_cpu(),
+              "lumina_native: add_bf16_'s accumulator must be a contiguous fp32 CPU tensor, got ", acc.scalar_type());
+  TORCH_CHECK(src.scalar_type() == at::kBFloat16 && src.is_contiguous() && src.device().is_cpu() &&
+                  src.sizes() == acc.sizes(),
+              "lumina_native: add_bf16_ needs a contiguous bf16 CPU tensor of the accumulator's shape ", acc.sizes(),
+              ", got ", src.scalar_type(), " ", src.sizes());
+  float* a = acc.data_ptr<float>();
+  const c10::BFloat16* b = src.const_data_ptr<c10::BFloat16>();
+  at::parallel_for(0, acc.numel(), int64_t{1} << 15,
+                   [&](int64_t begin, int64_t end) { add_widened_range(a + begin, b + begin, end - begin); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lumina_native, m) {
   m.def("xent_rows_(Tensor(a!) logits, Tensor targets, Tensor keep, bool grads) -> (Tensor, Tensor)");
+  m.def("add_bf16_(Tensor(a!) acc, Tensor src) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(lumina_native, CPU, m) { m.impl("xent_rows_", &xent_rows_); }
+TORCH_LIBRARY_IMPL(lumina_native, CPU, m) {
+  m.impl("xent_rows_", &xent_rows_);
+  m.impl("add_bf16_", &add_bf16_);
+}

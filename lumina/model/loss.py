@@ -72,6 +72,7 @@ def hits(logits_CV: torch.Tensor, targets_C1: torch.Tensor, keep_C: torch.Tensor
 # with a fake kernel), so a compiled step computes the same numbers as the eager one.
 _NATIVE_ROWS = ops.provider() == "native" and native.has_op("xent_rows_")
 _NATIVE_ROWS_DTYPES = (torch.float32, torch.bfloat16)  # the logits it reads (and the gradient it writes)
+_NATIVE_ADD = _NATIVE_ROWS and native.has_op("add_bf16_")  # fp32 += bf16 in one pass (the bf16 head's grad)
 
 
 def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
@@ -116,7 +117,9 @@ def _forward(x_ND, head_DV, targets_N, ignore_index, chunk, grads=True):
             grad_head = (a @ b).float()
         elif head_DV.dtype == torch.float32:
             grad_head = grad_head.addmm_(a, b)
-        else:  # the bf16 product widened inside the add (the same sums as .float() first)
+        elif _NATIVE_ADD and native_rows and head_DV.dtype == torch.bfloat16:
+            torch.ops.lumina_native.add_bf16_(grad_head, a @ b)  # widened as it is added
+        else:  # the product widened inside the add (the same sums as .float() first)
             grad_head = grad_head.add_(a @ b)
     if not grads:
         return ce_sum, correct, None, None
