@@ -106,7 +106,7 @@ at::Tensor grouped_mm_weight_grad(const at::Tensor& x_AD, const at::Tensor& g_AF
   const int64_t* counts = checked_counts(counts_E, E, A);
   at::Tensor out = at::empty({E, D, F}, x_AD.options());
   const bool pad = padded(x_AD);
-  at::Tensor xs, gs;  // padded: one zeroed buffer pair, as large as the largest bucket
+  at::Tensor xs, gs;  // padded: one buffer pair as large as the largest bucket (each segment's tail zeroed)
   if (pad) {
     int64_t most = 0;
     for (int64_t e = 0; e < E; ++e) most = std::max(most, counts[e] > 0 ? bucket(counts[e]) : int64_t{0});

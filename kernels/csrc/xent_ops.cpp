@@ -15,7 +15,8 @@
 // bf16 logits (bf16 training: the head's matmul output) are widened row by row into a per-thread fp32
 // buffer, the same three passes run there, and the gradient row is rounded back to bf16 in place
 // (round to nearest even, as torch's .to(torch.bfloat16)): the numbers of `.float()`, the fp32 kernel
-// and `.to(torch.bfloat16)`, without the two [C, V] conversions through memory. nll is fp32 either way.
+// and `.to(torch.bfloat16)` (a NaN's bits aside), without the two [C, V] conversions through memory.
+// nll is fp32 either way.
 //
 // exp is a Cephes-style polynomial (range reduction by ln 2, degree-6 polynomial, exponent bits), branch
 // free so that the loops vectorise; inputs here are <= 0, and below -87.3 (where float exp leaves the
@@ -104,8 +105,17 @@ LUMINA_CLONES void widen_row(const c10::BFloat16* src, float* dst, int64_t V) {
   for (int64_t v = 0; v < V; ++v) dst[v] = static_cast<float>(src[v]);
 }
 
-void narrow_row(const float* src, c10::BFloat16* dst, int64_t V) {
-  for (int64_t v = 0; v < V; ++v) dst[v] = c10::BFloat16(src[v]);  // round to nearest even (NaN stays NaN)
+// fp32 -> bf16 bits, rounded to nearest even as .to(torch.bfloat16) rounds (c10::BFloat16's rule, with
+// NaN as 0x7FC0; torch's vectorised cast writes 0xFFFF: a NaN either way), branch free so that the
+// loop vectorises
+LUMINA_CLONES void narrow_row(const float* src, c10::BFloat16* dst, int64_t V) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t v = 0; v < V; ++v) {
+    uint32_t u;
+    std::memcpy(&u, src + v, sizeof(u));
+    const uint16_t rounded = static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+    out[v] = src[v] != src[v] ? uint16_t{0x7FC0} : rounded;
+  }
 }
 
 // one row in fp32 at x: its nll, hit, and (grads) the row overwritten with softmax - onehot
