@@ -392,9 +392,10 @@ class DistConfig:
 # Confidence from evidence (OrchestratorConfig.evidence): per action label, "K/N" paired runs of
 # benchmarks/orchestrator.py in which the on-run took the action and ended better than its off-run
 # (``--report`` prints these entries; docs/orchestrator.md#confidence-from-evidence has the table,
-# the cases and the machine). Measured on ``debug``, 150 steps, raw gate.
+# the cases and the machine). Measured on ``debug``, 150 steps, raw gate; the capacity-factor entries
+# from the moe_capacity rerun at 904583a (4/5 each at 44e9380's numerics: the cut changed side).
 ACTION_EVIDENCE: tuple[str, ...] = (
-    "mod_capacity-=8/12", "set_knob:aux_loss_weight+=1/5", "capacity_factor+=4/5", "capacity_factor-=4/5",
+    "mod_capacity-=8/12", "set_knob:aux_loss_weight+=1/5", "capacity_factor+=2/5", "capacity_factor-=2/4",
     "mod_capacity+=2/4", "emergency_lr_cut-=0/3", "lr_scale-=0/2", "set_knob:expert_dropout+=1/2",
     "set_knob:router_temperature+=0/1",
 )  # fmt: skip
