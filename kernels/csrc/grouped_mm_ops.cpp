@@ -61,22 +61,13 @@ at::Tensor grouped_mm(const at::Tensor& x_AD, const at::Tensor& w_EDF, const at:
               x_AD.sizes(), " and ", w_EDF.sizes());
   const int64_t A = x_AD.size(0), E = w_EDF.size(0), F = w_EDF.size(2);
   const int64_t* counts = checked_counts(counts_E, E, A);
-  if (!padded(x_AD)) {
-    at::Tensor out = at::empty({A, F}, x_AD.options());
-    int64_t start = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      if (counts[e] > 0) {
-        at::Tensor rows = out.narrow(0, start, counts[e]);
-        at::mm_out(rows, x_AD.narrow(0, start, counts[e]), w_EDF.select(0, e));
-      }
-      start += counts[e];
-    }
-    return out;
-  }
-  // padded: segments in order, each writing its bucket of rows (the next segment rewrites the extra)
+  // the rows each segment's matmul covers: its own, or (padded) its bucket; segments run in order, so
+  // a bucket's extra rows are rewritten by the next segment or lie past A and are cut off
+  const bool pad = padded(x_AD);
+  const auto rows_of = [pad](int64_t m) { return pad ? bucket(m) : m; };
   int64_t end = A, start = 0;
   for (int64_t e = 0; e < E; ++e) {
-    if (counts[e] > 0) end = std::max(end, start + bucket(counts[e]));
+    if (counts[e] > 0) end = std::max(end, start + rows_of(counts[e]));
     start += counts[e];
   }
   at::Tensor x = x_AD;
@@ -88,7 +79,7 @@ at::Tensor grouped_mm(const at::Tensor& x_AD, const at::Tensor& w_EDF, const at:
   start = 0;
   for (int64_t e = 0; e < E; ++e) {
     if (counts[e] > 0) {
-      const int64_t rows = bucket(counts[e]);
+      const int64_t rows = rows_of(counts[e]);
       at::Tensor dst = out.narrow(0, start, rows);
       at::mm_out(dst, x.narrow(0, start, rows), w_EDF.select(0, e));
     }

@@ -90,18 +90,15 @@ def attention(
         _warn_once("attn_backend='flash' needs flash-attn, CUDA, fp16/bf16 and no KV cache; using sdpa here")
         backend = "sdpa"
     if backend == "sdpa":
-        if q_BHTC.device.type == "cpu" and q_BHTC.dtype in (torch.bfloat16, torch.float16):
-            # torch's CPU attention kernels are slower in bf16 than in fp32 (B8 H4/2 T128 C64, forward
-            # + backward: 7.5 ms bf16, 3.4 ms with this fp32 round trip, on the CI machine type): the
-            # softmax and the rescaling convert per block. Cast up, attend in fp32, cast back.
-            out = F.scaled_dot_product_attention(
-                q_BHTC.float(), k_BGSC.float(), v_BGSC.float(),
-                attn_mask=mask, is_causal=mask is None, enable_gqa=H != G,
-            )  # fmt: skip
-            return out.to(q_BHTC.dtype)
-        return F.scaled_dot_product_attention(
-            q_BHTC, k_BGSC, v_BGSC, attn_mask=mask, is_causal=mask is None, enable_gqa=H != G
+        # torch's CPU attention kernels are slower in bf16 than in fp32 (B8 H4/2 T128 C64, forward +
+        # backward: 7.5 ms bf16, 3.4 ms with this fp32 round trip, on the CI machine type): the softmax
+        # and the rescaling convert per block. So on the CPU: cast up, attend in fp32, cast back.
+        up = q_BHTC.device.type == "cpu" and q_BHTC.dtype in (torch.bfloat16, torch.float16)
+        q, k, v = (t.float() for t in (q_BHTC, k_BGSC, v_BGSC)) if up else (q_BHTC, k_BGSC, v_BGSC)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != G
         )
+        return out.to(q_BHTC.dtype)
     if backend == "reference":
         if mask is None:
             mask = torch.ones(T, S, dtype=torch.bool, device=q_BHTC.device).tril()
