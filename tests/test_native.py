@@ -113,6 +113,41 @@ def test_grouped_mm_equals_the_reference_bit_for_bit():
         torch.ops.lumina_native.grouped_mm(torch.zeros(31, D), w.detach(), torch.tensor([-1, 0, 30, 1, 1]))
 
 
+def test_grouped_mm_spreads_fp32_experts_over_the_threads_and_its_results_do_not_depend_on_them():
+    """fp32: each expert one single-threaded matmul, the experts spread over the threads; so the
+    same bits at 1 thread and at 2 (a one-row segment, summed as a matrix-vector product, is the
+    case where torch's own matmul differs between thread counts), and the reference's results to
+    fp32 rounding. Segments of the benchmark's size, with an empty one."""
+    from lumina_kernels import native, reference
+
+    assert native.has_op("grouped_mm"), lumina_kernels.native_status()
+    g = torch.Generator().manual_seed(2)
+    counts = torch.tensor([1, 300, 0, 257, 64, 411, 1, 180])
+    A, D, F = int(counts.sum()), 256, 384
+    x, gy = torch.randn(A, D, generator=g), torch.randn(A, F, generator=g)
+    w = torch.randn(len(counts), D, F, generator=g)
+    ops = torch.ops.lumina_native
+    results = {}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results[n] = (
+                ops.grouped_mm(x, w, counts),
+                ops.grouped_mm(gy, w.transpose(1, 2), counts),
+                ops.grouped_mm_weight_grad(x, gy, counts),
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(results[1], results[2], strict=True):
+        assert torch.equal(one, two)
+    y, gx, gw = results[2]
+    torch.testing.assert_close(y, reference.grouped_mm(x, w, counts))
+    torch.testing.assert_close(gx, reference.grouped_mm(gy, w.transpose(1, 2), counts))
+    torch.testing.assert_close(gw, reference.grouped_mm_weight_grad(x, gy, counts))
+    assert gw[2].abs().max() == 0  # the empty expert
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_grouped_mm_pads_reduced_precision_segments_to_buckets_with_the_same_results(dtype):
     """bf16 / fp16 segments are rounded up to a bucket of rows (oneDNN builds a kernel per shape): the
