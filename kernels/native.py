@@ -137,9 +137,11 @@ def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """``reference.grouped_mm`` (the same per-expert matmuls, so the same bits) without its Python
-    per call (``kernels/csrc/grouped_mm_ops.cpp``); differentiable. [A, F]. In bf16 / fp16 each
-    expert's rows are rounded up to a bucket, so that oneDNN reuses its per-shape kernels (the
-    padding is cut off; equal bits measured, tests/test_native.py)."""
+    """``reference.grouped_mm`` (the same per-expert matmuls) without its Python per call
+    (``kernels/csrc/grouped_mm_ops.cpp``); differentiable. [A, F]. fp32 / fp64: the experts spread
+    over the threads, each one single-threaded matmul (results independent of the thread count; the
+    reference's to fp32 rounding, equal bits except where torch's multi-threaded matmul differs from
+    its single-threaded one). bf16 / fp16: each expert's rows rounded up to a bucket, so that oneDNN
+    reuses its per-shape kernels (the padding is cut off; equal bits measured, tests/test_native.py)."""
     _require("grouped_mm")
     return apply(_GroupedMM, x_AD, w_EDF, counts_E)
