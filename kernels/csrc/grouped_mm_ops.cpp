@@ -111,9 +111,9 @@ at::Tensor grouped_mm(const at::Tensor& x_AD, const at::Tensor& w_EDF, const at:
               x_AD.sizes(), " and ", w_EDF.sizes());
   const int64_t A = x_AD.size(0), E = w_EDF.size(0), F = w_EDF.size(2);
   const int64_t* counts = checked_counts(counts_E, E, A);
+  const std::vector<int64_t> first = starts(counts, E);
   if (!padded(x_AD)) {  // each segment its own rows, the experts spread over the threads
     at::Tensor out = at::empty({A, F}, x_AD.options());
-    const std::vector<int64_t> first = starts(counts, E);
     for_experts(counts, E, [&](int64_t e) {
       at::Tensor dst = out.narrow(0, first[e], counts[e]);
       at::mm_out(dst, x_AD.narrow(0, first[e], counts[e]), w_EDF.select(0, e));
@@ -122,25 +122,20 @@ at::Tensor grouped_mm(const at::Tensor& x_AD, const at::Tensor& w_EDF, const at:
   }
   // each segment's bucket of rows, in order: a bucket's extra rows are rewritten by the next segment
   // or lie past A and are cut off
-  int64_t end = A, start = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    if (counts[e] > 0) end = std::max(end, start + bucket(counts[e]));
-    start += counts[e];
-  }
+  int64_t end = A;
+  for (int64_t e = 0; e < E; ++e)
+    if (counts[e] > 0) end = std::max(end, first[e] + bucket(counts[e]));
   at::Tensor x = x_AD;
   if (end > A) {  // a segment reads past the last row: zero rows after a copy of x
     x = at::zeros({end, x_AD.size(1)}, x_AD.options());
     x.narrow(0, 0, A).copy_(x_AD);
   }
   at::Tensor out = at::empty({end, F}, x_AD.options());
-  start = 0;
   for (int64_t e = 0; e < E; ++e) {
-    if (counts[e] > 0) {
-      const int64_t rows = bucket(counts[e]);
-      at::Tensor dst = out.narrow(0, start, rows);
-      at::mm_out(dst, x.narrow(0, start, rows), w_EDF.select(0, e));
-    }
-    start += counts[e];
+    if (counts[e] == 0) continue;
+    const int64_t rows = bucket(counts[e]);
+    at::Tensor dst = out.narrow(0, first[e], rows);
+    at::mm_out(dst, x.narrow(0, first[e], rows), w_EDF.select(0, e));
   }
   return end > A ? out.narrow(0, 0, A) : out;
 }
