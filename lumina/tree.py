@@ -10,7 +10,7 @@ import sys
 
 import msgpack
 import torch
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
 
 __all__ = ["TreeFormatError", "cast", "count", "flatten", "from_bytes", "to_bytes", "unflatten"]
 
@@ -37,8 +37,20 @@ class TreeFormatError(ValueError):
 
 
 def flatten(tree: TensorDict) -> dict[str, torch.Tensor]:
-    """``{"layers.0.attn.wq": tensor, ...}`` — the dict ``torch.func.functional_call`` wants."""
-    return dict(tree.flatten_keys(".").items())
+    """``{"layers.0.attn.wq": tensor, ...}`` — the dict ``torch.func.functional_call`` wants, in
+    ``tree.flatten_keys(".")``'s order (depth first, insertion order). A plain walk: the train step
+    flattens several trees a step, and ``flatten_keys`` builds a whole TensorDict to do it (~3x the
+    time)."""
+    return _walk(tree, "", {})
+
+
+def _walk(tree: TensorDictBase, prefix: str, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for key, value in tree.items():
+        if isinstance(value, TensorDictBase):
+            _walk(value, f"{prefix}{key}.", out)
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def unflatten(flat: dict[str, torch.Tensor]) -> TensorDict:
