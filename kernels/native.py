@@ -22,7 +22,7 @@ import torch
 from lumina_kernels import load_native, native_status
 from lumina_kernels._autograd import apply, op_functions
 
-__all__ = ["available", "grouped_mm", "has_op", "hash_uniform", "moe_combine", "moe_dispatch"]
+__all__ = ["available", "fold_in", "grouped_mm", "has_op", "hash_uniform", "moe_combine", "moe_dispatch"]
 
 _NATIVE = load_native()  # importing lumina_kernels._C runs its TORCH_LIBRARY registrations
 
@@ -105,6 +105,13 @@ if has_op("hash_uniform"):
         return key.new_empty(n, dtype=torch.float32)
 
 
+if has_op("fold_in"):
+
+    @torch.library.register_fake("lumina_native::fold_in")
+    def _(key: torch.Tensor, data: int) -> torch.Tensor:
+        return key.new_empty(())
+
+
 if available():
     # The Functions (what torch.func.grad differentiates) with the dispatch and combine formulas every
     # provider shares (kernels/_autograd.py), also registered on the ops.
@@ -134,6 +141,13 @@ def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:
     """``reference.hash_uniform`` in one pass (``kernels/csrc/random_ops.cpp``), bit-identical. [n] float32"""
     _require("hash_uniform")
     return torch.ops.lumina_native.hash_uniform(key, n)
+
+
+def fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
+    """``lumina.model.random.fold_in``'s step for one int in one op (``kernels/csrc/random_ops.cpp``),
+    bit-identical: hash32(hash32(key) ^ (data mod 2^32)). A 0-dim int64 key."""
+    _require("fold_in")
+    return torch.ops.lumina_native.fold_in(key, data & 0xFFFFFFFF)
 
 
 def grouped_mm(x_AD: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ __all__ = [
     "capacity_combine",
     "capacity_dispatch",
     "capacity_map",
+    "fold_in",
     "grouped_mm",
     "grouped_mm_weight_grad",
     "hash32",
@@ -218,6 +219,13 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = _mul32(x, _M2)
     return x ^ (x >> 16)
+
+
+def fold_in(key: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
+    """A new key from ``key`` and one integer (a Python int or an int64 tensor), each taken mod 2^32:
+    hash32(hash32(key) ^ data)."""
+    d = data & _MASK32 if isinstance(data, int) else data.to(torch.int64) & _MASK32
+    return hash32(hash32(key) ^ d)
 
 
 def hash_uniform(key: torch.Tensor, n: int) -> torch.Tensor:

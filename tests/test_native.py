@@ -45,6 +45,31 @@ def test_hash_uniform_refuses_bad_keys():
         native.hash_uniform(torch.tensor(1), -1)
 
 
+def test_fold_in_is_bit_identical_to_the_reference():
+    from lumina import ops
+    from lumina.model import random
+    from lumina_kernels import native, reference
+
+    assert native.has_op("fold_in"), lumina_kernels.native_status()
+    data = [0, 1, 7, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1 << 32, (1 << 40) + 5, -1, -12345]  # taken mod 2^32
+    for key_value in (0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x9E3779B9):
+        key = torch.tensor(key_value, dtype=torch.int64)
+        for d in data:
+            got, want = native.fold_in(key, d), reference.fold_in(key, d)
+            assert got.dtype == torch.int64 and got.dim() == 0
+            assert torch.equal(got, want), (key_value, d)
+            assert torch.equal(ops.fold_in(key, d), want)
+    # several ints, and a tensor (which takes the reference), in order; a compiled graph calls the op
+    key = random.key_from_seed(3)
+    chained = reference.fold_in(reference.fold_in(reference.fold_in(key, 1), 2), torch.tensor(5))
+    assert torch.equal(random.fold_in(key, 1, 2, torch.tensor(5)), chained)
+    assert not torch.equal(random.fold_in(key, 2, 1), random.fold_in(key, 1, 2))
+    compiled = torch.compile(lambda k: random.fold_in(k, 4, 9) + 1, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(key), reference.fold_in(reference.fold_in(key, 4), 9) + 1)
+    with pytest.raises(RuntimeError, match="0-dim int64 CPU tensor"):
+        native.fold_in(torch.tensor([1, 2]), 4)
+
+
 def test_adamw_kernel_follows_the_foreach_arithmetic_in_place_or_not():
     from tensordict import TensorDict
 

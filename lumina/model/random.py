@@ -8,8 +8,9 @@ under ``torch.compile`` and on any device: every intermediate fits in int64 with
 multiplies are split into 16-bit halves), so no backend's wrap-around behaviour matters.
 
 The mixing function is Wellons' "lowbias32" integer hash (two multiply-xorshift rounds); the hash and
-the draw are defined in ``lumina_kernels.reference`` (``hash32``, ``hash_uniform``), and ``uniform``
-runs the native CPU kernel, bit-identical to that expression, when it is built (``lumina.ops``).
+the draw are defined in ``lumina_kernels.reference`` (``hash32``, ``fold_in``, ``hash_uniform``), and
+``fold_in`` and ``uniform`` run the native CPU kernels, bit-identical to those expressions, when they
+are built (``lumina.ops``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def key_from_seed(seed: int, device: torch.device | str = "cpu") -> torch.Tensor
 
 
 def fold_in(key: torch.Tensor, *data: int | torch.Tensor) -> torch.Tensor:
-    """A new key from ``key`` and integers (Python ints or int64 tensors), order-sensitive."""
+    """A new key from ``key`` and integers (Python ints or int64 tensors), order-sensitive. Each int
+    folds in through ``lumina.ops.fold_in`` (one native op on CPU), a tensor through the reference."""
     for d in data:
-        key = _hash32(_hash32(key) ^ (d & _MASK32 if isinstance(d, int) else d.to(torch.int64) & _MASK32))
+        key = ops.fold_in(key, d) if isinstance(d, int) else reference.fold_in(key, d)
     return key
 
 
