@@ -98,6 +98,13 @@ if has_op("add_bf16_"):
         return None
 
 
+if has_op("global_norm"):
+
+    @torch.library.register_fake("lumina_native::global_norm")
+    def _(xs: list[torch.Tensor]) -> torch.Tensor:
+        return xs[0].new_empty((), dtype=torch.float32)
+
+
 if has_op("hash_uniform"):
 
     @torch.library.register_fake("lumina_native::hash_uniform")

@@ -67,10 +67,29 @@ def adamw_init(params: TensorDict) -> TensorDict:
 
 def global_norm(grads: TensorDict) -> torch.Tensor:
     """sqrt(sum of squares) over all leaves, summed in sorted-key order: a tree's insertion order
-    (which differs between a fresh state and one loaded from a checkpoint) must not change the bits."""
+    (which differs between a fresh state and one loaded from a checkpoint) must not change the bits.
+
+    Eager on CPU, fp32 plain tensors, the native kernel (``lumina_native::global_norm``): one pass
+    at memory bandwidth, float64 sums in a fixed order, so the same bits whatever the thread count
+    (torch's per-leaf ``vector_norm`` reads fp32 at about a third of the bandwidth and sums in fp32).
+    Elsewhere (a compiled step, CUDA, DTensor shards, other dtypes), torch's norms: the two agree to
+    the rounding of torch's fp32 sums (relative ~1e-5 over millions of elements), not bit for bit."""
     flat = tree.flatten(grads)
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(flat[k].float()) for k in sorted(flat)])
+    leaves = [flat[k] for k in sorted(flat)]
+    if _NATIVE_NORM and _plain_fp32_cpu(leaves):
+        return torch.ops.lumina_native.global_norm([g.contiguous() for g in leaves])
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in leaves]))
+
+
+_NATIVE_NORM = native.has_op("global_norm")
+
+
+def _plain_fp32_cpu(ts: list[torch.Tensor]) -> bool:
+    """Eager (a compiled graph fuses torch's norms itself), and every tensor a plain fp32 CPU one."""
+    return (
+        bool(ts)
+        and not torch.compiler.is_compiling()
+        and all(type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
     )
 
 

@@ -70,6 +70,35 @@ def test_fold_in_is_bit_identical_to_the_reference():
         native.fold_in(torch.tensor([1, 2]), 4)
 
 
+def test_global_norm_kernel_sums_in_float64_whatever_the_thread_count():
+    from tensordict import TensorDict
+
+    from lumina import optim
+
+    assert optim._NATIVE_NORM, lumina_kernels.native_status()
+    g = torch.Generator().manual_seed(0)
+    # several blocks with a tail, a vector tail inside a block, a scalar, an empty leaf; large values,
+    # so that fp32 sums of squares would lose digits
+    xs = [torch.randn(s, generator=g) * 30 for s in [(1000, 70), (16385,), (17,), (), (0,)]]
+    want = torch.sqrt(sum((x.double() ** 2).sum() for x in xs))
+    got = torch.ops.lumina_native.global_norm(xs)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert got.double().item() == pytest.approx(want.item(), rel=1e-7)  # float32 rounding of the exact norm
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.ops.lumina_native.global_norm(xs), got)
+    finally:
+        torch.set_num_threads(threads)
+    # optim.global_norm takes it for plain fp32 CPU leaves, in sorted-key order; torch's norms elsewhere
+    tree = TensorDict({"b": xs[1], "a": {"w": xs[0], "s": xs[3]}}, [])
+    assert torch.equal(optim.global_norm(tree), torch.ops.lumina_native.global_norm([xs[3], xs[0], xs[1]]))
+    wide = tree.apply(lambda x: x.to(torch.float64))  # torch's norms, in fp32: to their rounding
+    torch.testing.assert_close(optim.global_norm(wide), optim.global_norm(tree), rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match="contiguous float32 CPU tensors"):
+        torch.ops.lumina_native.global_norm([torch.zeros(4, 4).T[::2]])
+
+
 def test_adamw_kernel_follows_the_foreach_arithmetic_in_place_or_not():
     from tensordict import TensorDict
 
