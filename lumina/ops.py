@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 __all__ = [
     "provider",
     "capacity_map",
+    "fold_in",
     "GROUPED_MM",
     "grouped_mm",
-    "fold_in",
     "grouped_mm_choice",
     "hash_uniform",
     "mod_gather",
