@@ -160,16 +160,51 @@ def adamw_update(
     flat_p, flat_g, flat_m, flat_v = (tree.flatten(x) for x in (params, grads, opt["m"], opt["v"]))
     stored, g32 = [flat_p[k] for k in keys], [flat_g[k].float() for k in keys]
     m, v = [flat_m[k] for k in keys], [flat_v[k] for k in keys]
-    fused = _fusable((stored, g32, m, v))  # on the params as stored: bf16 ones take the foreach path
-    if grad_scale is not None and not fused:
-        g32 = torch._foreach_mul(g32, grad_scale)
     decay = [i for i, t in enumerate(stored) if t.ndim >= 2]  # matrices only
-    args = ([t.float() for t in stored], g32, m, v, decay, step, hp, cfg)
-    p32, m, v = _adamw_fused(*args, grad_scale=grad_scale) if fused else _adamw_math(*args)
+    shards = _local_shards((stored, g32, m, v))
+    if shards is not None and _fusable(shards):
+        # DTensor shards (FSDP): the fused kernel on each rank's local shards, which AdamW (elementwise)
+        # updates as the whole tensors would be: the same bits as one process's fused step
+        local = _adamw_fused(
+            [t.float() for t in shards[0]], *shards[1:], decay, step, hp, cfg, grad_scale=_full(grad_scale)
+        )
+        p32, m, v = ([_placed_like(t, ref) for t, ref in zip(ts, stored, strict=True)] for ts in local)
+    else:
+        fused = _fusable((stored, g32, m, v))  # on the params as stored: bf16 ones take the foreach path
+        if grad_scale is not None and not fused:
+            g32 = torch._foreach_mul(g32, grad_scale)
+        args = ([t.float() for t in stored], g32, m, v, decay, step, hp, cfg)
+        p32, m, v = _adamw_fused(*args, grad_scale=grad_scale) if fused else _adamw_math(*args)
     new_p = {k: p.to(flat_p[k].dtype) for k, p in zip(keys, p32, strict=True)}
     new_m, new_v = dict(zip(keys, m, strict=True)), dict(zip(keys, v, strict=True))
     opt = TensorDict({"m": tree.unflatten(new_m), "v": tree.unflatten(new_v)}, batch_size=[])
     return tree.unflatten(new_p), opt
+
+
+def _local_shards(lists: tuple[list[torch.Tensor], ...]) -> tuple[list[torch.Tensor], ...] | None:
+    """Each list's local tensors, when every tensor is a DTensor placed like the first list's tensor
+    at its index (same mesh, placements and shape: a gradient or moment sharded like its param);
+    else None."""
+    if not lists[0] or not all(hasattr(t, "device_mesh") for ts in lists for t in ts):
+        return None
+    for i, p in enumerate(lists[0]):
+        for ts in lists[1:]:
+            t = ts[i]
+            if t.device_mesh != p.device_mesh or t.placements != p.placements or t.shape != p.shape:
+                return None
+    return tuple([t.to_local() for t in ts] for ts in lists)
+
+
+def _placed_like(local: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``local`` as this rank's shard of a DTensor placed like ``ref``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride())
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A DTensor's whole value (e.g. a clipping factor computed from DTensor norms); others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _fusable(lists: tuple[list[torch.Tensor], ...]) -> bool:

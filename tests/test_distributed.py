@@ -51,9 +51,10 @@ def test_ddp_on_two_ranks_equals_one_process_with_two_micro_batches_bit_for_bit(
 
 @pytest.mark.slow  # 4 launches, ~30 s; in CI the CLI test (test_dist_run.py) checks FSDP against one process
 def test_fsdp_on_two_ranks_equals_one_process(out):
-    """FSDP2 shards each leaf: the global gradient norm is summed shard by shard, so with clipping on
-    (the norm scales every gradient) the parameters differ from one process in the last bits; with
-    clipping off they are identical."""
+    """FSDP2 shards each leaf: the global gradient norm is summed shard by shard (torch's fp32 norms of
+    the DTensors; one process's native pass sums in fp64), so with clipping on (the norm scales every
+    gradient) the parameters differ from one process in the last bits; with clipping off they are
+    identical (AdamW runs the same fused kernel on each rank's shards)."""
     one, two = _run("ddp", 1, out), _run("fsdp", 2, out)
     assert 0 < _max_diff(one, two) < 1e-6
     off = ("--train.clip_norm=0",)
@@ -113,3 +114,47 @@ def test_a_planted_pickle_in_a_shard_or_the_metadata_is_refused_unexecuted(tmp_p
             load_checkpoint(bad)
         assert "\n" not in str(e.value)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_adamw_on_dtensor_shards_runs_the_fused_kernel_on_the_local_shards():
+    """FSDP's leaves are DTensors: ``adamw_update`` steps each rank's local shards through the fused
+    kernel, as one process steps whole tensors (AdamW is elementwise), and returns DTensors placed
+    like the params. On a 1-rank mesh the local shard is the whole tensor: the bits must equal the
+    plain update's (the foreach arithmetic, which DTensors took before, differs in the last bits)."""
+    import torch.distributed as dist
+    from tensordict import TensorDict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from lumina.config import TrainConfig
+    from lumina.optim import _adamw_math, adamw_update
+
+    cfg = TrainConfig(beta1=0.9, beta2=0.95, eps=1e-8)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"w": (300, 70), "b": (70,)}
+    p, grads = ({k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(2))
+    m = {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
+    v = {k: torch.rand(s, generator=g) * 0.01 for k, s in shapes.items()}
+    hp = TensorDict({"lr": torch.tensor(3e-3), "weight_decay": torch.tensor(0.1)}, [])
+    step, clip = torch.tensor(3), torch.tensor(0.5)
+    plain = adamw_update(
+        TensorDict(p, []), TensorDict(grads, []), TensorDict({"m": m, "v": v}, []), step, hp, cfg, clip
+    )
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        dp, dg, dm, dv = (
+            {k: distribute_tensor(t[k], mesh, [Shard(0)]) for k in shapes} for t in (p, grads, m, v)
+        )
+        new_p, new_opt = adamw_update(
+            TensorDict(dp, []), TensorDict(dg, []), TensorDict({"m": dm, "v": dv}, []), step, hp, cfg, clip
+        )
+        for ours, theirs in ((new_p, plain[0]), (new_opt, plain[1])):
+            for k, t in tree.flatten(ours).items():
+                assert isinstance(t, DTensor) and t.placements == (Shard(0),)
+                assert torch.equal(t.to_local(), tree.flatten(theirs)[k]), k
+        # the foreach arithmetic DTensors took before: not the same bits here
+        foreach = _adamw_math([p["w"]], [grads["w"] * clip], [m["w"]], [v["w"]], [0], step, hp, cfg)[0][0]
+        assert not torch.equal(foreach, plain[0]["w"])
+    finally:
+        dist.destroy_process_group()

@@ -13,10 +13,11 @@ matches.
 
 After the backward the gradients are what the engine left on the parameters: full tensors for DDP,
 DTensor shards for FSDP. Lumina's global-norm clipping and functional AdamW then run on them
-unchanged. The new parameters are copied into the module's leaves leaf by leaf, because
-``_foreach_copy_`` has no DTensor sharding strategy. The routing statistics are all-reduced before
-the balance-bias update (expert loads summed, the rest averaged over all micro-batches), and the
-metrics in one collective.
+unchanged (AdamW, elementwise, runs its fused kernel on each rank's local shards: without clipping
+an FSDP step equals the one-process step bit for bit). The new parameters are copied into the
+module's leaves leaf by leaf, because ``_foreach_copy_`` has no DTensor sharding strategy. The
+routing statistics are all-reduced before the balance-bias update (expert loads summed, the rest
+averaged over all micro-batches), and the metrics in one collective.
 
 Only fp32 / bf16 precision and the eager step are covered here. fp16 loss scaling and
 ``torch.compile`` of the distributed step are not part of this step yet.
