@@ -209,7 +209,8 @@ def _full(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _fusable(lists: tuple[list[torch.Tensor], ...]) -> bool:
     """Whether torch's fused AdamW kernel can take these lists: an eager step (a compiled one fuses
-    ``_adamw_math`` itself) over plain fp32 tensors on one device (not DTensor shards)."""
+    ``_adamw_math`` itself) over plain fp32 tensors on one device (DTensor shards: ask about their
+    local tensors, ``_local_shards``)."""
     if torch.compiler.is_compiling():
         return False
     first = lists[0][0]
