@@ -32,6 +32,7 @@ from tensordict import TensorDict
 
 from lumina import tree
 from lumina.config import ConfigError, TrainConfig
+from lumina.shards import placed_like, whole
 from lumina_kernels import native
 
 __all__ = [
@@ -166,9 +167,9 @@ def adamw_update(
         # DTensor shards (FSDP): the fused kernel on each rank's local shards, which AdamW (elementwise)
         # updates as the whole tensors would be: the same bits as one process's fused step
         local = _adamw_fused(
-            [t.float() for t in shards[0]], *shards[1:], decay, step, hp, cfg, grad_scale=_full(grad_scale)
+            [t.float() for t in shards[0]], *shards[1:], decay, step, hp, cfg, grad_scale=whole(grad_scale)
         )
-        p32, m, v = ([_placed_like(t, ref) for t, ref in zip(ts, stored, strict=True)] for ts in local)
+        p32, m, v = ([placed_like(t, ref) for t, ref in zip(ts, stored, strict=True)] for ts in local)
     else:
         fused = _fusable((stored, g32, m, v))  # on the params as stored: bf16 ones take the foreach path
         if grad_scale is not None and not fused:
@@ -193,18 +194,6 @@ def _local_shards(lists: tuple[list[torch.Tensor], ...]) -> tuple[list[torch.Ten
             if t.device_mesh != p.device_mesh or t.placements != p.placements or t.shape != p.shape:
                 return None
     return tuple([t.to_local() for t in ts] for ts in lists)
-
-
-def _placed_like(local: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``local`` as this rank's shard of a DTensor placed like ``ref``."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local, ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride())
-
-
-def _full(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A DTensor's whole value (e.g. a clipping factor computed from DTensor norms); others as they are."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _fusable(lists: tuple[list[torch.Tensor], ...]) -> bool:

@@ -36,10 +36,12 @@ __all__ = [
     "copy_into",
     "dist_info",
     "local_rows",
+    "placed_like",
     "read_index",
     "read_tensors",
     "row_range",
     "shard_file",
+    "whole",
     "write_shard",
 ]
 
@@ -210,6 +212,20 @@ def local_rows(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     rank, world = dist_info()
     start, end = row_range(full.shape[0], rank, world)
     return full[start:end]
+
+
+def whole(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A DTensor's whole tensor (a collective when it is sharded or partial: every rank calls it);
+    any other tensor, or None, as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def placed_like(local: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``local`` as this rank's part of a DTensor placed like the DTensor ``ref`` (same mesh,
+    placements, global shape and stride; no collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, ref.device_mesh, ref.placements, shape=ref.shape, stride=ref.stride())
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from tensordict import TensorDict
 from lumina import optim, tree
 from lumina.config import ConfigError, RunConfig
 from lumina.distributed.view import ModelView
-from lumina.shards import Piece, assign, copy_into, local_rows
+from lumina.shards import Piece, assign, copy_into, local_rows, placed_like, whole
 
 __all__ = [
     "STRATEGIES",
@@ -150,10 +150,6 @@ def eval_through(module, state: TensorDict, batch: TensorDict, cfg: RunConfig, p
     return TensorDict({"loss": loss, "ppl": loss.exp(), "accuracy": correct / n, "tokens": n}, batch_size=[])
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def _is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "device_mesh")
 
@@ -164,12 +160,7 @@ def _like(target: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     every rank holds the full tensor)."""
     if _is_dtensor(src) or not _is_dtensor(target):
         return src.detach().clone()
-    from torch.distributed.tensor import DTensor
-
-    local = local_rows(src, target).detach().clone().to(target.to_local().device)
-    return DTensor.from_local(
-        local, target.device_mesh, target.placements, shape=target.shape, stride=target.stride()
-    )
+    return placed_like(local_rows(src, target).detach().clone().to(target.to_local().device), target)
 
 
 class ViewEngine:
@@ -241,7 +232,7 @@ class ViewEngine:
         return self.state
 
     def full_state(self, state: TensorDict) -> TensorDict:
-        return tree.unflatten({k: _full(v).detach().clone() for k, v in tree.flatten(state).items()})
+        return tree.unflatten({k: whole(v).detach().clone() for k, v in tree.flatten(state).items()})
 
 
 def make_engine(cfg: RunConfig, env: DistEnv, full: TensorDict, pad_id: int) -> Engine:
