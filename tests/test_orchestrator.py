@@ -483,7 +483,7 @@ def test_every_finding_kind_a_detector_reports_has_a_response():
     """``RESPONSES`` is the table decide looks findings up in: a kind missing from it would raise."""
     source = inspect.getsource(detect)
     kinds = set(re.findall(r'Finding\(\s*"(\w+)"', source))
-    assert len(kinds) == 23 and kinds == set(RESPONSES)
+    assert len(kinds) == 24 and kinds == set(RESPONSES)
     assert set(CHRONIC) <= kinds
 
 
@@ -740,6 +740,46 @@ def test_lr_too_low_raises_the_lr_scale_step_by_step_to_its_bound():
     # noise 0.3: the fall is ~3x the noise, not steady enough to tell
     s, decisions = run_applied(steady_series(130, 0, noise=0.3))
     assert decisions == [] and found(s, "lr_too_low") == 0
+
+
+def test_an_overshooting_first_update_without_warm_up_cuts_the_lr_once():
+    """The grad norm x4 from step 1 to step 2 at a constant LR: the first update overshot, so at step 2
+    the LR scale is cut x overshoot_lr_factor (0.5), soft, confidence _conf(4) = 0.80, the decision
+    naming its cause (its own evidence label). Nothing when: the LR warms up (step 2's LR above step
+    1's), the ratio is under overshoot_ratio (3), overshoot_ratio is 0 (logs before it), the same jump
+    comes later in the run, or the run was observed from step 2 on (a resumed run)."""
+
+    def series(g2, lr=lambda t: 1e-3, g1=1.0, start=1):
+        out = steady_series(40, 0, lr=lr)[start - 1 :]
+        out[0]["grad_norm"], out[1]["grad_norm"] = g1, g2
+        return out
+
+    no_raise = dataclasses.replace(OCFG, lr_raise_factor=1.0)  # the steady series alone would raise it
+    s, decisions = run_applied(series(4.0), no_raise)
+    assert [(d.step, d.action, d.args, d.level) for d in decisions] == [
+        (2, "lr_scale", {"from": 1.0, "to": 0.5, "cause": "lr_overshoot"}, 1)]  # fmt: skip
+    d = decisions[0]
+    assert d.label == "lr_scale:lr_overshoot-" and d.confidence == pytest.approx(0.5 + 0.5 * math.log10(4))
+    assert d.reason.startswith("the first update overshot: grad norm 1 -> 4 (x4.00 > 3)")
+    assert found(s, "lr_overshoot") == 1 and s.lr_ceiling == 0.5  # a cut: no raise above it later
+    # x 0.25 by the factor; x 2.9 is under the threshold; the warm-up; off
+    quarter = dataclasses.replace(no_raise, overshoot_lr_factor=0.25)
+    assert run_applied(series(4.0), quarter)[1][0].args["to"] == 0.25
+    assert run_applied(series(2.9), no_raise)[1] == []
+    assert run_applied(series(4.0, lr=lambda t: 1e-3 * min(1.0, t / 10)), no_raise)[1] == []
+    assert run_applied(series(4.0), dataclasses.replace(no_raise, overshoot_ratio=0))[1] == []
+    late = steady_series(40, 0)
+    late[20]["grad_norm"], late[21]["grad_norm"] = 1.0, 4.0
+    assert run_applied(late, no_raise)[1] == []
+    assert run_applied(series(4.0, start=2), no_raise)[1] == []
+    # the shipped evidence for other LR cuts does not hold it; an entry of its own does
+    gate = dataclasses.replace(no_raise, evidence=("lr_scale-=0/5",))
+    assert [x.label for x in run_applied(series(4.0), gate)[1]] == ["lr_scale:lr_overshoot-"]
+    gate = dataclasses.replace(no_raise, evidence=("lr_scale:lr_overshoot-=1/5",))
+    s, decisions = run_applied(series(4.0), gate)
+    assert decisions == [] and s.counters["held_by_evidence"] == 1
+    with pytest.raises(ConfigError, match="overshoot_ratio must be > 1"):
+        OrchestratorConfig(overshoot_ratio=0.5)
 
 
 def test_after_an_lr_cut_or_a_rollback_the_lr_is_never_raised_again():

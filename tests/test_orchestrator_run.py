@@ -370,6 +370,27 @@ def test_gradient_explosions_cut_the_lr_once_on_a_real_run(tmp_path):
         (1, 0.1), (2, pytest.approx(0.01)), (3, pytest.approx(0.01))]  # fmt: skip
 
 
+def test_an_overshooting_first_update_cuts_the_lr_once_on_a_real_run(tmp_path):
+    """LR 3e-2 from the first step (no warm-up) on this model: the grad norm goes 0.83 -> 4.0 from
+    step 1 to step 2 (x4.8 > 3) -> the LR scale x0.5 at step 2, and steps 3-5 train at half the
+    schedule's LR. The same LR with a 2-step warm-up: the first update is small, no decision. Replay
+    is exact; what-if overshoot_ratio=0 (before the detector): no decision."""
+    common = ["--train.steps=5", f"--run_dir={tmp_path}", *TINY, *SNAP, *RAW, "--train.lr=3e-2"]
+    cfg = load_config(overrides=[*common, "--train.warmup_steps=0"])
+    run = loop.train(cfg).run_dir
+    ds = decisions(run)
+    assert [(d["step"], d["action"], d["args"], d["level"]) for d in ds] == [
+        (2, "lr_scale", {"from": 1.0, "to": 0.5, "cause": "lr_overshoot"}, 1)]  # fmt: skip
+    assert ds[0]["reason"].startswith("the first update overshot: grad norm 0.828 -> 4 (x4.84 > 3)")
+    train = records(run, "train")
+    assert [r["lr"] for r in train] == pytest.approx(
+        [lr_at(k, cfg.train) * (1.0 if k < 2 else 0.5) for k in range(5)])  # fmt: skip
+    assert replay(run).identical
+    assert replay(run, ["orchestrator.overshoot_ratio=0"]).derived == []
+    warm = loop.train(load_config(overrides=[*common, "--train.warmup_steps=2", "--name=warm"])).run_dir
+    assert decisions(warm) == []
+
+
 def test_an_emergency_cut_is_undone_on_a_real_run_once(tmp_path):
     """grad_abs 1.72 on this model: the grad norm passes it at step 4 (1.75) -> cut x0.1; steps 5
     and 6 stay below (1.69, 1.51; emergency_recover 2) -> the scale comes back at step 6; step 7

@@ -141,6 +141,37 @@ def grad_explosion(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Fi
     return []
 
 
+def lr_overshoot(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
+    """The LR is too high for the model at its start: a run without LR warm-up (the LR of step 2
+    not above step 1's) whose gradient norm after the first update is over ``overshoot_ratio`` x
+    the first one's. Looked at once, at the observation of step 2 (the first two observations being
+    steps 1 and 2), so a resumed or later run never sees it. On the debug preset without warm-up
+    (20 seeds each): 1.30-2.86 at its LR, 1.80-9.60 at 3 x (16 of 20 above 3); with the preset's
+    warm-up the first update is small and the ratio stays near 1 (0.91-1.32)."""
+    if cfg.overshoot_ratio <= 0 or obs.step != 2 or ostate.counters.get("lr_overshoot"):
+        return []
+    steps = [h[0] for h in ostate.history]
+    if steps != [1, 2] or [x[0] for x in ostate.lrs] != [1, 2]:
+        return []
+    (_, _, g1, _), (_, _, g2, _) = ostate.history
+    (_, lr1, scale1), (_, lr2, scale2) = ostate.lrs
+    if not (math.isfinite(g1) and math.isfinite(g2)) or g1 <= 0 or lr2 > lr1 or scale2 != scale1:
+        return []
+    r = g2 / g1
+    if r <= cfg.overshoot_ratio:
+        return []
+    return [
+        Finding(
+            "lr_overshoot",
+            1,
+            _conf(r),
+            f"the first update overshot: grad norm {g1:.3g} -> {g2:.3g} (x{r:.2f} > {cfg.overshoot_ratio:g}) "
+            f"at LR {lr1:.3g} without warm-up",
+            {"ratio": r},
+        )
+    ]
+
+
 def loss_spike(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Finding]:
     past = _window(ostate, 1)[:-1][-cfg.spike_window :]  # recent: a decaying loss must not widen the MAD
     if _warming(ostate, cfg) or len(past) < 5 or not math.isfinite(obs.loss):
@@ -578,6 +609,7 @@ DETECTORS = (
     nonfinite,
     memory,
     grad_explosion,
+    lr_overshoot,
     loss_spike,
     divergence,
     oscillation,

@@ -251,6 +251,14 @@ def _soft_lr(f, s, obs, cfg) -> Candidates:
     return [("lr_scale", _lr(obs, cfg.soft_lr_factor, cfg))]
 
 
+def _overshoot_lr(f, s, obs, cfg) -> Candidates:
+    """The LR scale x ``overshoot_lr_factor``, once (``lr_overshoot`` looks only at step 2). The
+    decision names its cause, so the evidence table counts it apart from the other cuts
+    (``lr_scale:lr_overshoot-``): they answer other findings, late in a run."""
+    args = _lr(obs, cfg.overshoot_lr_factor, cfg)
+    return [("lr_scale", None if args is None else {**args, "cause": "lr_overshoot"})]
+
+
 def _loss_spike(f, s, obs, cfg) -> Candidates:
     if f.data["z"] > cfg.spike_rollback_z and f.data["rel"] > cfg.spike_rollback_rel:
         return _recover(f, s, obs, cfg)  # a big spike: as bad as a NaN
@@ -377,6 +385,7 @@ RESPONSES: dict[str, Response] = {
     "oom": _oom,  # halve the micro-batch; at 1: gradient checkpointing
     "memory_pressure": _memory_pressure,  # shrink a grown micro-batch back, else gradient checkpointing
     "grad_explosion": _emergency_lr,  # cut the LR
+    "lr_overshoot": _overshoot_lr,  # the first update overshot without warm-up: cut the LR once
     "loss_spike": _loss_spike,  # big: as nonfinite; repeated: lower the LR
     "divergence": _divergence,  # rollback to before the EMA's minimum + lower the LR
     "oscillation": _soft_lr,  # lower the LR

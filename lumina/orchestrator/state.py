@@ -166,9 +166,11 @@ LR_ACTIONS = ("lr_scale", "emergency_lr_cut", "emergency_lr_restore")
 
 def action_label(action: str, args: dict[str, Any]) -> str:
     """What the evidence table (``OrchestratorConfig.evidence``) calls a decision: the action, the knob
-    for ``set_knob``, and ``+`` / ``-`` where it moves a number up / down (``lr_scale+`` is a raise,
-    ``lr_scale-`` a cut, ``set_knob:aux_loss_weight+``); actions without a direction by name alone."""
-    label = action + (f":{args['name']}" if action == "set_knob" and "name" in args else "")
+    for ``set_knob`` or the cause a decision names (``args["cause"]``: ``lr_scale:lr_overshoot-``),
+    and ``+`` / ``-`` where it moves a number up / down (``lr_scale+`` is a raise, ``lr_scale-`` a
+    cut, ``set_knob:aux_loss_weight+``); actions without a direction by name alone."""
+    what = args.get("name") if action == "set_knob" else args.get("cause")
+    label = action + (f":{what}" if what else "")
     lo, hi = args.get("from"), args.get("to")
     if isinstance(lo, int | float) and isinstance(hi, int | float) and lo != hi:
         label += "+" if hi > lo else "-"
