@@ -775,6 +775,8 @@ def test_an_overshooting_first_update_without_warm_up_cuts_the_lr_once():
     # the shipped evidence for other LR cuts does not hold it; an entry of its own does
     gate = dataclasses.replace(no_raise, evidence=("lr_scale-=0/5",))
     assert [x.label for x in run_applied(series(4.0), gate)[1]] == ["lr_scale:lr_overshoot-"]
+    shipped = run_applied(series(4.0), dataclasses.replace(OrchestratorConfig(), lr_raise_factor=1.0))[1]
+    assert [x.label for x in shipped] == ["lr_scale:lr_overshoot-"]  # ACTION_EVIDENCE lets it act
     gate = dataclasses.replace(no_raise, evidence=("lr_scale:lr_overshoot-=1/5",))
     s, decisions = run_applied(series(4.0), gate)
     assert decisions == [] and s.counters["held_by_evidence"] == 1

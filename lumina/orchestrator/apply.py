@@ -9,7 +9,8 @@ changed. A ``rollback`` is the driver's to execute *before* calling this (it nee
 ring, which is not plain data); here it is a no-op.
 
 Action          args                          effect
-lr_scale        from, to                      train.lr_scale (multiplies the LR schedule; a cut or a raise)
+lr_scale        from, to (cause)              train.lr_scale (multiplies the LR schedule; a cut or a raise;
+                                              cause, when set, names the finding: its evidence label)
 emergency_lr_cut from, to                     the same, at level 3/4
 emergency_lr_restore from, to                 the same: an emergency cut undone (emergency_over)
 weight_decay    from, to                      train.weight_decay and hp["weight_decay"]
