@@ -32,7 +32,7 @@ from tensordict import TensorDict
 
 from lumina import tree
 from lumina.config import ConfigError, TrainConfig
-from lumina.shards import placed_like, whole
+from lumina.shards import is_dtensor, placed_like, whole
 from lumina_kernels import native
 
 __all__ = [
@@ -186,7 +186,7 @@ def _local_shards(lists: tuple[list[torch.Tensor], ...]) -> tuple[list[torch.Ten
     """Each list's local tensors, when every tensor is a DTensor placed like the first list's tensor
     at its index (same mesh, placements and shape: a gradient or moment sharded like its param);
     else None."""
-    if not lists[0] or not all(hasattr(t, "device_mesh") for ts in lists for t in ts):
+    if not lists[0] or not all(is_dtensor(t) for ts in lists for t in ts):
         return None
     for i, p in enumerate(lists[0]):
         for ts in lists[1:]:

@@ -35,6 +35,7 @@ __all__ = [
     "assign",
     "copy_into",
     "dist_info",
+    "is_dtensor",
     "local_rows",
     "placed_like",
     "read_index",
@@ -214,6 +215,11 @@ def local_rows(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return full[start:end]
 
 
+def is_dtensor(t: torch.Tensor | None) -> bool:
+    """Whether ``t`` is a DTensor (FSDP's leaves and their gradients and moments)."""
+    return hasattr(t, "device_mesh")
+
+
 def whole(t: torch.Tensor | None) -> torch.Tensor | None:
     """A DTensor's whole tensor (a collective when it is sharded or partial: every rank calls it);
     any other tensor, or None, as it is."""
@@ -239,7 +245,7 @@ def copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
 def assign(target: torch.Tensor, src: torch.Tensor) -> None:
     """Set ``target`` from ``src``: a tensor of the same layout (a DTensor like it, or a plain one
     like it) or the full tensor of a sharded ``target``."""
-    if hasattr(src, "device_mesh"):
+    if is_dtensor(src):
         target.copy_(src)
     else:
         copy_into(target, src)

@@ -40,7 +40,7 @@ from tensordict import TensorDict
 from lumina import optim, tree
 from lumina.config import ConfigError, RunConfig
 from lumina.distributed.view import ModelView
-from lumina.shards import Piece, assign, copy_into, local_rows, placed_like, whole
+from lumina.shards import Piece, assign, copy_into, is_dtensor, local_rows, placed_like, whole
 
 __all__ = [
     "STRATEGIES",
@@ -150,15 +150,11 @@ def eval_through(module, state: TensorDict, batch: TensorDict, cfg: RunConfig, p
     return TensorDict({"loss": loss, "ppl": loss.exp(), "accuracy": correct / n, "tokens": n}, batch_size=[])
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "device_mesh")
-
-
 def _like(target: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``src`` in ``target``'s layout: itself when it already is a DTensor or both are plain;
     else this rank's rows of the full ``src`` as a DTensor placed like ``target`` (no collective:
     every rank holds the full tensor)."""
-    if _is_dtensor(src) or not _is_dtensor(target):
+    if is_dtensor(src) or not is_dtensor(target):
         return src.detach().clone()
     return placed_like(local_rows(src, target).detach().clone().to(target.to_local().device), target)
 

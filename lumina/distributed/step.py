@@ -34,7 +34,7 @@ from lumina.config import RunConfig
 from lumina.distributed.view import ModelView
 from lumina.model import random
 from lumina.model.moe import update_balance_bias
-from lumina.shards import assign
+from lumina.shards import assign, whole
 from lumina.step import head_loss
 
 __all__ = ["dist_train_step", "load_params_into"]
@@ -79,8 +79,8 @@ def _full_bias(params: TensorDict) -> TensorDict:
     the bias update mixes them with the all-reduced loads, plain tensors). Collective under FSDP."""
     flat = tree.flatten(params)
     for k, v in flat.items():
-        if k.endswith(".balance_bias") and hasattr(v, "full_tensor"):
-            flat[k] = v.full_tensor()
+        if k.endswith(".balance_bias"):
+            flat[k] = whole(v)
     return tree.unflatten(flat)
 
 
