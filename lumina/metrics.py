@@ -10,7 +10,10 @@ Peak FLOP/s: a table of dense bf16 tensor-core peaks for common accelerators (th
 torchtitan uses); on CPU an estimate, cores x clock x FLOPs per cycle of the training's matmul dtype,
 read from /proc/cpuinfo: fp32 FMA 64 with AVX-512, 32 with AVX2, 8 otherwise; bf16 (and fp8, whose
 CPU matmuls are bf16) 1024 with AMX (a TDPBF16PS, 16 x 16 x 32 multiply-adds, every 16 cycles) and
-128 with AVX512_BF16, else the fp32 rate (the same for fp16 with AMX_FP16 / AVX512_FP16). On the
+128 with AVX512_BF16, else the fp32 rate (the same for fp16 with AMX_FP16 / AVX512_FP16); the
+AVX-512 rates halved on AMD Zen 4, whose 512-bit instructions take two 256-bit pipes (on the 2-core
+EPYC of the CI type, 2.6 GHz nominal: fp32 matmuls at 176-201 GFLOP/s, bf16 at 382-432, above the
+nominal clock's 166 and 333 as the cores boost). On the
 AMX Xeon of the CI type bf16 matmuls run at 1.0-1.9 TFLOP/s on 2 cores against 0.18-0.35 in fp32
 (benchmarks/README.md), so an fp32 peak would overstate a bf16 run's MFU several times.
 ``train.peak_flops`` overrides either.
@@ -92,7 +95,17 @@ def _cpu_peak_flops(precision: str = "fp32", info: str | None = None) -> tuple[f
         if flag in flags:
             per_cycle, unit = rate, f"{flag} rate"
             break
+    if per_cycle > 32 and _half_width_avx512(info):
+        per_cycle, unit = per_cycle // 2, f"{unit}, AVX-512 on 256-bit pipes"
     return torch.get_num_threads() * max(mhz) * 1e6 * per_cycle, unit
+
+
+def _half_width_avx512(info: str) -> bool:
+    """AMD Zen 4 (family 25 with AVX-512; Zen 3 has none) runs each 512-bit instruction on its two
+    256-bit pipes: half the AVX-512 / AVX512_BF16 rate per cycle of an Intel core (AMX aside)."""
+    vendor = re.search(r"vendor_id\s*:\s*(\S+)", info)
+    family = re.search(r"cpu family\s*:\s*(\d+)", info)
+    return bool(vendor and family) and vendor.group(1) == "AuthenticAMD" and int(family.group(1)) == 25
 
 
 def peak_flops(

@@ -514,3 +514,10 @@ def test_cpu_peak_follows_the_matmul_dtype():
     assert _cpu_peak_flops("bf16", no_amx) == (threads * 2e9 * 128, "avx512_bf16 rate")
     avx2 = "cpu MHz : 1000.0\nflags : avx2 fma\n"
     assert _cpu_peak_flops("bf16", avx2) == (threads * 1e9 * 32, "FMA width")
+    # AMD Zen 4 (family 25): AVX-512 on 256-bit pipes, half the per-cycle rates; AVX2 and Zen 5 unchanged
+    zen4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\n" + no_amx
+    half = "AVX-512 on 256-bit pipes"
+    assert _cpu_peak_flops("fp32", zen4) == (threads * 2e9 * 32, f"FMA width, {half}")
+    assert _cpu_peak_flops("bf16", zen4) == (threads * 2e9 * 64, f"avx512_bf16 rate, {half}")
+    assert _cpu_peak_flops("bf16", zen4.replace(" avx512f avx512_bf16", "")) == (threads * 2e9 * 32, "FMA width")
+    assert _cpu_peak_flops("fp32", zen4.replace(": 25", ": 26"))[0] == threads * 2e9 * 64
