@@ -147,7 +147,9 @@ def lr_overshoot(ostate, obs: Observation, cfg: OrchestratorConfig) -> list[Find
     the first one's. Looked at once, at the observation of step 2 (the first two observations being
     steps 1 and 2), so a resumed or later run never sees it. On the debug preset without warm-up
     (20 seeds each): 1.30-2.86 at its LR, 1.80-9.60 at 3 x (16 of 20 above 3); with the preset's
-    warm-up the first update is small and the ratio stays near 1 (0.91-1.32)."""
+    warm-up the first update is small and the ratio stays near 1 (0.91-1.32). Calibrated there only:
+    on debug_200m (first grad norms 21-29) the ratio falls as the LR rises (0.27-1.27 at 10 x its
+    LR), so there it never fires (docs/orchestrator.md, The overshoot detector)."""
     if cfg.overshoot_ratio <= 0 or obs.step != 2 or ostate.counters.get("lr_overshoot"):
         return []
     if [h[0] for h in ostate.history] != [1, 2]:  # (``lrs`` holds the same steps: kept together)
