@@ -302,9 +302,10 @@ def load_checkpoint(
 def _load_v2(state_file: Path) -> dict[str, torch.Tensor]:
     raw = _read(state_file)
     try:  # safetensors parses a length-prefixed JSON header and raw bytes; it cannot run code
-        return safetensors.torch.load(raw)
+        loaded = safetensors.torch.load(raw)
     except Exception as e:
         raise CheckpointError(f"{state_file}: not a safetensors state ({type(e).__name__}: {e})") from None
+    return {k: shards.owned(v) for k, v in loaded.items()}  # aligned as a running state's tensors
 
 
 def check_compatible(state: TensorDict, template: TensorDict, where: str | Path) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "dist_info",
     "is_dtensor",
     "local_rows",
+    "owned",
     "placed_like",
     "read_index",
     "read_tensors",
@@ -200,9 +201,20 @@ def read_tensors(folder: Path, index: dict[str, Any]) -> dict[str, torch.Tensor]
             raise ShardError(
                 f"{folder}: {name}: its chunks hold {expect} elements, shape {shape} needs {math.prod(shape)}"
             )
-        flat = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else torch.empty(0, dtype=dtype)
+        flat = torch.cat(parts) if len(parts) > 1 else owned(parts[0]) if parts else torch.empty(0, dtype=dtype)
         out[name] = flat.reshape(shape)
     return out
+
+
+def owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in a fresh allocation of its own. A safetensors tensor points into the file's bytes at
+    the offset the format gives it (8-byte aligned), where every tensor a running step makes starts
+    on the allocator's 64-byte boundary, and some kernels round by where their operands start: on the
+    AMD EPYC of the CI type, torch's one-row matmul (an expert holding one token) gave other last bits
+    for a weight 28 bytes past a boundary, so a run resumed from a checkpoint left a straight run's
+    bits at its first step. Loaded state gets the running state's alignment (and stops holding the
+    file's mapping)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def local_rows(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -124,8 +124,13 @@ def test_adamw_kernel_follows_the_foreach_arithmetic_in_place_or_not():
         want = optim._adamw_math(p, scaled, m, v, [0], t, hp, cfg)
         for ours, theirs in zip(new[1:], want[1:], strict=True):  # moments: bit for bit
             assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
-        for a, b in zip(new[0], want[0], strict=True):  # params: torch's sqrt is not always exact
-            assert (a.view(torch.int32) - b.view(torch.int32)).abs().max() <= 4
+        # params: torch's vectorised sqrt is not always correctly rounded, so the update term may
+        # differ in its last bits; p * decay - update can cancel to far below |p|, so the tolerance is
+        # in units of the operands' last place (eps * max(|p|, |p'|): 1-2 ulps), not the result's
+        # (on the AMD EPYC the same 1-ulp update difference read 16 and 512 result ulps)
+        for a, b, p0 in zip(new[0], want[0], p, strict=True):
+            ulp = torch.finfo(torch.float32).eps * torch.maximum(p0.abs(), b.abs())
+            assert ((a - b).abs() <= 4 * ulp).all()
         assert not torch.equal(new[0][0], p[0]) and not torch.equal(new[1][0], m[0])
         inplace = [[x.clone() for x in xs] for xs in (p, m, v)]
         optim.adamw_(inplace[0], grads, inplace[1], inplace[2], [0], t, hp, cfg, grad_scale=clip)
