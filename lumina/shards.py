@@ -201,7 +201,10 @@ def read_tensors(folder: Path, index: dict[str, Any]) -> dict[str, torch.Tensor]
             raise ShardError(
                 f"{folder}: {name}: its chunks hold {expect} elements, shape {shape} needs {math.prod(shape)}"
             )
-        flat = torch.cat(parts) if len(parts) > 1 else owned(parts[0]) if parts else torch.empty(0, dtype=dtype)
+        if not parts:
+            flat = torch.empty(0, dtype=dtype)
+        else:
+            flat = torch.cat(parts) if len(parts) > 1 else owned(parts[0])
         out[name] = flat.reshape(shape)
     return out
 
