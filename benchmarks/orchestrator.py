@@ -70,7 +70,6 @@ import io
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -353,26 +352,35 @@ def summarise(rows: list[dict], steps: int, tol: float) -> str:
     return "\n".join(lines)
 
 
-def load_rows(path: Path, preset: str, steps: int, eval_every: int, gate: str = "raw") -> list[dict]:
+def load_rows(
+    path: Path, preset: str, steps: int, eval_every: int, gate: str = "raw", device: str | None = None
+) -> list[dict]:
     """The newest row of each (case, seed, arm) in the results CSV at this preset, step budget and
     evaluation cadence, typed as ``one_run`` returns them (so cases run in separate invocations are
-    summarised together); on-runs of ``gate`` only (an off-run is the same under either)."""
+    summarised together); on-runs of ``gate`` only (an off-run is the same under either). Rows of one
+    machine only (``device``, default: the newest matching row's): paired runs and their comparisons
+    with the clean case need one machine's numerics (the last bits differ between CPUs)."""
     import csv
 
     if not path.exists():
         h.fail(f"{path}: no results yet; run the benchmark first")
     newest: dict[tuple, dict] = {}
     with path.open(newline="") as f:
-        for r in csv.DictReader(f):
-            if (r["preset"], r["steps"], r["eval_every"]) != (preset, str(steps), str(eval_every)):
-                continue
-            if r["case"] not in CASES or (r["orchestrator"] == "on" and r["gate"] != gate):
-                continue
-            r = dict(r, seed=int(r["seed"]), survived=r["survived"] == "True", decisions=int(r["decisions"]),
-                     snapshot_mb=float(r["snapshot_mb"] or 0),
-                     snapshot_ms_per_step=float(r["snapshot_ms_per_step"]),
-                     orch_cost_pct=float(r["orch_cost_pct"]) if r["orch_cost_pct"] else "")  # fmt: skip
-            newest[(r["case"], r["seed"], r["orchestrator"])] = r  # file order: the last one is the newest
+        matching = [
+            r for r in csv.DictReader(f)
+            if (r["preset"], r["steps"], r["eval_every"]) == (preset, str(steps), str(eval_every))
+        ]  # fmt: skip
+    device = device or (matching[-1]["device"] if matching else None)
+    for r in matching:
+        if r["device"] != device:
+            continue
+        if r["case"] not in CASES or (r["orchestrator"] == "on" and r["gate"] != gate):
+            continue
+        r = dict(r, seed=int(r["seed"]), survived=r["survived"] == "True", decisions=int(r["decisions"]),
+                 snapshot_mb=float(r["snapshot_mb"] or 0),
+                 snapshot_ms_per_step=float(r["snapshot_ms_per_step"]),
+                 orch_cost_pct=float(r["orch_cost_pct"]) if r["orch_cost_pct"] else "")  # fmt: skip
+        newest[(r["case"], r["seed"], r["orchestrator"])] = r  # file order: the last one is the newest
     return list(newest.values())
 
 
@@ -479,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="run nothing: summarise the results CSV (the newest row per case, seed and "
                          "arm at --preset, --steps, --eval-every) and print the per-action evidence "
                          "table")  # fmt: skip
+    ap.add_argument("--device", default=None,
+                    help="with --report: the rows of this machine (the CSV's device column: the CPU "
+                         "model; x86_64 on rows written before it named it); default: the newest "
+                         "matching row's")  # fmt: skip
     ap.add_argument("--registry", action="store_true",
                     help="instead: does applying the registry's suggestion help? (past runs, then new "
                          "runs at a good and a bad LR with and without the suggestion)")  # fmt: skip
@@ -504,8 +516,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown case(s) {sorted(unknown)}; known: {', '.join(CASES)}")
     if args.report:
         for gate in ("raw", "evidence"):
-            rows = [r for r in load_rows(RESULTS, args.preset, args.steps, args.eval_every, gate)
+            rows = [r for r in load_rows(RESULTS, args.preset, args.steps, args.eval_every, gate, args.device)
                     if r["case"] in cases]  # fmt: skip
+            if rows and gate == "raw":
+                print(f"rows of device {rows[0]['device']!r}\n")
             if any(r["orchestrator"] == "on" for r in rows):
                 print(f"on-runs with gate={gate}:\n{summarise(rows, args.steps, args.tol)}\n")
                 if gate == "raw":
@@ -518,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a for a in ("on", "off") if a in arms]  # the pairing below reads (on, off) in this order
     at = max(1, round(args.at * args.steps))
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), "commit": h.commit(),
-            "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "device": h.cpu_model(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "preset": args.preset, "steps": args.steps,
             "eval_every": args.eval_every}  # fmt: skip
     rows = []

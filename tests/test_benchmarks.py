@@ -153,9 +153,10 @@ def test_orchestrator_bench_statistics():
 
 def test_orchestrator_bench_report(tmp_path):
     """--report reads the CSV back: the newest row per (case, seed, arm) at the preset, budget and
-    cadence asked, typed; the evidence table credits each action kind of a pair with its outcome."""
+    cadence asked, of one machine, typed; the evidence table credits each action kind of a pair with
+    its outcome."""
     ob = _orchestrator_bench()
-    meta = {"preset": "debug", "steps": 150, "eval_every": 10}
+    meta = {"preset": "debug", "steps": 150, "eval_every": 10, "device": "x86_64"}
     curve = [[0, 0.0, 10.8], [150, 80.0, 7.0]]
 
     def row(case, seed, on, final, actions="", survived=True, **kw):
@@ -168,10 +169,13 @@ def test_orchestrator_bench_report(tmp_path):
             row("nan_grad", 0, False, "", survived=False),
             row("clean", 0, True, 6.41, "micro_batch"), row("clean", 0, False, 6.40),
             row("clean", 1, True, 6.0, "lr_scale", steps=60),  # another budget: left out
-            row("clean", 0, True, 6.38, "", gate="evidence")]  # fmt: skip
+            row("clean", 0, True, 6.38, "", gate="evidence"),
+            row("clean", 0, False, 6.2, device="AMD EPYC")]  # another machine's numerics  # fmt: skip
     path = tmp_path / "orchestrator_v2.csv"
     ob.h.append_csv(path, rows)
-    got = ob.load_rows(path, "debug", 150, 10)
+    other = ob.load_rows(path, "debug", 150, 10)  # by default the newest row's machine
+    assert [(r["case"], r["device"], r["final_eval"]) for r in other] == [("clean", "AMD EPYC", "6.2")]
+    got = ob.load_rows(path, "debug", 150, 10, device="x86_64")
     assert len(got) == 6 and all(isinstance(r["survived"], bool) and isinstance(r["seed"], int) for r in got)
     assert next(r for r in got if r["case"] == "lr_low" and r["orchestrator"] == "on")["final_eval"] == "6.3"
     table = ob.evidence(got).splitlines()
@@ -187,7 +191,7 @@ def test_orchestrator_bench_report(tmp_path):
         in by_kind["micro_batch"]
     )
     assert "| lr_low | misconfig | 0/1 |" in ob.summarise(got, 150, 0.005)  # reached 7.1 only at 150
-    gated = ob.load_rows(path, "debug", 150, 10, gate="evidence")  # its on-runs, paired with the off-runs
+    gated = ob.load_rows(path, "debug", 150, 10, gate="evidence", device="x86_64")  # paired with off-runs
     assert sorted((r["case"], r["orchestrator"]) for r in gated) == [
         ("clean", "off"), ("clean", "on"), ("lr_low", "off"), ("nan_grad", "off")]  # fmt: skip
     clean = next(line for line in ob.summarise(gated, 150, 0.005).splitlines() if line.startswith("| clean "))
