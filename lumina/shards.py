@@ -210,13 +210,13 @@ def read_tensors(folder: Path, index: dict[str, Any]) -> dict[str, torch.Tensor]
 
 
 def owned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in a fresh allocation of its own. A safetensors tensor points into the file's bytes at
-    the offset the format gives it (8-byte aligned), where every tensor a running step makes starts
-    on the allocator's 64-byte boundary, and some kernels round by where their operands start: on the
-    AMD EPYC of the CI type, torch's one-row matmul (an expert holding one token) gave other last bits
-    for a weight 28 bytes past a boundary, so a run resumed from a checkpoint left a straight run's
-    bits at its first step. Loaded state gets the running state's alignment (and stops holding the
-    file's mapping)."""
+    """``t`` in a fresh allocation of its own. A safetensors tensor points into the file's bytes
+    wherever the format put it, where every tensor a running step makes starts on the allocator's
+    64-byte boundary, and some kernels round by where their operands start: on the AMD EPYC of the
+    CI type, torch's one-row matmul (an expert holding one token) gave other last bits for a weight
+    28 bytes past a boundary, so a run resumed from a checkpoint left a straight run's bits at its
+    first step. Loaded state gets the running state's alignment (and stops holding the file's
+    mapping)."""
     return t.clone(memory_format=torch.contiguous_format)
 
 

@@ -70,7 +70,7 @@ def test_exact_resume_is_bit_identical(tmp_path):
     state, meta = load_checkpoint(path)
     # every tensor in a fresh allocation, on the 64-byte boundary a running step's tensors start on:
     # some CPU kernels round by where their operands start (shards.owned), and safetensors' own
-    # tensors point into the file at 8-byte-aligned offsets
+    # tensors point into the file wherever the format put them
     assert all(t.data_ptr() % 64 == 0 for t in tree.flatten(state).values() if t.numel())
     cfg2, mix2 = setup()
     resumed, _, resumed_metrics = run(cfg2, mix2, state, MixState.from_dict(meta["data"]), 3)
