@@ -370,6 +370,10 @@ def load_rows(
             r for r in csv.DictReader(f)
             if (r["preset"], r["steps"], r["eval_every"]) == (preset, str(steps), str(eval_every))
         ]  # fmt: skip
+    devices = sorted({r["device"] for r in matching})
+    if device is not None and device not in devices:
+        h.fail(f"{path}: no rows of device {device!r} at {preset}, {steps} steps, eval every {eval_every}"
+               f" (devices there: {', '.join(devices) or 'none'})")  # fmt: skip
     device = device or (matching[-1]["device"] if matching else None)
     for r in matching:
         if r["device"] != device:

@@ -175,6 +175,8 @@ def test_orchestrator_bench_report(tmp_path):
     ob.h.append_csv(path, rows)
     other = ob.load_rows(path, "debug", 150, 10)  # by default the newest row's machine
     assert [(r["case"], r["device"], r["final_eval"]) for r in other] == [("clean", "AMD EPYC", "6.2")]
+    with pytest.raises(SystemExit):  # a machine without rows: one line, exit 2
+        ob.load_rows(path, "debug", 150, 10, device="AMD")
     got = ob.load_rows(path, "debug", 150, 10, device="x86_64")
     assert len(got) == 6 and all(isinstance(r["survived"], bool) and isinstance(r["seed"], int) for r in got)
     assert next(r for r in got if r["case"] == "lr_low" and r["orchestrator"] == "on")["final_eval"] == "6.3"
