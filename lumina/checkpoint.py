@@ -296,16 +296,16 @@ def load_checkpoint(
             raise CheckpointError(str(e)) from None
     if not flat:
         raise CheckpointError(f"{path}: holds no tensors")
-    return tree.unflatten({k: v.to(device) for k, v in flat.items()}), meta
+    # fresh allocations on the device, aligned as a running state's tensors (shards.owned)
+    return tree.unflatten({k: shards.owned(v, device) for k, v in flat.items()}), meta
 
 
 def _load_v2(state_file: Path) -> dict[str, torch.Tensor]:
     raw = _read(state_file)
     try:  # safetensors parses a length-prefixed JSON header and raw bytes; it cannot run code
-        loaded = safetensors.torch.load(raw)
+        return safetensors.torch.load(raw)
     except Exception as e:
         raise CheckpointError(f"{state_file}: not a safetensors state ({type(e).__name__}: {e})") from None
-    return {k: shards.owned(v) for k, v in loaded.items()}  # aligned as a running state's tensors
 
 
 def check_compatible(state: TensorDict, template: TensorDict, where: str | Path) -> None:

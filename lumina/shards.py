@@ -201,23 +201,20 @@ def read_tensors(folder: Path, index: dict[str, Any]) -> dict[str, torch.Tensor]
             raise ShardError(
                 f"{folder}: {name}: its chunks hold {expect} elements, shape {shape} needs {math.prod(shape)}"
             )
-        if not parts:
-            flat = torch.empty(0, dtype=dtype)
-        else:
-            flat = torch.cat(parts) if len(parts) > 1 else owned(parts[0])
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else torch.empty(0, dtype=dtype)
         out[name] = flat.reshape(shape)
     return out
 
 
-def owned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in a fresh allocation of its own. A safetensors tensor points into the file's bytes
-    wherever the format put it, where every tensor a running step makes starts on the allocator's
-    64-byte boundary, and some kernels round by where their operands start: on the AMD EPYC of the
-    CI type, torch's one-row matmul (an expert holding one token) gave other last bits for a weight
-    28 bytes past a boundary, so a run resumed from a checkpoint left a straight run's bits at its
-    first step. Loaded state gets the running state's alignment (and stops holding the file's
-    mapping)."""
-    return t.clone(memory_format=torch.contiguous_format)
+def owned(t: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """``t`` copied onto ``device`` into a fresh allocation of its own: what a loader hands a run.
+    ``read_tensors`` returns views into the files (a distributed rank then copies only its rows); a
+    safetensors tensor starts wherever the format put it, where every tensor a running step makes
+    starts on the allocator's 64-byte boundary, and some kernels round by where their operands start:
+    on the AMD EPYC of the CI type, torch's one-row matmul (an expert holding one token) gave other
+    last bits for a weight 28 bytes past a boundary, so a run resumed from a checkpoint left a
+    straight run's bits at its first step. On CUDA this is the copy ``.to(device)`` made anyway."""
+    return t.to(device, copy=True)
 
 
 def local_rows(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,7 @@ def test_a_snapshot_restores_bit_for_bit_from_disk_as_from_memory(tmp_path, budg
         assert list(a) == list(b)  # the key order too (a compiled step guards on it)
         for k in b:
             assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+            assert a[k].data_ptr() % 64 == 0 or not a[k].numel(), k  # aligned as the running state
         got["params", "layers", "0", "w"].add_(1.0)
     state["params", "layers", "0", "w"].zero_()  # the ring holds a copy, not the live state
     assert not torch.equal(tree.flatten(ring.get(5, torch.device("cpu"))[0])["params.layers.0.w"],

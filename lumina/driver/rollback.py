@@ -136,7 +136,7 @@ class SnapshotRing:
         if snap.folder is None:
             return self.copy(snap.state), snap.cfg
         flat = shards.read_tensors(snap.folder, snap.index)
-        return tree.unflatten({k: flat[k].to(device) for k in snap.keys}), snap.cfg
+        return tree.unflatten({k: shards.owned(flat[k], device) for k in snap.keys}), snap.cfg
 
     def _drop(self, step: int) -> None:
         snap = self.ring.pop(step, None)
