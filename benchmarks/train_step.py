@@ -85,12 +85,7 @@ CONFIGS = {
 
 
 def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name} ({os.cpu_count()} cpus)"
+    return f"{h.cpu_model()} ({os.cpu_count()} cpus)"
 
 
 def lumina_runner(cfg: RunConfig, batch: TensorDict, compile_: bool, mode: str = "regional"):
