@@ -158,3 +158,28 @@ def test_a_real_run_grows_its_micro_batch_keeps_the_batch_and_replays(tmp_path):
     assert meta["data"]["step"] * final_mb == 10 * 4  # 10 steps x 4 sequences, in units of the micro-batch
     r = replay(run)
     assert r.identical and len(r.derived) == len(ds)
+
+
+def test_a_real_run_shrinks_a_growth_without_gain_back_and_never_grows_again(tmp_path):
+    """The run above with a gain no growth can show (grow_gain 100: the doubled micro-batch would
+    need 101 x the tokens/s): the growth at step 4 is judged after 1 settling + 3 observations at
+    micro-batch 2 and shrunk back at step 8 (micro_batch_no_gain), applied from step 9; 2 is
+    barred, so nothing grows again; the batch never changes and replay is exact."""
+    cfg = load_config(overrides=["--train.steps=12", f"--run_dir={tmp_path}", *TINY,
+                                 "--train.micro_batch_size=1", "--train.eval_batches=0",
+                                 "--orchestrator.memory_budget_mb=100000", "--orchestrator.grow_settle=1",
+                                 "--orchestrator.grow_window=3", "--orchestrator.cooldown=0",
+                                 "--orchestrator.warmup=2", "--orchestrator.grow_gain=100"])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    ds = list(orchestrator.read_log(run / orchestrator.DECISIONS_FILE))
+    assert [(d["step"], d["action"], d["args"]) for d in ds] == [
+        (4, "micro_batch", {"from": 1, "to": 2}),
+        (8, "micro_batch", {"from": 2, "to": 1}),
+    ]
+    assert ds[1]["reason"].startswith("micro-batch 1 -> 2 did not pay: ")
+    obs = list(orchestrator.read_log(run / orchestrator.OBSERVATIONS_FILE))
+    mb = {o["step"]: o["settings"]["micro_batch_size"] for o in obs}
+    assert [mb[s] for s in range(1, 13)] == [1] * 4 + [2] * 4 + [1] * 4
+    assert {o["settings"]["batch_size"] for o in obs} == {4}
+    r = replay(run)
+    assert r.identical and len(r.derived) == 2

@@ -252,6 +252,33 @@ def test_expert_collapse_raises_the_balance_weight():
     assert decisions[0].step == 20 + 50 and "50 observations in a row" in decisions[0].reason
 
 
+def test_a_lasting_expert_collapse_escalates_balance_weight_then_dropout_then_temperature():
+    """Each decision applied to the next observation's knobs while the collapse lasts: the balance
+    weight x 4 up to 0.1 (0.01 -> 0.04 -> 0.1), then expert dropout 0.1, then the router temperature
+    x 1.5 up to 4 (1 -> 1.5 -> 2.25 -> 3.375 -> 4), then nothing is left to raise. Without the
+    balance loss (balance=bias: aux-loss-free routing) the first answer is the dropout."""
+    cfg = dataclasses.replace(OCFG, collapse_patience=1, cooldown=0, max_changes_per_window=100)
+    collapsed = [[0.5, 0.5, 0, 0, 0, 0, 0, 0], [1 / 8] * 8]
+
+    def escalate(settings):
+        s, knobs, out = init_state(0), dict(settings["knobs"]), []
+        for o in clean_series(60, 7):
+            s, ds = decide(s, Observation(**{"settings": settings | {"knobs": dict(knobs)},
+                                             "expert_load": collapsed, **o}), cfg)  # fmt: skip
+            for d in ds:
+                assert d.action == "set_knob"
+                knobs[d.args["name"]] = d.args["to"]
+                out.append((d.args["name"], d.args["from"], d.args["to"]))
+        return out
+
+    assert escalate(MOE) == [
+        ("aux_loss_weight", 0.01, 0.04), ("aux_loss_weight", 0.04, 0.1), ("expert_dropout", 0.0, 0.1),
+        ("router_temperature", 1.0, 1.5), ("router_temperature", 1.5, 2.25),
+        ("router_temperature", 2.25, 3.375), ("router_temperature", 3.375, 4.0),
+    ]  # fmt: skip
+    assert escalate(MOE | {"balance": "bias"})[0] == ("expert_dropout", 0.0, 0.1)
+
+
 def test_dead_expert_is_pruned_after_patience():
     load = [0.14] * 7 + [0.01]
     load = [x / sum(load) for x in load]
