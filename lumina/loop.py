@@ -36,6 +36,7 @@ import torch
 from tensordict import TensorDict
 
 from lumina import metrics
+from lumina.driver import ranks
 from lumina.driver.checkpointing import Checkpointer
 from lumina.driver.console import Progress, fmt_time
 from lumina.driver.evaluation import EvalResult, Evaluator
@@ -76,6 +77,8 @@ def train(
     peak *= run.env.world_size if run.env is not None else 1  # the ranks' tokens/s over all their devices
     progress = Progress(run.console, run.start, flops, peak)
     stopped_early = interrupted = False
+    pending: list = []  # decisions taken at this step and not applied yet
+    restore_signals = ranks.defer_interrupts(run)  # a signal stops the run at the next step boundary
     try:
         if evaluator.sets and run.start == 0:
             _evaluate(run, evaluator, saver)
@@ -87,12 +90,13 @@ def train(
                 continue
             record = train_record(run, out_, flops, peak)
             evaluation = _evaluate(run, evaluator, saver) if evaluator.due(run.step, run.cfg) else None
-            decisions = orch.observe(run, record, evaluation) if orch is not None else []
+            pending = orch.observe(run, record, evaluation) if orch is not None else []
             run.logs.write(record)
             if step_hook is not None:
                 step_hook(run.step, run.state, record)
             progress.update(run.step, run.cfg.train.steps, record, run.cfg.train.log_every)
             if orch is not None:
+                decisions, pending = pending, []
                 orch.act(run, decisions)
             if evaluation is not None and evaluator.should_stop(run.cfg) and run.step < run.cfg.train.steps:
                 stopped_early = True
@@ -101,12 +105,16 @@ def train(
             saver.after_step(run)
     except KeyboardInterrupt:
         interrupted = True
+        if pending:  # (a step hook raised it, or a second signal): the run would apply them before
+            decisions, pending = pending, []  # its next step, so the checkpoint holds them applied
+            orch.act(run, decisions)
         run.console.line(f"[lumina] interrupted at step {run.step}; saving a checkpoint")
         run.logs.event(run.step, "interrupted")
     except BaseException:
         run.logs.close()
         raise
     finally:
+        restore_signals()
         if orch is not None:
             orch.ring.close()  # spilled snapshots are deleted with the run's end (or crash)
     return _finish(run, evaluator, orch, saver, stopped_early=stopped_early, interrupted=interrupted)

@@ -4,6 +4,7 @@ and what-if on the logged observations, and the acceptance command on the debug 
 import json
 import math
 import os
+import signal
 
 import msgpack
 import pytest
@@ -473,4 +474,112 @@ def test_near_convergence_eases_the_lr_and_evaluates_every_step_on_a_real_run(tm
     train = records(run, "train")  # step k runs with the schedule's LR at k - 1, x the LR scale
     scale = [1.0] * 10 + [0.5] * 2
     assert [r["lr"] for r in train] == pytest.approx([x * lr_at(k, cfg.train) for k, x in enumerate(scale)])
+    assert replay(run).identical
+
+
+def test_dropped_assignments_raise_the_capacity_factor_on_a_real_run(tmp_path):
+    """A capacity factor of 1.0 on the tiny MoE drops a fifth of the expert assignments at init
+    (> overflow_drop 5 %): at the first observation past the warm-up the orchestrator raises the
+    factor x 1.25 (medium, confidence from the drop), the next steps run with it, the cooldown keeps
+    it to one raise in 8 steps, and replay is exact."""
+    cfg = load_config(overrides=["--train.steps=8", f"--run_dir={tmp_path}", *TINY, *SNAP,
+                                 "--model.moe.capacity_factor=1", "--orchestrator.warmup=2",
+                                 *RAW])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    ds = decisions(run)
+    assert [(d["step"], d["action"], d["args"], d["level"]) for d in ds] == [
+        (3, "capacity_factor", {"from": 1.0, "to": 1.25}, 2)
+    ]
+    obs = list(orchestrator.read_log(run / orchestrator.OBSERVATIONS_FILE))
+    drop = {o["step"]: sum(o["dropped"]) / len(o["dropped"]) for o in obs}
+    assert drop[3] > cfg.orchestrator.overflow_drop
+    assert ds[0]["reason"] == f"{drop[3]:.1%} of expert assignments dropped (> 5%)"
+    assert [o["settings"]["capacity_factor"] for o in obs] == [1.0] * 3 + [1.25] * 5
+    assert replay(run).identical
+
+
+def test_a_saturated_mod_router_on_a_plateau_raises_the_mod_capacity_on_a_real_run(tmp_path):
+    """MoD capacity raised on a real run: a plateau threshold every slope meets (plateau_slope 100
+    over a 6-observation window, so from the third observation) and a saturation threshold the
+    routers' ~0.5 weights at init exceed (mod_high 0.01) make the first observation past the warm-up
+    a saturated router on a plateau: MoD capacity x 1.5 (0.25 -> 0.375), applied from the next step,
+    once (cooldown); plateau_patience keeps the plateau's own LR cut out; replay is exact."""
+    cfg = load_config(overrides=["--train.steps=8", f"--run_dir={tmp_path}", *TINY, *SNAP,
+                                 "--orchestrator.warmup=2", "--orchestrator.window=6",
+                                 "--orchestrator.lr_low_window=6", "--orchestrator.plateau_slope=100",
+                                 "--orchestrator.plateau_patience=1000", "--orchestrator.mod_high=0.01",
+                                 "--orchestrator.mod_low=0", *RAW])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    ds = decisions(run)
+    assert [(d["step"], d["action"], d["args"], d["level"]) for d in ds] == [
+        (3, "mod_capacity", {"from": 0.25, "to": 0.375}, 1)
+    ]
+    assert ds[0]["reason"].startswith("loss on a plateau while the selected tokens' mean router weight is ")
+    obs = list(orchestrator.read_log(run / orchestrator.OBSERVATIONS_FILE))
+    assert min(min(o["mod_weight"]) for o in obs) > 0.01
+    assert [o["settings"]["mod_capacity"] for o in obs] == [0.25] * 3 + [0.375] * 5
+    assert replay(run).identical
+
+
+# a plateau every slope meets from the third observation (6-observation window), acted on at once: on
+# the tiny MoE the orchestrator adds an expert at step 4 (applied before step 5)
+ADD_EXPERT = ["--orchestrator.warmup=2", "--orchestrator.window=6", "--orchestrator.lr_low_window=6",
+              "--orchestrator.plateau_slope=100", "--orchestrator.plateau_patience=1"]  # fmt: skip
+
+
+def _experts(ckpt):
+    """(the experts its config names, every expert-stacked tensor's leading size) of a checkpoint."""
+    state, meta = checkpoint.load_checkpoint(ckpt)
+    sizes = {v.shape[0] for k, v in tree.flatten(state).items() if ".moe.w_" in k}
+    return meta["config"]["model"]["moe"]["num_experts"], sizes
+
+
+@pytest.mark.parametrize(("fault_at", "to_step", "experts"), [(None, None, 5), (5, 2, 4), (7, 4, 5)])
+def test_an_added_expert_on_a_real_run_and_a_rollback_across_it(tmp_path, fault_at, to_step, experts):
+    """A shape-changing decision through the whole loop: the plateau adds a fifth expert at step 4
+    (params, router and moments grow; the step is rebuilt) and the run trains on. A fault at step 5
+    rolls back to step 2's snapshot, from before the change: the run ends with 4 experts again, config
+    and tensors alike; one at step 7 rolls back to step 4's, taken after it: 5. Replay is exact."""
+    inject = [f"--train.inject=nan_grad@{fault_at}"] if fault_at else []
+    cfg = load_config(overrides=["--train.steps=8", f"--run_dir={tmp_path}", *TINY, *SNAP, *ADD_EXPERT,
+                                 *inject, *RAW])  # fmt: skip
+    run = loop.train(cfg).run_dir
+    ds = [(d["step"], d["action"], d["args"]) for d in decisions(run)]
+    rollback = [(fault_at, "rollback", {"to_step": to_step, "skip_data": True})] if fault_at else []
+    assert ds == [(4, "add_expert", {"from": 4, "to": 5}), *rollback]
+    assert _experts(checkpoint.latest(run)) == (experts, {experts})
+    assert [r["step"] for r in records(run, "train")][-1] == 8
+    assert replay(run).identical
+
+
+@pytest.mark.parametrize(("stop", "how"), [(6, "raise"), (4, "raise"), (4, "SIGINT"), (4, "SIGTERM")])
+def test_a_run_resumed_after_an_added_expert_ends_as_the_straight_run(tmp_path, stop, how):
+    """Stopped and resumed around the fifth expert added at step 4 (applied before step 5): two
+    steps after it, or at step 4 itself between the decision and its application (a step hook that
+    raises; a signal, deferred to the step boundary). Either way the checkpoint holds the decision
+    applied (config and tensors), and the resumed run ends bit for bit as the straight one, its
+    logs replaying exactly."""
+    common = [*TINY, *SNAP, *ADD_EXPERT, *RAW, "--train.steps=8"]
+    straight = loop.train(load_config(overrides=[*common, f"--run_dir={tmp_path / 'a'}"]))
+
+    def stop_at(step, state, record):
+        if step == stop and how == "raise":
+            raise KeyboardInterrupt
+        if step == stop:
+            os.kill(os.getpid(), getattr(signal, how))
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(load_config(overrides=[*common, f"--run_dir={tmp_path / 'b'}"]), step_hook=stop_at)
+    run = tmp_path / "b" / "debug"
+    assert [p.name for p in checkpoint.checkpoints(run)] == [f"step_{stop:08d}"]
+    assert _experts(checkpoint.latest(run)) == (5, {5})
+    assert main(["--resume", "latest", "--run-dir", str(tmp_path / "b")]) == 0
+    a, _ = checkpoint.load_checkpoint(checkpoint.latest(straight.run_dir))
+    b, meta = checkpoint.load_checkpoint(checkpoint.latest(run))
+    assert meta["step"] == 8
+    fa, fb = tree.flatten(a), tree.flatten(b)
+    assert fa.keys() == fb.keys()
+    for key, value in fa.items():
+        assert torch.equal(fb[key], value), key
+    assert [(d["step"], d["action"]) for d in decisions(run)] == [(4, "add_expert")]
     assert replay(run).identical

@@ -4,9 +4,12 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -143,6 +146,57 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, capsys):
         "interrupted",
         "checkpoint",
     ]
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_signal_stops_the_run_at_the_step_boundary_and_a_second_one_at_once(tmp_path, signals):
+    """SIGINT during step 2 (sent from its hook): the hook and the step go on (the signal is only
+    noted) and the run stops before step 3, saving a checkpoint at 2 and raising KeyboardInterrupt
+    (the CLI's exit 130). A second signal raises where it lands: in the hook, which goes no further.
+    The handlers in place before the run are back after it."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen = []
+
+    def hook(step, state, record):
+        if step == 2:
+            for n in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+                seen.append(n)
+
+    cfg = load_config(overrides=["--train.steps=6", f"--run_dir={tmp_path}", *TINY, "--train.eval_batches=0"])
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, step_hook=hook)
+    assert seen == [0]
+    run = tmp_path / "debug"
+    assert [r["step"] for r in records(run, "train")] == [1, 2]
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["step_00000002"]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_sigterm_to_the_cli_saves_the_step_under_way_and_exits_130(tmp_path):
+    """What a scheduler does before it kills a job: SIGTERM to ``python -m lumina.run`` mid-run.
+    The run ends at a step boundary with a checkpoint at its last logged step, one line on stderr
+    and exit status 130."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "lumina.run", "--steps", "500", "--run-dir", str(tmp_path), *TINY,
+         "--train.eval_batches=0"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = tmp_path / "debug" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while (
+        p.poll() is None
+        and time.monotonic() < deadline
+        and '"kind": "train"' not in (metrics.read_text() if metrics.exists() else "")
+    ):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "lumina: interrupted"
+    last = records(tmp_path / "debug", "train")[-1]["step"]
+    assert 0 < last < 500
+    assert [c.name for c in checkpoint.checkpoints(tmp_path / "debug")] == [f"step_{last:08d}"]
 
 
 class _Payload:

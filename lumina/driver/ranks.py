@@ -24,6 +24,8 @@ import hashlib
 import json
 import os
 import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,17 +171,31 @@ def local_mb(state) -> float:
     return total / 2**20
 
 
-def defer_interrupts(run) -> None:
-    """Under torchrun a Ctrl-C (torchrun passes SIGINT on to every worker; SIGTERM is handled
-    alike) reaches the ranks at different moments; each only notes it, and the ranks stop together
-    at the next step boundary (``lumina.driver.stepping``), where the interrupted run saves its
-    checkpoint as one process would."""
+def defer_interrupts(run) -> Callable[[], None]:
+    """A Ctrl-C (SIGINT) or SIGTERM is only noted; the run stops at the next step boundary
+    (``lumina.driver.stepping``), after the step it was in has been evaluated, observed and its
+    decisions applied, and the interrupted run saves its checkpoint there, so a resume continues as
+    the run would have. Under torchrun (which passes SIGINT on to every worker) the ranks note it at
+    different moments and stop together. In one process a second signal stops at once (a
+    ``KeyboardInterrupt`` where it lands). Returns what puts the previous handlers back; outside the
+    main thread, where Python installs no handlers, nothing is deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
 
     def note(signum, frame):
+        if run.interrupt_requested and run.env is None:
+            raise KeyboardInterrupt
         run.interrupt_requested = True
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
         signal.signal(sig, note)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    return restore
 
 
 class NullLogs:

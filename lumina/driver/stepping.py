@@ -35,8 +35,11 @@ class StepOutput:
 
 def take_step(run: Run) -> StepOutput:
     """Run step ``run.step + 1`` without committing it. Raises ``torch.OutOfMemoryError`` (real or
-    injected); nothing has changed then (the step is pure)."""
+    injected); nothing has changed then (the step is pure). Raises ``KeyboardInterrupt`` first when
+    a signal arrived since the last step (``ranks.defer_interrupts``)."""
     cfg, t = run.cfg, run.cfg.train
+    if run.env is None and run.interrupt_requested:  # (torchrun: all ranks together, below)
+        raise KeyboardInterrupt
     xs, ys, sources, mix_state = [], [], [], run.mix_state
     mine = _my_micro_batches(run)
     for a in range(t.grad_accum):  # the global order; each rank keeps its own share of it
