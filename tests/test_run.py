@@ -149,7 +149,7 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("signals", [1, 2])
-def test_a_signal_stops_the_run_at_the_step_boundary_and_a_second_one_at_once(tmp_path, signals):
+def test_a_signal_stops_the_run_at_the_step_boundary_and_a_second_one_at_once(tmp_path, capfd, signals):
     """SIGINT during step 2 (sent from its hook): the hook and the step go on (the signal is only
     noted) and the run stops before step 3, saving a checkpoint at 2 and raising KeyboardInterrupt
     (the CLI's exit 130). A second signal raises where it lands: in the hook, which goes no further.
@@ -167,6 +167,7 @@ def test_a_signal_stops_the_run_at_the_step_boundary_and_a_second_one_at_once(tm
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg, step_hook=hook)
     assert seen == [0]
+    assert "[lumina] SIGINT: stopping after this step; again to stop at once\n" in capfd.readouterr().err
     run = tmp_path / "debug"
     assert [r["step"] for r in records(run, "train")] == [1, 2]
     assert [p.name for p in checkpoint.checkpoints(run)] == ["step_00000002"]

@@ -185,6 +185,10 @@ def defer_interrupts(run) -> Callable[[], None]:
     def note(signum, frame):
         if run.interrupt_requested and run.env is None:
             raise KeyboardInterrupt
+        if not run.interrupt_requested and run.is_main:  # (os.write: a signal may land mid-print)
+            again = "; again to stop at once" if run.env is None else ""
+            line = f"\n[lumina] {signal.Signals(signum).name}: stopping after this step{again}\n"
+            os.write(2, line.encode())
         run.interrupt_requested = True
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
