@@ -67,8 +67,23 @@ def train(
     step_hook: Callable[[int, TensorDict, dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train ``cfg`` (a ``RunConfig``), resuming from ``resume`` ("latest", a run folder or a
-    checkpoint folder). ``step_hook(step, state, record)`` is called after every step."""
+    checkpoint folder). ``step_hook(step, state, record)`` is called after every step. From here to
+    the end of the final checkpoint a SIGINT / SIGTERM stops the run at the next step boundary
+    (``ranks.defer_interrupts``; under torchrun ``prepare_run`` installed that already); one noted
+    in the last step, or while the run finished, is raised once it has."""
     run = prepare_run(cfg, resume=resume, out=out or sys.stdout)
+    if run.env is None:
+        run.restore_signals = ranks.defer_interrupts(run)
+    try:
+        result = _train(run, step_hook)
+    finally:
+        run.restore_signals()
+    if run.interrupt_requested:  # the run is complete, and the caller was asked to stop
+        raise KeyboardInterrupt
+    return result
+
+
+def _train(run: Run, step_hook: Callable[[int, TensorDict, dict[str, Any]], None] | None) -> RunResult:
     evaluator = Evaluator(run.eval_sets, run.tok.pad_id, run.device, run.extra)
     orch = Orchestration(run) if run.cfg.orchestrator.enabled else None
     saver = Checkpointer([evaluator, orch])
@@ -78,7 +93,6 @@ def train(
     progress = Progress(run.console, run.start, flops, peak)
     stopped_early = interrupted = False
     pending: list = []  # decisions taken at this step and not applied yet
-    restore_signals = ranks.defer_interrupts(run)  # a signal stops the run at the next step boundary
     try:
         if evaluator.sets and run.start == 0:
             _evaluate(run, evaluator, saver)
@@ -114,7 +128,6 @@ def train(
         run.logs.close()
         raise
     finally:
-        restore_signals()
         if orch is not None:
             orch.ring.close()  # spilled snapshots are deleted with the run's end (or crash)
     return _finish(run, evaluator, orch, saver, stopped_early=stopped_early, interrupted=interrupted)

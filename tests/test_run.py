@@ -174,6 +174,32 @@ def test_a_signal_stops_the_run_at_the_step_boundary_and_a_second_one_at_once(tm
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+def test_a_signal_in_the_last_step_is_raised_once_the_run_is_complete_and_an_ignored_one_stays_ignored(
+    tmp_path,
+):
+    """SIGINT during the last step: nothing is left to stop, so the run completes (its final
+    checkpoint and registry record as any run's) and then raises KeyboardInterrupt, so that a
+    caller running several (a benchmark, a sweep) stops too. A process that ignores SIGINT (a job
+    started with `&` from a script) keeps ignoring it: the run goes on to its end."""
+
+    def hook(step, state, record):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    overrides = ["--train.steps=3", *TINY, "--train.eval_batches=0"]
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(load_config(overrides=[*overrides, f"--run_dir={tmp_path / 'a'}"]), step_hook=hook)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "a" / "debug")] == ["step_00000003"]
+    assert "interrupted" not in [r["what"] for r in records(tmp_path / "a" / "debug", "event")]
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cfg = load_config(overrides=[*overrides, f"--run_dir={tmp_path / 'b'}"])
+        result = loop.train(cfg, step_hook=hook)
+        assert result.steps == 3 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_sigterm_to_the_cli_saves_the_step_under_way_and_exits_130(tmp_path):
     """What a scheduler does before it kills a job: SIGTERM to ``python -m lumina.run`` mid-run.
     The run ends at a step boundary with a checkpoint at its last logged step, one line on stderr

@@ -104,6 +104,7 @@ class Run:
     env: DistEnv | None = None  # this rank's place under torchrun (None: one process)
     engine: Engine | None = None  # the distributed engine the state lives in (None: one process)
     interrupt_requested: bool = False  # a signal arrived: stop at the next step boundary (ranks together)
+    restore_signals: Callable[[], None] = lambda: None  # puts back the handlers defer_interrupts replaced
     # what memory_mb may reach (metrics.memory_limit_mb; the smallest over the ranks): the
     # orchestrator's memory-pressure limit when orchestrator.memory_budget_mb is unset
     memory_limit_mb: float = 0.0
@@ -225,6 +226,7 @@ def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Ru
     )  # fmt: skip
     if env is not None:
         run.rebuild_engine()
+        run.restore_signals = ranks.defer_interrupts(run)  # (one process: lumina.loop.train)
         if split_note:
             console.line(f"[dist] {split_note}")
         # one collective: the largest train state and the smallest memory limit over the ranks

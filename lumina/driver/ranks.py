@@ -19,6 +19,7 @@ registry); checkpoints are written by all ranks together (``lumina.checkpoint``)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -177,21 +178,26 @@ def defer_interrupts(run) -> Callable[[], None]:
     decisions applied, and the interrupted run saves its checkpoint there, so a resume continues as
     the run would have. Under torchrun (which passes SIGINT on to every worker) the ranks note it at
     different moments and stop together. In one process a second signal stops at once (a
-    ``KeyboardInterrupt`` where it lands). Returns what puts the previous handlers back; outside the
-    main thread, where Python installs no handlers, nothing is deferred."""
+    ``KeyboardInterrupt`` where it lands). Returns what puts the previous handlers back
+    (``lumina.loop.train`` calls it once the final checkpoint is written, and raises a signal noted
+    in the last step then). A signal the process ignores stays ignored; outside the main thread,
+    where Python installs no handlers, nothing is deferred."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def note(signum, frame):
         if run.interrupt_requested and run.env is None:
             raise KeyboardInterrupt
-        if not run.interrupt_requested and run.is_main:  # (os.write: a signal may land mid-print)
+        first, run.interrupt_requested = not run.interrupt_requested, True
+        if first and run.is_main:  # (os.write: a signal may land mid-print)
             again = "; again to stop at once" if run.env is None else ""
             line = f"\n[lumina] {signal.Signals(signum).name}: stopping after this step{again}\n"
-            os.write(2, line.encode())
-        run.interrupt_requested = True
+            with contextlib.suppress(OSError):  # (stderr gone, e.g. a pipe closed by the same Ctrl-C)
+                os.write(2, line.encode())
 
+    # a signal the process ignores stays ignored (a job started with `&` from a script ignores SIGINT)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: h for sig, h in previous.items() if h is not signal.SIG_IGN}
     for sig in previous:
         signal.signal(sig, note)
 
