@@ -115,6 +115,16 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def discard_after(run_dir: str | Path, step: int) -> list[str]:
+    """Delete the run's step checkpoints past ``step``: after a rollback to ``step`` they hold the
+    steps the run abandoned, and ``latest`` must name where the run is, not a state it left. Returns
+    their names. (``best`` stays: it is the best evaluated model, not a place to resume.)"""
+    gone = [p for p in checkpoints(run_dir) if int(_STEP_DIR.fullmatch(p.name).group(1)) > step]
+    for p in gone:
+        _discard(p)
+    return [p.name for p in gone]
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -583,3 +583,66 @@ def test_a_run_resumed_after_an_added_expert_ends_as_the_straight_run(tmp_path, 
         assert torch.equal(fb[key], value), key
     assert [(d["step"], d["action"]) for d in decisions(run)] == [(4, "add_expert")]
     assert replay(run).identical
+
+
+@pytest.mark.parametrize("stop", [None, 5])
+def test_a_rollback_discards_the_checkpoints_it_abandons_so_a_resume_continues_after_it(tmp_path, stop):
+    """Checkpoints every 2 steps; a NaN at step 5 rolls back to step 2's snapshot. step_4 holds a
+    state the run abandoned: it is deleted then (event ``discard``), so that a run stopped right
+    after the rollback (its checkpoint: step 2, data past the bad batch) resumes from there, not
+    from step_4 by its higher step, and ends bit for bit as the straight run."""
+    common = [*TINY, *SNAP, "--train.steps=8", "--train.ckpt_every=2", "--train.inject=nan_grad@5"]
+    straight = loop.train(load_config(overrides=[*common, f"--run_dir={tmp_path / 'a'}"])).run_dir
+    assert [p.name for p in checkpoint.checkpoints(straight)] == [f"step_{s:08d}" for s in (4, 6, 8)]
+    events = [(r["step"], r["what"], r["detail"]) for r in records(straight, "event")]
+    assert (2, "discard", "checkpoints of the abandoned steps: step_00000004") in events
+    if stop is None:
+        return
+
+    def stop_at(step, state, record):
+        if step == stop:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(load_config(overrides=[*common, f"--run_dir={tmp_path / 'b'}"]), step_hook=stop_at)
+    run = tmp_path / "b" / "debug"
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["step_00000002"]
+    assert main(["--resume", "latest", "--run-dir", str(tmp_path / "b")]) == 0
+    a, _ = checkpoint.load_checkpoint(checkpoint.latest(straight))
+    b, _ = checkpoint.load_checkpoint(checkpoint.latest(run))
+    fa, fb = tree.flatten(a), tree.flatten(b)
+    assert fa.keys() == fb.keys() and all(torch.equal(fb[k], v) for k, v in fa.items())
+    assert [(d["step"], d["action"]) for d in decisions(run)] == [(5, "rollback")]
+
+
+@pytest.mark.parametrize("counts", ["drop", "bad"])
+def test_log_counts_in_the_checkpoint_older_checkpoints_and_bad_ones(tmp_path, capsys, counts):
+    """A checkpoint records how many records each orchestrator log held when it was saved; one
+    written before that field existed falls back to the cut by step (a resume works as it did), and
+    a damaged field is one line naming the run, exit 2, nothing written."""
+    overrides = ["--train.steps=6", f"--run_dir={tmp_path}", *TINY, *SNAP]
+
+    def stop_at_3(step, state, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(load_config(overrides=overrides), step_hook=stop_at_3)
+    run = tmp_path / "debug"
+    meta_file = checkpoint.latest(run) / "meta.msgpack"
+    meta = msgpack.unpackb(meta_file.read_bytes())
+    assert meta["extra"]["orchestrator_logs"] == [3, 0]  # 3 observations, no decision
+    if counts == "drop":
+        del meta["extra"]["orchestrator_logs"]
+    else:
+        meta["extra"]["orchestrator_logs"] = [3, -1]
+    meta_file.write_bytes(msgpack.packb(meta))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    rc = main(["--resume", "latest", "--run-dir", str(tmp_path)])
+    if counts == "drop":
+        assert rc == 0 and replay(run).identical and replay(run).observations == 6
+        return
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert "bad orchestrator log counts in the checkpoint: [3, -1]" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lumina import orchestrator
+from lumina import checkpoint, orchestrator
 from lumina.checkpoint import CheckpointError
 from lumina.driver import ranks
 from lumina.driver.evaluation import EvalResult
@@ -87,15 +87,21 @@ class Orchestration:
                 raise CheckpointError(
                     f"{run.run_dir}: bad orchestrator state in the checkpoint ({e})"
                 ) from None
-            for log_file in (self.obs_log, self.dec_log) if self.main else ():  # later steps are redone
-                try:
-                    orchestrator.truncate_log(log_file, run.start)
-                except ValueError as e:
-                    raise CheckpointError(str(e)) from None
+            # (older checkpoints have none; prepare_run checked them)
+            counts = run.extra.get("orchestrator_logs", [None, None])
+            for log_file, count in zip((self.obs_log, self.dec_log), counts, strict=True):
+                if self.main:  # what was written after the checkpoint is redone
+                    try:
+                        orchestrator.truncate_log(log_file, run.start, count)
+                    except ValueError as e:
+                        raise CheckpointError(str(e)) from None
         else:
             self.ostate = orchestrator.init_state(run.start)
         for log_file in (self.obs_log, self.dec_log) if self.main else ():  # both exist in every run
             log_file.touch()
+        # records in each log (rank 0), saved with every checkpoint: where a resume cuts them
+        logs = (self.obs_log, self.dec_log) if self.main else ()
+        self.logged = [sum(1 for _ in orchestrator.read_log(f)) for f in logs] or [0, 0]
         # under an engine its own copy (detached shards), looked up on every use: engines get rebuilt;
         # its snapshots stay in memory (no spill_dir: lumina.driver.rollback)
         self.ring = SnapshotRing(
@@ -115,6 +121,7 @@ class Orchestration:
         if self.main:
             orchestrator.append_log(self.obs_log, [obs.to_dict()])
             orchestrator.append_log(self.dec_log, [d.to_dict() for d in decisions])
+            self.logged = [self.logged[0] + 1, self.logged[1] + len(decisions)]
         return decisions
 
     def observe(self, run: Run, record: dict[str, Any], evaluation: EvalResult | None) -> list[Decision]:
@@ -149,6 +156,9 @@ class Orchestration:
                 run.step, "rollback", f"to {where}; data continues at micro-batch {run.mix_state.step}"
             )
             run.console.line(f"[orch] rolled back to {where} (step {run.step})")
+            gone = checkpoint.discard_after(run.run_dir, run.step) if run.is_main else []
+            if gone:  # a resume continues from here, not from the steps just undone
+                run.logs.event(run.step, "discard", f"checkpoints of the abandoned steps: {', '.join(gone)}")
         if decisions:
             gathered = run.engine is not None and any(d.action in FULL_STATE_ACTIONS for d in decisions)
             if gathered:  # parameters are rewritten: on the full state, sharded again below
@@ -177,7 +187,7 @@ class Orchestration:
             run.logs.event(run.step, "snapshot_spill", f"{what} ({now})")
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {"orchestrator": self.ostate.to_dict()}
+        return {"orchestrator": self.ostate.to_dict(), "orchestrator_logs": list(self.logged)}
 
 
 def _live(run: Run, state, *, full: bool, old) -> Any:

@@ -170,7 +170,14 @@ def _resume(cfg: RunConfig, resume: str | Path, device: torch.device, template: 
         raise CheckpointError(f"{ckpt}: {problem}")
     flat = tree.flatten(loaded)  # a fresh state's key order, or a compiled step recompiles once
     state = tree.unflatten({k: flat[k] for k in tree.flatten(template)})
+    counts = meta["extra"].get("orchestrator_logs", [None, None])  # (checked before anything is written)
+    if not (isinstance(counts, list) and len(counts) == 2 and all(_log_count(c) for c in counts)):
+        raise CheckpointError(f"{ckpt}: bad orchestrator log counts in the checkpoint: {counts!r}")
     return ckpt, state, meta["extra"]
+
+
+def _log_count(c: Any) -> bool:
+    return c is None or (type(c) is int and c >= 0)
 
 
 def prepare_run(cfg: RunConfig, *, resume: str | Path | None, out: TextIO) -> Run:

@@ -313,19 +313,25 @@ def read_log(path: Path, *, torn_tail_ok: bool = False) -> Iterator[dict[str, An
             raise ValueError(f"{path}: truncated log (a partial record at byte {unpacker.tell()})")
 
 
-def truncate_log(path: Path, upto_step: int) -> None:
-    """Keep the records up to the one that ends at ``upto_step`` (resuming from a checkpoint at
-    that step): records are in order, and a rollback makes steps repeat, so this keeps the prefix up
-    to the last record stamped ``upto_step`` or earlier before any record after it in time. A torn
-    last record (a kill mid-write, after the checkpoint) goes with the rest of the later ones."""
+def truncate_log(path: Path, upto_step: int, count: int | None = None) -> None:
+    """Keep the records written before a checkpoint (resuming from it): its first ``count`` records,
+    as the checkpoint counted them. Without a count (checkpoints from before the count was saved),
+    the records up to the one that ends at ``upto_step``: records are in order, and a rollback
+    makes steps repeat, so this keeps the prefix up to the last record stamped ``upto_step`` or
+    earlier — which drops a rollback and the steps before it when the checkpoint was taken right
+    after the rollback, before any new step. A torn last record (a kill mid-write, after the
+    checkpoint) goes with the rest of the later ones."""
     path = Path(path)
     if not path.exists():
         return
     records = list(read_log(path, torn_tail_ok=True))
     keep = 0
-    for i, r in enumerate(records):
-        if r["step"] <= upto_step:
-            keep = i + 1
+    if count is not None:
+        keep = min(count, len(records))
+    else:
+        for i, r in enumerate(records):
+            if r["step"] <= upto_step:
+                keep = i + 1
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         for r in records[:keep]:
