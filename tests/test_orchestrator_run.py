@@ -33,6 +33,18 @@ def decisions(run_dir):
     return list(orchestrator.read_log(run_dir / orchestrator.DECISIONS_FILE))
 
 
+def stopped_at(cfg, stop: int) -> None:
+    """Train ``cfg`` and stop it after step ``stop`` as an exception would: a step hook raising
+    KeyboardInterrupt (between the step's decisions and their application)."""
+
+    def hook(step, state, record):
+        if step == stop:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, step_hook=hook)
+
+
 def test_nan_grad_rolls_back_to_the_exact_snapshot_and_skips_the_batch(tmp_path, monkeypatch):
     """A NaN at step 9 -> rollback to the snapshot of step 6 (newest <= 9 - 2, every 2 steps kept):
     the state fed to the next step is bit for bit the state after step 6, except the data position,
@@ -149,13 +161,7 @@ def test_what_if_lists_the_decisions_that_change_with_a_threshold(tmp_path, caps
 
 def test_resume_carries_the_orchestrator_state_and_replay_spans_it(tmp_path):
     overrides = ["--train.steps=8", f"--run_dir={tmp_path}", *TINY, *SNAP, "--train.inject=nan_grad@6"]
-
-    def stop_at_4(step, state, record):
-        if step == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(load_config(overrides=overrides), step_hook=stop_at_4)
+    stopped_at(load_config(overrides=overrides), 4)
     run = tmp_path / "debug"
     with open(run / orchestrator.OBSERVATIONS_FILE, "ab") as f:  # a kill -9 in the middle of a record
         f.write(msgpack.packb({"step": 5, "loss": 1.0, "settings": {}})[:-4])
@@ -598,13 +604,7 @@ def test_a_rollback_discards_the_checkpoints_it_abandons_so_a_resume_continues_a
     assert (2, "discard", "checkpoints of the abandoned steps: step_00000004") in events
     if stop is None:
         return
-
-    def stop_at(step, state, record):
-        if step == stop:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(load_config(overrides=[*common, f"--run_dir={tmp_path / 'b'}"]), step_hook=stop_at)
+    stopped_at(load_config(overrides=[*common, f"--run_dir={tmp_path / 'b'}"]), stop)
     run = tmp_path / "b" / "debug"
     assert [p.name for p in checkpoint.checkpoints(run)] == ["step_00000002"]
     assert main(["--resume", "latest", "--run-dir", str(tmp_path / "b")]) == 0
@@ -621,13 +621,7 @@ def test_log_counts_in_the_checkpoint_older_checkpoints_and_bad_ones(tmp_path, c
     written before that field existed falls back to the cut by step (a resume works as it did), and
     a damaged field is one line naming the run, exit 2, nothing written."""
     overrides = ["--train.steps=6", f"--run_dir={tmp_path}", *TINY, *SNAP]
-
-    def stop_at_3(step, state, record):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(load_config(overrides=overrides), step_hook=stop_at_3)
+    stopped_at(load_config(overrides=overrides), 3)
     run = tmp_path / "debug"
     meta_file = checkpoint.latest(run) / "meta.msgpack"
     meta = msgpack.unpackb(meta_file.read_bytes())
