@@ -67,10 +67,11 @@ def train(
     step_hook: Callable[[int, TensorDict, dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train ``cfg`` (a ``RunConfig``), resuming from ``resume`` ("latest", a run folder or a
-    checkpoint folder). ``step_hook(step, state, record)`` is called after every step. From here to
-    the end of the final checkpoint a SIGINT / SIGTERM stops the run at the next step boundary
-    (``ranks.defer_interrupts``; under torchrun ``prepare_run`` installed that already); one noted
-    in the last step, or while the run finished, is raised once it has."""
+    checkpoint folder). ``step_hook(step, state, record)`` is called after every step (a
+    KeyboardInterrupt it raises stops the run as Ctrl-C would, the step's decisions applied).
+    From here to the end of the final checkpoint a SIGINT / SIGTERM stops the run at the next step
+    boundary (``ranks.defer_interrupts``; under torchrun ``prepare_run`` installed that already);
+    one noted in the last step, or while the run finished, is raised once it has."""
     run = prepare_run(cfg, resume=resume, out=out or sys.stdout)
     if run.env is None:
         run.restore_signals = ranks.defer_interrupts(run)
