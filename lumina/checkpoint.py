@@ -48,6 +48,7 @@ from lumina import shards, tree
 
 __all__ = [
     "CheckpointError",
+    "ahead_of",
     "check_compatible",
     "checkpoints",
     "clean",
@@ -113,16 +114,6 @@ def _discard(path: Path) -> None:
     except FileNotFoundError:
         return
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def discard_after(run_dir: str | Path, step: int) -> list[str]:
-    """Delete the run's step checkpoints past ``step``: after a rollback to ``step`` they hold the
-    steps the run abandoned, and ``latest`` must name where the run is, not a state it left. Returns
-    their names. (``best`` stays: it is the best evaluated model, not a place to resume.)"""
-    gone = [p for p in checkpoints(run_dir) if int(_STEP_DIR.fullmatch(p.name).group(1)) > step]
-    for p in gone:
-        _discard(p)
-    return [p.name for p in gone]
 
 
 def _barrier() -> None:
@@ -202,9 +193,13 @@ def save_checkpoint(
 ) -> Path:
     """Write ``state`` (a train-state tree, or a flat mapping of dotted names to tensors, DTensor
     shards or ``shards.Piece``s) and plain-data metadata atomically; keep the newest ``keep_last``
-    step checkpoints. ``name="best"`` writes the best checkpoint instead (outside retention); the
-    returned path is then ``checkpoints/best``. Under a process group every rank calls it; rank 0
-    alone touches the folder structure, and all ranks return once the checkpoint is in place."""
+    step checkpoints. Step checkpoints past ``step`` go first: a run is only ever behind its
+    checkpoints after a rollback, so they hold steps it abandoned, and ``latest`` (the highest
+    step) must name where it is now — deleted once this one is in place, never before, so that a
+    run always keeps one to resume from. ``name="best"`` writes the best checkpoint instead
+    (outside retention); the returned path is then ``checkpoints/best``. Under a process group
+    every rank calls it; rank 0 alone touches the folder structure, and all ranks return once the
+    checkpoint is in place."""
     if name not in (None, BEST):
         raise ValueError(f"checkpoint name must be None (a step checkpoint) or {BEST!r}, got {name!r}")
     root = Path(run_dir) / "checkpoints"
@@ -226,10 +221,17 @@ def save_checkpoint(
         return root / BEST
     final = _write_dir(root, f"step_{step:08d}", state, meta)
     if rank == 0:
+        for old in ahead_of(run_dir, step):  # see the docstring
+            _discard(old)
         for old in checkpoints(run_dir)[:-keep_last]:
             _discard(old)
     _barrier()
     return final
+
+
+def ahead_of(run_dir: str | Path, step: int) -> list[Path]:
+    """The run's step checkpoints past ``step`` (after a rollback: the steps it abandoned)."""
+    return [p for p in checkpoints(run_dir) if int(_STEP_DIR.fullmatch(p.name).group(1)) > step]
 
 
 def clean(run_dir: str | Path) -> list[str]:

@@ -594,16 +594,28 @@ def test_a_run_resumed_after_an_added_expert_ends_as_the_straight_run(tmp_path, 
 @pytest.mark.parametrize("stop", [None, 5])
 def test_a_rollback_discards_the_checkpoints_it_abandons_so_a_resume_continues_after_it(tmp_path, stop):
     """Checkpoints every 2 steps; a NaN at step 5 rolls back to step 2's snapshot. step_4 holds a
-    state the run abandoned: it is deleted then (event ``discard``), so that a run stopped right
-    after the rollback (its checkpoint: step 2, data past the bad batch) resumes from there, not
-    from step_4 by its higher step, and ends bit for bit as the straight run."""
-    common = [*TINY, *SNAP, "--train.steps=8", "--train.ckpt_every=2", "--train.inject=nan_grad@5"]
-    straight = loop.train(load_config(overrides=[*common, f"--run_dir={tmp_path / 'a'}"])).run_dir
+    state the run abandoned: the next checkpoint (step 2's, at once) deletes it (event
+    ``discard``), so that a run stopped right after the rollback (its checkpoint: step 2, data past
+    the bad batch) resumes from there, not from step_4 by its higher step, and ends bit for bit as
+    the straight run. With checkpoints every 4 steps the rollback's step saves none: step_4 stays
+    (a run always keeps one to resume from) until step 4 is saved again."""
+    common = [*TINY, *SNAP, "--train.steps=8", "--train.inject=nan_grad@5"]
+    every_2 = load_config(overrides=[*common, "--train.ckpt_every=2", f"--run_dir={tmp_path / 'a'}"])
+    straight = loop.train(every_2).run_dir
     assert [p.name for p in checkpoint.checkpoints(straight)] == [f"step_{s:08d}" for s in (4, 6, 8)]
     events = [(r["step"], r["what"], r["detail"]) for r in records(straight, "event")]
-    assert (2, "discard", "checkpoints of the abandoned steps: step_00000004") in events
+    assert (2, "discard", "checkpoints of abandoned steps: step_00000004") in events
     if stop is None:
+        seen = []  # (step, the checkpoints then) after each step, with checkpoints every 4 steps
+
+        def hook(step, state, record):
+            seen.append((step, [p.name for p in checkpoint.checkpoints(tmp_path / "c" / "debug")]))
+
+        every_4 = load_config(overrides=[*common, "--train.ckpt_every=4", f"--run_dir={tmp_path / 'c'}"])
+        loop.train(every_4, step_hook=hook)
+        assert seen[4:7] == [(5, ["step_00000004"]), (3, ["step_00000004"]), (4, ["step_00000004"])]
         return
+    common.append("--train.ckpt_every=2")
     stopped_at(load_config(overrides=[*common, f"--run_dir={tmp_path / 'b'}"]), stop)
     run = tmp_path / "b" / "debug"
     assert [p.name for p in checkpoint.checkpoints(run)] == ["step_00000002"]

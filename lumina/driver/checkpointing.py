@@ -28,10 +28,14 @@ class Checkpointer:
         for part in self.parts:
             extra |= part.checkpoint_extra()
         state = run.engine.checkpoint_tensors(run.state) if run.engine is not None else run.state
-        return checkpoint.save_checkpoint(
+        ahead = [p.name for p in checkpoint.ahead_of(run.run_dir, run.step)] if name is None else []
+        path = checkpoint.save_checkpoint(
             run.run_dir, state, step=run.step, config=to_dict(run.cfg), data=run.mix_state.to_dict(),
             extra=extra, keep_last=run.cfg.train.keep_last, name=name,
         )  # fmt: skip
+        if ahead:  # a rollback's abandoned steps, which the save deleted (checkpoint.save_checkpoint)
+            run.logs.event(run.step, "discard", f"checkpoints of abandoned steps: {', '.join(ahead)}")
+        return path
 
     def after_step(self, run: Run) -> None:
         every = run.cfg.train.ckpt_every

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lumina import checkpoint, orchestrator
+from lumina import orchestrator
 from lumina.checkpoint import CheckpointError
 from lumina.driver import ranks
 from lumina.driver.evaluation import EvalResult
@@ -101,7 +101,7 @@ class Orchestration:
             log_file.touch()
         # records in each log (rank 0), saved with every checkpoint: where a resume cuts them
         logs = (self.obs_log, self.dec_log) if self.main else ()
-        self.logged = [sum(1 for _ in orchestrator.read_log(f)) for f in logs] or [0, 0]
+        self.logged = [sum(1 for _ in orchestrator.read_log(f, torn_tail_ok=True)) for f in logs] or [0, 0]
         # under an engine its own copy (detached shards), looked up on every use: engines get rebuilt;
         # its snapshots stay in memory (no spill_dir: lumina.driver.rollback)
         self.ring = SnapshotRing(
@@ -156,9 +156,6 @@ class Orchestration:
                 run.step, "rollback", f"to {where}; data continues at micro-batch {run.mix_state.step}"
             )
             run.console.line(f"[orch] rolled back to {where} (step {run.step})")
-            gone = checkpoint.discard_after(run.run_dir, run.step) if run.is_main else []
-            if gone:  # a resume continues from here, not from the steps just undone
-                run.logs.event(run.step, "discard", f"checkpoints of the abandoned steps: {', '.join(gone)}")
         if decisions:
             gathered = run.engine is not None and any(d.action in FULL_STATE_ACTIONS for d in decisions)
             if gathered:  # parameters are rewritten: on the full state, sharded again below
