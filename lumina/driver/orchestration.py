@@ -80,6 +80,8 @@ class Orchestration:
         self.obs_log = run.run_dir / orchestrator.OBSERVATIONS_FILE
         self.dec_log = run.run_dir / orchestrator.DECISIONS_FILE
         saved = run.extra.get("orchestrator")
+        # records in each log (rank 0), saved with every checkpoint: where a resume cuts them
+        self.logged = [0, 0]
         if saved is not None:
             try:
                 self.ostate = orchestrator.OrchestratorState.from_dict(saved)
@@ -89,19 +91,19 @@ class Orchestration:
                 ) from None
             # (older checkpoints have none; prepare_run checked them)
             counts = run.extra.get("orchestrator_logs", [None, None])
-            for log_file, count in zip((self.obs_log, self.dec_log), counts, strict=True):
+            for i, (log_file, count) in enumerate(zip((self.obs_log, self.dec_log), counts, strict=True)):
                 if self.main:  # what was written after the checkpoint is redone
                     try:
-                        orchestrator.truncate_log(log_file, run.start, count)
+                        self.logged[i] = orchestrator.truncate_log(log_file, run.start, count)
                     except ValueError as e:
                         raise CheckpointError(str(e)) from None
         else:
             self.ostate = orchestrator.init_state(run.start)
+            if self.main:  # (a fresh run's logs are empty; these are of a run resumed with it off before)
+                logs = (self.obs_log, self.dec_log)
+                self.logged = [sum(1 for _ in orchestrator.read_log(f, torn_tail_ok=True)) for f in logs]
         for log_file in (self.obs_log, self.dec_log) if self.main else ():  # both exist in every run
             log_file.touch()
-        # records in each log (rank 0), saved with every checkpoint: where a resume cuts them
-        logs = (self.obs_log, self.dec_log) if self.main else ()
-        self.logged = [sum(1 for _ in orchestrator.read_log(f, torn_tail_ok=True)) for f in logs] or [0, 0]
         # under an engine its own copy (detached shards), looked up on every use: engines get rebuilt;
         # its snapshots stay in memory (no spill_dir: lumina.driver.rollback)
         self.ring = SnapshotRing(

@@ -313,17 +313,17 @@ def read_log(path: Path, *, torn_tail_ok: bool = False) -> Iterator[dict[str, An
             raise ValueError(f"{path}: truncated log (a partial record at byte {unpacker.tell()})")
 
 
-def truncate_log(path: Path, upto_step: int, count: int | None = None) -> None:
+def truncate_log(path: Path, upto_step: int, count: int | None = None) -> int:
     """Keep the records written before a checkpoint (resuming from it): its first ``count`` records,
     as the checkpoint counted them. Without a count (checkpoints from before the count was saved),
     the records up to the one that ends at ``upto_step``: records are in order, and a rollback
     makes steps repeat, so this keeps the prefix up to the last record stamped ``upto_step`` or
     earlier — which drops a rollback and the steps before it when the checkpoint was taken right
     after the rollback, before any new step. A torn last record (a kill mid-write, after the
-    checkpoint) goes with the rest of the later ones."""
+    checkpoint) goes with the rest of the later ones. Returns the number of records kept."""
     path = Path(path)
     if not path.exists():
-        return
+        return 0
     records = list(read_log(path, torn_tail_ok=True))
     keep = 0
     if count is not None:
@@ -337,3 +337,4 @@ def truncate_log(path: Path, upto_step: int, count: int | None = None) -> None:
         for r in records[:keep]:
             f.write(msgpack.packb(r, use_bin_type=True))
     os.replace(tmp, path)
+    return keep
